@@ -1,0 +1,172 @@
+"""Run configuration: one ConfigDict schema, validation, and derived sizes.
+
+Every preset in configs/ starts from `base_config()` and changes fields, so the schema (and the set of legal
+keys) lives here only. The config is locked: assigning a key that is not in the schema raises.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+Config = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config value is impossible; the message names the key and the value."""
+
+
+def base_config() -> Config:
+  c = Config()
+
+  c.model = m = Config()
+  m.vocab_size = 256  # tokenizer vocabulary; the embedding is padded up to `pad_vocab_to` multiples
+  m.pad_vocab_to = 128
+  m.d_model = 128
+  m.n_layers = 4
+  m.n_heads = 4
+  m.n_kv_heads = 0  # 0: same as n_heads (MHA); fewer: grouped-query attention
+  m.d_ff = 512
+  m.max_seq_len = 128  # learned position table size; RoPE needs no table
+  m.attn_kind = "standard"  # standard | dba
+  m.attn_dim = 0  # 0: d_model. Smaller gives the "bottleneck" baseline; for DBA it is the value width
+  m.sem_dim = 0  # DBA semantic q/k width (all heads)
+  m.geo_dim = 0  # DBA geometric q/k width (all heads), RoPE'd
+  m.dba_gate = False  # static per-head gate logit, init 0 (= ungated at init)
+  m.dba_gate_dynamic = False  # zero-initialised Linear(d_model -> heads) added to the gate logit
+  m.null_attn = False  # learned per-head null key/value, always visible
+  m.tie_qk = False  # DBA: k_sem shares q_sem's weight
+  m.rope_semantic = False  # DBA ablation: also rotate the semantic path
+  m.positions = "rope"  # rope | learned | none
+  m.rope_base = 10000.0
+  m.norm = "rmsnorm"  # rmsnorm | layernorm
+  m.norm_eps = 1e-5
+  m.mlp = "swiglu"  # swiglu (fused gate|up) | gelu
+  m.bias = False
+  m.tie_embeddings = False
+  m.dropout = 0.0  # on embeddings and residual branches
+  m.init_std = 0.02
+  m.scale_residual_init = True  # GPT-2: out/down projections get std / sqrt(2 * n_layers)
+  m.scan_layers = True
+  m.attn_impl = "xla"  # reference | xla  (kernels join behind the same switch)
+  m.compute_dtype = "float32"  # float32 | bfloat16; parameters and optimizer state are always float32
+
+  c.data = d = Config()
+  d.source = "stdlib"  # stdlib | npy | bin | text
+  d.train_path = ""  # file or glob for npy / bin / text
+  d.val_path = ""  # empty: hold out `val_fraction` of the train tokens (stdlib splits by file hash)
+  d.val_fraction = 0.05
+  d.tokenizer = "byte"  # byte | gpt2 (tiktoken, only from files already on this machine)
+  d.sampling = "random"  # random windows (DBA runs) | contiguous windows (nanoGPT runs)
+  d.seq_len = 128
+  d.seed = 0
+
+  c.optim = o = Config()
+  o.lr = 3e-4
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.decay = "all"  # all | matrices (only >= 2-D parameters decay)
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.0
+  o.clip_norm = 1.0  # 0 disables clipping
+
+  c.train = t = Config()
+  t.steps = 1000
+  t.batch_size = 16  # sequences per optimizer step (global), split into grad_accum micro-batches
+  t.grad_accum = 1
+  t.seed = 0
+  t.log_every = 10
+  t.eval_every = 200
+  t.eval_batches = 8
+  t.ckpt_every = 500
+  t.keep_ckpts = 3
+  t.async_ckpt = True
+
+  c.mesh = Config()
+  c.mesh.shape = (-1, 1, 1)  # over (data, fsdp, tensor); -1 takes the remaining devices
+  return c
+
+
+def lock(c: Config) -> Config:
+  c.lock()
+  return c
+
+
+def padded_vocab(m: Config) -> int:
+  return int(math.ceil(m.vocab_size / m.pad_vocab_to) * m.pad_vocab_to)
+
+
+def kv_heads(m: Config) -> int:
+  return m.n_kv_heads or m.n_heads
+
+
+def attn_dim(m: Config) -> int:
+  return m.attn_dim or m.d_model
+
+
+def _need(cond: bool, msg: str):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _one_of(key: str, value, options):
+  _need(value in options, f"{key}={value!r} is not one of {list(options)}")
+
+
+def validate(c: Config) -> Config:
+  """Raises ConfigError naming the first impossible field. Returns the config for chaining."""
+  m = c.model
+  _one_of("model.attn_kind", m.attn_kind, ("standard", "dba"))
+  _one_of("model.positions", m.positions, ("rope", "learned", "none"))
+  _one_of("model.norm", m.norm, ("rmsnorm", "layernorm"))
+  _one_of("model.mlp", m.mlp, ("swiglu", "gelu"))
+  _one_of("model.attn_impl", m.attn_impl, ("reference", "xla"))
+  _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16", "float64"))
+  for key in ("vocab_size", "pad_vocab_to", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+    _need(m[key] > 0, f"model.{key}={m[key]} must be positive")
+  H, K = m.n_heads, kv_heads(m)
+  _need(H % K == 0, f"model.n_heads={H} is not a multiple of model.n_kv_heads={K}")
+  A = attn_dim(m)
+  _need(A % H == 0, f"model.attn_dim={A} is not divisible by model.n_heads={H}")
+  if m.attn_kind == "standard":
+    _need(not (m.dba_gate or m.dba_gate_dynamic or m.tie_qk or m.rope_semantic),
+          "model.dba_gate / dba_gate_dynamic / tie_qk / rope_semantic need model.attn_kind='dba'")
+    if m.positions == "rope":
+      _need((A // H) % 2 == 0, f"RoPE needs an even head dim; attn_dim/n_heads = {A // H}")
+  else:
+    for key in ("sem_dim", "geo_dim"):
+      _need(m[key] > 0, f"model.{key}={m[key]} must be positive for attn_kind='dba'")
+      _need(m[key] % H == 0, f"model.{key}={m[key]} is not divisible by model.n_heads={H}")
+    if m.positions == "rope":
+      _need((m.geo_dim // H) % 2 == 0, f"RoPE needs an even geometric head dim; geo_dim/n_heads = {m.geo_dim // H}")
+      if m.rope_semantic:
+        _need((m.sem_dim // H) % 2 == 0, f"rope_semantic needs an even semantic head dim; got {m.sem_dim // H}")
+    _need(not m.dba_gate_dynamic or m.dba_gate, "model.dba_gate_dynamic needs model.dba_gate=True")
+  _need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+
+  d = c.data
+  _one_of("data.source", d.source, ("stdlib", "npy", "bin", "text"))
+  _one_of("data.tokenizer", d.tokenizer, ("byte", "gpt2"))
+  _one_of("data.sampling", d.sampling, ("random", "contiguous"))
+  _need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
+  if m.positions == "learned":
+    _need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  if d.source != "stdlib":
+    _need(bool(d.train_path), f"data.train_path is empty but data.source={d.source!r} needs a file")
+  _need(0.0 < d.val_fraction < 1.0 or bool(d.val_path), f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+
+  o = c.optim
+  _one_of("optim.decay", o.decay, ("all", "matrices"))
+  _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
+  _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+
+  t = c.train
+  _need(t.steps > 0, f"train.steps={t.steps} must be positive")
+  _need(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+    _need(t[key] > 0, f"train.{key}={t[key]} must be positive")
+  _need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
+  return c

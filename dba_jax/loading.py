@@ -1,0 +1,57 @@
+"""`load_model`: a trained or converted model from a workdir or checkpoint directory, for users and notebooks."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from dba_jax import ckpt, model as model_lib
+from dba_jax.config import Config, base_config
+
+
+def read_config(workdir: str) -> Config:
+  """The run's config.json over today's defaults (fields added since the run get their default)."""
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  c = base_config()
+  for section, values in saved.items():
+    for key, value in values.items():
+      if key not in c[section]:
+        raise ValueError(f"{path}: unknown config key {section}.{key}")
+      c[section][key] = tuple(value) if isinstance(value, list) else value
+  return c
+
+
+def _locate(path: str) -> tuple[str, int | None]:
+  """(workdir, step) from a workdir, its checkpoints/ directory, or one checkpoints/<step> directory."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path, None
+  parent, name = os.path.split(path)
+  if name == "checkpoints" and os.path.exists(os.path.join(parent, "config.json")):
+    return parent, None
+  grand, parent_name = os.path.split(parent)
+  if parent_name == "checkpoints" and name.isdigit() and os.path.exists(os.path.join(grand, "config.json")):
+    return grand, int(name)
+  raise FileNotFoundError(f"{path}: no config.json here or above; expected a dba_jax workdir or checkpoint dir")
+
+
+def load_model(path: str, step: int | None = None) -> tuple[model_lib.Model, Config]:
+  """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab]. Latest step unless `step` given."""
+  workdir, path_step = _locate(path)
+  step = step if step is not None else path_step
+  c = read_config(workdir)
+  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  step = ckpts.latest_step() if step is None else step
+  if step is None or step not in ckpts.all_steps():
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {ckpts.all_steps()})")
+  graphdef, state = model_lib.abstract(c.model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          nnx.to_pure_dict(state))
+  params, _, _ = ckpts.restore(step, abstract)
+  ckpts.close()
+  return model_lib.Model(c.model, graphdef, params), c

@@ -1,0 +1,94 @@
+"""`dba-train --config=configs/NAME.py[:variant] [--config.a.b=value ...] --workdir=DIR [--dry-run]`."""
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:dba", flag_values=FLAGS,
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print parameter count, memory estimate and mesh; allocate nothing",
+                  flag_values=FLAGS)
+
+
+def memory_estimate(c: Config, n_params: int, mesh_shape: dict) -> dict:
+  """Rough bytes per device: fp32 params + grads + Adam moments (16 B/param, sharded over fsdp x tensor) and
+  the activations one micro-batch keeps for the backward pass (no remat)."""
+  m, t = c.model, c.train
+  state = 16 * n_params / (mesh_shape["fsdp"] * mesh_shape["tensor"])
+  B = t.batch_size // t.grad_accum / (mesh_shape["data"] * mesh_shape["fsdp"])
+  T, d, L = c.data.seq_len, m.d_model, m.n_layers
+  act_bytes = 2 if m.compute_dtype == "bfloat16" else 4
+  width = m.d_ff * (3 if m.mlp == "swiglu" else 2) + 4 * attn_dim(m) + 4 * d  # per-token saved tensors per layer
+  per_layer = B * T * width * act_bytes / mesh_shape["tensor"] + B * m.n_heads * T * T * (4 + act_bytes)
+  logits = B * T * padded_vocab(m) * (4 + act_bytes)
+  return {"state": state, "activations": L * per_layer + logits, "total": state + L * per_layer + logits}
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:.2f} GiB"
+
+
+def dry_run(c: Config):
+  import jax
+
+  from dba_jax import mesh as mesh_lib
+  from dba_jax import model as model_lib
+  n = model_lib.count_params(c.model)
+  shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(c.mesh.shape, jax.device_count())))
+  mem = memory_estimate(c, n, shape)
+  print(f"params: {n}")
+  print(f"kv cache elements per token: {model_lib.kv_elems_per_token(c.model)}")
+  print(f"mesh: {shape} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  print(f"memory per device (estimate): state {_gib(mem['state'])} + activations {_gib(mem['activations'])} "
+        f"= {_gib(mem['total'])}")
+
+
+def main(argv) -> int:
+  try:
+    FLAGS([a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv])
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports a misspelled key as AttributeError("'key'\nDid you mean ..."), a failing
+    # get_config() as a whole traceback: keep the sentence that says what is wrong.
+    lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+    msg = re.sub(r"[\\']+", "", " ".join(lines[-1:] if "Traceback" in str(e) else lines))
+    print(f"dba-train: error: bad --config or override: {msg}", file=sys.stderr)
+    return 2
+  if FLAGS.config is None:
+    print("dba-train: error: --config=configs/NAME.py[:variant] is required", file=sys.stderr)
+    return 2
+  c = FLAGS.config
+  try:
+    validate(c)
+    if FLAGS.dry_run:
+      dry_run(c)
+      return 0
+    if not FLAGS.workdir:
+      raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
+    from dba_jax import data, train
+    try:
+      summary = train.train(c, FLAGS.workdir)
+    except data.DataError as e:
+      raise ConfigError(str(e)) from None
+  except ConfigError as e:
+    print(f"dba-train: error: {e}", file=sys.stderr)
+    return 2
+  loss = summary["eval_loss"]
+  print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
+        f"{summary['tokens_per_s']:,.0f} tok/s -> {summary['workdir']}")
+  return 0
+
+
+def cli():
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,87 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). Modules name axes; only this table and
+# the config's mesh shape decide the physical layout.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "qkv": "tensor",
+}
+
+
+def resolve_shape(shape, n_devices: int) -> tuple[int, ...]:
+  shape = tuple(int(s) for s in shape)
+  known = math.prod(s for s in shape if s != -1)
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape={shape}: use positive sizes and at most one -1")
+  if -1 in shape:
+    if n_devices % known:
+      raise ValueError(f"mesh.shape={shape} does not divide the {n_devices} devices")
+    shape = tuple(n_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != n_devices:
+    raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but {n_devices} are present")
+  return shape
+
+
+def make_mesh(shape, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def spec(logical: tuple, shape: tuple, mesh: Mesh, where: str = "") -> P:
+  """PartitionSpec for an array with these logical axes; a dimension that does not divide is an error."""
+  out, used = [], set()
+  for name, dim in zip(logical, shape):
+    axes = LOGICAL_RULES.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)  # size-1 axes shard nothing
+    size = math.prod(mesh.shape[a] for a in axes)
+    if dim % size:
+      raise ValueError(f"{where}: dimension {name}={dim} does not divide over mesh axes {axes} of size {size}; "
+                       f"change mesh.shape or the model width")
+    used.update(axes)
+    out.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh: Mesh):
+  """NamedShardings for a params-like tree, given a tree of logical-axes tuples of the same structure."""
+  is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  paths_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=is_axes)[0]
+  shapes = jax.tree.leaves(shapes_tree)
+  specs = [NamedSharding(mesh, spec(ax, s.shape, mesh, jax.tree_util.keystr(path)))
+           for (path, ax), s in zip(paths_axes, shapes)]
+  return jax.tree.unflatten(jax.tree.structure(axes_tree, is_leaf=is_axes), specs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, spec(("batch",), (mesh.shape["data"] * mesh.shape["fsdp"],), mesh))
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, batch_axis: int = 0) -> jax.Array:
+  """A global jax.Array from this process's slice of the batch (axis `batch_axis`)."""
+  global_shape = list(local.shape)
+  global_shape[batch_axis] *= jax.process_count()
+  spec_ = [None] * local.ndim
+  spec_[batch_axis] = sharding.spec[0]
+  s = NamedSharding(sharding.mesh, P(*spec_))
+  return jax.make_array_from_process_local_data(s, local, tuple(global_shape))

@@ -1,0 +1,315 @@
+"""The decoder: one Flax NNX module tree whose parts are chosen by config.
+
+Parameters carry logical axis names in their `axes` metadata (mapped to mesh axes by `mesh.LOGICAL_RULES`).
+Training is pure-functional: `graphdef, params = split(model)` once, then `nnx.merge(graphdef, params)` inside
+the jitted step, with `params` a plain nested dict of arrays.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dba_jax import ops
+from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float):
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel stored [in, out] (PyTorch weights transpose on conversion)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple, *, bias: bool, std: float, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), std), axes=axes)
+    self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32), axes=axes[1:]) if bias else None
+
+  def __call__(self, x):
+    y = jnp.einsum("...d,df->...f", x, self.kernel[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm; normalisation in float32, cast back, then the learned scale (as the originals do)."""
+
+  def __init__(self, d: int, kind: str, eps: float, bias: bool):
+    self.kind, self.eps = kind, eps
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("embed",))
+    use_bias = kind == "layernorm" and bias
+    self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",)) if use_bias else None
+
+  def __call__(self, x):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if self.kind == "layernorm":
+      xf = xf - xf.mean(-1, keepdims=True)
+    y = (xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)).astype(x.dtype)
+    y = y * self.scale[...].astype(x.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
+    self.kind = m.mlp
+    width = 2 * m.d_ff if m.mlp == "swiglu" else m.d_ff  # SwiGLU: one fused [gate | up] projection
+    self.w_in = Linear(m.d_model, width, ("embed", "mlp"), bias=m.bias, std=m.init_std, rngs=rngs)
+    self.w_out = Linear(m.d_ff, m.d_model, ("mlp", "embed"), bias=m.bias, std=out_std, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.w_in(x)
+    if self.kind == "swiglu":
+      gate, up = jnp.split(h, 2, axis=-1)
+      h = jax.nn.silu(gate) * up
+    else:
+      h = jax.nn.gelu(h, approximate=True)
+    return self.w_out(h)
+
+
+class StandardAttention(nnx.Module):
+  """MHA / GQA / bottleneck (attn_dim < d_model): fused qkv projection split [q | k | v]."""
+
+  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
+    self.m = m
+    self.H, self.K = m.n_heads, kv_heads(m)
+    self.D = attn_dim(m) // self.H
+    width = (self.H + 2 * self.K) * self.D
+    self.qkv = Linear(m.d_model, width, ("embed", "qkv"), bias=m.bias, std=m.init_std, rngs=rngs)
+    self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
+
+  def __call__(self, x_BTd, positions_T):
+    B, T, _ = x_BTd.shape
+    H, K, D = self.H, self.K, self.D
+    qkv = self.qkv(x_BTd)
+    q_BTHD = qkv[..., : H * D].reshape(B, T, H, D)
+    k_BTKD = qkv[..., H * D:(H + K) * D].reshape(B, T, K, D)
+    v_BTKD = qkv[..., (H + K) * D:].reshape(B, T, K, D)
+    if self.m.positions == "rope":
+      q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
+      k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
+    o_BTHD = ops.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.m.attn_impl)
+    return self.out(o_BTHD.reshape(B, T, H * D))
+
+
+class DBAAttention(nnx.Module):
+  """Decoupled bottleneck attention (dba.md §1.2–1.8).
+
+  score = a_h <q_sem, k_sem>/sqrt(d_sem) + b_h <RoPE q_geo, RoPE k_geo>/sqrt(d_geo); a = 2 sigmoid(gate), b = 2 - a
+  (a = b = 1 ungated). Scales and gate fold into the queries, q/k concatenate as [sem | geo] per head and one
+  attention call runs with scale 1, so the KV cache holds unscaled k_sem, RoPE'd k_geo and v.
+  """
+
+  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
+    self.m = m
+    H, K = m.n_heads, kv_heads(m)
+    self.H, self.K = H, K
+    self.ds, self.dg, self.dv = m.sem_dim // H, m.geo_dim // H, attn_dim(m) // H
+    lin = lambda d_out, axes, std=m.init_std: Linear(m.d_model, d_out, axes, bias=m.bias, std=std, rngs=rngs)
+    self.q_sem = lin(H * self.ds, ("embed", "heads"))
+    self.k_sem = None if m.tie_qk else lin(K * self.ds, ("embed", "kv_heads"))
+    self.q_geo = lin(H * self.dg, ("embed", "heads"))
+    self.k_geo = lin(K * self.dg, ("embed", "kv_heads"))
+    self.v = lin(K * self.dv, ("embed", "kv_heads"))
+    self.out = Linear(H * self.dv, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
+    self.gate_logit = nnx.Param(jnp.zeros((H,), jnp.float32), axes=("heads",)) if m.dba_gate else None
+    self.gate_proj = lin(H, ("embed", "heads"), std=0.0) if m.dba_gate_dynamic else None
+    if m.null_attn:
+      self.k_sem_null = nnx.Param(_normal(rngs, (K, self.ds), m.init_std), axes=("kv_heads", None))
+      self.k_geo_null = nnx.Param(_normal(rngs, (K, self.dg), m.init_std), axes=("kv_heads", None))
+      self.v_null = nnx.Param(_normal(rngs, (K, self.dv), m.init_std), axes=("kv_heads", None))
+
+  def streams(self, x_BTd, positions_T):
+    """q_sem, k_sem, q_geo, k_geo (RoPE'd), v per head, before any scaling: what a KV cache stores."""
+    B, T, _ = x_BTd.shape
+    H, K = self.H, self.K
+    qs = self.q_sem(x_BTd).reshape(B, T, H, self.ds)
+    if self.m.tie_qk:  # only valid with H == K; checked by shape on reshape
+      ks = self.q_sem(x_BTd).reshape(B, T, K, self.ds)
+    else:
+      ks = self.k_sem(x_BTd).reshape(B, T, K, self.ds)
+    qg = self.q_geo(x_BTd).reshape(B, T, H, self.dg)
+    kg = self.k_geo(x_BTd).reshape(B, T, K, self.dg)
+    v = self.v(x_BTd).reshape(B, T, K, self.dv)
+    if self.m.positions == "rope":
+      rope = lambda t: ops.apply_rope(t, positions_T, self.m.rope_base)
+      qg, kg = rope(qg), rope(kg)
+      if self.m.rope_semantic:
+        qs, ks = rope(qs), rope(ks)
+    return qs, ks, qg, kg, v
+
+  def path_weights(self, x_BTd):
+    """(a, b) per query and head, [B, T, H] or scalars: the semantic and geometric score weights."""
+    if self.gate_logit is None:
+      return 1.0, 1.0
+    logit = self.gate_logit[...].astype(jnp.float32)
+    if self.gate_proj is not None:
+      logit = logit + self.gate_proj(x_BTd).astype(jnp.float32)
+    a = 2.0 * jax.nn.sigmoid(logit)
+    return a.astype(x_BTd.dtype)[..., None], (2.0 - a).astype(x_BTd.dtype)[..., None]
+
+  def __call__(self, x_BTd, positions_T):
+    B, T, _ = x_BTd.shape
+    qs, ks, qg, kg, v = self.streams(x_BTd, positions_T)
+    a, b = self.path_weights(x_BTd)
+    q_BTHD = jnp.concatenate([qs * (a * self.ds ** -0.5), qg * (b * self.dg ** -0.5)], axis=-1)
+    k_BSKD = jnp.concatenate([ks, kg], axis=-1)
+    n_prefix = 0
+    if self.m.null_attn:
+      null_k = jnp.concatenate([self.k_sem_null[...], self.k_geo_null[...]], axis=-1).astype(k_BSKD.dtype)
+      k_BSKD = jnp.concatenate([jnp.broadcast_to(null_k, (B, 1) + null_k.shape), k_BSKD], axis=1)
+      null_v = self.v_null[...].astype(v.dtype)
+      v = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v], axis=1)
+      n_prefix = 1
+    o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
+    return self.out(o_BTHE.reshape(B, T, self.H * self.dv))
+
+
+ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, m: Config, rngs: nnx.Rngs):
+    out_std = m.init_std / math.sqrt(2 * m.n_layers) if m.scale_residual_init else m.init_std
+    self.dropout = m.dropout
+    self.attn_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
+    self.attn = ATTENTION_KINDS[m.attn_kind](m, out_std, rngs)
+    self.mlp_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
+    self.mlp = MLP(m, out_std, rngs)
+
+  def __call__(self, x, positions_T, rng=None):
+    keys = jax.random.split(rng, 2) if rng is not None else (None, None)
+    x = x + _dropout(self.attn(self.attn_norm(x), positions_T), self.dropout, keys[0])
+    return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[1])
+
+
+def _dropout(x, rate, key):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+  """Token embedding -> [positions] -> blocks (scanned or unrolled) -> norm -> head. Returns padded-vocab logits."""
+
+  def __init__(self, m: Config, rngs: nnx.Rngs):
+    m = ml_collections.FrozenConfigDict(m)  # hashable, so it can live in the (static) graphdef
+    self.m = m
+    V = padded_vocab(m)
+    self.embed = nnx.Param(_normal(rngs, (V, m.d_model), m.init_std), axes=("vocab", "embed"))
+    learned = m.positions == "learned"
+    self.pos_embed = nnx.Param(_normal(rngs, (m.max_seq_len, m.d_model), m.init_std), axes=(None, "embed")) \
+        if learned else None
+    if m.scan_layers:
+      # Build one Block per key under vmap: every parameter gets a leading "layers" axis.
+      keys = jax.random.split(rngs.params(), m.n_layers)
+      graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
+      stacked = jax.vmap(lambda k: nnx.state(Block(m, nnx.Rngs(k))))(keys)
+      self.blocks = nnx.merge(graphdef, stacked)
+    else:
+      self.blocks = nnx.List([Block(m, rngs) for _ in range(m.n_layers)])
+    self.final_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
+    self.head = None if m.tie_embeddings else Linear(m.d_model, V, ("embed", "vocab"), bias=False,
+                                                     std=m.init_std, rngs=rngs)
+
+  def __call__(self, tokens_BT, rng=None):
+    m = self.m
+    dtype = DTYPES[m.compute_dtype]
+    T = tokens_BT.shape[1]
+    positions_T = jnp.arange(T)
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed[...][:T].astype(dtype)
+    use_rng = rng is not None and m.dropout > 0
+    if use_rng:
+      rng, k = jax.random.split(rng)
+      x = _dropout(x, m.dropout, k)
+    layer_keys = jax.random.split(rng, m.n_layers) if use_rng else None
+    if m.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(h, xs):
+        params, key = xs
+        return nnx.merge(graphdef, params)(h, positions_T, key), None
+
+      x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+    else:
+      for i, block in enumerate(self.blocks):
+        x = block(x, positions_T, None if layer_keys is None else layer_keys[i])
+    x = self.final_norm(x)
+    if self.head is None:
+      return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
+    return self.head(x)
+
+
+# ----------------------------------------------------------------------------------------------- functional API
+
+def abstract(m: Config):
+  """(graphdef, abstract param State) without allocating anything."""
+  return nnx.split(nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0))))
+
+
+def init_params(m: Config, key) -> dict:
+  """Parameters as a plain nested dict of float32 arrays (jit this with out_shardings to place them)."""
+  return nnx.to_pure_dict(nnx.state(Decoder(m, nnx.Rngs(key))))
+
+
+def param_axes(m: Config, state=None) -> dict:
+  """Logical axis names per parameter, as a nested dict mirroring the params. Scanned blocks get "layers" first."""
+  state = abstract(m)[1] if state is None else state
+
+  def axes(path, var):
+    names = tuple(var.get_metadata()["axes"])
+    if m.scan_layers and path[0] == "blocks":
+      names = ("layers",) + names
+    if len(names) != var.value.ndim:
+      raise ValueError(f"parameter {'/'.join(map(str, path))}: axes {names} do not match shape {var.value.shape}")
+    return names
+
+  flat = {path: axes(path, var) for path, var in nnx.to_flat_state(state)}
+  return _unflatten(flat)
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+def count_params(m: Config) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract(m)[1]))
+
+
+def kv_elems_per_token(m: Config) -> int:
+  """K+V cache elements per token over all layers (DBA caches k_sem, k_geo, v; null tokens excluded)."""
+  K, H = kv_heads(m), m.n_heads
+  if m.attn_kind == "dba":
+    per_layer = K * (m.sem_dim // H + m.geo_dim // H + attn_dim(m) // H)
+  else:
+    per_layer = 2 * K * (attn_dim(m) // H)
+  return m.n_layers * per_layer
+
+
+class Model:
+  """A loaded model for users and notebooks: `model(tokens_BT) -> logits [B, T, padded vocab]`."""
+
+  def __init__(self, config: Config, graphdef, params: dict):
+    self.config, self.graphdef, self.params = config, graphdef, params
+    self._apply = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+
+  def __call__(self, tokens_BT):
+    return self._apply(self.params, jnp.asarray(tokens_BT, jnp.int32))
+
+  @property
+  def module(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.params)

@@ -1,0 +1,46 @@
+"""Train the quickstart baseline and DBA models on the embedded corpus and print their comparison.
+
+  python -m dba_jax.quickstart [--workdir runs/quickstart] [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+from dba_jax import compare, train
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
+
+
+def load_config(variant: str):
+  spec = importlib.util.spec_from_file_location("quickstart_config", CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", default="runs/quickstart")
+  p.add_argument("--steps", type=int, default=None, help="override train.steps for both models")
+  args = p.parse_args(argv)
+  rows = []
+  for variant in ("baseline", "dba"):
+    c = load_config(variant)
+    if args.steps:
+      c.train.steps = args.steps
+    print(f"== training quickstart:{variant} ==", file=sys.stderr)
+    run_dir = os.path.join(args.workdir, variant)
+    train.train(c, run_dir)
+    rows.append(compare.summarize(run_dir))
+  text = compare.table(rows)
+  with open(os.path.join(args.workdir, "comparison.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

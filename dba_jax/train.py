@@ -1,0 +1,305 @@
+"""Optimizer, the jitted train/eval steps, and the training loop with logging, eval and checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dba_jax import ckpt, data, mesh as mesh_lib, model as model_lib
+from dba_jax.config import Config, ConfigError, padded_vocab, validate
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(o: Config, total_steps: int):
+  """Linear warm-up (s+1)/warmup, then cosine from 1 to min_lr_ratio over the remaining steps (times o.lr)."""
+  warmup = max(0, int(o.warmup_steps))
+  decay_steps = max(1, total_steps - warmup)
+
+  def fn(step):
+    s = jnp.asarray(step, jnp.float32)
+    warm = (s + 1.0) / max(warmup, 1)
+    t = jnp.clip((s - warmup) / decay_steps, 0.0, 1.0)
+    cos = o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    return o.lr * jnp.where(s < warmup, warm, cos)
+
+  return fn
+
+
+def decay_mask(o: Config, axes_tree):
+  """True where weight decay applies: every parameter, or those with >= 2 non-layer axes."""
+  is_axes = lambda x: isinstance(x, tuple)
+  if o.decay == "all":
+    return jax.tree.map(lambda _: True, axes_tree, is_leaf=is_axes)
+  return jax.tree.map(lambda ax: sum(a != "layers" for a in ax) >= 2, axes_tree, is_leaf=is_axes)
+
+
+def make_optimizer(c: Config, axes_tree):
+  o = c.optim
+  adamw = optax.adamw(lr_schedule(o, c.train.steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=decay_mask(o, axes_tree))
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits_BTV, targets_BT, vocab_size: int):
+  """Mean next-token NLL in float32; padded vocab columns are excluded from the normaliser."""
+  logits = logits_BTV.astype(jnp.float32)
+  if logits.shape[-1] > vocab_size:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
+  return nll.mean()
+
+
+class Trainer:
+  """Builds the model, shardings and jitted steps for one config on one mesh."""
+
+  def __init__(self, c: Config, mesh):
+    self.c, self.mesh = c, mesh
+    m = c.model
+    self.graphdef, abstract_state = model_lib.abstract(m)
+    self.axes = model_lib.param_axes(m, abstract_state)
+    self.abstract_params = nnx.to_pure_dict(abstract_state)
+    self.param_shardings = mesh_lib.tree_shardings(self.axes, self.abstract_params, mesh)
+    self.tx = make_optimizer(c, self.axes)
+    self.schedule = lr_schedule(c.optim, c.train.steps)
+    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+    # Optimizer moments mirror the params' sharding; scalars (counts) are replicated.
+    self.opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+                                               transform_non_params=lambda _: mesh_lib.replicated(mesh))
+    self.abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     abstract_opt, self.opt_shardings)
+    self.batch_sharding = mesh_lib.batch_sharding(mesh)
+    rep = mesh_lib.replicated(mesh)
+    self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep}
+    vocab = m.vocab_size
+
+    def loss_fn(params, tokens_BT1, key):
+      logits = nnx.merge(self.graphdef, params)(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
+      return cross_entropy(logits, tokens_BT1[:, 1:], vocab)
+
+    def train_step(state, tokens_ABT1):
+      params = state["params"]
+      key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+      def micro(carry, xs):
+        tokens, i = xs
+        loss, g = jax.value_and_grad(loss_fn)(params, tokens, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (g, loss)), None
+
+      zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+      A = tokens_ABT1.shape[0]
+      (grads, loss), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
+      grads, loss = jax.tree.map(lambda g: g / A, grads), loss / A
+      updates, opt = self.tx.update(grads, state["opt"], params)
+      new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
+             "rng": state["rng"]}
+      metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"])}
+      return new, metrics
+
+    accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
+    self.accum_sharding = accum_sharding
+    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
+                              out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    self.eval_step = jax.jit(loss_fn, in_shardings=(self.param_shardings, self.batch_sharding, None),
+                             out_shardings=rep)
+
+  def init_state(self, seed: int) -> dict:
+    m = self.c.model
+    key = jax.random.key(seed)
+    params = jax.jit(lambda k: model_lib.init_params(m, k), out_shardings=self.param_shardings)(key)
+    opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+    rng = jax.random.key_data(jax.random.fold_in(key, 1))
+    return {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+  def abstract_params_sharded(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_params, self.param_shardings)
+
+  def evaluate(self, params, batches_NBT1) -> float:
+    key = jax.random.key(0)
+    losses = [self.eval_step(params, mesh_lib.global_batch(b, self.batch_sharding), key) for b in batches_NBT1]
+    return float(np.mean(jax.device_get(losses)))
+
+
+# ------------------------------------------------------------------------------------------------- workdir
+
+
+def git_revision() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  if rev.returncode:
+    return "unknown"
+  return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "tb")
+
+
+def check_workdir(c: Config, workdir: str) -> bool:
+  """True when the workdir holds an earlier run of this model to resume; raises before anything is written
+  if it holds a different model or files dba_jax did not write there."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      saved = json.load(f)["model"]
+    now = json.loads(c.model.to_json())
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+      details = ", ".join(f"model.{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+      raise ConfigError(f"{workdir} holds a run of a different model ({details}); use another --workdir")
+    return True
+  stray = [f for f in OWN_FILES if os.path.exists(os.path.join(workdir, f))]
+  if stray:
+    raise ConfigError(f"{workdir} has {stray} but no config.json: not a dba_jax workdir, refusing to write there")
+  return False
+
+
+def record_start(c: Config, workdir: str, resumed_from: int | None):
+  os.makedirs(workdir, exist_ok=True)
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    with open(cfg_path, "w") as f:
+      f.write(c.to_json(indent=2))
+  rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
+         "host": socket.gethostname(), "devices": jax.device_count(), "resumed_from": resumed_from,
+         "config": json.loads(c.to_json())}
+  with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+    f.write(json.dumps(rec) + "\n")
+
+
+def truncate_jsonl(path: str, last_step: int):
+  """Drop records after `last_step`: those steps are about to be re-run from the checkpoint."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(keep)
+
+
+class Progress:
+  """One status line: step, loss, tokens/s and ETA; redrawn in place on a terminal, one line per log otherwise."""
+
+  def __init__(self, total: int, stream=sys.stderr):
+    self.total, self.stream, self.tty = total, stream, stream.isatty()
+
+  def update(self, step: int, loss: float, tok_s: float, eta_s: float, extra: str = ""):
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
+    line = f"step {step}/{self.total} | loss {loss:.4f} | {tok_s:,.0f} tok/s | ETA {eta}{extra}"
+    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+    self.stream.flush()
+
+  def close(self):
+    if self.tty:
+      self.stream.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+
+def train(c: Config, workdir: str, quiet: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s)."""
+  validate(c)
+  t = c.train
+  workdir = os.path.abspath(workdir)
+  resuming = check_workdir(c, workdir) if os.path.isdir(workdir) else False
+  splits = data.load_splits(c.data, c.model.vocab_size)  # data errors surface before the workdir is touched
+  mesh = mesh_lib.make_mesh(c.mesh.shape)
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  if t.batch_size % (t.grad_accum * n_batch):
+    raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
+                      f"divisible by the {n_batch} data-parallel shards")
+  trainer = Trainer(c, mesh)
+  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
+  it = data.train_iterator(splits, c.data, t.batch_size // jax.process_count(), jax.process_index(),
+                           jax.process_count())
+  evals = data.eval_batches(splits, c.data.seq_len, t.batch_size // jax.process_count(), t.eval_batches)
+
+  latest = ckpts.latest_step() if resuming else None
+  if latest is not None:
+    params, opt, meta = ckpts.restore(latest, trainer.abstract_params_sharded(), trainer.abstract_opt)
+    state = {"params": params, "opt": opt, "step": jnp.asarray(meta["step"], jnp.int32),
+             "rng": jnp.asarray(meta["rng"], jnp.uint32)}
+    it.set_state(meta["data"])
+    for name in ("metrics.jsonl", "eval.jsonl"):
+      truncate_jsonl(os.path.join(workdir, name), latest)
+  else:
+    state = trainer.init_state(t.seed)
+  record_start(c, workdir, latest)
+  start = int(latest or 0)
+  lead = jax.process_index() == 0
+  writer = None
+  if lead:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tb"))
+    writer.add_text("config", "```\n" + c.to_json(indent=2) + "\n```", start)
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  tokens_per_step = t.batch_size * c.data.seq_len
+  progress = Progress(t.steps, open(os.devnull, "w") if quiet or not lead else sys.stderr)
+
+  def save(step):
+    meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "data": it.get_state()}
+    ckpts.save(step, state["params"], state["opt"], meta, force=True)
+
+  def log(path, rec):
+    if lead:
+      with open(os.path.join(workdir, path), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+      for k, v in rec.items():
+        if k != "step":
+          writer.add_scalar(k, v, rec["step"])
+
+  last_eval = float("nan")
+  tok_s_hist = []
+  t_mark, step_mark = None, start
+  for step in range(start, t.steps):
+    local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
+    state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, batch_axis=1))
+    done = step + 1
+    if t_mark is None:  # the first step includes compilation: time from its end
+      jax.block_until_ready(metrics)
+      t_mark, step_mark = time.perf_counter(), done
+    if done % t.log_every == 0 or done == t.steps:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
+      if done > step_mark:
+        tok_s_hist.append(tok_s)
+      rec = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+             "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}
+      log("metrics.jsonl", rec)
+      eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
+      progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if math.isfinite(last_eval) else "")
+      t_mark, step_mark = now, done
+    if done % t.eval_every == 0 or done == t.steps:
+      last_eval = trainer.evaluate(state["params"], evals)
+      log("eval.jsonl", {"step": done, "eval_loss": last_eval})
+    if done % t.ckpt_every == 0 or done == t.steps:
+      save(done)
+  progress.close()
+  ckpts.close()
+  if writer is not None:
+    writer.close()
+  if start >= t.steps and math.isnan(last_eval):
+    last_eval = trainer.evaluate(state["params"], evals)
+  return {"workdir": workdir, "params": n_params, "eval_loss": last_eval, "steps": t.steps,
+          "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else float("nan"),
+          "padded_vocab": padded_vocab(c.model)}
