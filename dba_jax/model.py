@@ -19,6 +19,11 @@ from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
+def _lead(v, x):
+  """v [F] shaped to broadcast against x [..., F] explicitly (rank promotion is an error in the tests)."""
+  return v.reshape((1,) * (x.ndim - 1) + v.shape).astype(x.dtype)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float):
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
@@ -32,7 +37,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x):
     y = jnp.einsum("...d,df->...f", x, self.kernel[...].astype(x.dtype))
-    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+    return y if self.bias is None else y + _lead(self.bias[...], y)
 
 
 class Norm(nnx.Module):
@@ -49,8 +54,8 @@ class Norm(nnx.Module):
     if self.kind == "layernorm":
       xf = xf - xf.mean(-1, keepdims=True)
     y = (xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)).astype(x.dtype)
-    y = y * self.scale[...].astype(x.dtype)
-    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+    y = y * _lead(self.scale[...], y)
+    return y if self.bias is None else y + _lead(self.bias[...], y)
 
 
 class MLP(nnx.Module):
@@ -145,9 +150,10 @@ class DBAAttention(nnx.Module):
     """(a, b) per query and head, [B, T, H] or scalars: the semantic and geometric score weights."""
     if self.gate_logit is None:
       return 1.0, 1.0
-    logit = self.gate_logit[...].astype(jnp.float32)
+    ft = jnp.promote_types(x_BTd.dtype, jnp.float32)  # the gate is computed in (at least) float32
+    logit = self.gate_logit[...].astype(ft)[None, None, :]  # [1, 1, H]
     if self.gate_proj is not None:
-      logit = logit + self.gate_proj(x_BTd).astype(jnp.float32)
+      logit = logit + self.gate_proj(x_BTd).astype(ft)
     a = 2.0 * jax.nn.sigmoid(logit)
     return a.astype(x_BTd.dtype)[..., None], (2.0 - a).astype(x_BTd.dtype)[..., None]
 
@@ -225,7 +231,7 @@ class Decoder(nnx.Module):
     positions_T = jnp.arange(T)
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
     if self.pos_embed is not None:
-      x = x + self.pos_embed[...][:T].astype(dtype)
+      x = x + self.pos_embed[...][None, :T].astype(dtype)
     use_rng = rng is not None and m.dropout > 0
     if use_rng:
       rng, k = jax.random.split(rng)

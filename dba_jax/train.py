@@ -58,7 +58,7 @@ def cross_entropy(logits_BTV, targets_BT, vocab_size: int):
   """Mean next-token NLL in float32; padded vocab columns are excluded from the normaliser."""
   logits = logits_BTV.astype(jnp.float32)
   if logits.shape[-1] > vocab_size:
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    logits = jnp.where(jnp.arange(logits.shape[-1])[None, None, :] < vocab_size, logits, -jnp.inf)
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
   return nll.mean()
 

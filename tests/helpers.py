@@ -1,0 +1,35 @@
+"""Tiny configs and config-file loading shared by the tests."""
+import importlib.util
+import os
+
+from dba_jax.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_preset(name: str, variant: str = ""):
+  path = os.path.join(REPO, "configs", name)
+  spec = importlib.util.spec_from_file_location(name.replace(".py", ""), path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant) if variant else mod.get_config()
+
+
+def tiny(kind: str = "dba", **model):
+  """A 2-layer model config of the given flavour; `model` overrides fields of config.model."""
+  c = base_config()
+  m = c.model
+  m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 32, 2, 4, 64, 32
+  if kind == "dba":
+    m.attn_kind, m.sem_dim, m.geo_dim, m.attn_dim = "dba", 16, 32, 48
+  elif kind == "gqa":
+    m.n_kv_heads = 2
+  elif kind == "gpt2":
+    m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "learned", "layernorm", "gelu", True, True
+  for k, v in model.items():
+    m[k] = v
+  c.data.seq_len = 16
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.eval_every = 8, 4, 1, 2
+  c.train.ckpt_every, c.train.eval_batches = 2, 2
+  c.optim.warmup_steps = 2
+  return c

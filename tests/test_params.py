@@ -1,0 +1,55 @@
+"""Parameter counts of every preset, from abstract shapes (the 1B models are never allocated)."""
+import subprocess
+import sys
+
+import pytest
+
+from dba_jax import model as model_lib
+from dba_jax.config import validate
+from helpers import REPO, load_preset
+
+EXPECTED = [
+    ("dba_paper_1b.py", "baseline", 1_336_502_272),
+    ("dba_paper_1b.py", "sem16", 1_244_227_584),
+    ("dba_paper_1b.py", "sem8", 1_198_090_240),
+    ("dba_paper_1b.py", "sem8_gated", 1_198_090_944),
+    ("gpt2_small.py", "", 124_475_904),
+    # 12-layer suite (dba.md §2.3: d_ff 4096, sem16/geo32/v48; 709.4M baseline as the reference derives).
+    ("dba_paper_12l.py", "baseline", 709_412_864),
+    ("dba_paper_12l.py", "bottleneck", 659_081_216),
+    ("dba_paper_12l.py", "decoupled", 659_081_216),
+    ("dba_paper_12l.py", "gqa", 621_332_480),
+]
+
+
+@pytest.mark.parametrize("name,variant,expected", EXPECTED)
+def test_preset_param_counts(name, variant, expected):
+  c = validate(load_preset(name, variant))
+  assert model_lib.count_params(c.model) == expected
+
+
+def test_param_count_formula_dba():
+  """P = 2Vd + L(A + 3 d f + 2d) + d with A = d(2 sem + 2 geo + v) + v d (dba.md §3), for a non-paper shape."""
+  c = load_preset("dba_paper_1b.py", "sem8")
+  m = c.model
+  m.n_layers, m.d_model, m.n_heads, m.d_ff, m.sem_dim, m.geo_dim, m.attn_dim = 3, 256, 8, 512, 64, 128, 192
+  V, d, f = 50304, 256, 512
+  attn = d * (2 * 64 + 2 * 128 + 192) + 192 * d
+  assert model_lib.count_params(m) == 2 * V * d + 3 * (attn + 3 * d * f + 2 * d) + d
+
+
+def test_kv_cache_sizes_match_reference():
+  """Elements per token for the 22-layer models: 4096 / 3072 / 2560 per layer (dba.md §1.3)."""
+  per_layer = {v: model_lib.kv_elems_per_token(load_preset("dba_paper_1b.py", v).model) // 22
+               for v in ("baseline", "sem16", "sem8")}
+  assert per_layer == {"baseline": 4096, "sem16": 3072, "sem8": 2560}
+
+
+@pytest.mark.parametrize("variant,expected", [("sem8", 1_198_090_240), ("baseline", 1_336_502_272)])
+def test_dry_run_prints_params_and_exits_zero(variant, expected, tmp_path):
+  out = subprocess.run([sys.executable, "-m", "dba_jax.main", f"--config=configs/dba_paper_1b.py:{variant}",
+                        "--dry-run", f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert f"params: {expected}" in out.stdout
+  assert "mesh:" in out.stdout and "memory per device" in out.stdout
+  assert not (tmp_path / "w").exists()  # a dry run writes nothing
