@@ -78,10 +78,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding, batch_axis: int = 0) -> jax.Array:
-  """A global jax.Array from this process's slice of the batch (axis `batch_axis`)."""
+  """A global jax.Array laid out by `sharding` from this process's slice of the batch (along `batch_axis`)."""
   global_shape = list(local.shape)
   global_shape[batch_axis] *= jax.process_count()
-  spec_ = [None] * local.ndim
-  spec_[batch_axis] = sharding.spec[0]
-  s = NamedSharding(sharding.mesh, P(*spec_))
-  return jax.make_array_from_process_local_data(s, local, tuple(global_shape))
+  return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))

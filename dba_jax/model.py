@@ -274,8 +274,8 @@ def param_axes(m: Config, state=None) -> dict:
     names = tuple(var.get_metadata()["axes"])
     if m.scan_layers and path[0] == "blocks":
       names = ("layers",) + names
-    if len(names) != var.value.ndim:
-      raise ValueError(f"parameter {'/'.join(map(str, path))}: axes {names} do not match shape {var.value.shape}")
+    if len(names) != var.get_value().ndim:
+      raise ValueError(f"parameter {'/'.join(map(str, path))}: axes {names} do not match shape {var.get_value().shape}")
     return names
 
   flat = {path: axes(path, var) for path, var in nnx.to_flat_state(state)}

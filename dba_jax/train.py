@@ -106,7 +106,7 @@ class Trainer:
       updates, opt = self.tx.update(grads, state["opt"], params)
       new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
              "rng": state["rng"]}
-      metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"])}
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"])}
       return new, metrics
 
     accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
