@@ -87,3 +87,57 @@ def test_data_parallel_equals_one_device(kind):
       assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state["params"]))
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params["eight"], params["one"])
+
+
+def test_lr_schedule_shape():
+  c = tiny("standard")
+  c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1.0, 10, 0.1
+  f = train.lr_schedule(c.optim, total_steps=110)
+  np.testing.assert_allclose([float(f(s)) for s in (0, 4, 9)], [0.1, 0.5, 1.0], rtol=1e-6)  # (s+1)/warmup
+  np.testing.assert_allclose(float(f(10)), 1.0, rtol=1e-6)  # cosine starts at the peak
+  np.testing.assert_allclose(float(f(60)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way
+  np.testing.assert_allclose(float(f(110)), 0.1, rtol=1e-6)  # ends at min_lr_ratio
+
+
+def test_weight_decay_mask():
+  from dba_jax import model as model_lib
+  c = tiny("gpt2")
+  axes = model_lib.param_axes(validate(c).model)
+  c.optim.decay = "matrices"
+  mask = train.decay_mask(c.optim, axes)
+  assert mask["blocks"]["attn"]["qkv"]["kernel"] and mask["embed"]
+  assert not mask["blocks"]["attn_norm"]["scale"]  # [layers, embed]: a stacked vector, not a matrix
+  assert not mask["blocks"]["mlp"]["w_in"]["bias"] and not mask["final_norm"]["scale"]
+  c.optim.decay = "all"
+  assert all(jax.tree.leaves(train.decay_mask(c.optim, axes)))
+
+
+def test_grad_accumulation_matches_one_big_batch():
+  c = validate(tiny("dba"))
+  mesh = mesh_lib.make_mesh((-1, 1, 1), jax.devices()[:2])
+  batch = np.asarray(jax.random.randint(jax.random.key(0), (8, c.data.seq_len + 1), 0, 256))
+  out = {}
+  for accum in (1, 4):
+    c.train.grad_accum = accum
+    trainer = train.Trainer(c, mesh)
+    state, metrics = trainer.train_step(trainer.init_state(0), mesh_lib.global_batch(
+        batch.reshape(accum, -1, batch.shape[-1]), trainer.accum_sharding, batch_axis=1))
+    out[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state["params"]))
+  np.testing.assert_allclose(out[4][:2], out[1][:2], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[4][2], out[1][2])
+
+
+def test_bf16_compute_tracks_fp32():
+  from dba_jax import model as model_lib
+  c = validate(tiny("dba"))
+  params = model_lib.init_params(c.model, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+  logits = {}
+  for dtype in ("float32", "bfloat16"):
+    c.model.compute_dtype = dtype
+    graphdef, _ = model_lib.abstract(c.model)
+    logits[dtype] = np.asarray(model_lib.Model(c.model, graphdef, params)(tokens), np.float32)
+  assert logits["bfloat16"].dtype == np.float32 and np.isfinite(logits["bfloat16"]).all()
+  # bf16 keeps 8 mantissa bits: logits of this tiny net (|x| < 1) agree to ~1e-2, not to fp32 precision.
+  np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=3e-2)
+  assert np.abs(logits["bfloat16"] - logits["float32"]).max() > 0  # the compute dtype really changed
