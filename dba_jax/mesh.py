@@ -19,7 +19,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
-    "qkv": "tensor",
+    # activations
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
 
 
@@ -67,6 +72,18 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh):
   specs = [NamedSharding(mesh, spec(ax, s.shape, mesh, jax.tree_util.keystr(path)))
            for (path, ax), s in zip(paths_axes, shapes)]
   return jax.tree.unflatten(jax.tree.structure(axes_tree, is_leaf=is_axes), specs)
+
+
+def constrain(x: jax.Array, logical: tuple) -> jax.Array:
+  """Pin an activation's layout by logical names inside a jit traced under `jax.set_mesh`; a no-op without a
+  mesh (plain calls, tests) or where a dimension does not divide (XLA then picks the layout)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  try:
+    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh))
+  except ValueError:
+    return x
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

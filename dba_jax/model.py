@@ -14,8 +14,11 @@ import ml_collections
 from flax import nnx
 
 from dba_jax import ops
+from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
+ACT_HEADS = ("batch", "seq", "act_heads", None)
+ACT_EMBED = ("batch", "seq", "act_embed")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -59,40 +62,49 @@ class Norm(nnx.Module):
 
 
 class MLP(nnx.Module):
+  """SwiGLU with one fused [gate | up] kernel stored [d, 2, d_ff] (so tensor parallelism splits d_ff, never
+  gate from up), or a GELU MLP."""
+
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
     self.kind = m.mlp
-    width = 2 * m.d_ff if m.mlp == "swiglu" else m.d_ff  # SwiGLU: one fused [gate | up] projection
-    self.w_in = Linear(m.d_model, width, ("embed", "mlp"), bias=m.bias, std=m.init_std, rngs=rngs)
+    if m.mlp == "swiglu":
+      self.w_in = nnx.Param(_normal(rngs, (m.d_model, 2, m.d_ff), m.init_std), axes=("embed", None, "mlp"))
+      self.b_in = nnx.Param(jnp.zeros((2, m.d_ff), jnp.float32), axes=(None, "mlp")) if m.bias else None
+    else:
+      self.w_in = Linear(m.d_model, m.d_ff, ("embed", "mlp"), bias=m.bias, std=m.init_std, rngs=rngs)
     self.w_out = Linear(m.d_ff, m.d_model, ("mlp", "embed"), bias=m.bias, std=out_std, rngs=rngs)
 
   def __call__(self, x):
-    h = self.w_in(x)
     if self.kind == "swiglu":
-      gate, up = jnp.split(h, 2, axis=-1)
-      h = jax.nn.silu(gate) * up
+      h = jnp.einsum("...d,dkf->...kf", x, self.w_in[...].astype(x.dtype))
+      if self.b_in is not None:
+        h = h + self.b_in[...].astype(x.dtype).reshape((1,) * (h.ndim - 2) + h.shape[-2:])
+      h = constrain(h, ("batch", "seq", None, "act_mlp"))
+      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
     else:
-      h = jax.nn.gelu(h, approximate=True)
+      h = jax.nn.gelu(constrain(self.w_in(x), ("batch", "seq", "act_mlp")), approximate=True)
     return self.w_out(h)
 
 
 class StandardAttention(nnx.Module):
-  """MHA / GQA / bottleneck (attn_dim < d_model): fused qkv projection split [q | k | v]."""
+  """MHA / GQA / bottleneck (attn_dim < d_model). q, k, v are separate kernels so tensor parallelism splits
+  whole heads; PyTorch's fused [q | k | v] weight is split on conversion."""
 
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
     self.m = m
     self.H, self.K = m.n_heads, kv_heads(m)
     self.D = attn_dim(m) // self.H
-    width = (self.H + 2 * self.K) * self.D
-    self.qkv = Linear(m.d_model, width, ("embed", "qkv"), bias=m.bias, std=m.init_std, rngs=rngs)
+    lin = lambda n, axes: Linear(m.d_model, n * self.D, axes, bias=m.bias, std=m.init_std, rngs=rngs)
+    self.q, self.k, self.v = lin(self.H, ("embed", "heads")), lin(self.K, ("embed", "kv_heads")), \
+        lin(self.K, ("embed", "kv_heads"))
     self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
 
   def __call__(self, x_BTd, positions_T):
     B, T, _ = x_BTd.shape
     H, K, D = self.H, self.K, self.D
-    qkv = self.qkv(x_BTd)
-    q_BTHD = qkv[..., : H * D].reshape(B, T, H, D)
-    k_BTKD = qkv[..., H * D:(H + K) * D].reshape(B, T, K, D)
-    v_BTKD = qkv[..., (H + K) * D:].reshape(B, T, K, D)
+    q_BTHD = constrain(self.q(x_BTd).reshape(B, T, H, D), ACT_HEADS)
+    k_BTKD = constrain(self.k(x_BTd).reshape(B, T, K, D), ACT_HEADS)
+    v_BTKD = constrain(self.v(x_BTd).reshape(B, T, K, D), ACT_HEADS)
     if self.m.positions == "rope":
       q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
@@ -139,6 +151,7 @@ class DBAAttention(nnx.Module):
     qg = self.q_geo(x_BTd).reshape(B, T, H, self.dg)
     kg = self.k_geo(x_BTd).reshape(B, T, K, self.dg)
     v = self.v(x_BTd).reshape(B, T, K, self.dv)
+    qs, ks, qg, kg, v = (constrain(t, ACT_HEADS) for t in (qs, ks, qg, kg, v))
     if self.m.positions == "rope":
       rope = lambda t: ops.apply_rope(t, positions_T, self.m.rope_base)
       qg, kg = rope(qg), rope(kg)
@@ -190,6 +203,7 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions_T, rng=None):
     keys = jax.random.split(rng, 2) if rng is not None else (None, None)
+    x = constrain(x, ACT_EMBED)
     x = x + _dropout(self.attn(self.attn_norm(x), positions_T), self.dropout, keys[0])
     return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[1])
 
@@ -248,10 +262,12 @@ class Decoder(nnx.Module):
     else:
       for i, block in enumerate(self.blocks):
         x = block(x, positions_T, None if layer_keys is None else layer_keys[i])
-    x = self.final_norm(x)
+    x = self.final_norm(constrain(x, ACT_EMBED))
     if self.head is None:
-      return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
-    return self.head(x)
+      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
+    else:
+      logits = self.head(x)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
 
 
 # ----------------------------------------------------------------------------------------------- functional API

@@ -86,7 +86,7 @@ class Trainer:
     self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep}
     vocab = m.vocab_size
 
-    def loss_fn(params, tokens_BT1, key):
+    def loss_fn(params, tokens_BT1, key):  # mean next-token loss of one (micro-)batch
       logits = nnx.merge(self.graphdef, params)(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
       return cross_entropy(logits, tokens_BT1[:, 1:], vocab)
 
@@ -109,12 +109,20 @@ class Trainer:
       metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"])}
       return new, metrics
 
+    self.loss_fn = loss_fn
     accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
     self.accum_sharding = accum_sharding
-    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
-                              out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(loss_fn, in_shardings=(self.param_shardings, self.batch_sharding, None),
-                             out_shardings=rep)
+    self.train_step = self._under_mesh(jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
+                                               out_shardings=(self.state_shardings, rep), donate_argnums=0))
+    self.eval_step = self._under_mesh(jax.jit(loss_fn, in_shardings=(self.param_shardings, self.batch_sharding,
+                                                                      None), out_shardings=rep))
+
+  def _under_mesh(self, fn):
+    """Trace and run under the mesh so the model's activation constraints (mesh.constrain) take effect."""
+    def wrapped(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return wrapped
 
   def init_state(self, seed: int) -> dict:
     m = self.c.model

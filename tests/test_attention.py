@@ -180,9 +180,10 @@ def _shapes(c):
 def test_gqa_and_bottleneck_shapes():
   d = 32
   gqa = _shapes(tiny("gqa"))["blocks"]["attn"]  # 4 query heads, 2 kv heads, head dim 8
-  assert gqa["qkv"]["kernel"] == (2, d, (4 + 2 * 2) * 8) and gqa["out"]["kernel"] == (2, 32, d)
+  assert gqa["q"]["kernel"] == (2, d, 4 * 8) and gqa["k"]["kernel"] == gqa["v"]["kernel"] == (2, d, 2 * 8)
+  assert gqa["out"]["kernel"] == (2, 32, d)
   bott = _shapes(tiny("standard", attn_dim=16))["blocks"]["attn"]  # head dim 4
-  assert bott["qkv"]["kernel"] == (2, d, 3 * 16) and bott["out"]["kernel"] == (2, 16, d)
+  assert bott["q"]["kernel"] == bott["k"]["kernel"] == (2, d, 16) and bott["out"]["kernel"] == (2, 16, d)
   dba = _shapes(tiny("dba", n_kv_heads=2))["blocks"]["attn"]  # per head: sem 4, geo 8, v 12
   assert dba["q_sem"]["kernel"] == (2, d, 16) and dba["k_sem"]["kernel"] == (2, d, 8)
   assert dba["k_geo"]["kernel"] == (2, d, 16) and dba["v"]["kernel"] == (2, d, 24)

@@ -105,7 +105,7 @@ def test_weight_decay_mask():
   axes = model_lib.param_axes(validate(c).model)
   c.optim.decay = "matrices"
   mask = train.decay_mask(c.optim, axes)
-  assert mask["blocks"]["attn"]["qkv"]["kernel"] and mask["embed"]
+  assert mask["blocks"]["attn"]["q"]["kernel"] and mask["embed"] and mask["blocks"]["mlp"]["w_in"]["kernel"]
   assert not mask["blocks"]["attn_norm"]["scale"]  # [layers, embed]: a stacked vector, not a matrix
   assert not mask["blocks"]["mlp"]["w_in"]["bias"] and not mask["final_norm"]["scale"]
   c.optim.decay = "all"
