@@ -1,16 +1,29 @@
 """Checkpoints: the only module that imports Orbax.
 
-A checkpoint is three items under <workdir>/checkpoints/<step>/: `params` and `opt` (array trees, restored into
-abstract trees that carry the target shardings) and `meta` (JSON: step, rng key data, data-iterator state).
-Keeping params separate lets `load_model` read a model without its optimizer state.
+A checkpoint is three items under <dir>/<step>/: `params` and `opt` (array trees, restored into abstract trees
+that carry the target shardings) and `meta` (JSON: step, rng key data, data-iterator state). Keeping params
+separate lets `load_model` read a model without its optimizer state.
+
+Saves are asynchronous. Once a save has finished, process 0 writes `dba_manifest.json` into the step directory
+(every file with its size), so a later start can tell a complete checkpoint from one truncated or missing files
+and fall back to the previous one.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "opt", "meta")
+MANIFEST = "dba_manifest.json"
+log = logging.getLogger("dba_jax")
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint was written by a different model; the message lists the paths and shapes."""
 
 
 class Checkpointer:
@@ -20,30 +33,113 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._unsealed: int | None = None  # step whose async save may still be running
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._mngr.all_steps())
+    return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, params, opt_state, meta: dict) -> None:
+    self._seal()
     args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt_state),
                               meta=ocp.args.JsonSave(meta))
-    return self._mngr.save(step, args=args, force=force)
+    self._mngr.save(step, args=args, force=True)
+    self._unsealed = step
+
+  def _seal(self):
+    """Wait for the pending save, then record its files (process 0; the directory is shared)."""
+    self._mngr.wait_until_finished()
+    if self._unsealed is None:
+      return
+    step, self._unsealed = self._unsealed, None
+    root = self.step_dir(step)
+    if jax.process_index() != 0 or not os.path.isdir(root):  # pruned by keep-last-N already
+      return
+    files = {}
+    for dirpath, _, names in os.walk(root):
+      for name in names:
+        if name != MANIFEST:
+          path = os.path.join(dirpath, name)
+          files[os.path.relpath(path, root)] = os.path.getsize(path)
+    tmp = os.path.join(root, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"step": step, "files": files}, f)
+    os.replace(tmp, os.path.join(root, MANIFEST))
+
+  def verify(self, step: int) -> str | None:
+    """None if the step's files match its manifest, else what is wrong (a missing or truncated file)."""
+    root = self.step_dir(step)
+    path = os.path.join(root, MANIFEST)
+    if not os.path.exists(path):
+      return None  # finished saving but killed before sealing: the restore attempt decides
+    with open(path) as f:
+      files = json.load(f)["files"]
+    for rel, size in sorted(files.items()):
+      full = os.path.join(root, rel)
+      if not os.path.exists(full):
+        return f"missing file {full}"
+      if os.path.getsize(full) != size:
+        return f"{full} has {os.path.getsize(full)} bytes, {size} were written (truncated)"
+    return None
+
+  def check_shapes(self, step: int, abstract_params) -> None:
+    """Raise CheckpointMismatch listing every parameter whose path or shape differs from the model's."""
+    stored = self._mngr.item_metadata(step)["params"]
+    flat = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = flat(stored), flat(abstract_params)
+    problems = [f"{k}: checkpoint {have.get(k, 'absent')} vs model {want.get(k, 'absent')}"
+                for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if problems:
+      raise CheckpointMismatch(f"{self.step_dir(step)} was written by a different model; mismatched parameters:\n  "
+                               + "\n  ".join(problems))
 
   def restore(self, step: int, abstract_params, abstract_opt=None):
     """(params, opt_state or None, meta). Abstract trees are ShapeDtypeStructs with `.sharding` set."""
+    self.check_shapes(step, abstract_params)
     items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
     if abstract_opt is not None:
       items["opt"] = ocp.args.StandardRestore(abstract_opt)
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return out["params"], out.get("opt") if abstract_opt is not None else None, out["meta"]
 
+  def restore_latest_good(self, abstract_params, abstract_opt=None):
+    """Restore the newest checkpoint that is complete, warning about (and skipping) broken newer ones.
+    Returns (step, params, opt, meta) or None when there is nothing usable."""
+    for step in reversed(self.all_steps()):
+      problem = self.verify(step)
+      if problem is None:
+        try:
+          return (step,) + self.restore(step, abstract_params, abstract_opt)
+        except CheckpointMismatch:
+          raise
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
+          problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      self._set_aside(step, problem)
+    return None
+
+  def _set_aside(self, step: int, problem: str):
+    """Move a broken checkpoint out of the manager's directory (kept for inspection, never deleted), so the
+    run can save that step again."""
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_broken", str(step))
+    log.warning("checkpoint %s is incomplete or corrupt: %s; moved to %s, trying the previous one",
+                self.step_dir(step), problem, aside)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(self.step_dir(step), aside if not os.path.exists(aside) else f"{aside}.{os.getpid()}")
+    self._mngr.reload()
+
   def wait(self):
-    self._mngr.wait_until_finished()
+    self._seal()
 
   def close(self):
-    self._mngr.wait_until_finished()
+    self._seal()
     self._mngr.close()

@@ -83,6 +83,7 @@ def base_config() -> Config:
   t.ckpt_every = 500
   t.keep_ckpts = 3
   t.async_ckpt = True
+  t.nonfinite = "stop"  # on a NaN/inf loss or gradient: stop (last good checkpoint kept) | skip the batch
 
   c.mesh = Config()
   c.mesh.shape = (-1, 1, 1)  # over (data, fsdp, tensor); -1 takes the remaining devices
@@ -168,5 +169,6 @@ def validate(c: Config) -> Config:
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
   for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     _need(t[key] > 0, f"train.{key}={t[key]} must be positive")
+  _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
   _need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   return c

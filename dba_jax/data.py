@@ -222,12 +222,19 @@ def load_splits(d, vocab_size: int) -> Splits:
   return Splits([s[:c] for s, c in zip(train, cut)], [s[c:] for s, c in zip(train, cut)])
 
 
-def train_iterator(splits: Splits, d, batch_size: int, process_index: int = 0, process_count: int = 1):
-  """Endless iterator of int32 [batch_size, seq_len + 1] batches; `get_state`/`set_state` checkpoint it."""
+def train_iterator(splits: Splits, d, global_batch: int, process_index: int = 0, process_count: int = 1):
+  """Endless iterator of this process's int32 [global_batch / process_count, seq_len + 1] slice of each global
+  batch; `get_state`/`set_state` checkpoint it. Global batch i holds shuffled windows i*B .. i*B+B-1 and
+  process p reads only its contiguous rows, so any process count sees the same global batches."""
   stride = 1 if d.sampling == "random" else d.seq_len
-  ds = grain.MapDataset.source(Windows(splits.train, d.seq_len, stride)).shuffle(seed=d.seed).repeat()
-  ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
-  return iter(ds)
+  windows = grain.MapDataset.source(Windows(splits.train, d.seq_len, stride)).shuffle(seed=d.seed).repeat()
+  local = global_batch // process_count
+  first = process_index * local
+
+  def rows(i):
+    return np.stack([windows[i * global_batch + first + k] for k in range(local)])
+
+  return iter(grain.MapDataset.range(len(windows) // global_batch).map(rows))
 
 
 def eval_batches(splits: Splits, seq_len: int, batch_size: int, n_batches: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -66,7 +67,7 @@ def cross_entropy(logits_BTV, targets_BT, vocab_size: int):
 class Trainer:
   """Builds the model, shardings and jitted steps for one config on one mesh."""
 
-  def __init__(self, c: Config, mesh):
+  def __init__(self, c: Config, mesh, poison_steps: tuple = ()):
     self.c, self.mesh = c, mesh
     m = c.model
     self.graphdef, abstract_state = model_lib.abstract(m)
@@ -83,7 +84,8 @@ class Trainer:
                                      abstract_opt, self.opt_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
-    self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep}
+    self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep,
+                            "nonfinite": rep}
     vocab = m.vocab_size
 
     def loss_fn(params, tokens_BT1, key):  # mean next-token loss of one (micro-)batch
@@ -103,10 +105,16 @@ class Trainer:
       A = tokens_ABT1.shape[0]
       (grads, loss), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
       grads, loss = jax.tree.map(lambda g: g / A, grads), loss / A
+      if poison_steps:
+        loss = jnp.where(jnp.isin(state["step"] + 1, jnp.asarray(poison_steps)), jnp.nan, loss)
+      grad_norm = optax.tree.norm(grads)
       updates, opt = self.tx.update(grads, state["opt"], params)
-      new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
-             "rng": state["rng"]}
-      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"])}
+      # A non-finite loss or gradient leaves params and optimizer untouched; the host reacts per policy.
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new_, old_: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_, old_)
+      new = {"params": keep(optax.apply_updates(params, updates), params), "opt": keep(opt, state["opt"]),
+             "step": state["step"] + 1, "rng": state["rng"], "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32)}
+      metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
       return new, metrics
 
     self.loss_fn = loss_fn
@@ -130,7 +138,8 @@ class Trainer:
     params = jax.jit(lambda k: model_lib.init_params(m, k), out_shardings=self.param_shardings)(key)
     opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
     rng = jax.random.key_data(jax.random.fold_in(key, 1))
-    return {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng}
+    return {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng,
+            "nonfinite": jnp.zeros((), jnp.int32)}
 
   def abstract_params_sharded(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -223,8 +232,40 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------- loop
 
 
-def train(c: Config, workdir: str, quiet: bool = False) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s)."""
+class TrainingStopped(RuntimeError):
+  """The run stopped on purpose (non-finite loss under nonfinite='stop'); the message says why and where."""
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the current step and exits 0. With several processes, JAX's
+  preemption sync point makes every process agree on the step."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    import signal
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
+    return self
+
+  def __exit__(self, *exc):
+    import signal
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
+
+def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s).
+
+  `poison_steps` makes the loss NaN at those steps (fault injection for the non-finite policy tests)."""
   validate(c)
   t = c.train
   workdir = os.path.abspath(workdir)
@@ -232,28 +273,30 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   splits = data.load_splits(c.data, c.model.vocab_size)  # data errors surface before the workdir is touched
   mesh = mesh_lib.make_mesh(c.mesh.shape)
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  if t.batch_size % (t.grad_accum * n_batch):
+  if t.batch_size % (t.grad_accum * n_batch) or t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
-                      f"divisible by the {n_batch} data-parallel shards")
-  trainer = Trainer(c, mesh)
+                      f"divisible by the {n_batch} data-parallel shards and by {jax.process_count()} processes")
+  trainer = Trainer(c, mesh, poison_steps)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
-  it = data.train_iterator(splits, c.data, t.batch_size // jax.process_count(), jax.process_index(),
-                           jax.process_count())
-  evals = data.eval_batches(splits, c.data.seq_len, t.batch_size // jax.process_count(), t.eval_batches)
+  it = data.train_iterator(splits, c.data, t.batch_size, jax.process_index(), jax.process_count())
+  local_batch = t.batch_size // jax.process_count()
+  evals = data.eval_batches(splits, c.data.seq_len, t.batch_size, t.eval_batches)
+  evals = evals[:, jax.process_index() * local_batch:(jax.process_index() + 1) * local_batch]
 
-  latest = ckpts.latest_step() if resuming else None
-  if latest is not None:
-    params, opt, meta = ckpts.restore(latest, trainer.abstract_params_sharded(), trainer.abstract_opt)
+  restored = ckpts.restore_latest_good(trainer.abstract_params_sharded(), trainer.abstract_opt) if resuming else None
+  if restored is not None:
+    latest, params, opt, meta = restored
     state = {"params": params, "opt": opt, "step": jnp.asarray(meta["step"], jnp.int32),
-             "rng": jnp.asarray(meta["rng"], jnp.uint32)}
+             "rng": jnp.asarray(meta["rng"], jnp.uint32), "nonfinite": jnp.asarray(meta["nonfinite"], jnp.int32)}
     it.set_state(meta["data"])
-    for name in ("metrics.jsonl", "eval.jsonl"):
-      truncate_jsonl(os.path.join(workdir, name), latest)
   else:
-    state = trainer.init_state(t.seed)
-  record_start(c, workdir, latest)
-  start = int(latest or 0)
+    latest, state = None, trainer.init_state(t.seed)
   lead = jax.process_index() == 0
+  if lead:
+    for name in ("metrics.jsonl", "eval.jsonl"):
+      truncate_jsonl(os.path.join(workdir, name), latest or 0)
+    record_start(c, workdir, latest)
+  start = int(latest or 0)
   writer = None
   if lead:
     from tensorboardX import SummaryWriter
@@ -262,10 +305,12 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   tokens_per_step = t.batch_size * c.data.seq_len
   progress = Progress(t.steps, open(os.devnull, "w") if quiet or not lead else sys.stderr)
+  say = (lambda msg: None) if quiet or not lead else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
   def save(step):
-    meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "data": it.get_state()}
-    ckpts.save(step, state["params"], state["opt"], meta, force=True)
+    meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "data": it.get_state(),
+            "nonfinite": int(jax.device_get(state["nonfinite"]))}
+    ckpts.save(step, state["params"], state["opt"], meta)
 
   def log(path, rec):
     if lead:
@@ -275,39 +320,65 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
         if k != "step":
           writer.add_scalar(k, v, rec["step"])
 
-  last_eval = float("nan")
-  tok_s_hist = []
+  def check_finite(step):
+    """Host check of the in-jit non-finite counter (at log and save points only: no per-step sync)."""
+    nonlocal seen_nonfinite
+    count = int(jax.device_get(state["nonfinite"]))
+    if count == seen_nonfinite:
+      return
+    new, seen_nonfinite = count - seen_nonfinite, count
+    where = f"{new} non-finite loss/gradient step(s) between steps {last_check + 1} and {step}"
+    if t.nonfinite == "stop":
+      good = ckpts.all_steps()
+      raise TrainingStopped(f"{where}; stopping without saving (train.nonfinite='stop'). Last good checkpoint: "
+                            f"{ckpts.step_dir(good[-1]) if good else 'none'}")
+    say(f"warning: skipped {where} (train.nonfinite='skip'); {count} skipped in total")
+
+  last_eval, tok_s_hist = float("nan"), []
   t_mark, step_mark = None, start
-  for step in range(start, t.steps):
-    local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
-    state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, batch_axis=1))
-    done = step + 1
-    if t_mark is None:  # the first step includes compilation: time from its end
-      jax.block_until_ready(metrics)
-      t_mark, step_mark = time.perf_counter(), done
-    if done % t.log_every == 0 or done == t.steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
-      if done > step_mark:
-        tok_s_hist.append(tok_s)
-      rec = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-             "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}
-      log("metrics.jsonl", rec)
-      eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
-      progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if math.isfinite(last_eval) else "")
-      t_mark, step_mark = now, done
-    if done % t.eval_every == 0 or done == t.steps:
-      last_eval = trainer.evaluate(state["params"], evals)
-      log("eval.jsonl", {"step": done, "eval_loss": last_eval})
-    if done % t.ckpt_every == 0 or done == t.steps:
-      save(done)
-  progress.close()
-  ckpts.close()
-  if writer is not None:
-    writer.close()
-  if start >= t.steps and math.isnan(last_eval):
+  seen_nonfinite, last_check = int(jax.device_get(state["nonfinite"])), start
+  done = start
+  try:
+    with _Preemption() as preempt:
+      for step in range(start, t.steps):
+        local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
+        state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, 1))
+        done = step + 1
+        if t_mark is None:  # the first step includes compilation: time from its end
+          jax.block_until_ready(metrics)
+          t_mark, step_mark = time.perf_counter(), done
+        if done % t.log_every == 0 or done == t.steps:
+          check_finite(done)
+          last_check = done
+          metrics = jax.device_get(metrics)
+          now = time.perf_counter()
+          tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
+          if done > step_mark:
+            tok_s_hist.append(tok_s)
+          rec = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+                 "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}
+          log("metrics.jsonl", rec)
+          eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
+          progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if last_eval == last_eval else "")
+          t_mark, step_mark = now, done
+        if done % t.eval_every == 0 or done == t.steps:
+          last_eval = trainer.evaluate(state["params"], evals)
+          log("eval.jsonl", {"step": done, "eval_loss": last_eval})
+        preempted = preempt.reached(done)
+        if done % t.ckpt_every == 0 or done == t.steps or preempted:
+          check_finite(done)
+          last_check = done
+          save(done)
+        if preempted:
+          say(f"\nSIGTERM: saved a checkpoint at step {done}; exiting. Start again with the same command to resume.")
+          break
+  finally:
+    progress.close()
+    ckpts.close()
+    if writer is not None:
+      writer.close()
+  if start >= t.steps and last_eval != last_eval:
     last_eval = trainer.evaluate(state["params"], evals)
-  return {"workdir": workdir, "params": n_params, "eval_loss": last_eval, "steps": t.steps,
+  return {"workdir": workdir, "params": n_params, "eval_loss": last_eval, "steps": done,
           "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else float("nan"),
           "padded_vocab": padded_vocab(c.model)}
