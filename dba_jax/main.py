@@ -14,6 +14,12 @@ FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:dba", flag_values=FLAGS,
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints", flag_values=FLAGS)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
+                    "(env DBA_COORDINATOR_ADDRESS)", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "processes in the run (env DBA_NUM_PROCESSES)", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "this process's index (env DBA_PROCESS_ID)", flag_values=FLAGS)
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments (Cloud TPU VMs "
+                  "and clusters JAX detects by itself)", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Print parameter count, memory estimate and mesh; allocate nothing",
                   flag_values=FLAGS)
 
@@ -51,6 +57,24 @@ def dry_run(c: Config):
         f"= {_gib(mem['total'])}")
 
 
+def init_distributed() -> None:
+  """Join a multi-process run when flags or DBA_* environment variables ask for one; before any JAX use."""
+  import os
+  addr = FLAGS.coordinator_address or os.environ.get("DBA_COORDINATOR_ADDRESS")
+  n = FLAGS.num_processes or int(os.environ.get("DBA_NUM_PROCESSES", "0") or 0)
+  pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("DBA_PROCESS_ID")
+  if not (addr or FLAGS.distributed):
+    return
+  import jax
+  if FLAGS.distributed and not addr:
+    jax.distributed.initialize()
+    return
+  if not n or pid is None:
+    raise ConfigError("a multi-process run needs --coordinator_address, --num_processes and --process_id "
+                      "(or DBA_COORDINATOR_ADDRESS, DBA_NUM_PROCESSES, DBA_PROCESS_ID)")
+  jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=int(pid))
+
+
 def main(argv) -> int:
   try:
     FLAGS([a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv])
@@ -72,17 +96,23 @@ def main(argv) -> int:
       return 0
     if not FLAGS.workdir:
       raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
-    from dba_jax import data, train
+    init_distributed()
+    from dba_jax import ckpt, data, train
     try:
       summary = train.train(c, FLAGS.workdir)
-    except data.DataError as e:
+    except (data.DataError, ckpt.CheckpointMismatch) as e:
       raise ConfigError(str(e)) from None
+    except train.TrainingStopped as e:
+      print(f"dba-train: stopped: {e}", file=sys.stderr)
+      return 3
   except ConfigError as e:
     print(f"dba-train: error: {e}", file=sys.stderr)
     return 2
   loss = summary["eval_loss"]
-  print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
-        f"{summary['tokens_per_s']:,.0f} tok/s -> {summary['workdir']}")
+  import jax
+  if jax.process_index() == 0:
+      print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
+          f"{summary['tokens_per_s']:,.0f} tok/s -> {summary['workdir']}")
   return 0
 
 
