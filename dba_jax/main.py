@@ -10,18 +10,36 @@ from ml_collections import config_flags
 
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:dba", flag_values=FLAGS,
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints", flag_values=FLAGS)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
-                    "(env DBA_COORDINATOR_ADDRESS)", flag_values=FLAGS)
-flags.DEFINE_integer("num_processes", None, "processes in the run (env DBA_NUM_PROCESSES)", flag_values=FLAGS)
-flags.DEFINE_integer("process_id", None, "this process's index (env DBA_PROCESS_ID)", flag_values=FLAGS)
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments (Cloud TPU VMs "
-                  "and clusters JAX detects by itself)", flag_values=FLAGS)
-flags.DEFINE_bool("dry_run", False, "Print parameter count, memory estimate and mesh; allocate nothing",
-                  flag_values=FLAGS)
+
+def parse_flags(argv: list[str], extra=None) -> flags.FlagValues:
+  """A fresh FlagValues with --config (plus its --config.a.b=... overrides) parsed from `argv`.
+  `extra(fv)` may define more flags first. ml_collections finds overrides in the argv given here, not sys.argv."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:dba", flag_values=fv,
+                                  lock_config=True, sys_argv=list(argv))
+  if extra is not None:
+    extra(fv)
+  fv(list(argv))
+  return fv
+
+
+def _train_flags(fv: flags.FlagValues):
+  flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
+                      "(env DBA_COORDINATOR_ADDRESS)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in the run (env DBA_NUM_PROCESSES)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index (env DBA_PROCESS_ID)", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments (Cloud TPU VMs "
+                    "and clusters JAX detects by itself)", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print parameter count, memory estimate and mesh; allocate nothing",
+                    flag_values=fv)
+
+
+def flag_error(e: Exception) -> str:
+  """ml_collections reports a misspelled key as AttributeError("'key'\\nDid you mean ..."), a failing
+  get_config() as a whole traceback: keep the sentence that says what is wrong."""
+  lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+  return re.sub(r"[\\']+", "", " ".join(lines[-1:] if "Traceback" in str(e) else lines))
 
 
 def memory_estimate(c: Config, n_params: int, mesh_shape: dict) -> dict:
@@ -57,16 +75,16 @@ def dry_run(c: Config):
         f"= {_gib(mem['total'])}")
 
 
-def init_distributed() -> None:
+def init_distributed(fv: flags.FlagValues) -> None:
   """Join a multi-process run when flags or DBA_* environment variables ask for one; before any JAX use."""
   import os
-  addr = FLAGS.coordinator_address or os.environ.get("DBA_COORDINATOR_ADDRESS")
-  n = FLAGS.num_processes or int(os.environ.get("DBA_NUM_PROCESSES", "0") or 0)
-  pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("DBA_PROCESS_ID")
-  if not (addr or FLAGS.distributed):
+  addr = fv.coordinator_address or os.environ.get("DBA_COORDINATOR_ADDRESS")
+  n = fv.num_processes or int(os.environ.get("DBA_NUM_PROCESSES", "0") or 0)
+  pid = fv.process_id if fv.process_id is not None else os.environ.get("DBA_PROCESS_ID")
+  if not (addr or fv.distributed):
     return
   import jax
-  if FLAGS.distributed and not addr:
+  if fv.distributed and not addr:
     jax.distributed.initialize()
     return
   if not n or pid is None:
@@ -76,30 +94,27 @@ def init_distributed() -> None:
 
 
 def main(argv) -> int:
+  argv = [a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv]
   try:
-    FLAGS([a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv])
+    fv = parse_flags(argv, _train_flags)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections reports a misspelled key as AttributeError("'key'\nDid you mean ..."), a failing
-    # get_config() as a whole traceback: keep the sentence that says what is wrong.
-    lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
-    msg = re.sub(r"[\\']+", "", " ".join(lines[-1:] if "Traceback" in str(e) else lines))
-    print(f"dba-train: error: bad --config or override: {msg}", file=sys.stderr)
+    print(f"dba-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
     return 2
-  if FLAGS.config is None:
+  if fv.config is None:
     print("dba-train: error: --config=configs/NAME.py[:variant] is required", file=sys.stderr)
     return 2
-  c = FLAGS.config
+  c = fv.config
   try:
     validate(c)
-    if FLAGS.dry_run:
+    if fv.dry_run:
       dry_run(c)
       return 0
-    if not FLAGS.workdir:
+    if not fv.workdir:
       raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
-    init_distributed()
+    init_distributed(fv)
     from dba_jax import ckpt, data, train
     try:
-      summary = train.train(c, FLAGS.workdir)
+      summary = train.train(c, fv.workdir)
     except (data.DataError, ckpt.CheckpointMismatch) as e:
       raise ConfigError(str(e)) from None
     except train.TrainingStopped as e:
@@ -108,10 +123,10 @@ def main(argv) -> int:
   except ConfigError as e:
     print(f"dba-train: error: {e}", file=sys.stderr)
     return 2
-  loss = summary["eval_loss"]
   import jax
   if jax.process_index() == 0:
-      print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
+    loss = summary["eval_loss"]
+    print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
           f"{summary['tokens_per_s']:,.0f} tok/s -> {summary['workdir']}")
   return 0
 

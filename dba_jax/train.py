@@ -120,8 +120,9 @@ class Trainer:
     self.loss_fn = loss_fn
     accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
     self.accum_sharding = accum_sharding
-    self.train_step = self._under_mesh(jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
-                                               out_shardings=(self.state_shardings, rep), donate_argnums=0))
+    self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
+                                  out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    self.train_step = self._under_mesh(self.train_step_jit)
     self.eval_step = self._under_mesh(jax.jit(loss_fn, in_shardings=(self.param_shardings, self.batch_sharding,
                                                                       None), out_shardings=rep))
 
@@ -137,9 +138,15 @@ class Trainer:
     key = jax.random.key(seed)
     params = jax.jit(lambda k: model_lib.init_params(m, k), out_shardings=self.param_shardings)(key)
     opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-    rng = jax.random.key_data(jax.random.fold_in(key, 1))
-    return {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng,
-            "nonfinite": jnp.zeros((), jnp.int32)}
+    return {"params": params, "opt": opt, **self.counters(0, jax.random.key_data(jax.random.fold_in(key, 1)), 0)}
+
+  def counters(self, step, rng, nonfinite) -> dict:
+    """step, rng key data and non-finite count, committed to the mesh: uncommitted scalars would make the
+    second train step recompile."""
+    rep = mesh_lib.replicated(self.mesh)
+    return {"step": jax.device_put(jnp.asarray(step, jnp.int32), rep),
+            "rng": jax.device_put(jnp.asarray(rng, jnp.uint32), rep),
+            "nonfinite": jax.device_put(jnp.asarray(nonfinite, jnp.int32), rep)}
 
   def abstract_params_sharded(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -286,8 +293,7 @@ def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()
   restored = ckpts.restore_latest_good(trainer.abstract_params_sharded(), trainer.abstract_opt) if resuming else None
   if restored is not None:
     latest, params, opt, meta = restored
-    state = {"params": params, "opt": opt, "step": jnp.asarray(meta["step"], jnp.int32),
-             "rng": jnp.asarray(meta["rng"], jnp.uint32), "nonfinite": jnp.asarray(meta["nonfinite"], jnp.int32)}
+    state = {"params": params, "opt": opt, **trainer.counters(meta["step"], meta["rng"], meta["nonfinite"])}
     it.set_state(meta["data"])
   else:
     latest, state = None, trainer.init_state(t.seed)

@@ -123,6 +123,9 @@ def test_grad_accumulation_matches_one_big_batch():
     state, metrics = trainer.train_step(trainer.init_state(0), mesh_lib.global_batch(
         batch.reshape(accum, -1, batch.shape[-1]), trainer.accum_sharding, batch_axis=1))
     out[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state["params"]))
+    state, _ = trainer.train_step(state, mesh_lib.global_batch(
+        batch.reshape(accum, -1, batch.shape[-1]), trainer.accum_sharding, batch_axis=1))
+    assert trainer.train_step_jit._cache_size() == 1  # the second step reuses the first step's executable
   np.testing.assert_allclose(out[4][:2], out[1][:2], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[4][2], out[1][2])
 

@@ -1,0 +1,115 @@
+"""`dba-bench`: train-step time, with and without async checkpointing, on chosen meshes; tokens/s and MFU.
+
+  dba-bench --config=configs/quickstart.py:dba [--config.x=...] [--steps 20] [--ckpt-every 5]
+            [--devices 8 --meshes 8,1,1 2,4,1 2,2,2 1,1,8] [--peak-tflops 989] [--out bench.json]
+
+`--devices N` simulates N CPU devices (it sets XLA_FLAGS before JAX starts). Model FLOPs count 6 x (matmul
+parameters) per token plus attention, causal-halved as MaxText does; MFU = model FLOP/s / peak (given, or
+known for H100/H200: 989 TFLOP/s dense bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def flops_per_token(m, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul params (embedding lookup excluded, head included) + attention."""
+  from dba_jax import model as model_lib
+  from dba_jax.config import attn_dim, padded_vocab
+  n = model_lib.count_params(m) - padded_vocab(m) * m.d_model * (0 if m.tie_embeddings else 1)
+  if m.positions == "learned":
+    n -= m.max_seq_len * m.d_model
+  qk = (m.sem_dim + m.geo_dim) if m.attn_kind == "dba" else attn_dim(m)
+  attention = 6 * m.n_layers * seq_len * (qk + attn_dim(m)) * 0.5  # scores and p.v, causal half
+  return 6 * n + attention
+
+
+def time_steps(c, mesh_shape, steps: int, ckpt_every: int, devices=None) -> dict:
+  import jax
+  import numpy as np
+
+  from dba_jax import ckpt, mesh as mesh_lib, train
+  mesh = mesh_lib.make_mesh(mesh_shape, devices)
+  trainer = train.Trainer(c, mesh)
+  state = trainer.init_state(0)
+  t = c.train
+  rng = np.random.default_rng(0)
+  batch = rng.integers(0, c.model.vocab_size, (t.grad_accum, t.batch_size // t.grad_accum, c.data.seq_len + 1))
+  batch = mesh_lib.global_batch(batch.astype(np.int32), trainer.accum_sharding, 1)
+  state, _ = trainer.train_step(state, batch)  # compile
+  jax.block_until_ready(state)
+  with tempfile.TemporaryDirectory() as d:
+    ckpts = ckpt.Checkpointer(d, keep=2) if ckpt_every else None
+    times = []
+    for i in range(1, steps + 1):
+      start = time.perf_counter()
+      state, metrics = trainer.train_step(state, batch)
+      if ckpts and i % ckpt_every == 0:
+        ckpts.save(i, state["params"], state["opt"], {"step": i})
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - start)
+    if ckpts:
+      ckpts.close()
+  # Mean, not median: a save's cost lands on the steps that carry it, and those must count.
+  step_s = float(np.mean(times))
+  return {"mesh": "x".join(map(str, mesh.devices.shape)), "ckpt_every": ckpt_every, "step_ms": 1e3 * step_s,
+          "tokens_per_s": t.batch_size * c.data.seq_len / step_s}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  p = argparse.ArgumentParser(prog="dba-bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--ckpt-every", type=int, default=5, help="also time with an async save every N steps (0: skip)")
+  p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+  p.add_argument("--meshes", nargs="*", default=[], help="mesh shapes like 2,2,2 (default: the config's)")
+  p.add_argument("--peak-tflops", type=float, default=0.0)
+  p.add_argument("--out", default="")
+  args, overrides = p.parse_known_args(argv)
+  if args.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+
+  from dba_jax.config import validate
+  from dba_jax.main import parse_flags
+  c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  kind = jax.devices()[0].device_kind
+  peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
+  fpt = flops_per_token(c.model, c.data.seq_len)
+  rows = []
+  meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes] or [tuple(c.mesh.shape)]
+  for shape in meshes:
+    for every in ([0, args.ckpt_every] if args.ckpt_every else [0]):
+      n = math.prod(shape) if -1 not in shape else jax.device_count()
+      r = time_steps(c, shape, args.steps, every, jax.devices()[:n])
+      r["mfu"] = fpt * r["tokens_per_s"] / (peak * 1e12 * n) if peak else None
+      rows.append(r)
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+      print(f"mesh {r['mesh']:>7} | ckpt every {every or '-':>3} | {r['step_ms']:8.1f} ms/step | "
+            f"{r['tokens_per_s']:12,.0f} tok/s | MFU {mfu}", flush=True)
+  report = {"config": args.config, "overrides": overrides, "device": kind, "devices": jax.device_count(),
+            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "flops_per_token": fpt, "rows": rows}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
+def cli():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()
