@@ -37,6 +37,18 @@ def base_config() -> Config:
   m.null_attn = False  # learned per-head null key/value, always visible
   m.tie_qk = False  # DBA: k_sem shares q_sem's weight
   m.rope_semantic = False  # DBA ablation: also rotate the semantic path
+  # selective attention (attn_kind="selective"; selective.md §1.2, §3-4)
+  m.sel_head = 0  # the head whose logits select
+  m.sel_protect_bos = True  # never mask key position 0 of the window
+  m.sel_allow_self_mask = False
+  m.sel_relu_leak = 0.0  # leaky-ReLU slope for S (future entries are zeroed first)
+  m.sel_relu_after_cumsum = False
+  m.sel_scan = "xla"  # reference | xla | pallas
+  m.sel_scan_dtype = "float32"  # float32 | float64 (accumulation of F)
+  m.sel_disable = False  # keep the selective module (materialised attention, init) but no F
+  m.memory_penalty = "none"  # none | paper | repo (the form the original code computed)
+  m.memory_epsilon = 0.1
+  m.memory_tau = 1.0
   m.positions = "rope"  # rope | learned | none
   m.rope_base = 10000.0
   m.norm = "rmsnorm"  # rmsnorm | layernorm
@@ -119,7 +131,7 @@ def _one_of(key: str, value, options):
 def validate(c: Config) -> Config:
   """Raises ConfigError naming the first impossible field. Returns the config for chaining."""
   m = c.model
-  _one_of("model.attn_kind", m.attn_kind, ("standard", "dba"))
+  _one_of("model.attn_kind", m.attn_kind, ("standard", "dba", "selective"))
   _one_of("model.positions", m.positions, ("rope", "learned", "none"))
   _one_of("model.norm", m.norm, ("rmsnorm", "layernorm"))
   _one_of("model.mlp", m.mlp, ("swiglu", "gelu"))
@@ -131,7 +143,15 @@ def validate(c: Config) -> Config:
   _need(H % K == 0, f"model.n_heads={H} is not a multiple of model.n_kv_heads={K}")
   A = attn_dim(m)
   _need(A % H == 0, f"model.attn_dim={A} is not divisible by model.n_heads={H}")
-  if m.attn_kind == "standard":
+  if m.attn_kind == "selective":
+    _one_of("model.sel_scan", m.sel_scan, ("reference", "xla", "pallas"))
+    _one_of("model.sel_scan_dtype", m.sel_scan_dtype, ("float32", "float64"))
+    _one_of("model.memory_penalty", m.memory_penalty, ("none", "paper", "repo"))
+    _need(0 <= m.sel_head < H, f"model.sel_head={m.sel_head} is not a head index (n_heads={H})")
+    _need(K == H, f"selective attention needs n_kv_heads == n_heads; got {K} and {H}")
+  else:
+    _need(m.memory_penalty == "none", "model.memory_penalty needs model.attn_kind='selective'")
+  if m.attn_kind in ("standard", "selective"):
     _need(not (m.dba_gate or m.dba_gate_dynamic or m.tie_qk or m.rope_semantic),
           "model.dba_gate / dba_gate_dynamic / tie_qk / rope_semantic need model.attn_kind='dba'")
     if m.positions == "rope":

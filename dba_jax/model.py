@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from dba_jax import ops
+from dba_jax import ops, selective
 from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
@@ -108,8 +108,30 @@ class StandardAttention(nnx.Module):
     if self.m.positions == "rope":
       q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
-    o_BTHD = ops.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.m.attn_impl)
-    return self.out(o_BTHD.reshape(B, T, H * D))
+    o_BTHD, aux = self.attend(q_BTHD, k_BTKD, v_BTKD)
+    return self.out(o_BTHD.reshape(B, T, H * D)), aux
+
+  def attend(self, q_BTHD, k_BTKD, v_BTKD):
+    return ops.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.m.attn_impl), jnp.zeros((), jnp.float32)
+
+
+class SelectiveAttention(StandardAttention):
+  """Standard attention whose logits lose the selection mask F (dba_jax.selective); `aux` is the layer's
+  memory penalty when one is configured. Like the original, its out projection keeps the plain init std."""
+
+  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
+    super().__init__(m, m.init_std, rngs)
+
+  def attend(self, q_BTHD, k_BTKD, v_BTKD):
+    m = self.m
+    impl = "reference" if m.attn_impl == "reference" else m.sel_scan
+    o, f = selective.selective_attention(
+        q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
+        selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
+        scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, return_mask=True)
+    if m.memory_penalty == "none":
+      return o, jnp.zeros((), jnp.float32)
+    return o, selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)
 
 
 class DBAAttention(nnx.Module):
@@ -184,10 +206,10 @@ class DBAAttention(nnx.Module):
       v = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v], axis=1)
       n_prefix = 1
     o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
-    return self.out(o_BTHE.reshape(B, T, self.H * self.dv))
+    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), jnp.zeros((), jnp.float32)
 
 
-ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention}
+ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention, "selective": SelectiveAttention}
 
 
 class Block(nnx.Module):
@@ -202,10 +224,12 @@ class Block(nnx.Module):
     self.mlp = MLP(m, out_std, rngs)
 
   def __call__(self, x, positions_T, rng=None):
+    """(x, aux): aux is the attention's auxiliary loss term (0 unless a memory penalty is configured)."""
     keys = jax.random.split(rng, 2) if rng is not None else (None, None)
     x = constrain(x, ACT_EMBED)
-    x = x + _dropout(self.attn(self.attn_norm(x), positions_T), self.dropout, keys[0])
-    return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[1])
+    y, aux = self.attn(self.attn_norm(x), positions_T)
+    x = x + _dropout(y, self.dropout, keys[0])
+    return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[1]), aux
 
 
 def _dropout(x, rate, key):
@@ -239,6 +263,10 @@ class Decoder(nnx.Module):
                                                      std=m.init_std, rngs=rngs)
 
   def __call__(self, tokens_BT, rng=None):
+    return self.forward(tokens_BT, rng)[0]
+
+  def forward(self, tokens_BT, rng=None):
+    """(logits, aux) with aux the layers' auxiliary loss: memory penalty summed ("repo") or averaged ("paper")."""
     m = self.m
     dtype = DTYPES[m.compute_dtype]
     T = tokens_BT.shape[1]
@@ -256,18 +284,23 @@ class Decoder(nnx.Module):
 
       def body(h, xs):
         params, key = xs
-        return nnx.merge(graphdef, params)(h, positions_T, key), None
+        return nnx.merge(graphdef, params)(h, positions_T, key)
 
-      x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+      x, aux_L = jax.lax.scan(body, x, (stacked, layer_keys))
+      aux = aux_L.sum()
     else:
+      aux = jnp.zeros((), jnp.float32)
       for i, block in enumerate(self.blocks):
-        x = block(x, positions_T, None if layer_keys is None else layer_keys[i])
+        x, a = block(x, positions_T, None if layer_keys is None else layer_keys[i])
+        aux = aux + a
+    if m.memory_penalty == "paper":
+      aux = aux / m.n_layers
     x = self.final_norm(constrain(x, ACT_EMBED))
     if self.head is None:
       logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
     else:
       logits = self.head(x)
-    return constrain(logits, ("batch", "seq", "act_vocab"))
+    return constrain(logits, ("batch", "seq", "act_vocab")), aux
 
 
 # ----------------------------------------------------------------------------------------------- functional API

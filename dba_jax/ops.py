@@ -16,6 +16,15 @@ import jax.numpy as jnp
 IMPLS = ("reference", "xla")
 
 
+def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
+                        selection_head=0, scale=None, **variants):
+  """Selective attention (Leviathan et al.); see dba_jax.selective for the math and the variant keywords."""
+  from dba_jax import selective
+  return selective.selective_attention(q_BTHD, k_BTHD, v_BTHD, impl=impl, protect_bos=protect_bos,
+                                       allow_self_mask=allow_self_mask, selection_head=selection_head, scale=scale,
+                                       **variants)
+
+
 def rope_angles(positions_T: jax.Array, dim: int, base: float, dtype) -> tuple[jax.Array, jax.Array]:
   """cos/sin [T, dim/2] for rotate-half RoPE; angles in at least float32 (float64 under float64 inputs)."""
   ft = jnp.promote_types(dtype, jnp.float32)

@@ -88,9 +88,12 @@ class Trainer:
                             "nonfinite": rep}
     vocab = m.vocab_size
 
-    def loss_fn(params, tokens_BT1, key):  # mean next-token loss of one (micro-)batch
-      logits = nnx.merge(self.graphdef, params)(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
-      return cross_entropy(logits, tokens_BT1[:, 1:], vocab)
+    def loss_fn(params, tokens_BT1, key):
+      """(training loss, {"ce", "memory"}) of one (micro-)batch; the loss adds the memory penalty if any."""
+      logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
+      ce = cross_entropy(logits, tokens_BT1[:, 1:], vocab)
+      loss = ce + m.memory_epsilon * aux if m.memory_penalty != "none" else ce
+      return loss, {"ce": ce, "memory": aux}
 
     def train_step(state, tokens_ABT1):
       params = state["params"]
@@ -98,13 +101,14 @@ class Trainer:
 
       def micro(carry, xs):
         tokens, i = xs
-        loss, g = jax.value_and_grad(loss_fn)(params, tokens, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (g, loss)), None
+        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (g, loss, parts)), None
 
-      zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+      zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+              {"ce": jnp.zeros((), jnp.float32), "memory": jnp.zeros((), jnp.float32)})
       A = tokens_ABT1.shape[0]
-      (grads, loss), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
-      grads, loss = jax.tree.map(lambda g: g / A, grads), loss / A
+      (grads, loss, parts), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
+      grads, loss, parts = jax.tree.map(lambda g: g / A, (grads, loss, parts))
       if poison_steps:
         loss = jnp.where(jnp.isin(state["step"] + 1, jnp.asarray(poison_steps)), jnp.nan, loss)
       grad_norm = optax.tree.norm(grads)
@@ -115,6 +119,8 @@ class Trainer:
       new = {"params": keep(optax.apply_updates(params, updates), params), "opt": keep(opt, state["opt"]),
              "step": state["step"] + 1, "rng": state["rng"], "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32)}
       metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+      if m.memory_penalty != "none":
+        metrics.update(parts)
       return new, metrics
 
     self.loss_fn = loss_fn
@@ -123,7 +129,7 @@ class Trainer:
     self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
                                   out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.train_step = self._under_mesh(self.train_step_jit)
-    self.eval_step = self._under_mesh(jax.jit(loss_fn, in_shardings=(self.param_shardings, self.batch_sharding,
+    self.eval_step = self._under_mesh(jax.jit(lambda *a: loss_fn(*a)[1]["ce"], in_shardings=(self.param_shardings, self.batch_sharding,
                                                                       None), out_shardings=rep))
 
   def _under_mesh(self, fn):
@@ -361,8 +367,7 @@ def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()
           tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
           if done > step_mark:
             tok_s_hist.append(tok_s)
-          rec = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-                 "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}
+          rec = {"step": done, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tok_s}
           log("metrics.jsonl", rec)
           eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
           progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if last_eval == last_eval else "")

@@ -114,7 +114,7 @@ def test_dba_equals_float64_formula(variant):
     if m.dba_gate:  # a non-trivial gate, so a and b really differ per head
       gate = rng.normal(size=m.n_heads)
       mod.gate_logit[...] = jnp.asarray(gate)
-    got = np.asarray(mod(jnp.asarray(x)[None], jnp.arange(T)))[0]
+    got = np.asarray(mod(jnp.asarray(x)[None], jnp.arange(T))[0])[0]
   np.testing.assert_allclose(got, dba_formula(mod, m, x, gate), rtol=1e-10, atol=1e-12)
 
 
@@ -124,7 +124,7 @@ def test_dba_xla_fp32_close_to_float64_formula(variant):
   T = 9
   x = rng.normal(size=(T, 32))
   m, mod = _dba_module(attn_impl="xla", **variant)
-  got = np.asarray(mod(jnp.asarray(x, jnp.float32)[None], jnp.arange(T)))[0]
+  got = np.asarray(mod(jnp.asarray(x, jnp.float32)[None], jnp.arange(T))[0])[0]
   np.testing.assert_allclose(got, dba_formula(mod, m, x), rtol=1e-4, atol=1e-5)
 
 
@@ -133,9 +133,9 @@ def test_gate_at_init_equals_ungated():
   _, gated = _dba_module(dba_gate=True, dba_gate_dynamic=True)
   _, plain = _dba_module()
   pos = jnp.arange(8)
-  np.testing.assert_array_equal(np.asarray(gated(x, pos)), np.asarray(plain(x, pos)))
+  np.testing.assert_array_equal(np.asarray(gated(x, pos)[0]), np.asarray(plain(x, pos)[0]))
   gated.gate_logit[...] = jnp.full((4,), 0.7)  # and it is live: moving the gate changes the output
-  assert not np.allclose(np.asarray(gated(x, pos)), np.asarray(plain(x, pos)), atol=1e-4)
+  assert not np.allclose(np.asarray(gated(x, pos)[0]), np.asarray(plain(x, pos)[0]), atol=1e-4)
 
 
 def test_rope_touches_only_geometric_path():

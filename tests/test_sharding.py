@@ -23,7 +23,7 @@ def one_step(c, shape, devices, batch):
   mesh = mesh_lib.make_mesh(shape, devices)
   trainer = train.Trainer(c, mesh)
   state = trainer.init_state(0)
-  grad_fn = trainer._under_mesh(jax.jit(jax.value_and_grad(trainer.loss_fn),
+  grad_fn = trainer._under_mesh(jax.jit(jax.value_and_grad(lambda *a: trainer.loss_fn(*a)[0]),
                                         in_shardings=(trainer.param_shardings, trainer.batch_sharding, None)))
   loss, grads = grad_fn(state["params"], mesh_lib.global_batch(batch, trainer.batch_sharding), jax.random.key(0))
   return float(loss), jax.device_get(grads), state["params"], mesh

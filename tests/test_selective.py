@@ -1,0 +1,217 @@
+"""Selective attention against a float64 loop transcription of the paper's math (selective.md §1.2, §12)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dba_jax import model as model_lib, ops, selective
+from dba_jax.config import validate
+from dba_kernels import cumsum as kcumsum
+from helpers import tiny
+
+
+def loop_selective(q, k, v, protect_bos=True, allow_self_mask=False, head=0):
+  """One batch element, float64 numpy, written from the formula with explicit loops over queries."""
+  T, H, D = q.shape
+  L = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
+  S = np.zeros((T, T))
+  for i in range(T):
+    for j in range(i + 1):
+      S[i, j] = max(L[head, i, j], 0.0)
+  if protect_bos:
+    S[:, 0] = 0
+  if not allow_self_mask:
+    S[np.arange(T), np.arange(T)] = 0
+  F = np.zeros((T, T))
+  for i in range(1, T):
+    F[i] = F[i - 1] + S[i - 1]  # F[i, j] = sum_{k < i} S[k, j]
+  out = np.zeros((T, H, v.shape[-1]))
+  for h in range(H):
+    for i in range(T):
+      z = L[h, i, : i + 1] - F[i, : i + 1]
+      p = np.exp(z - z.max())
+      out[i, h] = (p / p.sum()) @ v[: i + 1, h]
+  return out, F
+
+
+def rand_qkv(T, H=3, D=8, B=2, seed=0, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=(B, T, H, D)).astype(dtype) * 1.5 for _ in range(3)]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 64, 257])
+def test_reference_matches_float64_loops(T):
+  q, k, v = rand_qkv(T)
+  with jax.enable_x64(True):
+    out, f = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference", return_mask=True)
+  assert out.dtype == jnp.float64
+  for b in range(2):
+    want, want_f = loop_selective(q[b], k[b], v[b])
+    np.testing.assert_allclose(np.asarray(out[b]), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(f[b]), want_f, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("variant", [{}, dict(protect_bos=False), dict(allow_self_mask=True), dict(selection_head=2)])
+def test_fp32_impls_close_to_float64(impl, variant):
+  q, k, v = rand_qkv(70, seed=1)
+  got = ops.selective_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), impl=impl, **variant)
+  with jax.enable_x64(True):
+    want = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference", **variant)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+
+
+def test_zero_selection_is_plain_causal_attention():
+  q, k, v = rand_qkv(20, seed=2)
+  q[:, :, 0] = 0  # head 0's logits are 0 everywhere, so S = ReLU(0) = 0 and F = 0
+  with jax.enable_x64(True):
+    a = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference")
+    b = ops.attention(*map(jnp.asarray, (q, k, v)), impl="reference")
+    c = ops.selective_attention(*map(jnp.asarray, rand_qkv(20, seed=3)), impl="reference", disable_selection=True)
+    d = ops.attention(*map(jnp.asarray, rand_qkv(20, seed=3)), impl="reference")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(np.asarray(c), np.asarray(d), rtol=1e-12, atol=1e-14)
+  q, k, v = rand_qkv(20, seed=2)  # and with a live selection head the two differ
+  with jax.enable_x64(True):
+    live = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference")
+    plain = ops.attention(*map(jnp.asarray, (q, k, v)), impl="reference")
+  assert np.abs(np.asarray(live) - np.asarray(plain)).max() > 1e-3
+
+
+def test_causality_and_mask_structure():
+  q, k, v = (jnp.asarray(a, jnp.float32) for a in rand_qkv(16, seed=4))
+  out, f = ops.selective_attention(q, k, v, return_mask=True)
+  t = 9
+  q2, k2, v2 = (a.at[:, t].add(1.0) for a in (q, k, v))
+  out2, f2 = ops.selective_attention(q2, k2, v2, return_mask=True)
+  np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(out2[:, :t]))
+  np.testing.assert_array_equal(np.asarray(f[:, : t + 1]), np.asarray(f2[:, : t + 1]))  # row i uses rows < i
+  assert np.abs(np.asarray(out[:, t:] - out2[:, t:])).max() > 0
+  f = np.asarray(f)
+  assert (f >= 0).all() and (np.diff(f, axis=1) >= 0).all()  # F grows down the query axis
+  assert (f[:, :, 0] == 0).all() and (f[:, 0] == 0).all()  # BOS column and row 0
+
+
+def test_leaky_relu_variant_zeroes_the_future_first():
+  q, k, v = (jnp.asarray(a, jnp.float32) for a in rand_qkv(12, seed=5))
+  leaky = ops.selective_attention(q, k, v, relu_leak=0.1)
+  after = ops.selective_attention(q, k, v, relu_leak=1.0, relu_after_cumsum=True)
+  plain = ops.selective_attention(q, k, v)
+  assert np.isfinite(np.asarray(leaky)).all() and np.isfinite(np.asarray(after)).all()
+  assert np.abs(np.asarray(leaky - plain)).max() > 1e-4  # a live variant, not the original's accidental no-op
+  _, f = ops.selective_attention(q, k, v, relu_leak=1.0, relu_after_cumsum=True, return_mask=True)
+  assert np.asarray(f).max() > 0
+
+
+SCAN_LENGTHS = list(range(1, 10)) + [63, 64, 65, 127, 128, 129, 1000, 2047, 2048, 2049]
+
+
+@pytest.mark.parametrize("n", SCAN_LENGTHS)
+def test_blocked_scan_equals_cumsum_float64(n):
+  x = np.random.default_rng(n).exponential(size=(1, n, 5))
+  with jax.enable_x64(True):
+    got = np.asarray(kcumsum.exclusive_cumsum(jnp.asarray(x)))
+  want = np.concatenate([np.zeros((1, 1, 5)), np.cumsum(x, axis=1)[:, :-1]], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_blocked_scan_every_length_to_2049():
+  with jax.enable_x64(True):
+    for n in range(1, 2050):
+      x = np.random.default_rng(n).exponential(size=(1, n, 3))
+      want = np.concatenate([np.zeros((1, 1, 3)), np.cumsum(x, axis=1)[:, :-1]], axis=1)
+      np.testing.assert_allclose(np.asarray(kcumsum.exclusive_cumsum(jnp.asarray(x))), want, rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_long_scan_beats_a_sequential_sum():
+  """Heavy-tailed S at T = 4096: a left-to-right fp32 running sum drifts (selective.md §5.1); ours must not."""
+  x64 = np.random.default_rng(0).pareto(1.5, size=(1, 4096, 64)) * 3.0
+  want = np.concatenate([np.zeros((1, 1, 64)), np.cumsum(x64, axis=1)[:, :-1]], axis=1)
+  x32 = jnp.asarray(x64, jnp.float32)
+
+  def sequential(x):
+    def step(acc, row):
+      return acc + row, acc
+    return jax.lax.scan(step, jnp.zeros(x.shape[-1], jnp.float32), jnp.swapaxes(x[0], 0, 0))[1][None]
+
+  rel = lambda got: float(np.max(np.abs(np.asarray(got, np.float64) - want) / np.maximum(want, 1.0)))
+  err_seq = rel(jax.jit(sequential)(x32))
+  err_pallas = rel(kcumsum.exclusive_cumsum(x32))
+  err_xla = rel(selective.exclusive_cumsum(x32, impl="xla"))
+  print(f"max relative error vs float64: sequential fp32 {err_seq:.2e}, pallas {err_pallas:.2e}, xla {err_xla:.2e}")
+  assert err_pallas < err_seq / 3 and err_xla < err_seq / 3
+  assert err_pallas < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gradients_match_reference_vjp(impl):
+  q, k, v = rand_qkv(10, seed=6)
+  w = np.random.default_rng(7).normal(size=(2, 10, 3, 8))
+  loss = lambda impl_, dt: lambda q_, k_, v_: (ops.selective_attention(q_, k_, v_, impl=impl_) * w.astype(dt)).sum()
+  got = jax.grad(loss(impl, np.float32), argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  with jax.enable_x64(True):
+    want = jax.grad(loss("reference", np.float64), argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-4)
+
+
+def test_reference_gradient_matches_central_differences():
+  q, k, v = rand_qkv(6, H=2, D=4, B=1, seed=8)
+  w = np.random.default_rng(9).normal(size=(1, 6, 2, 4))
+  with jax.enable_x64(True):
+    f = lambda q_: float((ops.selective_attention(jnp.asarray(q_), jnp.asarray(k), jnp.asarray(v),
+                                                  impl="reference") * w).sum())
+    g = np.asarray(jax.grad(lambda q_: (ops.selective_attention(q_, jnp.asarray(k), jnp.asarray(v),
+                                                               impl="reference") * w).sum())(jnp.asarray(q)))
+    eps, num = 1e-6, np.zeros_like(q)
+    for idx in np.ndindex(q.shape):
+      d = np.zeros_like(q)
+      d[idx] = eps
+      num[idx] = (f(q + d) - f(q - d)) / (2 * eps)
+  np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+def test_scan_gradient_is_reverse_exclusive_cumsum():
+  g = np.random.default_rng(10).normal(size=(2, 37, 9))
+  with jax.enable_x64(True):
+    _, vjp = jax.vjp(kcumsum.exclusive_cumsum, jnp.zeros((2, 37, 9)))
+    got = np.asarray(vjp(jnp.asarray(g))[0])
+  want = np.flip(np.cumsum(np.flip(g, 1), 1), 1) - g  # dx[k] = sum_{i > k} g[i]
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_memory_penalties_on_a_hand_built_mask():
+  # T = 3; query row i sees keys j <= i. Saturation at tau = 1.
+  F = np.array([[[0.0, 0, 0], [0.5, 0, 0], [2.0, 1.0, 0]]])
+  # paper: M_i = i - sum_{j<=i} min(F, 1): M = [0, 0.5, 0]; max 0.5, divided by T = 3.
+  assert float(selective.memory_penalty_paper(jnp.asarray(F))) == pytest.approx(0.5 / 3)
+  # repo: FF_sum = [0, 0.5, 2]; mean((T-1) - FF_sum) / T = mean([2, 1.5, 0]) / 3.
+  assert float(selective.memory_penalty_repo(jnp.asarray(F))) == pytest.approx((3.5 / 3) / 3)
+
+
+def test_selective_model_with_memory_penalty_trains_a_step(tmp_path):
+  from dba_jax import train
+  c = tiny("standard", attn_kind="selective", memory_penalty="repo", scan_layers=False)
+  c.train.steps = 2
+  train.train(validate(c), str(tmp_path), quiet=True)
+  import json
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert all(r["loss"] == pytest.approx(r["ce"] + 0.1 * r["memory"], rel=1e-5) for r in rows)
+  assert all(0 < r["memory"] < 2 for r in rows)  # two layers of (T-1 - saturated)/T each
+
+
+def test_selective_model_is_causal_and_selection_is_live():
+  c = validate(tiny("standard", attn_kind="selective"))
+  params = model_lib.init_params(c.model, jax.random.key(0))
+  graphdef, _ = model_lib.abstract(c.model)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 12), 0, 256))
+  a = np.asarray(model_lib.Model(c.model, graphdef, params)(tokens))
+  changed = tokens.copy()
+  changed[:, 6] = (changed[:, 6] + 1) % 256
+  b = np.asarray(model_lib.Model(c.model, graphdef, params)(changed))
+  np.testing.assert_array_equal(a[:, :6], b[:, :6])
+  c.model.sel_disable = True
+  graphdef, _ = model_lib.abstract(c.model)
+  off = np.asarray(model_lib.Model(c.model, graphdef, params)(tokens))
+  assert np.abs(a - off).max() > 0  # the mask changes the logits
