@@ -46,6 +46,11 @@ def base_config() -> Config:
   m.sel_scan = "xla"  # reference | xla | pallas
   m.sel_scan_dtype = "float32"  # float32 | float64 (accumulation of F)
   m.sel_disable = False  # keep the selective module (materialised attention, init) but no F
+  m.sel_protection = "none"  # none | zero | head_two | linear_combo | linear_combo_head_two | leaky_relu | big_constant
+  m.sel_protection_scale = 1.0  # P *= scale
+  m.sel_protection_bias = 0.0  # P = ReLU(P + bias)
+  m.sel_leaky_alpha = 0.0  # leaky_relu protection: P = ReLU(-alpha * L_0 + bias)
+  m.sel_leaky_bias = 0.0
   m.memory_penalty = "none"  # none | paper | repo (the form the original code computed)
   m.memory_epsilon = 0.1
   m.memory_tau = 1.0
@@ -147,6 +152,12 @@ def validate(c: Config) -> Config:
     _one_of("model.sel_scan", m.sel_scan, ("reference", "xla", "pallas"))
     _one_of("model.sel_scan_dtype", m.sel_scan_dtype, ("float32", "float64"))
     _one_of("model.memory_penalty", m.memory_penalty, ("none", "paper", "repo"))
+    _one_of("model.sel_protection", m.sel_protection, ("none", "zero", "head_two", "linear_combo",
+                                                       "linear_combo_head_two", "leaky_relu", "big_constant"))
+    _need(m.sel_protection not in ("head_two", "linear_combo_head_two") or H >= 2,
+          f"model.sel_protection={m.sel_protection!r} reads head index 1 but n_heads={H}")
+    _need(m.sel_protection == "none" or m.sel_scan != "pallas",
+          "model.sel_protection runs on the XLA associative scan; set model.sel_scan='xla' or 'reference'")
     _need(0 <= m.sel_head < H, f"model.sel_head={m.sel_head} is not a head index (n_heads={H})")
     _need(K == H, f"selective attention needs n_kv_heads == n_heads; got {K} and {H}")
   else:

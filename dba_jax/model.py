@@ -121,14 +121,28 @@ class SelectiveAttention(StandardAttention):
 
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
     super().__init__(m, m.init_std, rngs)
+    H = m.n_heads
+    combo_w = combo_b = None
+    if m.sel_protection == "linear_combo":  # Linear(heads -> 1): N(0, 0.02) weights, zero bias
+      combo_w, combo_b = _normal(rngs, (H,), 0.02), jnp.zeros((), jnp.float32)
+    elif m.sel_protection == "linear_combo_head_two":  # one-hot on head 1; PyTorch's default-uniform bias
+      combo_w = jnp.zeros((H,), jnp.float32).at[1].set(1.0)
+      combo_b = jax.random.uniform(rngs.params(), (), jnp.float32, -H ** -0.5, H ** -0.5)
+    self.protect_w = nnx.Param(combo_w, axes=(None,)) if combo_w is not None else None
+    self.protect_b = nnx.Param(combo_b, axes=()) if combo_b is not None else None
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD):
     m = self.m
     impl = "reference" if m.attn_impl == "reference" else m.sel_scan
+    args = dict(leaky_alpha=m.sel_leaky_alpha, leaky_bias=m.sel_leaky_bias, scale=m.sel_protection_scale,
+                bias=m.sel_protection_bias)
+    if self.protect_w is not None:
+      args.update(combo_w=self.protect_w[...], combo_b=self.protect_b[...])
     o, f = selective.selective_attention(
         q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
         selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
-        scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, return_mask=True)
+        scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
+        protection_args=args, return_mask=True)
     if m.memory_penalty == "none":
       return o, jnp.zeros((), jnp.float32)
     return o, selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)

@@ -34,12 +34,18 @@ def selection_scores(logits_BTS, *, protect_bos=True, allow_self_mask=False, rel
   return jnp.where(keep, s, 0)
 
 
+def _check_x64(dtype):
+  if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("a float64 scan needs 64-bit JAX: set JAX_ENABLE_X64=1 (or use jax.enable_x64(True))")
+
+
 def exclusive_cumsum(s_TS, *, impl="xla", dtype=None):
   """F[..., i, j] = sum_{k < i} s[..., k, j], accumulated in `dtype` (default: at least float32).
 
   reference: jnp.cumsum in the input dtype (float64 in, float64 out); xla: log-depth associative scan;
   pallas: the blocked kernel in dba_kernels (triangular-matmul prefix within a block, carry across blocks)."""
   acc = jnp.promote_types(s_TS.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
+  _check_x64(acc)
   x = s_TS.astype(acc)
   if impl == "reference":
     inclusive = jnp.cumsum(x, axis=-2)
@@ -54,10 +60,110 @@ def exclusive_cumsum(s_TS, *, impl="xla", dtype=None):
 
 
 def selection_mask(logits_BTS, *, protect_bos=True, allow_self_mask=False, relu_leak=0.0, relu_after_cumsum=False,
-                   impl="xla", dtype=None):
+                   impl="xla", dtype=None, protection_BTS=None):
+  """F for one mask. With `protection_BTS`, F is the protect-and-attack damage instead of the plain cumsum."""
   s = selection_scores(logits_BTS, protect_bos=protect_bos, allow_self_mask=allow_self_mask, relu_leak=relu_leak)
-  f = exclusive_cumsum(s, impl=impl, dtype=dtype)
+  if protection_BTS is None:
+    f = exclusive_cumsum(s, impl=impl, dtype=dtype)
+  else:
+    acc = jnp.promote_types(s.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
+    _check_x64(acc)
+    damage = protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
+    f = jnp.concatenate([jnp.zeros_like(damage[..., :1, :]), damage[..., :-1, :]], axis=-2)
   return jax.nn.relu(f) if relu_after_cumsum else f
+
+
+# ------------------------------------------------------------------------------------- protect and attack
+#
+# Per key column, scanning queries t: the attack a_t = S[t, j] first spends the protection pool R (damage is
+# what the pool cannot absorb), then the pool gains p_t = P[t, j]; so protection from query t shields the key
+# only from later queries. F = accumulated damage (then shifted like the plain cumsum). With P = 0, F = cumsum(S).
+# Each turn is the map r -> U + ReLU(r - V) on the pool (damage ReLU(V - r)), with P rolled down one step,
+# u = ReLU(P'_t - a_t), v = ReLU(a_t - P'_t); composing two turns gives
+# (U1, V1) . (U2, V2) = (U2 + ReLU(U1 - V2), V1 + ReLU(V2 - U1)): associative, so a log-depth scan computes it.
+
+def _pa_combine(first, second):
+  u1, v1 = first
+  u2, v2 = second
+  return u2 + jax.nn.relu(u1 - v2), v1 + jax.nn.relu(v2 - u1)
+
+
+def _pa_forward(a_TS, p_TS):
+  """(damage V, pool U) after each turn, inclusive, along axis -2."""
+  p_prev = jnp.concatenate([jnp.zeros_like(p_TS[..., :1, :]), p_TS[..., :-1, :]], axis=-2)
+  u, v = jax.nn.relu(p_prev - a_TS), jax.nn.relu(a_TS - p_prev)
+  pool, damage = jax.lax.associative_scan(_pa_combine, (u, v), axis=a_TS.ndim - 2)
+  return damage, pool
+
+
+def _reverse_cumsum(x):
+  return jnp.flip(jax.lax.associative_scan(jnp.add, jnp.flip(x, -2), axis=x.ndim - 2), -2)
+
+
+def _first_flagged(flag, value):
+  """out[t] = value[e(t)] with e(t) the first k >= t where flag[k] (0 if none), along axis -2."""
+  def last_set_wins(a, b):  # on the reversed axis: the latest flagged element seen so far
+    fa, va = a
+    fb, vb = b
+    return fa | fb, jnp.where(fb, vb, va)
+
+  f, v = jax.lax.associative_scan(last_set_wins, (jnp.flip(flag, -2), jnp.flip(jnp.where(flag, value, 0), -2)),
+                                  axis=flag.ndim - 2)
+  return jnp.flip(jnp.where(f, v, 0), -2)
+
+
+@jax.custom_vjp
+def protect_and_attack(a_TS, p_TS):
+  """Accumulated damage D[t, j] >= 0 (inclusive of turn t) for attacks a and protections p, along axis -2."""
+  return _pa_forward(a_TS, p_TS)[0]
+
+
+def _pa_fwd(a_TS, p_TS):
+  damage, pool = _pa_forward(a_TS, p_TS)
+  return damage, (pool == 0,)
+
+
+def _pa_bwd(res, g_damage):
+  """Closed form (subgradient convention: a turn that empties the pool exactly counts as damage). With
+  R_t = sum_{k >= t} dH_k, H = -damage: dA_t = -R_{e(t)}, dP_t = R_{e(t+1)}, e(t) = first damaged turn >= t."""
+  (hit,) = res
+  r = _reverse_cumsum(-g_damage)  # gradients arrive for D = -H
+  g_at = _first_flagged(hit, r)
+  d_a = -g_at
+  d_p = jnp.concatenate([g_at[..., 1:, :], jnp.zeros_like(g_at[..., :1, :])], axis=-2)
+  return d_a, d_p
+
+
+protect_and_attack.defvjp(_pa_fwd, _pa_bwd)
+
+
+PROTECTIONS = ("none", "zero", "head_two", "linear_combo", "linear_combo_head_two", "leaky_relu", "big_constant")
+
+
+def protection_scores(kind, logits_BHTS, *, combo_w=None, combo_b=None, leaky_alpha=0.0, leaky_bias=0.0,
+                      scale=1.0, bias=0.0):
+  """P for a protection kind (selective.md §3.7) from the layer's scaled logits (future entries are zeroed
+  before any nonlinearity, so no -inf turns into +inf protection)."""
+  T, S = logits_BHTS.shape[-2:]
+  causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+  x = jnp.where(causal, logits_BHTS, 0)
+  if kind == "zero":
+    p = jnp.zeros_like(x[:, 0])
+  elif kind == "head_two":
+    p = jax.nn.relu(x[:, 1])
+  elif kind in ("linear_combo", "linear_combo_head_two"):
+    p = jnp.where(causal, jax.nn.relu(jnp.einsum("bhts,h->bts", x, combo_w.astype(x.dtype)) + combo_b), 0)
+  elif kind == "leaky_relu":
+    p = jax.nn.relu(-leaky_alpha * x[:, 0] + leaky_bias)
+  elif kind == "big_constant":
+    p = jnp.full_like(x[:, 0], 50.0)
+  else:
+    raise ValueError(f"protection kind {kind!r} is not one of {PROTECTIONS}")
+  if scale != 1.0:
+    p = p * scale
+  if bias != 0.0:
+    p = jax.nn.relu(p + bias)
+  return p
 
 
 def memory_penalty_paper(f_BTS, tau: float = 1.0):
@@ -84,11 +190,12 @@ MEMORY_PENALTIES = {"paper": memory_penalty_paper, "repo": memory_penalty_repo}
 
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
-                        disable_selection=False, return_mask=False):
+                        disable_selection=False, protection="none", protection_args=None, return_mask=False):
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
-  and a log-depth scan), pallas (as xla with the blocked Pallas scan). Returns out_BTHD, or (out, F_BTS)."""
+  and a log-depth scan), pallas (as xla with the blocked Pallas scan). `protection` picks a protect-and-attack
+  kind (PROTECTIONS; its keywords go in `protection_args`). Returns out_BTHD, or (out, F_BTS)."""
   B, T, H, D = q_BTHD.shape
   if k_BTHD.shape != (B, T, H, D) or v_BTHD.shape[:3] != (B, T, H):
     raise ValueError(f"selective attention needs q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
@@ -104,9 +211,10 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
   f = jnp.zeros((B, T, T), logits.dtype)
   if not disable_selection:
+    p = None if protection == "none" else protection_scores(protection, logits, **(protection_args or {}))
     f = selection_mask(logits[:, selection_head], protect_bos=protect_bos, allow_self_mask=allow_self_mask,
                        relu_leak=relu_leak, relu_after_cumsum=relu_after_cumsum,
-                       impl="reference" if impl == "reference" else impl, dtype=scan_dtype)
+                       impl="reference" if impl == "reference" else impl, dtype=scan_dtype, protection_BTS=p)
     logits = logits - f.astype(logits.dtype)[:, None]
   logits = jnp.where(causal, logits, -jnp.inf)  # after the subtraction: future entries stay exactly -inf
   probs = jax.nn.softmax(logits, axis=-1)

@@ -53,3 +53,12 @@ def test_dry_run_prints_params_and_exits_zero(variant, expected, tmp_path):
   assert f"params: {expected}" in out.stdout
   assert "mesh:" in out.stdout and "memory per device" in out.stdout
   assert not (tmp_path / "w").exists()  # a dry run writes nothing
+
+
+def test_selective_gpt2_presets():
+  # Selective attention is parameter-free: both 12-head variants have GPT-2 small's 124,475,904 parameters.
+  for v in ("selective", "unselective"):
+    assert model_lib.count_params(validate(load_preset("selective_gpt2.py", v)).model) == 124_475_904
+  # 13 heads with n_embd 768: q, k, v 768 -> 832 (+ biases) and out 832 -> 768 add 64-wide slices per layer.
+  extra = 12 * (3 * (768 * 64 + 64) + 64 * 768)
+  assert model_lib.count_params(validate(load_preset("selective_gpt2.py", "selective13")).model) == 124_475_904 + extra

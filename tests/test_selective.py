@@ -215,3 +215,103 @@ def test_selective_model_is_causal_and_selection_is_live():
   graphdef, _ = model_lib.abstract(c.model)
   off = np.asarray(model_lib.Model(c.model, graphdef, params)(tokens))
   assert np.abs(a - off).max() > 0  # the mask changes the logits
+
+
+# ----------------------------------------------------------------------------------------- protect and attack
+
+def sequential_protect_attack(a, p):
+  """The recurrence of selective.md §5.4, one column: attack first, then protection joins the pool."""
+  h, pool, out = 0.0, 0.0, []
+  for t in range(len(a)):
+    if pool - a[t] <= 0:
+      h, pool = h - (a[t] - pool), 0.0
+    else:
+      pool -= a[t]
+    out.append(h)
+    pool += p[t]
+  return np.array(out)
+
+
+def pa_grads(a, p):
+  """H = -damage; gradients of sum(H) (dH = 1) with respect to a and p."""
+  f = lambda a_, p_: -selective.protect_and_attack(a_, p_).sum()
+  return jax.grad(f, argnums=(0, 1))(jnp.asarray(a, jnp.float64)[:, None], jnp.asarray(p, jnp.float64)[:, None])
+
+
+@pytest.mark.parametrize("a,p,h,da,dp", [
+    ([1, 1, 10], [5, 0, 0], [-1, -1, -7], [-3, -1, -1], [1, 1, 0]),  # the original repository's test vectors
+    ([0, 1], [1, 0], [0, 0], [-2, -1], [1, 0]),
+    ([0.5, 2, 1, 3], [0, 0, 0, 0], [-0.5, -2.5, -3.5, -6.5], [-4, -3, -2, -1], [3, 2, 1, 0]),  # P = 0: cumsum
+    ([0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [-4, 0, 0, 0], [0, 0, 0, 0]),  # A = 0: no damage ever
+])
+def test_protect_and_attack_vectors(a, p, h, da, dp):
+  with jax.enable_x64(True):
+    got_h = -np.asarray(selective.protect_and_attack(jnp.asarray(a, jnp.float64)[:, None],
+                                                     jnp.asarray(p, jnp.float64)[:, None]))[:, 0]
+    ga, gp = pa_grads(a, p)
+  np.testing.assert_array_equal(got_h, h)
+  np.testing.assert_array_equal(np.asarray(ga)[:, 0], da)
+  np.testing.assert_array_equal(np.asarray(gp)[:, 0], dp)
+
+
+def test_protect_and_attack_scan_equals_recurrence():
+  rng = np.random.default_rng(11)
+  a = rng.exponential(size=(40, 1000)) * (rng.random((40, 1000)) < 0.4)
+  p = rng.exponential(size=(40, 1000)) * (rng.random((40, 1000)) < 0.3)
+  with jax.enable_x64(True):
+    got = -np.asarray(selective.protect_and_attack(jnp.asarray(a), jnp.asarray(p)))
+  want = np.stack([sequential_protect_attack(a[:, j], p[:, j]) for j in range(1000)], axis=1)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_protect_and_attack_gradient_matches_central_differences():
+  rng = np.random.default_rng(12)
+  a, p = rng.exponential(size=8) + 0.1, rng.exponential(size=8) * 0.8  # generic point: no exact ties
+  w = rng.normal(size=8)
+  with jax.enable_x64(True):
+    f = lambda a_, p_: float((selective.protect_and_attack(jnp.asarray(a_)[:, None], jnp.asarray(p_)[:, None])[:, 0]
+                              * w).sum())
+    ga, gp = jax.grad(lambda a_, p_: (selective.protect_and_attack(a_[:, None], p_[:, None])[:, 0] * w).sum(),
+                      argnums=(0, 1))(jnp.asarray(a), jnp.asarray(p))
+    eps = 1e-7
+    for x, g, which in ((a, ga, 0), (p, gp, 1)):
+      num = np.zeros(8)
+      for i in range(8):
+        d = np.zeros(8)
+        d[i] = eps
+        args_plus = (a + d, p) if which == 0 else (a, p + d)
+        args_minus = (a - d, p) if which == 0 else (a, p - d)
+        num[i] = (f(*args_plus) - f(*args_minus)) / (2 * eps)
+      np.testing.assert_allclose(np.asarray(g), num, rtol=1e-6, atol=1e-6)
+
+
+def test_protection_kinds_in_the_op():
+  q, k, v = rand_qkv(24, seed=13)
+  with jax.enable_x64(True):
+    args = lambda: map(jnp.asarray, (q, k, v))
+    none, f_none = ops.selective_attention(*args(), impl="reference", return_mask=True)
+    zero, f_zero = ops.selective_attention(*args(), impl="reference", protection="zero", return_mask=True)
+    _, f_big = ops.selective_attention(*args(), impl="reference", protection="big_constant", return_mask=True)
+    _, f_two = ops.selective_attention(*args(), impl="reference", protection="head_two", return_mask=True)
+  np.testing.assert_allclose(np.asarray(zero), np.asarray(none), rtol=1e-12, atol=1e-14)  # P = 0 is the cumsum
+  np.testing.assert_allclose(np.asarray(f_zero), np.asarray(f_none), rtol=1e-12, atol=1e-12)
+  assert np.asarray(f_big).max() == 0  # protection 50 outlasts every attack here: nothing is masked
+  f_two, f_none = np.asarray(f_two), np.asarray(f_none)
+  assert (f_two <= f_none + 1e-12).all() and (f_two < f_none - 1e-6).any()  # protection only ever shields
+
+
+@pytest.mark.parametrize("kind", ["linear_combo", "linear_combo_head_two", "head_two", "leaky_relu"])
+def test_protected_selective_model_trains(tmp_path, kind):
+  from dba_jax import train
+  c = tiny("standard", attn_kind="selective", sel_protection=kind, sel_leaky_alpha=0.5, sel_leaky_bias=0.1)
+  c.train.steps = 2
+  train.train(validate(c), str(tmp_path), quiet=True)
+  rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+
+
+def test_scan_dtype_float64_requires_x64():
+  with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
+    selective.exclusive_cumsum(jnp.ones((4, 4)), dtype="float64")
+  with jax.enable_x64(True):
+    assert selective.exclusive_cumsum(jnp.ones((4, 4), jnp.float32), dtype="float64").dtype == jnp.float64
