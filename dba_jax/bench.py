@@ -3,6 +3,8 @@
   dba-bench --config=configs/quickstart.py:dba [--config.x=...] [--steps 20] [--ckpt-every 5]
             [--devices 8 --meshes 8,1,1 2,4,1 2,2,2 1,1,8] [--peak-tflops 989] [--out bench.json]
 
+  dba-bench attention [--seq 256 512 1024 2048 4096] [--heads 4] [--head-dim 64] [--out attn.json]
+
 `--devices N` simulates N CPU devices (it sets XLA_FLAGS before JAX starts). Model FLOPs count 6 x (matmul
 parameters) per token plus attention, causal-halved as MaxText does; MFU = model FLOP/s / peak (given, or
 known for H100/H200: 989 TFLOP/s dense bf16).
@@ -64,8 +66,73 @@ def time_steps(c, mesh_shape, steps: int, ckpt_every: int, devices=None) -> dict
           "tokens_per_s": t.batch_size * c.data.seq_len / step_s}
 
 
+def _timed(fn, *args, repeats=3):
+  """(median seconds after compilation, compiled temp bytes: XLA's scratch-buffer high-water mark)."""
+  import jax
+  import numpy as np
+  jitted = jax.jit(fn)
+  compiled = jitted.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), temp
+
+
+def attention_main(argv) -> int:
+  """Forward+backward time and scratch memory of standard vs selective attention, and of the F scans."""
+  p = argparse.ArgumentParser(prog="dba-bench attention")
+  p.add_argument("--seq", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+
+  from dba_jax import ops, selective
+  from dba_kernels import cumsum as kcumsum
+  rows = []
+
+  def record(name, T, fn, *xs):
+    sec, temp = _timed(fn, *xs, repeats=args.repeats)
+    rows.append({"op": name, "T": T, "ms": 1e3 * sec, "temp_bytes": temp})
+    mib = f"{temp / 2**20:10.1f} MiB" if temp is not None else "       n/a"
+    print(f"{name:<34} T={T:<5} {1e3 * sec:10.1f} ms  scratch {mib}", flush=True)
+
+  for T in args.seq:
+    key = jax.random.key(T)
+    q, k, v = (jax.random.normal(kk, (1, T, args.heads, args.head_dim), jnp.float32) for kk in jax.random.split(key, 3))
+    grad = lambda f: jax.grad(lambda q_, k_, v_: f(q_, k_, v_).sum(), argnums=(0, 1, 2))
+    record("standard xla fwd+bwd", T, grad(lambda *a: ops.attention(*a, impl="xla")), q, k, v)
+    for impl in ("xla", "pallas"):
+      record(f"selective {impl} fwd+bwd", T, grad(lambda *a, i=impl: ops.selective_attention(*a, impl=i)), q, k, v)
+    s = jax.nn.relu(jax.random.normal(key, (1, T, T), jnp.float32))
+    scan_grad = lambda f: jax.grad(lambda x: (f(x) * x).sum())
+    record("cumsum xla fp32 fwd+bwd", T, scan_grad(lambda x: selective.exclusive_cumsum(x, impl="xla")), s)
+    record("cumsum pallas fp32 fwd+bwd", T, scan_grad(kcumsum.exclusive_cumsum), s)
+    record("protect-attack fp32 fwd+bwd", T, scan_grad(lambda x: selective.protect_and_attack(x, 0.5 * x)), s)
+    with jax.enable_x64(True):
+      s64 = s.astype(jnp.float64)
+      record("cumsum xla fp64 fwd+bwd", T, scan_grad(lambda x: selective.exclusive_cumsum(x, impl="xla")), s64)
+      record("protect-attack fp64 fwd+bwd", T, scan_grad(lambda x: selective.protect_and_attack(x, 0.5 * x)), s64)
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "heads": args.heads, "head_dim": args.head_dim, "rows": rows}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "attention":
+    return attention_main(argv[1:])
   p = argparse.ArgumentParser(prog="dba-bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")

@@ -64,6 +64,11 @@ def cross_entropy(logits_BTV, targets_BT, vocab_size: int):
   return nll.mean()
 
 
+def _with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry their target shardings (what Orbax restores into)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 class Trainer:
   """Builds the model, shardings and jitted steps for one config on one mesh."""
 
@@ -80,8 +85,7 @@ class Trainer:
     # Optimizer moments mirror the params' sharding; scalars (counts) are replicated.
     self.opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
                                                transform_non_params=lambda _: mesh_lib.replicated(mesh))
-    self.abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     abstract_opt, self.opt_shardings)
+    self.abstract_opt = _with_shardings(abstract_opt, self.opt_shardings)
     self.batch_sharding = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
     self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep,
@@ -124,13 +128,14 @@ class Trainer:
       return new, metrics
 
     self.loss_fn = loss_fn
-    accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
-    self.accum_sharding = accum_sharding
-    self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_shardings, accum_sharding),
+    # Batches arrive as [grad_accum, batch, T + 1]: the micro-batch axis is not sharded.
+    self.accum_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
+    self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_shardings, self.accum_sharding),
                                   out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.train_step = self._under_mesh(self.train_step_jit)
-    self.eval_step = self._under_mesh(jax.jit(lambda *a: loss_fn(*a)[1]["ce"], in_shardings=(self.param_shardings, self.batch_sharding,
-                                                                      None), out_shardings=rep))
+    eval_ce = lambda *args: loss_fn(*args)[1]["ce"]
+    self.eval_step = self._under_mesh(jax.jit(eval_ce, in_shardings=(self.param_shardings, self.batch_sharding, None),
+                                              out_shardings=rep))
 
   def _under_mesh(self, fn):
     """Trace and run under the mesh so the model's activation constraints (mesh.constrain) take effect."""
@@ -155,8 +160,7 @@ class Trainer:
             "nonfinite": jax.device_put(jnp.asarray(nonfinite, jnp.int32), rep)}
 
   def abstract_params_sharded(self):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_params, self.param_shardings)
+    return _with_shardings(self.abstract_params, self.param_shardings)
 
   def evaluate(self, params, batches_NBT1) -> float:
     key = jax.random.key(0)

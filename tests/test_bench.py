@@ -28,3 +28,15 @@ def test_bench_runs_on_a_mesh_and_writes_its_report(tmp_path):
   for r in report["rows"]:
     assert r["step_ms"] > 0 and abs(r["tokens_per_s"] - 8 * 32 / (r["step_ms"] / 1e3)) < 1e-6 * r["tokens_per_s"]
     assert r["mfu"] == report["flops_per_token"] * r["tokens_per_s"] / (1e12 * 8)
+
+
+def test_attention_bench_reports_every_op(tmp_path):
+  out = tmp_path / "attn.json"
+  assert bench.main(["attention", "--seq", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["op"] for r in rows} == {
+      "standard xla fwd+bwd", "selective xla fwd+bwd", "selective pallas fwd+bwd", "cumsum xla fp32 fwd+bwd",
+      "cumsum pallas fp32 fwd+bwd", "protect-attack fp32 fwd+bwd", "cumsum xla fp64 fwd+bwd",
+      "protect-attack fp64 fwd+bwd"}
+  assert all(r["T"] == 64 and r["ms"] > 0 for r in rows)
