@@ -46,6 +46,9 @@ def base_config() -> Config:
   m.sel_scan = "xla"  # reference | xla | pallas
   m.sel_scan_dtype = "float32"  # float32 | float64 (accumulation of F)
   m.sel_disable = False  # keep the selective module (materialised attention, init) but no F
+  m.sel_mask_heads = 0  # m > 0: m extra heads only select (1: none_with_no_head, 2: two_masks, n_heads: one per head)
+  m.sel_combo = "none"  # none | with_head_zero | with_head_zero_and_bias: S from a linear mix of all heads' logits
+  m.sel_combo_lr_scale = 1.0  # lr multiplier of the mix's weights (never weight-decayed)
   m.sel_protection = "none"  # none | zero | head_two | linear_combo | linear_combo_head_two | leaky_relu | big_constant
   m.sel_protection_scale = 1.0  # P *= scale
   m.sel_protection_bias = 0.0  # P = ReLU(P + bias)
@@ -156,6 +159,13 @@ def validate(c: Config) -> Config:
                                                        "linear_combo_head_two", "leaky_relu", "big_constant"))
     _need(m.sel_protection not in ("head_two", "linear_combo_head_two") or H >= 2,
           f"model.sel_protection={m.sel_protection!r} reads head index 1 but n_heads={H}")
+    _one_of("model.sel_combo", m.sel_combo, ("none", "with_head_zero", "with_head_zero_and_bias"))
+    _need(m.sel_mask_heads >= 0, f"model.sel_mask_heads={m.sel_mask_heads} must be >= 0")
+    _need(m.sel_combo == "none" or m.sel_mask_heads == 0, "model.sel_combo and model.sel_mask_heads exclude each other")
+    _need(m.memory_penalty == "none" or (m.sel_mask_heads == 0 and m.sel_combo == "none"),
+          "model.memory_penalty applies to the default single-head selection only (as in the original)")
+    _need(m.sel_protection == "none" or m.sel_mask_heads == 0,
+          "model.sel_protection applies to single-mask selection; set model.sel_mask_heads=0")
     _need(m.sel_protection == "none" or m.sel_scan != "pallas",
           "model.sel_protection runs on the XLA associative scan; set model.sel_scan='xla' or 'reference'")
     _need(0 <= m.sel_head < H, f"model.sel_head={m.sel_head} is not a head index (n_heads={H})")

@@ -90,18 +90,20 @@ class StandardAttention(nnx.Module):
   """MHA / GQA / bottleneck (attn_dim < d_model). q, k, v are separate kernels so tensor parallelism splits
   whole heads; PyTorch's fused [q | k | v] weight is split on conversion."""
 
-  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
+  def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs, extra_heads: int = 0):
     self.m = m
     self.H, self.K = m.n_heads, kv_heads(m)
     self.D = attn_dim(m) // self.H
+    # Selective attention's dedicated selection heads add q/k/v heads whose outputs never reach `out`.
+    self.Hp, self.Kp = self.H + extra_heads, self.K + extra_heads
     lin = lambda n, axes: Linear(m.d_model, n * self.D, axes, bias=m.bias, std=m.init_std, rngs=rngs)
-    self.q, self.k, self.v = lin(self.H, ("embed", "heads")), lin(self.K, ("embed", "kv_heads")), \
-        lin(self.K, ("embed", "kv_heads"))
+    self.q, self.k, self.v = lin(self.Hp, ("embed", "heads")), lin(self.Kp, ("embed", "kv_heads")), \
+        lin(self.Kp, ("embed", "kv_heads"))
     self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
 
   def __call__(self, x_BTd, positions_T):
     B, T, _ = x_BTd.shape
-    H, K, D = self.H, self.K, self.D
+    H, K, D = self.Hp, self.Kp, self.D
     q_BTHD = constrain(self.q(x_BTd).reshape(B, T, H, D), ACT_HEADS)
     k_BTKD = constrain(self.k(x_BTd).reshape(B, T, K, D), ACT_HEADS)
     v_BTKD = constrain(self.v(x_BTd).reshape(B, T, K, D), ACT_HEADS)
@@ -109,7 +111,7 @@ class StandardAttention(nnx.Module):
       q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
     o_BTHD, aux = self.attend(q_BTHD, k_BTKD, v_BTKD)
-    return self.out(o_BTHD.reshape(B, T, H * D)), aux
+    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD):
     return ops.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.m.attn_impl), jnp.zeros((), jnp.float32)
@@ -120,8 +122,15 @@ class SelectiveAttention(StandardAttention):
   memory penalty when one is configured. Like the original, its out projection keeps the plain init std."""
 
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
-    super().__init__(m, m.init_std, rngs)
-    H = m.n_heads
+    super().__init__(m, m.init_std, rngs, extra_heads=m.sel_mask_heads)
+    H = self.Hp
+    # "with_head_zero": Linear(heads -> 1) over all heads' logits, one-hot on head 0 (= the default at init);
+    # "_and_bias" adds a bias with PyTorch's default-uniform init, as the original's early return left it.
+    combo = m.sel_combo != "none"
+    bias = jax.random.uniform(rngs.params(), (), jnp.float32, -H ** -0.5, H ** -0.5) \
+        if m.sel_combo == "with_head_zero_and_bias" else jnp.zeros((), jnp.float32)
+    self.sel_combo_w = nnx.Param(jnp.zeros((H,), jnp.float32).at[0].set(1.0), axes=(None,)) if combo else None
+    self.sel_combo_b = nnx.Param(bias, axes=()) if combo else None
     combo_w = combo_b = None
     if m.sel_protection == "linear_combo":  # Linear(heads -> 1): N(0, 0.02) weights, zero bias
       combo_w, combo_b = _normal(rngs, (H,), 0.02), jnp.zeros((), jnp.float32)
@@ -142,7 +151,8 @@ class SelectiveAttention(StandardAttention):
         q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
         selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
         scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
-        protection_args=args, return_mask=True)
+        protection_args=args, selection_heads=m.sel_mask_heads, return_mask=True,
+        combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]))
     if m.memory_penalty == "none":
       return o, jnp.zeros((), jnp.float32)
     return o, selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)

@@ -188,14 +188,29 @@ def memory_penalty_repo(f_BTS, tau: float = 1.0):
 MEMORY_PENALTIES = {"paper": memory_penalty_paper, "repo": memory_penalty_repo}
 
 
+def mask_assignment(n_masks: int, n_heads: int) -> list[int]:
+  """Which mask each attending head uses: blocks of n_heads // n_masks heads per mask (repeat-interleave),
+  the remainder wrapping to the first masks, as the original code did."""
+  per = n_heads // n_masks
+  return [i // per for i in range(per * n_masks)] + list(range(n_heads % n_masks))
+
+
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
-                        disable_selection=False, protection="none", protection_args=None, return_mask=False):
+                        disable_selection=False, protection="none", protection_args=None, selection_heads=0,
+                        combo=None, return_mask=False):
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
   and a log-depth scan), pallas (as xla with the blocked Pallas scan). `protection` picks a protect-and-attack
-  kind (PROTECTIONS; its keywords go in `protection_args`). Returns out_BTHD, or (out, F_BTS)."""
+  kind (PROTECTIONS; its keywords go in `protection_args`).
+
+  Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
+  `selection_heads=m > 0`: the first m heads only select (m masks, assigned to the other H - m heads by
+  `mask_assignment`; their values are dropped, so the output has H - m heads): m = 1 is "none_with_no_head",
+  2 "two_masks", H/2 "one_mask_per_head". `combo=(w_H, b)`: S comes from sum_h w_h L_h + b over all heads'
+  (causally zeroed) logits, the "with_head_zero" linear combination. Returns out, or (out, F [B, masks, T, S])
+  with masks = max(m, 1)."""
   B, T, H, D = q_BTHD.shape
   if k_BTHD.shape != (B, T, H, D) or v_BTHD.shape[:3] != (B, T, H):
     raise ValueError(f"selective attention needs q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
@@ -209,15 +224,34 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   else:
     logits = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTHD, preferred_element_type=jnp.float32) * jnp.float32(scale)
   causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
-  f = jnp.zeros((B, T, T), logits.dtype)
+  m = selection_heads
+  if not 0 <= m < H:
+    raise ValueError(f"selection_heads={m} must leave at least one attending head (H={H})")
+  if combo is not None:
+    w_H, b = combo
+    source = jnp.einsum("bhts,h->bts", jnp.where(causal, logits, 0), w_H.astype(logits.dtype)) + b
+    sources = source[:, None]
+  elif m:
+    sources = logits[:, :m]
+  else:
+    sources = logits[:, selection_head:selection_head + 1]
+  f = jnp.zeros((B, sources.shape[1], T, T), logits.dtype)
   if not disable_selection:
     p = None if protection == "none" else protection_scores(protection, logits, **(protection_args or {}))
-    f = selection_mask(logits[:, selection_head], protect_bos=protect_bos, allow_self_mask=allow_self_mask,
+    f = selection_mask(sources, protect_bos=protect_bos, allow_self_mask=allow_self_mask,
                        relu_leak=relu_leak, relu_after_cumsum=relu_after_cumsum,
-                       impl="reference" if impl == "reference" else impl, dtype=scan_dtype, protection_BTS=p)
-    logits = logits - f.astype(logits.dtype)[:, None]
+                       impl="reference" if impl == "reference" else impl, dtype=scan_dtype,
+                       protection_BTS=None if p is None else p[:, None])
+  if m:
+    logits, v_BTHD = logits[:, m:], v_BTHD[:, :, m:]
+    f_heads = f[:, jnp.asarray(mask_assignment(f.shape[1], H - m))] if f.shape[1] > 1 else f
+  else:
+    f_heads = f
+  if not disable_selection:
+    logits = logits - f_heads.astype(logits.dtype)
   logits = jnp.where(causal, logits, -jnp.inf)  # after the subtraction: future entries stay exactly -inf
   probs = jax.nn.softmax(logits, axis=-1)
+  f = f if f.shape[1] > 1 or m else f[:, 0]
   if impl == "reference":
     out = jnp.einsum("bhts,bshe->bthe", probs, v_BTHD, precision=jax.lax.Precision.HIGHEST)
   else:

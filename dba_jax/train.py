@@ -37,19 +37,33 @@ def lr_schedule(o: Config, total_steps: int):
   return fn
 
 
-def decay_mask(o: Config, axes_tree):
-  """True where weight decay applies: every parameter, or those with >= 2 non-layer axes."""
+# Parameters with their own optimizer group: (lr multiplier from the model config, never weight-decayed).
+OWN_GROUPS = {"sel_combo_w": "sel_combo_lr_scale", "sel_combo_b": "sel_combo_lr_scale"}
+
+
+def _by_path(axes_tree, fn):
+  """A tree like the params with fn(parameter name, logical axes) at each leaf."""
   is_axes = lambda x: isinstance(x, tuple)
-  if o.decay == "all":
-    return jax.tree.map(lambda _: True, axes_tree, is_leaf=is_axes)
-  return jax.tree.map(lambda ax: sum(a != "layers" for a in ax) >= 2, axes_tree, is_leaf=is_axes)
+  return jax.tree_util.tree_map_with_path(lambda path, ax: fn(str(path[-1].key), ax), axes_tree, is_leaf=is_axes)
+
+
+def decay_mask(o: Config, axes_tree):
+  """True where weight decay applies: every parameter, or those with >= 2 non-layer axes; never own groups."""
+  matrix = lambda ax: o.decay == "all" or sum(a != "layers" for a in ax) >= 2
+  return _by_path(axes_tree, lambda name, ax: name not in OWN_GROUPS and matrix(ax))
 
 
 def make_optimizer(c: Config, axes_tree):
   o = c.optim
   adamw = optax.adamw(lr_schedule(o, c.train.steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                       mask=decay_mask(o, axes_tree))
-  return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+  parts.append(adamw)
+  scales = _by_path(axes_tree, lambda name, _: float(c.model[OWN_GROUPS[name]]) if name in OWN_GROUPS else 1.0)
+  if any(s != 1.0 for s in jax.tree.leaves(scales)):
+    parts.append(optax.GradientTransformation(
+        lambda _: optax.EmptyState(), lambda u, st, p=None: (jax.tree.map(lambda g, k: g * k, u, scales), st)))
+  return optax.chain(*parts) if len(parts) > 1 else adamw
 
 
 # ---------------------------------------------------------------------------------------------------- steps

@@ -315,3 +315,57 @@ def test_scan_dtype_float64_requires_x64():
     selective.exclusive_cumsum(jnp.ones((4, 4)), dtype="float64")
   with jax.enable_x64(True):
     assert selective.exclusive_cumsum(jnp.ones((4, 4), jnp.float32), dtype="float64").dtype == jnp.float64
+
+
+# ----------------------------------------------------------------------------------------- selection sources
+
+def test_mask_assignment_blocks_and_wraps():
+  assert selective.mask_assignment(2, 5) == [0, 0, 1, 1, 0]  # two_masks with an odd head count
+  assert selective.mask_assignment(1, 4) == [0, 0, 0, 0]
+  assert selective.mask_assignment(4, 4) == [0, 1, 2, 3]  # one mask per head
+  assert selective.mask_assignment(3, 7) == [0, 0, 1, 1, 2, 2, 0]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_dedicated_selection_heads_match_loops(m):
+  """m selection-only heads: attending head m+i uses mask assignment[i]; selection heads' values are dropped."""
+  H = 5
+  q, k, v = rand_qkv(9, H=H, seed=14)
+  with jax.enable_x64(True):
+    got = np.asarray(ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference", selection_heads=m))
+  assert got.shape == (2, 9, H - m, 8)
+  assign = selective.mask_assignment(m, H - m)
+  for b in range(2):
+    for i, mask in enumerate(assign):
+      want = loop_selective(q[b], k[b], v[b], head=mask)[0][:, m + i]
+      np.testing.assert_allclose(got[b, :, i], want, rtol=1e-10, atol=1e-12)
+
+
+def test_with_head_zero_combo_at_init_is_the_default_mode():
+  q, k, v = rand_qkv(11, seed=15)
+  w = jnp.zeros(3).at[0].set(1.0)
+  with jax.enable_x64(True):
+    a = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference", combo=(w.astype(jnp.float64), 0.0))
+    b = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference")
+    c = ops.selective_attention(*map(jnp.asarray, (q, k, v)), impl="reference",
+                                combo=(jnp.asarray([0.5, 0.3, 0.2]), 0.1))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+  assert np.abs(np.asarray(c) - np.asarray(b)).max() > 1e-4
+
+
+def test_selection_head_params_and_own_lr_group():
+  from dba_jax import mesh as mesh_lib, train
+  c = validate(tiny("standard", attn_kind="selective", sel_mask_heads=2))
+  shapes = jax.tree.map(lambda a: a.shape, model_lib.init_params(c.model, jax.random.key(0)))["blocks"]["attn"]
+  assert shapes["q"]["kernel"] == (2, 32, 6 * 8) and shapes["out"]["kernel"] == (2, 4 * 8, 32)  # 4 + 2 heads
+  c = validate(tiny("standard", attn_kind="selective", sel_combo="with_head_zero_and_bias", sel_combo_lr_scale=0.0))
+  c.optim.weight_decay = 0.5
+  trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = trainer.init_state(0)
+  before = jax.device_get(state["params"])
+  batch = np.asarray(jax.random.randint(jax.random.key(2), (1, 8, c.data.seq_len + 1), 0, 256))
+  state, _ = trainer.train_step(state, mesh_lib.global_batch(batch, trainer.accum_sharding, 1))
+  after = jax.device_get(state["params"])["blocks"]["attn"]
+  np.testing.assert_array_equal(after["sel_combo_w"], before["blocks"]["attn"]["sel_combo_w"])  # lr x 0, no decay
+  np.testing.assert_array_equal(after["sel_combo_b"], before["blocks"]["attn"]["sel_combo_b"])
+  assert not np.array_equal(after["q"]["kernel"], before["blocks"]["attn"]["q"]["kernel"])
