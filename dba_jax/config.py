@@ -103,6 +103,9 @@ def base_config() -> Config:
   t.ckpt_every = 500
   t.keep_ckpts = 3
   t.async_ckpt = True
+  t.init_from = ""  # a dba_jax workdir or checkpoint dir: start from its params (fresh optimizer)
+  t.surgery = "none"  # none | add_head_start | add_head_end (applied to init_from's params)
+  t.surgery_init = "ko_zero"  # normal | zero | k_zero | ko_zero | o_zero | o_rescaled
   t.nonfinite = "stop"  # on a NaN/inf loss or gradient: stop (last good checkpoint kept) | skip the batch
 
   c.mesh = Config()
@@ -211,5 +214,8 @@ def validate(c: Config) -> Config:
   for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     _need(t[key] > 0, f"train.{key}={t[key]} must be positive")
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+  _one_of("train.surgery", t.surgery, ("none", "add_head_start", "add_head_end"))
+  _one_of("train.surgery_init", t.surgery_init, ("normal", "zero", "k_zero", "ko_zero", "o_zero", "o_rescaled"))
+  _need(t.surgery == "none" or bool(t.init_from), "train.surgery needs train.init_from (the model to operate on)")
   _need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   return c

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from dba_jax import ckpt, data, mesh as mesh_lib, model as model_lib
-from dba_jax.config import Config, ConfigError, padded_vocab, validate
+from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
 
 # ------------------------------------------------------------------------------------------------- optimizer
 
@@ -293,6 +293,25 @@ class _Preemption:
     return self.flag
 
 
+def initial_params(c: Config, trainer: Trainer):
+  """train.init_from's parameters, after train.surgery, placed with this run's shardings (optimizer fresh)."""
+  from dba_jax import loading, surgery
+  t = c.train
+  params = loading.load_model(t.init_from)[0].params
+  if t.surgery != "none":
+    head_dim = attn_dim(c.model) // c.model.n_heads
+    params = surgery.add_head(params, head_dim, at=t.surgery.removeprefix("add_head_"), init=t.surgery_init,
+                              key=jax.random.fold_in(jax.random.key(t.seed), 2))
+  have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {jax.tree_util.keystr(p): x.shape for p, x in
+          jax.tree_util.tree_flatten_with_path(trainer.abstract_params)[0]}
+  bad = [f"{k}: init_from {have.get(k, 'absent')} vs model {want.get(k, 'absent')}"
+         for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+  if bad:
+    raise ckpt.CheckpointMismatch(f"train.init_from={t.init_from} does not fit this model:\n  " + "\n  ".join(bad))
+  return jax.device_put(params, trainer.param_shardings)
+
+
 def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()) -> dict:
   """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s).
 
@@ -321,6 +340,8 @@ def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()
     it.set_state(meta["data"])
   else:
     latest, state = None, trainer.init_state(t.seed)
+    if t.init_from:
+      state["params"] = initial_params(c, trainer)
   lead = jax.process_index() == 0
   if lead:
     for name in ("metrics.jsonl", "eval.jsonl"):
