@@ -39,3 +39,54 @@ def table(rows: list[dict]) -> str:
     lines.append(f"| {r['run']} | {r['attn']} | {r['params']:,} | {r['val_loss']:.4f} | "
                  f"{math.exp(min(r['val_loss'], 50)):.2f} | {kv} | {r['tokens_per_s']:,.0f} |")
   return "\n".join(lines)
+
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def loss_curves_svg(workdirs: list[str], path: str, width: int = 720, height: int = 420):
+  """Train (thin) and validation (thick, dotted) loss against step for each run, as a dependency-free SVG."""
+  series = []
+  for w in workdirs:
+    def rows(name, key):
+      p = os.path.join(w, name)
+      if not os.path.exists(p):
+        return []
+      with open(p) as f:
+        return [(r["step"], r[key]) for r in map(json.loads, f) if math.isfinite(r.get(key, float("nan")))]
+    series.append((os.path.basename(w.rstrip("/")), rows("metrics.jsonl", "loss"), rows("eval.jsonl", "eval_loss")))
+  points = [p for _, tr, ev in series for p in tr + ev]
+  if not points:
+    return
+  left, right, top, bottom = 60, 150, 20, 40
+  x_max = max(s for s, _ in points)
+  y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
+  y_hi = y_lo + 1e-9 if y_hi <= y_lo else y_hi
+  sx = lambda s: left + (width - left - right) * s / max(x_max, 1)
+  sy = lambda v: top + (height - top - bottom) * (y_hi - v) / (y_hi - y_lo)
+  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+         f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+         f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+         f'<text x="{(width - right + left) / 2}" y="{height - 8}" text-anchor="middle">step</text>',
+         f'<text x="14" y="{(height - bottom + top) / 2}" transform="rotate(-90 14 {(height - bottom + top) / 2})" '
+         f'text-anchor="middle">loss (nats/token)</text>']
+  for i in range(5):
+    v = y_lo + (y_hi - y_lo) * i / 4
+    out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    s = x_max * i / 4
+    out.append(f'<text x="{sx(s):.1f}" y="{height - bottom + 16}" text-anchor="middle">{s:.0f}</text>')
+  for k, (name, train_pts, eval_pts) in enumerate(series):
+    color = COLORS[k % len(COLORS)]
+    for pts, style in ((train_pts, 'stroke-width="1.2"'), (eval_pts, 'stroke-width="2.5" stroke-dasharray="4 3"')):
+      if pts:
+        line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts)
+        out.append(f'<polyline points="{line}" fill="none" stroke="{color}" {style}/>')
+    y = top + 18 * k + 10
+    out.append(f'<line x1="{width - right + 10}" y1="{y}" x2="{width - right + 30}" y2="{y}" stroke="{color}" '
+               f'stroke-width="2.5"/><text x="{width - right + 36}" y="{y + 4}">{name}</text>')
+  out.append(f'<text x="{width - right + 10}" y="{top + 18 * len(series) + 14}" fill="#555">thin: train</text>')
+  out.append(f'<text x="{width - right + 10}" y="{top + 18 * len(series) + 30}" fill="#555">dashed: val</text>')
+  out.append("</svg>")
+  with open(path, "w") as f:
+    f.write("\n".join(out))

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -15,10 +14,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location("quickstart_config", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  from dba_jax.main import parse_flags
+  return parse_flags(["quickstart", f"--config={CONFIG}:{variant}"]).config
 
 
 def main(argv=None) -> int:
@@ -38,7 +35,10 @@ def main(argv=None) -> int:
   text = compare.table(rows)
   with open(os.path.join(args.workdir, "comparison.md"), "w") as f:
     f.write(text + "\n")
+  plot = os.path.join(args.workdir, "loss_curves.svg")
+  compare.loss_curves_svg([os.path.join(args.workdir, v) for v in ("baseline", "dba")], plot)
   print(text)
+  print(f"loss curves: {plot}")
   return 0
 
 

@@ -144,3 +144,21 @@ def test_bf16_compute_tracks_fp32():
   # bf16 keeps 8 mantissa bits: logits of this tiny net (|x| < 1) agree to ~1e-2, not to fp32 precision.
   np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=3e-2)
   assert np.abs(logits["bfloat16"] - logits["float32"]).max() > 0  # the compute dtype really changed
+
+
+def test_loss_curve_plot_is_valid_svg_with_one_curve_per_series(tmp_path):
+  import xml.etree.ElementTree as ET
+
+  from dba_jax import compare
+  for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.2, 2.5, 2.2])):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "loss": v}) + "\n"
+                                             for i, v in enumerate(losses)))
+    (d / "eval.jsonl").write_text(json.dumps({"step": 30, "eval_loss": losses[-1] + 0.1}) + "\n")
+  out = tmp_path / "curves.svg"
+  compare.loss_curves_svg([str(tmp_path / "a"), str(tmp_path / "b")], str(out))
+  lines = ET.parse(out).getroot().findall("{http://www.w3.org/2000/svg}polyline")
+  assert len(lines) == 4  # train and val for each run
+  first = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
+  assert len(first) == 3 and first[0][1] < first[-1][1]  # the loss falls, so the curve goes down the page
