@@ -47,6 +47,7 @@ def base_config() -> Config:
   m.sel_scan_dtype = "float32"  # float32 | float64 (accumulation of F)
   m.sel_disable = False  # keep the selective module (materialised attention, init) but no F
   m.sel_mask_heads = 0  # m > 0: m extra heads only select (1: none_with_no_head, 2: two_masks, n_heads: one per head)
+  m.sel_mask_slices = 1  # s > 1 with sel_mask_heads=1: n_sliced_masks (the selection head's q/k in s slices)
   m.sel_combo = "none"  # none | with_head_zero | with_head_zero_and_bias: S from a linear mix of all heads' logits
   m.sel_combo_lr_scale = 1.0  # lr multiplier of the mix's weights (never weight-decayed)
   m.sel_protection = "none"  # none | zero | head_two | linear_combo | linear_combo_head_two | leaky_relu | big_constant
@@ -165,6 +166,8 @@ def validate(c: Config) -> Config:
     _one_of("model.sel_combo", m.sel_combo, ("none", "with_head_zero", "with_head_zero_and_bias"))
     _need(m.sel_mask_heads >= 0, f"model.sel_mask_heads={m.sel_mask_heads} must be >= 0")
     _need(m.sel_combo == "none" or m.sel_mask_heads == 0, "model.sel_combo and model.sel_mask_heads exclude each other")
+    _need(m.sel_mask_slices == 1 or (m.sel_mask_heads == 1 and (A // H) % m.sel_mask_slices == 0),
+          f"model.sel_mask_slices={m.sel_mask_slices} needs model.sel_mask_heads=1 and must divide the head dim {A // H}")
     _need(m.memory_penalty == "none" or (m.sel_mask_heads == 0 and m.sel_combo == "none"),
           "model.memory_penalty applies to the default single-head selection only (as in the original)")
     _need(m.sel_protection == "none" or m.sel_mask_heads == 0,

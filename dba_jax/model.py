@@ -151,7 +151,8 @@ class SelectiveAttention(StandardAttention):
         q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
         selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
         scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
-        protection_args=args, selection_heads=m.sel_mask_heads, return_mask=True,
+        protection_args=args, selection_heads=m.sel_mask_heads, selection_slices=m.sel_mask_slices,
+        return_mask=True,
         combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]))
     if m.memory_penalty == "none":
       return o, jnp.zeros((), jnp.float32)

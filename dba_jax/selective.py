@@ -198,7 +198,7 @@ def mask_assignment(n_masks: int, n_heads: int) -> list[int]:
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
                         disable_selection=False, protection="none", protection_args=None, selection_heads=0,
-                        combo=None, return_mask=False):
+                        selection_slices=1, combo=None, return_mask=False):
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
@@ -208,7 +208,9 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
   `selection_heads=m > 0`: the first m heads only select (m masks, assigned to the other H - m heads by
   `mask_assignment`; their values are dropped, so the output has H - m heads): m = 1 is "none_with_no_head",
-  2 "two_masks", H/2 "one_mask_per_head". `combo=(w_H, b)`: S comes from sum_h w_h L_h + b over all heads'
+  2 "two_masks", H/2 "one_mask_per_head".
+  `selection_slices=s` with one selection head ("n_sliced_masks"): its q/k split into s slices of D/s dims,
+  each slice's logits (at the full-head scale) one mask. `combo=(w_H, b)`: S comes from sum_h w_h L_h + b over all heads'
   (causally zeroed) logits, the "with_head_zero" linear combination. Returns out, or (out, F [B, masks, T, S])
   with masks = max(m, 1)."""
   B, T, H, D = q_BTHD.shape
@@ -231,6 +233,13 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
     w_H, b = combo
     source = jnp.einsum("bhts,h->bts", jnp.where(causal, logits, 0), w_H.astype(logits.dtype)) + b
     sources = source[:, None]
+  elif m and selection_slices > 1:
+    if m != 1 or D % selection_slices:
+      raise ValueError(f"selection_slices={selection_slices} needs selection_heads=1 and a head dim ({D}) it divides")
+    n = selection_slices
+    q_s, k_s = (x[:, :, 0].reshape(B, T, n, D // n) for x in (q_BTHD, k_BTHD))
+    hi = jax.lax.Precision.HIGHEST if impl == "reference" else None
+    sources = jnp.einsum("btnd,bsnd->bnts", q_s, k_s, precision=hi).astype(logits.dtype) * scale
   elif m:
     sources = logits[:, :m]
   else:

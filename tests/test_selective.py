@@ -369,3 +369,37 @@ def test_selection_head_params_and_own_lr_group():
   np.testing.assert_array_equal(after["sel_combo_w"], before["blocks"]["attn"]["sel_combo_w"])  # lr x 0, no decay
   np.testing.assert_array_equal(after["sel_combo_b"], before["blocks"]["attn"]["sel_combo_b"])
   assert not np.array_equal(after["q"]["kernel"], before["blocks"]["attn"]["q"]["kernel"])
+
+
+def test_sliced_masks():
+  """n_sliced_masks: the selection head's slices give one mask each; s = 1 is the no-head mode, and the
+  slices' logits sum to the full head's logits."""
+  q, k, v = rand_qkv(10, H=5, seed=16)
+  with jax.enable_x64(True):
+    args = lambda: map(jnp.asarray, (q, k, v))
+    one = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=1)
+    nohead = ops.selective_attention(*args(), impl="reference", selection_heads=1)
+    got, f = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=2,
+                                     return_mask=True)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(nohead))
+  assert f.shape == (2, 2, 10, 10)
+  # Mask i comes from dims [4i, 4i + 4) of head 0 at the full-head scale 1/sqrt(8).
+  for i in range(2):
+    L = np.einsum("btd,bsd->bts", q[:, :, 0, 4 * i:4 * i + 4], k[:, :, 0, 4 * i:4 * i + 4]) / np.sqrt(8)
+    S = np.where(np.tril(np.ones((10, 10)), -1) > 0, np.maximum(L, 0), 0)
+    S[:, :, 0] = 0
+    want = np.concatenate([np.zeros((2, 1, 10)), np.cumsum(S, 1)[:, :-1]], 1)
+    np.testing.assert_allclose(np.asarray(f[:, i]), want, rtol=1e-12, atol=1e-12)
+  assert np.abs(np.asarray(got) - np.asarray(nohead)).max() > 1e-6  # two different masks are in use
+  with pytest.raises(ValueError, match="selection_slices=3"):
+    ops.selective_attention(*map(jnp.asarray, (q, k, v)), selection_heads=1, selection_slices=3)
+
+
+def test_sliced_masks_model_runs_and_validates():
+  c = validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_mask_slices=2))
+  params = model_lib.init_params(c.model, jax.random.key(0))
+  graphdef, _ = model_lib.abstract(c.model)
+  logits = np.asarray(model_lib.Model(c.model, graphdef, params)(np.zeros((1, 6), np.int32)))
+  assert logits.shape == (1, 6, 256) and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="sel_mask_slices=3 needs model.sel_mask_heads=1"):
+    validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_mask_slices=3))
