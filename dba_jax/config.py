@@ -49,7 +49,12 @@ def base_config() -> Config:
   m.sel_mask_heads = 0  # m > 0: m extra heads only select (1: none_with_no_head, 2: two_masks, n_heads: one per head)
   m.sel_mask_slices = 1  # s > 1 with sel_mask_heads=1: n_sliced_masks (the selection head's q/k in s slices)
   m.sel_combo = "none"  # none | with_head_zero | with_head_zero_and_bias: S from a linear mix of all heads' logits
-  m.sel_combo_lr_scale = 1.0  # lr multiplier of the mix's weights (never weight-decayed)
+  m.sel_combo_lr_scale = 1.0  # lr multiplier of the selection mixes (combo and latent masks; never weight-decayed)
+  m.sel_latent_masks = 0  # n > 0: n_latent_masks (n latent masks -> Linear(n -> heads, bias) -> one mask per head)
+  m.sel_latent_full_heads = False  # one_head_per_latent_mask: n dedicated heads instead of n slices of one head
+  m.sel_latent_init = "normal"  # normal (N(0, 0.02), ~selection off) | identity (weights 1) | inverse (weights 1/n)
+  m.sel_latent_multiplier = 1.0  # latent_mask_runtime_multiplier: S *= c after the Linear
+  m.sel_residual_masks = False  # residual_attention_masks: logits += Linear(heads -> heads)(previous layer's logits)
   m.sel_protection = "none"  # none | zero | head_two | linear_combo | linear_combo_head_two | leaky_relu | big_constant
   m.sel_protection_scale = 1.0  # P *= scale
   m.sel_protection_bias = 0.0  # P = ReLU(P + bias)
@@ -69,6 +74,10 @@ def base_config() -> Config:
   m.init_std = 0.02
   m.scale_residual_init = True  # GPT-2: out/down projections get std / sqrt(2 * n_layers)
   m.scan_layers = True
+  # muP (selective.md §7): base widths and the multipliers they imply; off by default
+  m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
+  m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
+  m.mup_zero_query = False  # mup_zero_init: zero the query projections
   m.attn_impl = "xla"  # reference | xla  (kernels join behind the same switch)
   m.compute_dtype = "float32"  # float32 | bfloat16; parameters and optimizer state are always float32
 
@@ -166,14 +175,20 @@ def validate(c: Config) -> Config:
     _one_of("model.sel_combo", m.sel_combo, ("none", "with_head_zero", "with_head_zero_and_bias"))
     _need(m.sel_mask_heads >= 0, f"model.sel_mask_heads={m.sel_mask_heads} must be >= 0")
     _need(m.sel_combo == "none" or m.sel_mask_heads == 0, "model.sel_combo and model.sel_mask_heads exclude each other")
+    _one_of("model.sel_latent_init", m.sel_latent_init, ("normal", "identity", "inverse"))
+    if m.sel_latent_masks:
+      n = m.sel_latent_masks
+      need_heads = n if m.sel_latent_full_heads else 1
+      _need(m.sel_mask_heads == need_heads,
+            f"model.sel_latent_masks={n} needs model.sel_mask_heads={need_heads} (the heads whose logits are latents)")
+      _need(m.sel_latent_full_heads or ((A // H) % n == 0 and m.sel_mask_slices == n),
+            f"model.sel_latent_masks={n} slices one head: needs model.sel_mask_slices={n} dividing the head dim {A // H}")
     _need(m.sel_mask_slices == 1 or (m.sel_mask_heads == 1 and (A // H) % m.sel_mask_slices == 0),
           f"model.sel_mask_slices={m.sel_mask_slices} needs model.sel_mask_heads=1 and must divide the head dim {A // H}")
     _need(m.memory_penalty == "none" or (m.sel_mask_heads == 0 and m.sel_combo == "none"),
           "model.memory_penalty applies to the default single-head selection only (as in the original)")
     _need(m.sel_protection == "none" or m.sel_mask_heads == 0,
           "model.sel_protection applies to single-mask selection; set model.sel_mask_heads=0")
-    _need(m.sel_protection == "none" or m.sel_scan != "pallas",
-          "model.sel_protection runs on the XLA associative scan; set model.sel_scan='xla' or 'reference'")
     _need(0 <= m.sel_head < H, f"model.sel_head={m.sel_head} is not a head index (n_heads={H})")
     _need(K == H, f"selective attention needs n_kv_heads == n_heads; got {K} and {H}")
   else:

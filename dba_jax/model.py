@@ -100,8 +100,10 @@ class StandardAttention(nnx.Module):
     self.q, self.k, self.v = lin(self.Hp, ("embed", "heads")), lin(self.Kp, ("embed", "kv_heads")), \
         lin(self.Kp, ("embed", "kv_heads"))
     self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
+    self.scale = 1.0 / self.D if m.mup else self.D ** -0.5  # muP: attn_mult 1/d_head
 
-  def __call__(self, x_BTd, positions_T):
+  def __call__(self, x_BTd, positions_T, res_BHTS=None):
+    """(output, aux loss, residual logits for the next layer or None)."""
     B, T, _ = x_BTd.shape
     H, K, D = self.Hp, self.Kp, self.D
     q_BTHD = constrain(self.q(x_BTd).reshape(B, T, H, D), ACT_HEADS)
@@ -110,11 +112,15 @@ class StandardAttention(nnx.Module):
     if self.m.positions == "rope":
       q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
-    o_BTHD, aux = self.attend(q_BTHD, k_BTKD, v_BTKD)
-    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux
+    tap("q", q_BTHD), tap("k", k_BTKD), tap("v", v_BTKD)
+    if _TAPS is not None and H == K:  # the logits are only materialised for the coordinate check
+      tap("attn_score", jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTKD) * self.scale)
+    o_BTHD, aux, res_BHTS = self.attend(q_BTHD, k_BTKD, v_BTKD, res_BHTS)
+    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux, res_BHTS
 
-  def attend(self, q_BTHD, k_BTKD, v_BTKD):
-    return ops.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.m.attn_impl), jnp.zeros((), jnp.float32)
+  def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
+    o = ops.attention(q_BTHD, k_BTKD, v_BTKD, scale=self.scale, impl=self.m.attn_impl)
+    return o, jnp.zeros((), jnp.float32), res_BHTS
 
 
 class SelectiveAttention(StandardAttention):
@@ -139,24 +145,38 @@ class SelectiveAttention(StandardAttention):
       combo_b = jax.random.uniform(rngs.params(), (), jnp.float32, -H ** -0.5, H ** -0.5)
     self.protect_w = nnx.Param(combo_w, axes=(None,)) if combo_w is not None else None
     self.protect_b = nnx.Param(combo_b, axes=()) if combo_b is not None else None
+    # "n_latent_masks": Linear(n latents -> attending heads) with bias, in the selection-head lr group.
+    n, A = m.sel_latent_masks, m.n_heads
+    if n:
+      w = {"normal": lambda: _normal(rngs, (n, A), 0.02), "identity": lambda: jnp.ones((n, A), jnp.float32),
+           "inverse": lambda: jnp.full((n, A), 1.0 / n, jnp.float32)}[m.sel_latent_init]()
+    self.sel_latent_w = nnx.Param(w, axes=(None, None)) if n else None
+    self.sel_latent_b = nnx.Param(jnp.zeros((A,), jnp.float32), axes=(None,)) if n else None
+    # "residual_attention_masks": Linear(heads -> heads), no bias, over the previous layer's logits.
+    self.res_mix = nnx.Param(_normal(rngs, (H, H), 0.02), axes=(None, None)) if m.sel_residual_masks else None
 
-  def attend(self, q_BTHD, k_BTKD, v_BTKD):
+  def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
     m = self.m
     impl = "reference" if m.attn_impl == "reference" else m.sel_scan
     args = dict(leaky_alpha=m.sel_leaky_alpha, leaky_bias=m.sel_leaky_bias, scale=m.sel_protection_scale,
                 bias=m.sel_protection_bias)
     if self.protect_w is not None:
       args.update(combo_w=self.protect_w[...], combo_b=self.protect_b[...])
-    o, f = selective.selective_attention(
+    result = selective.selective_attention(
         q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
         selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
         scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
         protection_args=args, selection_heads=m.sel_mask_heads, selection_slices=m.sel_mask_slices,
-        return_mask=True,
-        combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]))
-    if m.memory_penalty == "none":
-      return o, jnp.zeros((), jnp.float32)
-    return o, selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)
+        return_mask=True, scale=self.scale,
+        combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]),
+        latent=None if self.sel_latent_w is None else
+        (self.sel_latent_w[...], self.sel_latent_b[...], m.sel_latent_multiplier),
+        residual_BHTS=None if self.res_mix is None else
+        jnp.einsum("bgts,gh->bhts", res_BHTS, self.res_mix[...].astype(res_BHTS.dtype)))
+    o, f, res_BHTS = result if self.res_mix is not None else result + (res_BHTS,)
+    aux = jnp.zeros((), jnp.float32) if m.memory_penalty == "none" else \
+        selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)
+    return o, aux, res_BHTS
 
 
 class DBAAttention(nnx.Module):
@@ -217,11 +237,12 @@ class DBAAttention(nnx.Module):
     a = 2.0 * jax.nn.sigmoid(logit)
     return a.astype(x_BTd.dtype)[..., None], (2.0 - a).astype(x_BTd.dtype)[..., None]
 
-  def __call__(self, x_BTd, positions_T):
+  def __call__(self, x_BTd, positions_T, res_BHTS=None):
     B, T, _ = x_BTd.shape
     qs, ks, qg, kg, v = self.streams(x_BTd, positions_T)
     a, b = self.path_weights(x_BTd)
-    q_BTHD = jnp.concatenate([qs * (a * self.ds ** -0.5), qg * (b * self.dg ** -0.5)], axis=-1)
+    p = -1.0 if self.m.mup else -0.5  # muP: attn_mult 1/d per path
+    q_BTHD = jnp.concatenate([qs * (a * self.ds ** p), qg * (b * self.dg ** p)], axis=-1)
     k_BSKD = jnp.concatenate([ks, kg], axis=-1)
     n_prefix = 0
     if self.m.null_attn:
@@ -231,7 +252,7 @@ class DBAAttention(nnx.Module):
       v = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v], axis=1)
       n_prefix = 1
     o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
-    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), jnp.zeros((), jnp.float32)
+    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), jnp.zeros((), jnp.float32), res_BHTS
 
 
 ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention, "selective": SelectiveAttention}
@@ -248,13 +269,58 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
     self.mlp = MLP(m, out_std, rngs)
 
-  def __call__(self, x, positions_T, rng=None):
-    """(x, aux): aux is the attention's auxiliary loss term (0 unless a memory penalty is configured)."""
+  def __call__(self, x, positions_T, rng=None, res_BHTS=None):
+    """(x, aux, res): aux is the attention's auxiliary loss term (0 unless a memory penalty is configured), res
+    the logits residual_attention_masks hands to the next layer (None otherwise)."""
     keys = jax.random.split(rng, 2) if rng is not None else (None, None)
     x = constrain(x, ACT_EMBED)
-    y, aux = self.attn(self.attn_norm(x), positions_T)
-    x = x + _dropout(y, self.dropout, keys[0])
-    return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[1]), aux
+    y, aux, res_BHTS = self.attn(self.attn_norm(x), positions_T, res_BHTS)
+    x = x + _dropout(tap("attn", y), self.dropout, keys[0])
+    return x + _dropout(tap("mlp", self.mlp(self.mlp_norm(x))), self.dropout, keys[1]), aux, res_BHTS
+
+
+# Logical axes that grow with model width (muP's "infinite" dimensions); head_dim stays fixed.
+WIDTH_AXES = ("embed", "heads", "kv_heads", "mlp")
+
+
+def mup_matrix_like(axes: tuple) -> bool:
+  """muP's matrix-like parameters: two width-growing dims (hidden weights). The rest are vector-like."""
+  return sum(a in WIDTH_AXES for a in axes) >= 2
+
+
+def _mup_init(decoder, m):
+  """Matrix-like weights drawn with std / sqrt(width_mult) (scaling a normal draw is the same thing);
+  `mup_zero_query` zeroes the query projections."""
+  width_mult = m.d_model / m.mup_base_d_model
+  for path, var in nnx.to_flat_state(nnx.state(decoder, nnx.Param)):
+    axes = tuple(var.get_metadata()["axes"])
+    if m.mup_zero_query and len(path) > 1 and path[-2] in ("q", "q_sem", "q_geo") and path[-1] == "kernel":
+      var.set_value(jnp.zeros_like(var.get_value()))
+    elif mup_matrix_like(axes):
+      var.set_value(var.get_value() * width_mult ** -0.5)
+
+
+# Coordinate-check taps: mean |activation| per named site, recorded only inside `record_taps()` (unrolled layers).
+_TAPS: list | None = None
+
+
+def tap(name: str, x):
+  if _TAPS is not None:
+    _TAPS.append((name, jnp.abs(x.astype(jnp.float32)).mean()))
+  return x
+
+
+class record_taps:
+  """with record_taps() as taps: model(tokens) -> taps = [(name, mean |x|), ...] in call order."""
+
+  def __enter__(self):
+    global _TAPS
+    _TAPS = []
+    return _TAPS
+
+  def __exit__(self, *exc):
+    global _TAPS
+    _TAPS = None
 
 
 def _dropout(x, rate, key):
@@ -286,6 +352,8 @@ class Decoder(nnx.Module):
     self.final_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
     self.head = None if m.tie_embeddings else Linear(m.d_model, V, ("embed", "vocab"), bias=False,
                                                      std=m.init_std, rngs=rngs)
+    if m.mup:
+      _mup_init(self, m)
 
   def __call__(self, tokens_BT, rng=None):
     return self.forward(tokens_BT, rng)[0]
@@ -304,19 +372,24 @@ class Decoder(nnx.Module):
       rng, k = jax.random.split(rng)
       x = _dropout(x, m.dropout, k)
     layer_keys = jax.random.split(rng, m.n_layers) if use_rng else None
+    tap("embed", x)
+    res = None
+    if m.attn_kind == "selective" and m.sel_residual_masks:  # layer 0 mixes zeros
+      res = jnp.zeros((x.shape[0], m.n_heads + m.sel_mask_heads, T, T), jnp.promote_types(dtype, jnp.float32))
     if m.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
 
-      def body(h, xs):
+      def body(carry, xs):
         params, key = xs
-        return nnx.merge(graphdef, params)(h, positions_T, key)
+        h, a, r = nnx.merge(graphdef, params)(*carry[:1], positions_T, key, carry[1])
+        return (h, r), a
 
-      x, aux_L = jax.lax.scan(body, x, (stacked, layer_keys))
+      (x, _), aux_L = jax.lax.scan(body, (x, res), (stacked, layer_keys))
       aux = aux_L.sum()
     else:
       aux = jnp.zeros((), jnp.float32)
       for i, block in enumerate(self.blocks):
-        x, a = block(x, positions_T, None if layer_keys is None else layer_keys[i])
+        x, a, res = block(x, positions_T, None if layer_keys is None else layer_keys[i], res)
         aux = aux + a
     if m.memory_penalty == "paper":
       aux = aux / m.n_layers
@@ -325,7 +398,9 @@ class Decoder(nnx.Module):
       logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
     else:
       logits = self.head(x)
-    return constrain(logits, ("batch", "seq", "act_vocab")), aux
+    if m.mup:  # MuReadout: output / width_mult
+      logits = logits * (m.mup_base_d_model / m.d_model)
+    return constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux
 
 
 # ----------------------------------------------------------------------------------------------- functional API

@@ -68,7 +68,11 @@ def selection_mask(logits_BTS, *, protect_bos=True, allow_self_mask=False, relu_
   else:
     acc = jnp.promote_types(s.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     _check_x64(acc)
-    damage = protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
+    if impl == "pallas":
+      from dba_kernels import protect_attack as kpa
+      damage = kpa.protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
+    else:
+      damage = protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
     f = jnp.concatenate([jnp.zeros_like(damage[..., :1, :]), damage[..., :-1, :]], axis=-2)
   return jax.nn.relu(f) if relu_after_cumsum else f
 
@@ -198,7 +202,7 @@ def mask_assignment(n_masks: int, n_heads: int) -> list[int]:
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
                         disable_selection=False, protection="none", protection_args=None, selection_heads=0,
-                        selection_slices=1, combo=None, return_mask=False):
+                        selection_slices=1, combo=None, latent=None, residual_BHTS=None, return_mask=False):
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
@@ -211,8 +215,12 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   2 "two_masks", H/2 "one_mask_per_head".
   `selection_slices=s` with one selection head ("n_sliced_masks"): its q/k split into s slices of D/s dims,
   each slice's logits (at the full-head scale) one mask. `combo=(w_H, b)`: S comes from sum_h w_h L_h + b over all heads'
-  (causally zeroed) logits, the "with_head_zero" linear combination. Returns out, or (out, F [B, masks, T, S])
-  with masks = max(m, 1)."""
+  (causally zeroed) logits, the "with_head_zero" linear combination. `latent=(w_NA, b_A, c)` ("n_latent_masks"): the
+  N sources (slices or dedicated heads) are latent masks, mixed into one mask per attending head A as
+  c * (sum_n w_na latent_n + b_a), causally re-masked (the original left the bias at future positions, which adds
+  j * ReLU(b_a) to F[:, j]; an inert quirk at zero bias, not reproduced).
+  `residual_BHTS` ("residual_attention_masks"): added to the causally zeroed logits of every head before selection.
+  Returns out, or (out, F [B, masks, T, S]) with masks = max(m, 1); with `residual_BHTS`, also the summed logits."""
   B, T, H, D = q_BTHD.shape
   if k_BTHD.shape != (B, T, H, D) or v_BTHD.shape[:3] != (B, T, H):
     raise ValueError(f"selective attention needs q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
@@ -226,6 +234,9 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   else:
     logits = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTHD, preferred_element_type=jnp.float32) * jnp.float32(scale)
   causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+  if residual_BHTS is not None:
+    logits = jnp.where(causal, logits, 0) + residual_BHTS.astype(logits.dtype)
+  pre_selection = logits
   m = selection_heads
   if not 0 <= m < H:
     raise ValueError(f"selection_heads={m} must leave at least one attending head (H={H})")
@@ -244,6 +255,10 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
     sources = logits[:, :m]
   else:
     sources = logits[:, selection_head:selection_head + 1]
+  if latent is not None:
+    w_NA, b_A, mult = latent
+    mixed = jnp.einsum("bnts,na->bats", jnp.where(causal, sources, 0), w_NA.astype(logits.dtype))
+    sources = mult * (mixed + b_A.astype(logits.dtype)[None, :, None, None])
   f = jnp.zeros((B, sources.shape[1], T, T), logits.dtype)
   if not disable_selection:
     p = None if protection == "none" else protection_scores(protection, logits, **(protection_args or {}))
@@ -265,4 +280,7 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
     out = jnp.einsum("bhts,bshe->bthe", probs, v_BTHD, precision=jax.lax.Precision.HIGHEST)
   else:
     out = jnp.einsum("bhts,bshe->bthe", probs.astype(v_BTHD.dtype), v_BTHD)
+  if residual_BHTS is not None:
+    summed = jnp.where(causal, pre_selection, 0)
+    return (out, f, summed) if return_mask else (out, summed)
   return (out, f) if return_mask else out

@@ -38,7 +38,7 @@ def lr_schedule(o: Config, total_steps: int):
 
 
 # Parameters with their own optimizer group: (lr multiplier from the model config, never weight-decayed).
-OWN_GROUPS = {"sel_combo_w": "sel_combo_lr_scale", "sel_combo_b": "sel_combo_lr_scale"}
+OWN_GROUPS = {name: "sel_combo_lr_scale" for name in ("sel_combo_w", "sel_combo_b", "sel_latent_w", "sel_latent_b")}
 
 
 def _by_path(axes_tree, fn):
@@ -53,17 +53,32 @@ def decay_mask(o: Config, axes_tree):
   return _by_path(axes_tree, lambda name, ax: name not in OWN_GROUPS and matrix(ax))
 
 
+def lr_multipliers(m: Config, axes_tree):
+  """Per-parameter multiplier of the Adam step: own groups' lr scale; under muP, 1/width_mult for matrix-like
+  parameters (MuAdamW). Weight decay is applied after it, at the base lr: MuAdamW's wd x width_mult cancels
+  its lr / width_mult on the decay term."""
+  width_mult = m.d_model / m.mup_base_d_model
+
+  def fn(name, axes):
+    if name in OWN_GROUPS:
+      return float(m[OWN_GROUPS[name]])
+    return 1.0 / width_mult if m.mup and model_lib.mup_matrix_like(axes) else 1.0
+
+  return _by_path(axes_tree, fn)
+
+
 def make_optimizer(c: Config, axes_tree):
+  """clip -> Adam -> per-group lr multipliers -> decoupled weight decay -> schedule (= optax.adamw without groups)."""
   o = c.optim
-  adamw = optax.adamw(lr_schedule(o, c.train.steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=decay_mask(o, axes_tree))
   parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-  parts.append(adamw)
-  scales = _by_path(axes_tree, lambda name, _: float(c.model[OWN_GROUPS[name]]) if name in OWN_GROUPS else 1.0)
+  parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
+  scales = lr_multipliers(c.model, axes_tree)
   if any(s != 1.0 for s in jax.tree.leaves(scales)):
     parts.append(optax.GradientTransformation(
         lambda _: optax.EmptyState(), lambda u, st, p=None: (jax.tree.map(lambda g, k: g * k, u, scales), st)))
-  return optax.chain(*parts) if len(parts) > 1 else adamw
+  parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask(o, axes_tree)))
+  parts.append(optax.scale_by_learning_rate(lr_schedule(o, c.train.steps)))
+  return optax.chain(*parts)
 
 
 # ---------------------------------------------------------------------------------------------------- steps

@@ -403,3 +403,89 @@ def test_sliced_masks_model_runs_and_validates():
   assert logits.shape == (1, 6, 256) and np.isfinite(logits).all()
   with pytest.raises(ValueError, match="sel_mask_slices=3 needs model.sel_mask_heads=1"):
     validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_mask_slices=3))
+
+
+def test_latent_masks_identity_init_is_the_no_head_mode_and_mixes_per_head():
+  """n_latent_masks: identity weights, zero bias, multiplier 1 sum the slices back to the full head = the
+  dedicated-head mode; a general mix gives head a the mask c * (sum_n w_na latent_n + b_a)."""
+  H, n = 5, 2
+  q, k, v = rand_qkv(10, H=H, seed=21)
+  args = lambda: map(jnp.asarray, (q, k, v))
+  with jax.enable_x64(True):
+    nohead = ops.selective_attention(*args(), impl="reference", selection_heads=1)
+    ident = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=n,
+                                    latent=(jnp.ones((n, H - 1)), jnp.zeros(H - 1), 1.0))
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(n, H - 1)))
+    b = jnp.asarray([0.3, -0.2, 0.0, 0.1])
+    _, f = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=n,
+                                   latent=(w, b, 0.5), return_mask=True)
+  np.testing.assert_allclose(np.asarray(ident), np.asarray(nohead), rtol=1e-10, atol=1e-12)
+  assert f.shape == (2, H - 1, 10, 10)
+  tril = np.tril(np.ones((10, 10)))
+  lat = np.stack([np.einsum("btd,bsd->bts", q[:, :, 0, 4 * i:4 * i + 4], k[:, :, 0, 4 * i:4 * i + 4]) / np.sqrt(8)
+                  for i in range(n)], 1) * tril
+  for a in range(H - 1):
+    pre = 0.5 * (np.einsum("bnts,n->bts", lat, np.asarray(w)[:, a]) + float(b[a]))
+    S = np.where(np.tril(np.ones((10, 10)), -1) > 0, np.maximum(pre, 0), 0)
+    S[:, :, 0] = 0
+    want = np.concatenate([np.zeros((2, 1, 10)), np.cumsum(S, 1)[:, :-1]], 1)
+    np.testing.assert_allclose(np.asarray(f[:, a]), want, rtol=1e-10, atol=1e-12)
+
+
+def test_latent_masks_model_equals_no_head_model_at_identity_init():
+  base = dict(attn_kind="selective", sel_mask_heads=1)
+  lat = dict(base, sel_mask_slices=2, sel_latent_masks=2, sel_latent_init="identity")
+  c0, c1 = validate(tiny("standard", **base)), validate(tiny("standard", **lat))
+  p1 = model_lib.init_params(c1.model, jax.random.key(0))
+  p0 = model_lib.init_params(c0.model, jax.random.key(0))
+  for name in ("q", "k", "v", "out"):  # same projections in both (the latent Linear draws nothing)
+    p1["blocks"]["attn"][name] = p0["blocks"]["attn"][name]
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 12), 0, 256))
+  run = lambda c, p: np.asarray(model_lib.Model(c.model, model_lib.abstract(c.model)[0], p)(tokens))
+  a, b = run(c0, p0), run(c1, {**p0, "blocks": {**p0["blocks"], "attn": p1["blocks"]["attn"]}})
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="sel_latent_masks=2 slices one head"):
+    validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_latent_masks=2))
+
+
+def test_residual_attention_masks_mix_the_previous_layers_logits():
+  """Layer 2's selection reads its own logits plus W . layer 1's summed logits (future zeroed)."""
+  q1, k1, v1 = rand_qkv(9, H=3, seed=31)
+  q2, k2, v2 = rand_qkv(9, H=3, seed=32)
+  W = np.random.default_rng(5).normal(size=(3, 3))
+  with jax.enable_x64(True):
+    zeros = jnp.zeros((2, 3, 9, 9))
+    out1, res1 = ops.selective_attention(*map(jnp.asarray, (q1, k1, v1)), impl="reference", residual_BHTS=zeros)
+    plain1 = ops.selective_attention(*map(jnp.asarray, (q1, k1, v1)), impl="reference")
+    mixed = jnp.einsum("bgts,gh->bhts", res1, jnp.asarray(W))
+    out2, res2 = ops.selective_attention(*map(jnp.asarray, (q2, k2, v2)), impl="reference", residual_BHTS=mixed)
+  np.testing.assert_allclose(np.asarray(out1), np.asarray(plain1), rtol=1e-12, atol=1e-14)
+  tril = np.tril(np.ones((9, 9)))
+  L1 = np.einsum("bthd,bshd->bhts", q1, k1) / np.sqrt(8) * tril
+  np.testing.assert_allclose(np.asarray(res1), L1, rtol=1e-10, atol=1e-12)
+  L2 = np.einsum("bthd,bshd->bhts", q2, k2) / np.sqrt(8) * tril + np.einsum("bgts,gh->bhts", L1, W) * tril
+  np.testing.assert_allclose(np.asarray(res2), L2, rtol=1e-10, atol=1e-12)
+  # The attention itself uses the residual logits: loop version with head 0 of L2 selecting.
+  S = np.where(np.tril(np.ones((9, 9)), -1) > 0, np.maximum(L2[:, 0], 0), 0)
+  S[:, :, 0] = 0
+  F = np.concatenate([np.zeros((2, 1, 9)), np.cumsum(S, 1)[:, :-1]], 1)
+  logits = np.where(tril > 0, L2 - F[:, None], -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(out2), np.einsum("bhts,bshe->bthe", p, v2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_residual_masks_model_trains_and_stays_causal(scan):
+  c = validate(tiny("standard", attn_kind="selective", sel_residual_masks=True, scan_layers=scan))
+  params = model_lib.init_params(c.model, jax.random.key(0))
+  blocks = params["blocks"] if scan else params["blocks"][0]
+  assert blocks["attn"]["res_mix"].shape[-2:] == (4, 4)
+  model = model_lib.Model(c.model, model_lib.abstract(c.model)[0], params)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 12), 0, 256))
+  a = np.asarray(model(tokens))
+  tokens2 = tokens.copy()
+  tokens2[0, 7] = (tokens2[0, 7] + 1) % 256
+  b = np.asarray(model(tokens2))
+  np.testing.assert_array_equal(a[0, :7], b[0, :7])
+  assert np.abs(a[0, 7:] - b[0, 7:]).max() > 0

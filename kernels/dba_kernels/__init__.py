@@ -5,4 +5,8 @@ Each kernel sits behind an `impl=` switch in dba_jax. It is tested in interpret 
 dtype-generic float64 reference. Kernels so far:
 
   cumsum: blocked exclusive cumulative sum down the query axis (selective attention's F), with a custom VJP.
+  flash_attention: flash attention with q/k head dim != v head dim, GQA, causal + always-visible prefix, custom VJP.
+  selective_flash: fused selective attention (F rebuilt per tile, O(T) activations), forward and custom VJP.
+  protect_attack: blocked protect-and-attack scan down the query axis (selective attention with protection,
+    selective.md §5.4), with the closed-form custom VJP as a reverse-walking kernel.
 """

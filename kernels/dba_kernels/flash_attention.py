@@ -1,0 +1,357 @@
+"""Flash attention (Pallas) for DBA: q/k head dim D != v head dim E, GQA, causal with always-visible prefix keys.
+
+Semantics are those of `dba_jax.ops.attention_reference`: query t (0-based) sees key column c iff
+c - n_prefix <= t or c < n_prefix. Because t >= 0, that is just c <= t + n_prefix: the null-token prefix is an
+offset of the causal diagonal, not a second mask. S = T + n_prefix in DBA, but any S >= 1 works.
+
+Layout. The wrapper moves heads in front ([B, H, T, D]) and zero-pads T and S to whole blocks, and D and E to
+powers of two >= 16 (Triton needs power-of-two tiles). Zero columns add nothing to q.k or to p@v. Padded keys
+are masked where a real query could see them; padded queries are sliced away, and their dO and delta are zero,
+so they add nothing to dK/dV. GQA: query head h reads kv head h // G (G = H // K) through the BlockSpec
+index_map, so K/V are never repeated in HBM.
+
+Kernels (grid order (B, heads, blocks); every program is independent, so all axes are parallel):
+  forward: grid (B, H, Tp/bq). One query block; a loop over key blocks with an online softmax, fp32 (fp64 for
+    float64 checks) accumulators. Causal: the loop stops at the last key block the query block can see, and
+    only the blocks on the diagonal pay for the mask. Writes O and the log-sum-exp per row.
+  dK/dV:   grid (B, K, Sp/bk). One key block of one kv head; walks the G query heads of its group and, for each,
+    the query blocks from the diagonal on. Queries of the group are contiguous rows of q reshaped [B, K, G*Tp, D].
+  dQ:      grid (B, H, Tp/bq). Same key walk as the forward, recomputing p from the saved log-sum-exp.
+delta = rowsum(dO * O) is one fused XLA reduction before the backward kernels.
+
+Per-row statistics (lse, delta) are [.., T, 1] columns: a (block, 1) tile lowers for both Mosaic (its last dim
+equals the array's) and Triton, while Mosaic rejects a squeezed (1, block) row tile.
+
+Dtypes: matmul inputs stay in the input dtype (bf16 feeds the tensor cores / MXU), products accumulate in at
+least float32. float32 inputs use Precision.HIGHEST by default (IEEE on Triton, not TF32), so the kernel
+matches the float32 reference; pass precision=jax.lax.Precision.DEFAULT to trade that for speed.
+
+Backends: interpret mode on CPU; Pallas-Triton on GPU (selected through its CompilerParams: JAX's default GPU
+backend is Mosaic GPU, which this kernel does not target); Mosaic on TPU. Whole-sequence K/V (forward, dQ) and
+whole-group Q/dO/lse/delta (dK/dV) blocks are pointer ranges on GPU but VMEM buffers on TPU, so very long
+sequences may exceed TPU VMEM.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+BLOCK_Q = 64
+BLOCK_K = 64
+MIN_BLOCK = 16  # smallest tile side; Triton and bf16 sublane packing both want >= 16
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(_MASK - m) is 0 without inf - inf NaNs
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T with no explicit transpose
+
+
+class _Cfg(NamedTuple):
+  """Static settings shared by the three kernels (hashable: a custom_vjp nondiff argument)."""
+  scale: float
+  causal: bool
+  n_prefix: int
+  block_q: int
+  block_k: int
+  precision: object
+  platform: str
+
+
+def _platform() -> str:
+  """Which Pallas backend to target; a function so tests can lower for GPU/TPU from a CPU host."""
+  return jax.default_backend()
+
+
+def _width(n: int) -> int:
+  return max(MIN_BLOCK, pl.next_power_of_2(n))
+
+
+def _compiler_params(platform: str, width: int):
+  if platform == "gpu":
+    from jax.experimental.pallas import triton as pltriton  # explicit: the default GPU backend is Mosaic GPU
+    return pltriton.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
+  if platform == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+  return None
+
+
+def _call(kernel, cfg: _Cfg, width: int, **kwargs):
+  return pl.pallas_call(kernel, interpret=cfg.platform == "cpu",
+                        compiler_params=_compiler_params(cfg.platform, width), **kwargs)
+
+
+def _visible(row0, col0, bq: int, bk: int, causal: bool, n_prefix: int, S: int):
+  """[bq, bk] bool for query rows row0.. and key columns col0..: causal-with-prefix and inside the real S keys."""
+  cols = col0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  inside = cols < S
+  if not causal:
+    return inside
+  rows = row0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  return inside & (cols <= rows + n_prefix)
+
+
+def _idiv(a, b: int):
+  """Floor division of a non-negative traced index; lax.div (not //) is what Triton lowers for int32."""
+  return lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _key_bounds(row0, bq: int, bk: int, nk: int, causal: bool, n_prefix: int, S: int):
+  """(n_full, n_hi): key blocks [0, n_full) need no mask for this query block, [n_full, n_hi) need one."""
+  if not causal:
+    return min(S // bk, nk), nk
+  # The last row sees columns <= row0 + bq - 1 + n_prefix; the first row sees all of [0, row0 + n_prefix].
+  n_hi = jnp.minimum(nk, _idiv(row0 + bq + n_prefix + bk - 1, bk))
+  n_full = jnp.minimum(jnp.minimum(n_hi, _idiv(row0 + n_prefix + 1, bk)), S // bk)
+  return n_full, n_hi
+
+
+def _dot_nt(a, b, cfg: _Cfg, acc):
+  return lax.dot_general(a, b, _NT, precision=cfg.precision, preferred_element_type=acc)
+
+
+def _dot(a, b, cfg: _Cfg, acc):
+  return jnp.dot(a, b, precision=cfg.precision, preferred_element_type=acc)
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Cfg, S: int):
+  bq, bk = cfg.block_q, cfg.block_k
+  acc = lse_ref.dtype
+  row0 = pl.program_id(2) * bq
+  q = q_ref[...]
+
+  def step(j, carry, masked):
+    m, l, o = carry
+    col0 = pl.multiple_of(j * bk, bk)
+    s = _dot_nt(q, k_ref[pl.ds(col0, bk), :], cfg, acc)
+    if cfg.scale != 1.0:
+      s = s * cfg.scale
+    if masked:
+      s = jnp.where(_visible(row0, col0, bq, bk, cfg.causal, cfg.n_prefix, S), s, _MASK)
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)  # rescales what was summed under the old running max
+    p = jnp.exp(s - m_new)
+    v = v_ref[pl.ds(col0, bk), :]
+    o = alpha * o + _dot(p.astype(v.dtype), v, cfg, acc)
+    return m_new, alpha * l + p.sum(axis=1, keepdims=True), o
+
+  n_full, n_hi = _key_bounds(row0, bq, bk, k_ref.shape[0] // bk, cfg.causal, cfg.n_prefix, S)
+  carry = (jnp.full((bq, 1), -jnp.inf, acc), jnp.zeros((bq, 1), acc), jnp.zeros((bq, v_ref.shape[1]), acc))
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+  # Key column 0 is visible to every row and lies in the first block, so l >= 1 and m is finite here.
+  m, l, o = lax.fori_loop(n_full, n_hi, functools.partial(step, masked=True), carry)
+  o_ref[...] = (o / l).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg, S: int):
+  bq, bk = cfg.block_q, cfg.block_k
+  acc = lse_ref.dtype
+  row0 = pl.program_id(2) * bq
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+  def step(j, dq, masked):
+    col0 = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(col0, bk), :]
+    s = _dot_nt(q, k, cfg, acc)
+    if cfg.scale != 1.0:
+      s = s * cfg.scale
+    if masked:
+      s = jnp.where(_visible(row0, col0, bq, bk, cfg.causal, cfg.n_prefix, S), s, _MASK)
+    p = jnp.exp(s - lse)
+    ds = p * (_dot_nt(do, v_ref[pl.ds(col0, bk), :], cfg, acc) - delta)
+    return dq + _dot(ds.astype(k.dtype), k, cfg, acc)
+
+  n_full, n_hi = _key_bounds(row0, bq, bk, k_ref.shape[0] // bk, cfg.causal, cfg.n_prefix, S)
+  dq = jnp.zeros(q.shape, acc)
+  dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+  dq = lax.fori_loop(n_full, n_hi, functools.partial(step, masked=True), dq)
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)  # d s / d(q.k) = scale, applied once
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg, S: int, Tp: int,
+                 G: int):
+  bq, bk = cfg.block_q, cfg.block_k
+  acc = lse_ref.dtype
+  nq = Tp // bq
+  col0 = pl.program_id(2) * bk
+  k, v = k_ref[...], v_ref[...]
+  # Padded key columns need no mask here: a column's dK/dV uses only its own scores, and padded columns are
+  # sliced away. Only causality masks, in the query blocks [lo, mid) that straddle the diagonal.
+  if cfg.causal:
+    # Rows t < col0 - n_prefix see none of these keys; rows t >= col0 + bk - 1 - n_prefix see all of them.
+    lo = _idiv(jnp.maximum(col0 - cfg.n_prefix, 0), bq)
+    mid = jnp.clip(_idiv(jnp.maximum(col0 + bk - 1 - cfg.n_prefix, 0) + bq - 1, bq), lo, nq)
+  else:
+    lo = mid = 0
+
+  def step(i, carry, g, masked):
+    dk, dv = carry
+    r0 = pl.multiple_of(g * Tp + i * bq, bq)  # row of query block i of head g in the group's [G*Tp] rows
+    q = q_ref[pl.ds(r0, bq), :]
+    do = do_ref[pl.ds(r0, bq), :]
+    s = _dot_nt(q, k, cfg, acc)
+    if cfg.scale != 1.0:
+      s = s * cfg.scale
+    if masked:
+      s = jnp.where(_visible(i * bq, col0, bq, bk, cfg.causal, cfg.n_prefix, S), s, _MASK)
+    p = jnp.exp(s - lse_ref[pl.ds(r0, bq), :])
+    dv = dv + _dot(p.T.astype(do.dtype), do, cfg, acc)
+    ds = p * (_dot_nt(do, v, cfg, acc) - delta_ref[pl.ds(r0, bq), :])
+    return dk + _dot(ds.T.astype(q.dtype), q, cfg, acc), dv
+
+  def head(g, carry):
+    carry = lax.fori_loop(lo, mid, functools.partial(step, g=g, masked=True), carry)
+    return lax.fori_loop(mid, nq, functools.partial(step, g=g, masked=False), carry)
+
+  dk, dv = lax.fori_loop(0, G, head, (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- wrappers
+
+def _heads_first(x_BTHD, rows: int, width: int):
+  """[B, T, H, D] -> [B, H, rows, width], zero-padded."""
+  x = jnp.swapaxes(x_BTHD, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, rows - x.shape[2]), (0, width - x.shape[3])))
+
+
+def _seq_first(x_BHTD, T: int, D: int):
+  return jnp.swapaxes(x_BHTD[:, :, :T, :D], 1, 2)
+
+
+def _forward(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
+  B, T, H, D = q_BTHD.shape
+  S, K, E = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
+  G, bq, bk = H // K, cfg.block_q, cfg.block_k
+  Tp, Sp, Dp, Ep = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, _width(D), _width(E)
+  acc = jnp.promote_types(q_BTHD.dtype, jnp.float32)
+  q = _heads_first(q_BTHD, Tp, Dp)
+  k, v = _heads_first(k_BSKD, Sp, Dp), _heads_first(v_BSKE, Sp, Ep)
+  o_BHTE, lse_BHT1 = _call(
+      functools.partial(_fwd_kernel, cfg=cfg, S=S), cfg, max(Dp, Ep),
+      grid=(B, H, Tp // bq),
+      in_specs=[pl.BlockSpec((None, None, bq, Dp), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, Sp, Dp), lambda b, h, i: (b, _idiv(h, G), 0, 0)),
+                pl.BlockSpec((None, None, Sp, Ep), lambda b, h, i: (b, _idiv(h, G), 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, bq, Ep), lambda b, h, i: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Ep), v_BSKE.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), acc)],
+  )(q, k, v)
+  return _seq_first(o_BHTE, T, E), lse_BHT1
+
+
+def _backward(cfg: _Cfg, res, do_BTHE):
+  q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT1 = res
+  B, T, H, D = q_BTHD.shape
+  S, K, E = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
+  G, bq, bk = H // K, cfg.block_q, cfg.block_k
+  Tp, Sp, Dp, Ep = lse_BHT1.shape[2], pl.cdiv(S, bk) * bk, _width(D), _width(E)
+  acc = lse_BHT1.dtype
+  do_BTHE = do_BTHE.astype(v_BSKE.dtype)
+  delta_BTH = jnp.sum(do_BTHE.astype(acc) * o_BTHE.astype(acc), axis=-1)
+  delta_BHT1 = jnp.pad(jnp.swapaxes(delta_BTH, 1, 2), ((0, 0), (0, 0), (0, Tp - T)))[..., None]
+  q, do = _heads_first(q_BTHD, Tp, Dp), _heads_first(do_BTHE, Tp, Ep)
+  k, v = _heads_first(k_BSKD, Sp, Dp), _heads_first(v_BSKE, Sp, Ep)
+  width = max(Dp, Ep)
+
+  row = lambda w: pl.BlockSpec((None, None, bq, w), lambda b, h, i: (b, h, i, 0))
+  kv_all = lambda w: pl.BlockSpec((None, None, Sp, w), lambda b, h, i: (b, _idiv(h, G), 0, 0))
+  dq_BHTD = _call(
+      functools.partial(_dq_kernel, cfg=cfg, S=S), cfg, width,
+      grid=(B, H, Tp // bq),
+      in_specs=[row(Dp), kv_all(Dp), kv_all(Ep), row(Ep), row(1), row(1)],
+      out_specs=row(Dp),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+  )(q, k, v, do, lse_BHT1, delta_BHT1)
+
+  # Heads h = kv*G + g are adjacent, so a kv head's group is a contiguous [G*Tp] run of rows: a free reshape.
+  group = lambda x: x.reshape(B, K, G * Tp, x.shape[-1])
+  grp = lambda w: pl.BlockSpec((None, None, G * Tp, w), lambda b, kv, j: (b, kv, 0, 0))
+  key = lambda w: pl.BlockSpec((None, None, bk, w), lambda b, kv, j: (b, kv, j, 0))
+  dk_BKSD, dv_BKSE = _call(
+      functools.partial(_dkdv_kernel, cfg=cfg, S=S, Tp=Tp, G=G), cfg, width,
+      grid=(B, K, Sp // bk),
+      in_specs=[grp(Dp), key(Dp), key(Ep), grp(Ep), grp(1), grp(1)],
+      out_specs=[key(Dp), key(Ep)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+  )(group(q), k, v, group(do), group(lse_BHT1), group(delta_BHT1))
+  return _seq_first(dq_BHTD, T, D), _seq_first(dk_BKSD, S, D), _seq_first(dv_BKSE, S, E)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
+  return _forward(q_BTHD, k_BSKD, v_BSKE, cfg)[0]
+
+
+def _flash_fwd(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
+  o_BTHE, lse_BHT1 = _forward(q_BTHD, k_BSKD, v_BSKE, cfg)
+  return o_BTHE, (q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT1)
+
+
+_flash.defvjp(_flash_fwd, _backward)
+
+
+def _check(q_BTHD, k_BSKD, v_BSKE):
+  """The shape contract of dba_jax.ops.attention (restated: dba_kernels does not import dba_jax)."""
+  B, T, H, D = q_BTHD.shape
+  if k_BSKD.shape[:3] != v_BSKE.shape[:3] or k_BSKD.shape[0] != B or k_BSKD.shape[3] != D or H % k_BSKD.shape[2]:
+    raise ValueError(f"attention shapes do not fit: q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKE.shape}")
+
+
+def _block(requested: int, n: int, name: str) -> int:
+  if requested < MIN_BLOCK or requested & (requested - 1):
+    raise ValueError(f"{name}={requested} must be a power of two >= {MIN_BLOCK}")
+  return min(requested, _width(n))  # short sequences get a smaller tile, not a mostly-padding one
+
+
+def flash_attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, block_q=BLOCK_Q,
+                    block_k=BLOCK_K, precision=None):
+  """Softmax attention as `dba_jax.ops.attention_reference`, differentiable, without the [T, S] score matrix.
+
+  q [B, T, H, D], k [B, S, K, D], v [B, S, K, E] (one dtype) -> [B, T, H, E]. H % K == 0; query head h uses kv
+  head h // (H // K). `scale` defaults to D**-0.5. Causal: query t sees keys c <= t + n_prefix (the first
+  n_prefix key columns are always visible). `precision` defaults to HIGHEST for float32/float64 inputs and
+  DEFAULT for 16-bit ones; accumulation is always at least float32.
+  """
+  _check(q_BTHD, k_BSKD, v_BSKE)
+  if not q_BTHD.dtype == k_BSKD.dtype == v_BSKE.dtype:
+    raise ValueError(f"q/k/v dtypes differ: {q_BTHD.dtype}, {k_BSKD.dtype}, {v_BSKE.dtype}")
+  T, S, D = q_BTHD.shape[1], k_BSKD.shape[1], q_BTHD.shape[3]
+  if T == 0 or S == 0:
+    raise ValueError("flash_attention needs at least one query and one key")
+  if n_prefix < 0:
+    raise ValueError(f"n_prefix={n_prefix} must be >= 0")
+  if precision is None:
+    precision = lax.Precision.HIGHEST if jnp.finfo(q_BTHD.dtype).bits >= 32 else lax.Precision.DEFAULT
+  cfg = _Cfg(scale=float(D ** -0.5 if scale is None else scale), causal=bool(causal), n_prefix=int(n_prefix),
+             block_q=_block(block_q, T, "block_q"), block_k=_block(block_k, S, "block_k"), precision=precision,
+             platform=_platform())
+  return _flash(q_BTHD, k_BSKD, v_BSKE, cfg)
+
+
+def padded_dot_product_attention(q_BTHD, k_BSKD, v_BSKE, *, scale, n_prefix=0, causal=True, implementation=None):
+  """The no-kernel baseline: zero-pad q/k/v head dims to one width, run jax.nn.dot_product_attention, slice E.
+
+  Zero columns change neither q.k nor the first E output columns. The width is rounded up to a multiple of 8,
+  which cuDNN wants. n_prefix > 0 (or S != T) needs an explicit boolean mask instead of is_causal.
+  """
+  _check(q_BTHD, k_BSKD, v_BSKE)
+  T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+  D, E = q_BTHD.shape[3], v_BSKE.shape[3]
+  W = -(-max(D, E) // 8) * 8
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, W - x.shape[3])))
+  mask, is_causal = None, False
+  if causal and n_prefix == 0 and S == T:
+    is_causal = True
+  elif causal:
+    # dba_jax.ops.visible_mask: key column c is visible to query t iff c - n_prefix <= t (prefix always)
+    mask = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + n_prefix)[None, None]
+  out_BTHW = jax.nn.dot_product_attention(pad(q_BTHD), pad(k_BSKD), pad(v_BSKE), scale=scale, mask=mask,
+                                          is_causal=is_causal, implementation=implementation)
+  return out_BTHW[..., :E]

@@ -1,0 +1,141 @@
+"""Blocked protect-and-attack scan down the query axis (selective.md §5.4), with a closed-form custom VJP (Pallas).
+
+Per key column, scanning queries t: the attack a_t first spends the protection pool R (damage is what the pool
+cannot absorb; the turn is flagged d_t = 1 when the pool ends empty, equality included), then the pool gains p_t.
+The output is the accumulated damage D_t >= 0, inclusive of turn t (H = -D in selective.md).
+
+Forward: one program per (row, key block). It walks the query blocks in order and, inside a block, the rows one
+at a time (a fori_loop), vectorised over the block's key columns. Carried across blocks: the pool R and the
+damage at the block's start. Damage within a block is summed from 0 and the start carry is added once per row,
+so fp32 rounding error grows with the block size plus the number of blocks, not with T (a sequential fp32
+running sum over T was the original project's bug, selective.md §5.1). The kernel also writes the int8 flag d_t,
+the only residual the backward needs.
+
+Backward (closed form): with R_t = sum_{k >= t} dH_k (dH = -dD) and e(t) the first k >= t with d_k = 1,
+dA_t = -R_{e(t)} and dP_t = R_{e(t+1)} (0 where no such k). The same grid walks the query blocks in reverse and
+the rows of each block in reverse by index, carrying the suffix sum (again per block, plus a block carry) and the
+value of R at the most recent flagged turn seen from the right. No reverse-scan or flip inside the kernel.
+
+T and S are padded to block multiples outside the kernel: padded rows come after every real row and have zero
+attack, protection and cotangent, so they change no real output. Accumulation is in at least float32 (float64
+for float64 inputs). On CPU the kernel runs with interpret=True.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+BLOCK_T = 64
+BLOCK_S = 64
+
+
+def _interpret() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _forward_kernel(a_ref, p_ref, d_ref, hit_ref, *, block_t: int, n_blocks: int):
+  acc = d_ref.dtype
+  zero_1S = jnp.zeros((1, a_ref.shape[-1]), acc)
+
+  def block(b, carry):
+    pool_1S, start_1S = carry
+
+    def row(i, state):
+      pool_1S, part_1S = state
+      t = b * block_t + i
+      left_1S = pool_1S - a_ref[pl.ds(t, 1), :].astype(acc)
+      hit_1S = left_1S <= 0  # the pool cannot absorb the attack: the rest is damage
+      part_1S = part_1S + jnp.where(hit_1S, -left_1S, 0)
+      d_ref[pl.ds(t, 1), :] = start_1S + part_1S
+      hit_ref[pl.ds(t, 1), :] = hit_1S.astype(hit_ref.dtype)
+      pool_1S = jnp.where(hit_1S, 0, left_1S) + p_ref[pl.ds(t, 1), :].astype(acc)  # protect after the attack
+      return pool_1S, part_1S
+
+    pool_1S, part_1S = jax.lax.fori_loop(0, block_t, row, (pool_1S, zero_1S))
+    return pool_1S, start_1S + part_1S
+
+  jax.lax.fori_loop(0, n_blocks, block, (zero_1S, zero_1S))
+
+
+def _backward_kernel(hit_ref, g_ref, da_ref, dp_ref, *, block_t: int, n_blocks: int):
+  acc = da_ref.dtype
+  zero_1S = jnp.zeros((1, g_ref.shape[-1]), acc)
+
+  def block(i, carry):
+    suffix_1S, last_1S = carry  # R just after this block; R at the nearest flagged turn to the right (0: none)
+    b = n_blocks - 1 - i
+
+    def row(k, state):
+      part_1S, last_1S = state
+      t = b * block_t + (block_t - 1 - k)
+      part_1S = part_1S - g_ref[pl.ds(t, 1), :].astype(acc)  # dH = -dD
+      r_1S = suffix_1S + part_1S
+      dp_ref[pl.ds(t, 1), :] = last_1S  # R_{e(t+1)}: read before turn t can become the nearest flag
+      last_1S = jnp.where(hit_ref[pl.ds(t, 1), :] != 0, r_1S, last_1S)
+      da_ref[pl.ds(t, 1), :] = -last_1S
+      return part_1S, last_1S
+
+    part_1S, last_1S = jax.lax.fori_loop(0, block_t, row, (zero_1S, last_1S))
+    return suffix_1S + part_1S, last_1S
+
+  jax.lax.fori_loop(0, n_blocks, block, (zero_1S, zero_1S))
+
+
+def _call(kernel, inputs, out_dtypes, block_t: int, block_s: int):
+  """Runs `kernel` on padded [R, Tp, Sp] inputs, one program per (row, key block)."""
+  R, Tp, Sp = inputs[0].shape
+  spec = pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j))
+  return pl.pallas_call(
+      functools.partial(kernel, block_t=block_t, n_blocks=Tp // block_t),
+      grid=(R, Sp // block_s),
+      in_specs=[spec] * len(inputs),
+      out_specs=[spec] * len(out_dtypes),
+      out_shape=[jax.ShapeDtypeStruct((R, Tp, Sp), dt) for dt in out_dtypes],
+      interpret=_interpret(),
+  )(*inputs)
+
+
+def _pad3(x, block_t: int, block_s: int):
+  *lead, T, S = x.shape
+  Tp, Sp = -(-T // block_t) * block_t, -(-S // block_s) * block_s
+  return jnp.pad(x.reshape(-1, T, S), ((0, 0), (0, Tp - T), (0, Sp - S)))
+
+
+def _forward(a, p, block_t: int, block_s: int):
+  *lead, T, S = a.shape
+  acc = jnp.promote_types(jnp.promote_types(a.dtype, p.dtype), jnp.float32)
+  damage, hit = _call(_forward_kernel, [_pad3(a, block_t, block_s), _pad3(p, block_t, block_s)],
+                      [acc, jnp.int8], block_t, block_s)
+  return damage[:, :T, :S].reshape(*lead, T, S), hit
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _protect_and_attack(a, p, block_t, block_s):
+  return _forward(a, p, block_t, block_s)[0]
+
+
+def _fwd(a, p, block_t, block_s):
+  damage, hit = _forward(a, p, block_t, block_s)
+  # residual: the padded flags and the input dtypes (empty arrays)
+  return damage, (hit, jnp.zeros((0,), a.dtype), jnp.zeros((0,), p.dtype))
+
+
+def _bwd(block_t, block_s, res, g):
+  hit, a_like, p_like = res
+  *lead, T, S = g.shape
+  d_a, d_p = _call(_backward_kernel, [hit, _pad3(g, block_t, block_s)], [g.dtype, g.dtype], block_t, block_s)
+  unpad = lambda x, like: x[:, :T, :S].reshape(*lead, T, S).astype(like.dtype)
+  return unpad(d_a, a_like), unpad(d_p, p_like)
+
+
+_protect_and_attack.defvjp(_fwd, _bwd)
+
+
+def protect_and_attack(a, p, block_t: int = BLOCK_T, block_s: int = BLOCK_S):
+  """Accumulated damage D[..., t, j] >= 0 (inclusive of turn t) for attacks a >= 0 and protections p >= 0 along
+  axis -2, accumulated in at least float32; same semantics as dba_jax.selective.protect_and_attack."""
+  shape = jnp.broadcast_shapes(a.shape, p.shape)
+  return _protect_and_attack(jnp.broadcast_to(a, shape), jnp.broadcast_to(p, shape), block_t, block_s)

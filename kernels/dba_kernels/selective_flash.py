@@ -1,0 +1,510 @@
+"""Fused selective attention (selective.md §1.2, §3) with O(T) activations: flash-style forward and backward (Pallas).
+
+Math (default selection, one shared mask per layer): L_h = scale q_h k_h^T; S = ReLU(L_sel) on the causal part
+(future entries 0), S[:, 0] = 0 if protect_bos, S[i, i] = 0 unless allow_self_mask;
+F[i, j] = sum_{k < i} S[k, j]; out_h = softmax_{j <= i}(L_h - F) v_h for every head, the selection head included.
+
+Neither S, F nor the probabilities are ever materialised. F is rebuilt tile by tile from two pieces:
+  C[b, qb, j] = sum of S[:, j] over all query rows in query blocks before qb (a per-block column carry), and
+  the in-tile exclusive prefix: a strictly-lower-triangular ones [Bq, Bq] matmul with the S tile
+(no cumsum primitive: Mosaic TPU has none and Triton has no reverse one; matmuls run on tensor cores / the MXU).
+
+Kernels (Bq = block_q, Bk = block_k, nq = Tp / Bq, nk = Tp / Bk, Tp = T padded to a multiple of both):
+  carry   grid (B, nk): per key block, walk the query blocks in order recomputing the selection head's logits
+          tile, and write C before adding each block's column sums. Output C_kq [B, nk, nq, Bk].
+  forward grid (B, H, nq): one program per (batch, head, query block); it streams the causal key blocks with an
+          online softmax. Every program recomputes the selection head's logits/S tile itself (grid over heads,
+          not a loop over heads inside): that costs one extra QK^T per tile but keeps one head's accumulator in
+          registers, which scales to many heads on GPUs. Saves the log-sum-exp per (head, query).
+  backward, with dZ_h = P_h (dP_h - delta_h), delta_h = rowsum(dO_h O_h), dF = -sum_h dZ_h,
+          dS[k, j] = sum_{i > k} dF[i, j] and G = dS on the kept, causal entries where L_sel > 0:
+    sel_kv  grid (B, nk): per key block, walk the query blocks in reverse, summing dZ over all heads (a loop
+            over heads inside) to form the dF tile; the strict suffix sum is the carry of dF column sums from
+            later blocks plus a strictly-upper-triangular ones matmul. Accumulates dk_sel += scale G^T q_sel and
+            writes the carries R[b, qb, j] = sum of dF[:, j] over query blocks after qb.
+    sel_q   grid (B, nq): per query block, the same dF tiles (all heads) and R give G; dq_sel += scale G k_sel.
+    dkdv    grid (B, H, nk): the usual flash dk, dv per head (logits recomputed with F, as in the forward).
+    dq      grid (B, H, nq): the usual flash dq per head.
+  Outside the kernels (XLA): transposes to [B, H, T, D], zero padding of T and of head dims to a power of
+  two >= 16 (zeros change no dot product), delta, and adding the selection extras into the selection head's
+  dq and dk.
+
+Extra memory beyond plain flash attention (all float32, float64 for float64 inputs):
+  forward residual C: B * nq * Tp = B * Tp^2 / Bq values (T = 4096, Bq = 64: 256K values = 1 MiB per batch row),
+  the log-sum-exp B * H * Tp; the residuals also keep T-padded [B, H, Tp, D] copies of q, k, v and out.
+  Backward transients: R (B * Tp^2 / Bq), transposed copies of C and R (same size each), delta (B * H * Tp), the
+  selection extras (B * Tp * D each) and float32 dq, dk, dv before the final cast.
+
+Dtypes: bf16, f32 or f64 inputs; logits, S, F, softmax and every accumulator are float32 (float64 for float64
+inputs); the output is in the input dtype. Products of input-dtype operands use Precision.HIGHEST for f32/f64
+(so Triton does not drop to TF32, which would put a 1e-3 relative error into F) and the native bf16 path for
+bf16 (probabilities and dZ are cast to bf16 for their matmuls, as flash attention does). The triangular
+matmuls always run in float32 at HIGHEST precision.
+
+Not supported here (use dba_jax.selective): leaky ReLU, relu_after_cumsum, protection, several masks
+(selection_heads / slices / combos), disable_selection, return_mask, segment ids or non-causal attention.
+On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the whole sequence in VMEM, which
+bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
+
+On CPU the kernels run with interpret=True; on GPU they use the Triton backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+BLOCK_Q = 64
+BLOCK_K = 64
+MIN_BLOCK = 16  # Triton dots need every dimension >= 16
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so no inf - inf; exp() of it is exactly 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  scale: float
+  protect_bos: bool
+  allow_self_mask: bool
+  sel: int
+  bq: int
+  bk: int
+  T: int
+
+
+# ------------------------------------------------------------------------------------------------- backend glue
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _call(kernel, **kw):
+  backend = _backend()
+  params = {}
+  if backend == "gpu":
+    from jax.experimental.pallas import triton as pltriton
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)  # Triton, not Mosaic GPU
+  return pl.pallas_call(kernel, interpret=backend == "cpu", **params, **kw)
+
+
+# ------------------------------------------------------------------------------------------- in-kernel helpers
+
+def _dot(a, b, acc, trans_b=False):
+  """a @ b (or a @ b^T) with `acc` accumulation; full precision for f32/f64 operands."""
+  if a.dtype != b.dtype:
+    raise TypeError(f"dot operands differ: {a.dtype} vs {b.dtype}")
+  prec = jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else jax.lax.Precision.HIGHEST
+  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
+
+
+def _iota2(shape, dim):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _strict_lower(n, acc):
+  return (_iota2((n, n), 1) < _iota2((n, n), 0)).astype(acc)  # [i, k] = 1 for k < i
+
+
+def _strict_upper(n, acc):
+  return (_iota2((n, n), 1) > _iota2((n, n), 0)).astype(acc)  # [k, i] = 1 for i > k
+
+
+def _tile_masks(cfg: _Cfg, qb, kb):
+  """causal and kept (selection-eligible) entries of the [Bq, Bk] tile at query block qb, key block kb."""
+  rows_QK = qb * cfg.bq + _iota2((cfg.bq, cfg.bk), 0)
+  cols_QK = kb * cfg.bk + _iota2((cfg.bq, cfg.bk), 1)
+  causal_QK = cols_QK <= rows_QK
+  keep_QK = causal_QK
+  if cfg.protect_bos:
+    keep_QK = keep_QK & (cols_QK != 0)
+  if not cfg.allow_self_mask:
+    keep_QK = keep_QK & (cols_QK != rows_QK)
+  return causal_QK, keep_QK
+
+
+def _scores(cfg: _Cfg, qs_QD, ks_KD, keep_QK, acc):
+  """Selection head's scaled logits and S = ReLU on the kept entries (future entries are not kept)."""
+  lsel_QK = _dot(qs_QD, ks_KD, acc, trans_b=True) * cfg.scale
+  return lsel_QK, jnp.where(keep_QK, jnp.maximum(lsel_QK, 0), 0).astype(acc)
+
+
+def _logits(cfg: _Cfg, q_QD, k_KD, f_QK, causal_QK, acc):
+  z_QK = _dot(q_QD, k_KD, acc, trans_b=True) * cfg.scale - f_QK
+  return jnp.where(causal_QK, z_QK, MASK_VALUE)
+
+
+def _dz(cfg, q_QD, k_KD, v_KE, do_QE, lse_Q1, delta_Q1, f_QK, causal_QK, acc):
+  """Probabilities and the gradient of the pre-softmax logits (L_h - F) for one head's tile."""
+  p_QK = jnp.exp(_logits(cfg, q_QD, k_KD, f_QK, causal_QK, acc) - lse_Q1)
+  dp_QK = _dot(do_QE, v_KE, acc, trans_b=True)
+  return p_QK, p_QK * (dp_QK - delta_Q1)
+
+
+def _i32(n):
+  return jnp.asarray(n, jnp.int32)  # loop bounds and block indices stay int32 under jax.enable_x64
+
+
+def _n_key_blocks(cfg, qb):
+  """Key blocks with any causal entry for query block qb: ceil((qb + 1) Bq / Bk) (lax.div: Triton-safe ints)."""
+  return jax.lax.div((qb + 1) * cfg.bq + cfg.bk - 1, _i32(cfg.bk))
+
+
+def _first_query_block(cfg, kb):
+  """First query block whose rows reach key block kb; earlier ones see only future keys there."""
+  return jax.lax.div(kb * cfg.bk, _i32(cfg.bq))
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+def _carry_kernel(qs_ref, ks_ref, c_ref, *, cfg: _Cfg, nq: int, acc):
+  kb = pl.program_id(1)
+  ks_KD = ks_ref[...]
+  qb0 = _first_query_block(cfg, kb)
+
+  def zero(qb, _):
+    c_ref[pl.ds(qb, 1), :] = jnp.zeros((1, cfg.bk), acc)
+
+  def body(qb, carry_1K):
+    c_ref[pl.ds(qb, 1), :] = carry_1K  # exclusive: rows of blocks before qb only
+    _, keep_QK = _tile_masks(cfg, qb, kb)
+    _, s_QK = _scores(cfg, qs_ref[pl.ds(qb * cfg.bq, cfg.bq), :], ks_KD, keep_QK, acc)
+    return carry_1K + s_QK.sum(axis=0, keepdims=True)
+
+  jax.lax.fori_loop(_i32(0), qb0, zero, None)  # carry None: a constant carry does not lower in Triton
+  jax.lax.fori_loop(qb0, _i32(nq), body, jnp.zeros((1, cfg.bk), acc))
+
+
+def _fwd_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, c_ref, o_ref, lse_ref, *, cfg: _Cfg, acc):
+  qi = pl.program_id(2)
+  q_QD, qs_QD = q_ref[...], qs_ref[...]
+  tril_QQ = _strict_lower(cfg.bq, acc)
+
+  def body(kb, state):
+    o_QE, m_Q1, l_Q1 = state
+    ksl = pl.ds(kb * cfg.bk, cfg.bk)
+    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
+    _, s_QK = _scores(cfg, qs_QD, ks_ref[ksl, :], keep_QK, acc)
+    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    z_QK = _logits(cfg, q_QD, k_ref[ksl, :], f_QK, causal_QK, acc)
+    m_new_Q1 = jnp.maximum(m_Q1, z_QK.max(axis=1, keepdims=True))
+    rescale_Q1 = jnp.exp(m_Q1 - m_new_Q1)
+    p_QK = jnp.exp(z_QK - m_new_Q1)
+    v_KE = v_ref[ksl, :]
+    o_QE = rescale_Q1 * o_QE + _dot(p_QK.astype(v_KE.dtype), v_KE, acc)
+    return o_QE, m_new_Q1, rescale_Q1 * l_Q1 + p_QK.sum(axis=1, keepdims=True)
+
+  e = o_ref.shape[-1]
+  init = (jnp.zeros((cfg.bq, e), acc), jnp.full((cfg.bq, 1), MASK_VALUE, acc), jnp.zeros((cfg.bq, 1), acc))
+  # Key block 0 holds key 0, which every row sees, so m and l are finite after the first step.
+  o_QE, m_Q1, l_Q1 = jax.lax.fori_loop(_i32(0), _n_key_blocks(cfg, qi), body, init)
+  o_ref[...] = (o_QE / l_Q1).astype(o_ref.dtype)
+  lse_ref[...] = m_Q1 + jnp.log(l_Q1)
+
+
+def _sel_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref, dks_ref, *, cfg: _Cfg,
+                   n_heads: int, nq: int, acc):
+  kb = pl.program_id(1)
+  qb0 = _first_query_block(cfg, kb)
+  tril_QQ, triu_QQ = _strict_lower(cfg.bq, acc), _strict_upper(cfg.bq, acc)
+  ks_KD = k_ref[cfg.sel]
+
+  def body(t, state):
+    carry_1K, dks_KD = state
+    qb = nq - 1 - t  # reverse order: the carry is the dF column sum over later query blocks
+    qsl = pl.ds(qb * cfg.bq, cfg.bq)
+    causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
+    qs_QD = q_ref[cfg.sel, qsl, :]
+    lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
+    f_QK = c_ref[pl.ds(qb, 1), :] + _dot(tril_QQ, s_QK, acc)
+
+    def head(h, df_QK):
+      _, dz_QK = _dz(cfg, q_ref[h, qsl, :], k_ref[h], v_ref[h], do_ref[h, qsl, :], lse_ref[h, qsl, :],
+                     delta_ref[h, qsl, :], f_QK, causal_QK, acc)
+      return df_QK - dz_QK  # F enters every head's logits with a minus sign
+
+    df_QK = jax.lax.fori_loop(_i32(0), _i32(n_heads), head, jnp.zeros((cfg.bq, cfg.bk), acc))
+    r_ref[pl.ds(qb, 1), :] = carry_1K
+    ds_QK = carry_1K + _dot(triu_QQ, df_QK, acc)  # dS[k] = sum_{i > k} dF[i]
+    g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)  # ReLU'(0) = 0, as jax.nn.relu
+    dks_KD = dks_KD + _dot(g_QK.T.astype(qs_QD.dtype), qs_QD, acc)
+    return carry_1K + df_QK.sum(axis=0, keepdims=True), dks_KD
+
+  init = (jnp.zeros((1, cfg.bk), acc), jnp.zeros(dks_ref.shape, acc))
+  carry_1K, dks_KD = jax.lax.fori_loop(_i32(0), nq - qb0, body, init)
+
+  def fill(qb, _):  # blocks entirely above the diagonal: their dF tiles are 0, so the carry is final
+    r_ref[pl.ds(qb, 1), :] = carry_1K
+
+  jax.lax.fori_loop(_i32(0), qb0, fill, None)
+  dks_ref[...] = (dks_KD * cfg.scale).astype(dks_ref.dtype)
+
+
+def _sel_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref, dqs_ref, *, cfg: _Cfg,
+                  n_heads: int, acc):
+  qi = pl.program_id(1)
+  tril_QQ, triu_QQ = _strict_lower(cfg.bq, acc), _strict_upper(cfg.bq, acc)
+  qs_QD = q_ref[cfg.sel]
+
+  def body(kb, dqs_QD):
+    ksl = pl.ds(kb * cfg.bk, cfg.bk)
+    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
+    ks_KD = k_ref[cfg.sel, ksl, :]
+    lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
+    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
+
+    def head(h, df_QK):
+      _, dz_QK = _dz(cfg, q_ref[h], k_ref[h, ksl, :], v_ref[h, ksl, :], do_ref[h], lse_ref[h], delta_ref[h],
+                     f_QK, causal_QK, acc)
+      return df_QK - dz_QK
+
+    df_QK = jax.lax.fori_loop(_i32(0), _i32(n_heads), head, jnp.zeros((cfg.bq, cfg.bk), acc))
+    ds_QK = r_ref[pl.ds(kb, 1), :] + _dot(triu_QQ, df_QK, acc)
+    g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)
+    return dqs_QD + _dot(g_QK.astype(ks_KD.dtype), ks_KD, acc)
+
+  dqs_QD = jax.lax.fori_loop(_i32(0), _n_key_blocks(cfg, qi), body, jnp.zeros(dqs_ref.shape, acc))
+  dqs_ref[...] = (dqs_QD * cfg.scale).astype(dqs_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, dk_ref, dv_ref, *,
+                 cfg: _Cfg, nq: int, acc):
+  kb = pl.program_id(2)
+  tril_QQ = _strict_lower(cfg.bq, acc)
+  k_KD, ks_KD, v_KE = k_ref[...], ks_ref[...], v_ref[...]
+
+  def body(qb, state):
+    dk_KD, dv_KE = state
+    qsl = pl.ds(qb * cfg.bq, cfg.bq)
+    causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
+    _, s_QK = _scores(cfg, qs_ref[qsl, :], ks_KD, keep_QK, acc)
+    f_QK = c_ref[pl.ds(qb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    q_QD, do_QE = q_ref[qsl, :], do_ref[qsl, :]
+    p_QK, dz_QK = _dz(cfg, q_QD, k_KD, v_KE, do_QE, lse_ref[qsl, :], delta_ref[qsl, :], f_QK, causal_QK, acc)
+    dv_KE = dv_KE + _dot(p_QK.T.astype(do_QE.dtype), do_QE, acc)
+    dk_KD = dk_KD + _dot(dz_QK.T.astype(q_QD.dtype), q_QD, acc)
+    return dk_KD, dv_KE
+
+  init = (jnp.zeros(dk_ref.shape, acc), jnp.zeros(dv_ref.shape, acc))
+  dk_KD, dv_KE = jax.lax.fori_loop(_first_query_block(cfg, kb), _i32(nq), body, init)
+  dk_ref[...] = (dk_KD * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_KE.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, dq_ref, *, cfg: _Cfg, acc):
+  qi = pl.program_id(2)
+  tril_QQ = _strict_lower(cfg.bq, acc)
+  q_QD, qs_QD, do_QE = q_ref[...], qs_ref[...], do_ref[...]
+  lse_Q1, delta_Q1 = lse_ref[...], delta_ref[...]
+
+  def body(kb, dq_QD):
+    ksl = pl.ds(kb * cfg.bk, cfg.bk)
+    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
+    _, s_QK = _scores(cfg, qs_QD, ks_ref[ksl, :], keep_QK, acc)
+    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    k_KD = k_ref[ksl, :]
+    _, dz_QK = _dz(cfg, q_QD, k_KD, v_ref[ksl, :], do_QE, lse_Q1, delta_Q1, f_QK, causal_QK, acc)
+    return dq_QD + _dot(dz_QK.astype(k_KD.dtype), k_KD, acc)
+
+  dq_QD = jax.lax.fori_loop(_i32(0), _n_key_blocks(cfg, qi), body, jnp.zeros(dq_ref.shape, acc))
+  dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ pallas calls
+
+def _acc(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _carries(cfg: _Cfg, q, k):
+  """C_kq [B, nk, nq, Bk]: C_kq[b, kb, qb, c] = sum of S[:, kb Bk + c] over rows of query blocks < qb."""
+  B, _, Tp, D = q.shape
+  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  return _call(
+      functools.partial(_carry_kernel, cfg=cfg, nq=nq, acc=acc),
+      grid=(B, nk),
+      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, j: (b, cfg.sel, 0, 0)),
+                pl.BlockSpec((None, None, cfg.bk, D), lambda b, j: (b, cfg.sel, j, 0))],
+      out_specs=pl.BlockSpec((None, None, nq, cfg.bk), lambda b, j: (b, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, nk, nq, cfg.bk), acc),
+  )(q, k)
+
+
+def _swap_blocks(x_kq):
+  """[B, nk, nq, Bk] <-> [B, nq, nk, Bk]: per-key-block programs read one layout, per-query-block ones the other."""
+  return jnp.swapaxes(x_kq, 1, 2)
+
+
+def _forward(cfg: _Cfg, q, k, v):
+  """Padded [B, H, Tp, *] inputs -> out [B, H, Tp, E], lse [B, H, Tp, 1], C_kq."""
+  B, H, Tp, D = q.shape
+  E = v.shape[-1]
+  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  c_kq = _carries(cfg, q, k)
+  out, lse = _call(
+      functools.partial(_fwd_kernel, cfg=cfg, acc=acc),
+      grid=(B, H, nq),
+      in_specs=[pl.BlockSpec((None, None, cfg.bq, D), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, cfg.bq, D), lambda b, h, i: (b, cfg.sel, i, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, cfg.sel, 0, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, nk, cfg.bk), lambda b, h, i: (b, i, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, cfg.bq, E), lambda b, h, i: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, cfg.bq, 1), lambda b, h, i: (b, h, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), acc)],
+  )(q, q, k, k, v, _swap_blocks(c_kq))
+  return out, lse, c_kq
+
+
+def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
+  B, H, Tp, D = q.shape
+  E = v.shape[-1]
+  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  bq, bk, sel = cfg.bq, cfg.bk, cfg.sel
+  delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)  # [B, H, Tp, 1]
+  c_qk = _swap_blocks(c_kq)
+
+  r_kq, dks = _call(
+      functools.partial(_sel_kv_kernel, cfg=cfg, n_heads=H, nq=nq, acc=acc),
+      grid=(B, nk),
+      in_specs=[pl.BlockSpec((None, H, Tp, D), lambda b, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, H, bk, D), lambda b, j: (b, 0, j, 0)),
+                pl.BlockSpec((None, H, bk, E), lambda b, j: (b, 0, j, 0)),
+                pl.BlockSpec((None, H, Tp, E), lambda b, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, H, Tp, 1), lambda b, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, H, Tp, 1), lambda b, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, None, nq, bk), lambda b, j: (b, j, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, nq, bk), lambda b, j: (b, j, 0, 0)),
+                 pl.BlockSpec((None, bk, D), lambda b, j: (b, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, nk, nq, bk), acc), jax.ShapeDtypeStruct((B, Tp, D), acc)],
+  )(q, k, v, do, lse, delta, c_kq)
+
+  dqs = _call(
+      functools.partial(_sel_q_kernel, cfg=cfg, n_heads=H, acc=acc),
+      grid=(B, nq),
+      in_specs=[pl.BlockSpec((None, H, bq, D), lambda b, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, H, Tp, D), lambda b, i: (b, 0, 0, 0)),
+                pl.BlockSpec((None, H, Tp, E), lambda b, i: (b, 0, 0, 0)),
+                pl.BlockSpec((None, H, bq, E), lambda b, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, H, bq, 1), lambda b, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, H, bq, 1), lambda b, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, None, nk, bk), lambda b, i: (b, i, 0, 0)),
+                pl.BlockSpec((None, None, nk, bk), lambda b, i: (b, i, 0, 0))],
+      out_specs=pl.BlockSpec((None, bq, D), lambda b, i: (b, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, Tp, D), acc),
+  )(q, k, v, do, lse, delta, c_qk, _swap_blocks(r_kq))
+
+  dk, dv = _call(
+      functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, acc=acc),
+      grid=(B, H, nk),
+      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, h, j: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, h, j: (b, sel, 0, 0)),
+                pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0)),
+                pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, sel, j, 0)),
+                pl.BlockSpec((None, None, bk, E), lambda b, h, j: (b, h, j, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, h, j: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Tp, 1), lambda b, h, j: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Tp, 1), lambda b, h, j: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, nq, bk), lambda b, h, j: (b, j, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0)),
+                 pl.BlockSpec((None, None, bk, E), lambda b, h, j: (b, h, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), acc), jax.ShapeDtypeStruct((B, H, Tp, E), acc)],
+  )(q, q, k, k, v, do, lse, delta, c_kq)
+
+  dq = _call(
+      functools.partial(_dq_kernel, cfg=cfg, acc=acc),
+      grid=(B, H, nq),
+      in_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, sel, i, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, sel, 0, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, nk, bk), lambda b, h, i: (b, i, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), acc),
+  )(q, q, k, k, v, do, lse, delta, c_qk)
+
+  # The selection head's q and k also feed F for every head.
+  return dq.at[:, sel].add(dqs), dk.at[:, sel].add(dks), dv
+
+
+# ---------------------------------------------------------------------------------------------- layout + vjp
+
+def _pad_dim(n):
+  return max(MIN_BLOCK, 1 << (n - 1).bit_length())
+
+
+def _to_kernel(x_BTHD, Tp):
+  """[B, T, H, D] -> [B, H, Tp, Dp]: zero rows for padded positions, zero columns up to a power of two."""
+  _, T, _, D = x_BTHD.shape
+  x = jnp.swapaxes(x_BTHD, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, _pad_dim(D) - D)))
+
+
+def _from_kernel(x_BHTD, T, D, dtype):
+  return jnp.swapaxes(x_BHTD[:, :, :T, :D], 1, 2).astype(dtype)
+
+
+def _prepare(cfg: _Cfg, q, k, v):
+  Tp = -(-cfg.T // max(cfg.bq, cfg.bk)) * max(cfg.bq, cfg.bk)  # blocks are powers of two: a multiple of both
+  return _to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Cfg, q, k, v):
+  return _flash_fwd(cfg, q, k, v)[0]
+
+
+def _flash_fwd(cfg: _Cfg, q, k, v):
+  qp, kp, vp = _prepare(cfg, q, k, v)
+  out, lse, c_kq = _forward(cfg, qp, kp, vp)
+  # Zero-size arrays carry the original shapes and dtypes to the backward without holding data.
+  shapes = tuple(jnp.zeros((0,) + x.shape[2:], x.dtype) for x in (q, k, v))
+  return _from_kernel(out, cfg.T, v.shape[-1], q.dtype), (qp, kp, vp, out, lse, c_kq, shapes)
+
+
+def _flash_bwd(cfg: _Cfg, res, g):
+  qp, kp, vp, out, lse, c_kq, shapes = res
+  do = _to_kernel(g.astype(out.dtype), qp.shape[2])
+  dq, dk, dv = _backward(cfg, qp, kp, vp, out, lse, c_kq, do)
+  return tuple(_from_kernel(d, cfg.T, s.shape[-1], s.dtype) for d, s in zip((dq, dk, dv), shapes))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _block(requested: int, T: int, name: str) -> int:
+  if requested < MIN_BLOCK or requested & (requested - 1):
+    raise ValueError(f"{name}={requested} must be a power of two >= {MIN_BLOCK}")
+  return min(requested, _pad_dim(T))  # short sequences need no block larger than themselves
+
+
+def selective_flash_attention(q_BTHD, k_BTHD, v_BTHD, *, scale=None, protect_bos=True, allow_self_mask=False,
+                              selection_head=0, block_q=BLOCK_Q, block_k=BLOCK_K):
+  """softmax_{j <= i}(L_h - F) v_h for every head h, F from head `selection_head` (which also attends).
+
+  q, k [B, T, H, D]; v [B, T, H, E]; any T >= 1 and head dims (padded internally to a power of two >= 16);
+  bf16, f32 or f64 with at least float32 accumulation; the output [B, T, H, E] is in q's dtype. Matches
+  dba_jax.selective.selective_attention with the default selection options. Differentiable in q, k and v
+  (custom VJP, including the path through F into the selection head's q and k)."""
+  B, T, H, D = q_BTHD.shape
+  if k_BTHD.shape != (B, T, H, D) or v_BTHD.ndim != 4 or v_BTHD.shape[:3] != (B, T, H):
+    raise ValueError(f"need q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
+                     f"{q_BTHD.shape}, {k_BTHD.shape}, {v_BTHD.shape}")
+  if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype):
+    raise TypeError(f"q, k, v dtypes differ: {q_BTHD.dtype}, {k_BTHD.dtype}, {v_BTHD.dtype}")
+  if q_BTHD.dtype not in (jnp.bfloat16, jnp.float32, jnp.float64):
+    raise TypeError(f"unsupported dtype {q_BTHD.dtype} (bf16, f32 or f64)")
+  if not 0 <= selection_head < H:
+    raise ValueError(f"selection_head={selection_head} is not a head index (H={H})")
+  cfg = _Cfg(scale=float(D ** -0.5 if scale is None else scale), protect_bos=bool(protect_bos),
+             allow_self_mask=bool(allow_self_mask), sel=int(selection_head),
+             bq=_block(block_q, T, "block_q"), bk=_block(block_k, T, "block_k"), T=T)
+  return _flash(cfg, q_BTHD, k_BTHD, v_BTHD)

@@ -1,0 +1,149 @@
+"""Flash-attention Pallas kernel (interpret mode on CPU) against dba_jax.ops.attention_reference.
+
+Shapes are DBA's: q/k head dim D = sem + geo differs from v's E, GQA with K kv heads, causal with n_prefix
+always-visible null-token columns (S = T + n_prefix), T not a multiple of the blocks.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dba_jax import ops
+from dba_kernels import flash_attention as fa
+
+# Interpret-mode kernels are large HLO; XLA's backend optimizations cost more time than they save here.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _inputs(B, T, H, K, D, E, S, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(rng.normal(size=s) for s in [(B, T, H, D), (B, S, K, D), (B, S, K, E), (B, T, H, E)])
+
+
+def _out_and_grads(attn, q, k, v, do):
+  """(O, dQ, dK, dV) of attn at (q, k, v) with output cotangent do, one jitted call."""
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def run(q, k, v, do):
+    o, pull = jax.vjp(attn, q, k, v)
+    return (o, *pull(do))
+
+  return [np.asarray(x, np.float64) for x in run(q, k, v, do)]
+
+
+def _both(q, k, v, do, dtype, **kw):
+  """Kernel and reference (O, dQ, dK, dV); the reference always in float64 on the dtype-rounded inputs."""
+  blocks = {name: kw.pop(name) for name in ("block_q", "block_k") if name in kw}
+  cast = [jnp.asarray(x, dtype) for x in (q, k, v, do)]
+  got = _out_and_grads(lambda *a: fa.flash_attention(*a, **kw, **blocks), *cast)
+  with jax.enable_x64(True):
+    exact = [jnp.asarray(np.asarray(x, np.float64)) for x in cast]
+    want = _out_and_grads(lambda *a: ops.attention_reference(*a, **kw), *exact)
+  return got, want
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+# (B, T, H, K, D, E, S, n_prefix, causal, scale, block_q, block_k)
+FLOAT64_CASES = [
+    (1, 7, 2, 2, 24, 32, 7, 0, True, None, 16, 16),     # T below one block
+    (2, 100, 4, 2, 40, 40, 101, 1, True, 1.0, 16, 32),  # DBA: null token, scale folded into q, GQA
+    (1, 64, 4, 1, 24, 24, 65, 1, True, 0.3, 32, 16),    # one kv head; T a block multiple, S not
+    (1, 1, 2, 1, 40, 32, 2, 1, True, None, 16, 16),     # a single query: sees the null and key 0
+    (1, 100, 2, 1, 40, 32, 100, 0, False, None, 16, 32),  # non-causal, padded last key block
+    (1, 20, 2, 2, 24, 32, 12, 1, True, None, 16, 16),   # causal with S < T + n_prefix
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,D,E,S,n_prefix,causal,scale,bq,bk", FLOAT64_CASES)
+def test_float64_matches_reference(B, T, H, K, D, E, S, n_prefix, causal, scale, bq, bk):
+  with jax.enable_x64(True):
+    got, want = _both(*_inputs(B, T, H, K, D, E, S), jnp.float64, scale=scale, causal=causal, n_prefix=n_prefix,
+                      block_q=bq, block_k=bk)
+  for name, g, w in zip(NAMES, got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("B,T,H,K,D,E,n_prefix,causal,bq,bk", [
+    (2, 100, 4, 1, 40, 32, 0, True, 32, 32),
+    (1, 64, 2, 2, 24, 40, 1, True, 16, 16),
+    (1, 7, 4, 2, 24, 24, 1, True, 16, 32),
+    (1, 64, 4, 2, 40, 24, 0, False, 32, 16),
+])
+def test_float32_matches_reference(B, T, H, K, D, E, n_prefix, causal, bq, bk):
+  S = T + n_prefix
+  got, want = _both(*_inputs(B, T, H, K, D, E, S, seed=1), jnp.float32, causal=causal, n_prefix=n_prefix,
+                    block_q=bq, block_k=bk)
+  for name, g, w in zip(NAMES, got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_bfloat16_close_to_reference():
+  """bf16 in, fp32 accumulation: p and dS are rounded to bf16 before their matmuls, O and grads are stored in
+  bf16. Loose tolerance: 1% of each tensor's largest magnitude (bf16 has an 8-bit significand; measured 0.3-0.4%,
+  the same as ops.attention_xla in bf16)."""
+  B, T, H, K, D, E, n_prefix = 2, 100, 4, 2, 40, 32, 1
+  got, want = _both(*_inputs(B, T, H, K, D, E, T + n_prefix, seed=2), jnp.bfloat16, scale=1.0 / 6,
+                    n_prefix=n_prefix, block_q=32, block_k=32)
+  for name, g, w in zip(NAMES, got, want):
+    assert np.abs(g - w).max() <= 0.01 * np.abs(w).max(), name
+
+
+def test_causal_skips_invisible_blocks():
+  """NaNs where a causal block never looks: a kernel that visited those blocks would spread them (0 * NaN).
+
+  Forward and dQ: query rows < 32 must not touch key blocks >= 32 (NaN values there). dK/dV: key blocks >= 32
+  must not touch query rows < 32 (NaN queries and output gradients there)."""
+  B, T, H, K, D, E = 1, 64, 2, 1, 24, 32
+  q, k, v, do = _inputs(B, T, H, K, D, E, T, seed=3)
+  kw = dict(n_prefix=0, block_q=16, block_k=16)
+  _, want = _both(q, k, v, do, jnp.float32, **kw)
+
+  v_late_nan = v.copy()
+  v_late_nan[:, 32:] = np.nan
+  got_o, got_dq, _, _ = _both(q, k, v_late_nan, do, jnp.float32, **kw)[0]
+  np.testing.assert_allclose(got_o[:, :32], want[0][:, :32], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_dq[:, :32], want[1][:, :32], rtol=2e-5, atol=2e-5)
+
+  q_early_nan, do_early_nan = q.copy(), do.copy()
+  q_early_nan[:, :32], do_early_nan[:, :32] = np.nan, np.nan
+  _, _, got_dk, got_dv = _both(q_early_nan, k, v, do_early_nan, jnp.float32, **kw)[0]
+  np.testing.assert_allclose(got_dk[:, 32:], want[2][:, 32:], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_dv[:, 32:], want[3][:, 32:], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("n_prefix,K", [(0, 2), (1, 1)])
+def test_padded_dot_product_attention_matches_reference(n_prefix, K):
+  B, T, H, D, E = 2, 33, 4, 24, 40
+  q, k, v, _ = _inputs(B, T, H, K, D, E, T + n_prefix, seed=4)
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  got = jax.jit(functools.partial(fa.padded_dot_product_attention, scale=0.25, n_prefix=n_prefix))(q, k, v)
+  with jax.enable_x64(True):
+    reference = jax.jit(functools.partial(ops.attention_reference, scale=0.25, n_prefix=n_prefix))
+    want = reference(*(jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)))
+  assert got.shape == (B, T, H, E)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("bq,bk", [(24, 16), (16, 8), (16, 48)])
+def test_rejects_block_sizes_that_are_not_powers_of_two_from_16(bq, bk):
+  q, k, v = jnp.zeros((1, 8, 2, 24)), jnp.zeros((1, 8, 2, 24)), jnp.zeros((1, 8, 2, 32))
+  with pytest.raises(ValueError, match="power of two"):
+    fa.flash_attention(q, k, v, block_q=bq, block_k=bk)
+
+
+@pytest.mark.parametrize("platform,lowering,call", [("gpu", "cuda", "@__gpu$xla.gpu.triton"),
+                                                    ("tpu", "tpu", "@tpu_custom_call")])
+def test_forward_and_backward_lower_for_triton_and_mosaic(platform, lowering, call, monkeypatch):
+  """From a CPU host: builds the Triton / Mosaic kernels (block shapes, ops), not the device compile."""
+  monkeypatch.setattr(fa, "_platform", lambda: platform)
+  B, T, H, K, D, E, n_prefix = 2, 100, 4, 2, 40, 32, 1
+  shapes = [(B, T, H, D), (B, T + n_prefix, K, D), (B, T + n_prefix, K, E)]
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for causal in (True, False):
+      loss = lambda q, k, v: fa.flash_attention(q, k, v, n_prefix=n_prefix, causal=causal, block_q=32,
+                                                block_k=64).astype(jnp.float32).sum()
+      args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+      assert text.count(f"custom_call {call}") == 3  # forward, dQ, dK/dV kernels
