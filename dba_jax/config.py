@@ -43,7 +43,7 @@ def base_config() -> Config:
   m.sel_allow_self_mask = False
   m.sel_relu_leak = 0.0  # leaky-ReLU slope for S (future entries are zeroed first)
   m.sel_relu_after_cumsum = False
-  m.sel_scan = "xla"  # reference | xla | pallas
+  m.sel_scan = "xla"  # scan of the materialised F (attn_impl xla, or a variant the fused kernel lacks): reference | xla | pallas
   m.sel_scan_dtype = "float32"  # float32 | float64 (accumulation of F)
   m.sel_disable = False  # keep the selective module (materialised attention, init) but no F
   m.sel_mask_heads = 0  # m > 0: m extra heads only select (1: none_with_no_head, 2: two_masks, n_heads: one per head)
@@ -78,7 +78,7 @@ def base_config() -> Config:
   m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
   m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
   m.mup_zero_query = False  # mup_zero_init: zero the query projections
-  m.attn_impl = "xla"  # reference | xla  (kernels join behind the same switch)
+  m.attn_impl = "auto"  # reference | xla | pallas (flash kernels) | auto (pallas on GPU/TPU, xla on CPU)
   m.compute_dtype = "float32"  # float32 | bfloat16; parameters and optimizer state are always float32
 
   c.data = d = Config()
@@ -156,7 +156,7 @@ def validate(c: Config) -> Config:
   _one_of("model.positions", m.positions, ("rope", "learned", "none"))
   _one_of("model.norm", m.norm, ("rmsnorm", "layernorm"))
   _one_of("model.mlp", m.mlp, ("swiglu", "gelu"))
-  _one_of("model.attn_impl", m.attn_impl, ("reference", "xla"))
+  _one_of("model.attn_impl", m.attn_impl, ("reference", "xla", "pallas", "auto"))
   _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16", "float64"))
   for key in ("vocab_size", "pad_vocab_to", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
     _need(m[key] > 0, f"model.{key}={m[key]} must be positive")

@@ -86,6 +86,19 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
     return x
 
 
+def per_shard(fn, in_logical: tuple, out_logical: tuple, *args):
+  """Run `fn` (a Pallas kernel: XLA cannot partition it) on each device's block of `args` inside a jit traced
+  under `jax.set_mesh`, the blocks laid out by logical names; a plain call without a mesh. Raises ValueError
+  when a dimension does not divide its mesh axes (callers fall back to XLA)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return fn(*args)
+  in_specs = tuple(spec(lg, a.shape, mesh, "kernel input") for lg, a in zip(in_logical, args))
+  out_shape = jax.eval_shape(fn, *args)
+  out_specs = spec(out_logical, out_shape.shape, mesh, "kernel output")
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -17,7 +17,7 @@ from dba_jax import ops, selective
 from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
-ACT_HEADS = ("batch", "seq", "act_heads", None)
+ACT_HEADS = ops.ACT_HEADS
 ACT_EMBED = ("batch", "seq", "act_embed")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -157,7 +157,9 @@ class SelectiveAttention(StandardAttention):
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
     m = self.m
-    impl = "reference" if m.attn_impl == "reference" else m.sel_scan
+    impl = ops.resolve_impl(m.attn_impl)
+    if impl == "xla":  # materialised F; sel_scan picks its scan
+      impl = {"reference": "reference", "xla": "xla", "pallas": "pallas_scan"}[m.sel_scan]
     args = dict(leaky_alpha=m.sel_leaky_alpha, leaky_bias=m.sel_leaky_bias, scale=m.sel_protection_scale,
                 bias=m.sel_protection_bias)
     if self.protect_w is not None:
@@ -167,14 +169,17 @@ class SelectiveAttention(StandardAttention):
         selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
         scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
         protection_args=args, selection_heads=m.sel_mask_heads, selection_slices=m.sel_mask_slices,
-        return_mask=True, scale=self.scale,
+        return_mask=m.memory_penalty != "none", scale=self.scale,
         combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]),
         latent=None if self.sel_latent_w is None else
         (self.sel_latent_w[...], self.sel_latent_b[...], m.sel_latent_multiplier),
         residual_BHTS=None if self.res_mix is None else
         jnp.einsum("bgts,gh->bhts", res_BHTS, self.res_mix[...].astype(res_BHTS.dtype)))
-    o, f, res_BHTS = result if self.res_mix is not None else result + (res_BHTS,)
-    aux = jnp.zeros((), jnp.float32) if m.memory_penalty == "none" else \
+    parts = result if isinstance(result, tuple) else (result,)
+    if self.res_mix is not None:
+      parts, res_BHTS = parts[:-1], parts[-1]
+    o, f = parts[0], (parts[1] if len(parts) > 1 else None)
+    aux = jnp.zeros((), jnp.float32) if f is None else \
         selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)
     return o, aux, res_BHTS
 

@@ -2,21 +2,44 @@
 
 `attention(..., impl=...)` is the switch every attention kind goes through:
   reference: dense, dtype-generic (float64 in, float64 math), the ground truth for tests and kernels.
-  xla:       the fast default; grouped (no K/V repeat), float32 logits and softmax under bf16 compute.
-Kernels join later as further `impl` values with the same signature.
+  xla:       grouped (no K/V repeat), float32 logits and softmax under bf16 compute; T x T logits in memory.
+  pallas:    the flash kernel in dba_kernels (O(T) memory; q/k and v head dims may differ, as DBA needs);
+             interpret mode on CPU, Triton on GPU, Mosaic on TPU. Run per device block under a mesh.
+  auto:      pallas on GPU/TPU, xla on CPU. The default.
 
 Shape letters: B batch, T query positions, S key positions, H query heads, K key/value heads, G = H // K,
 D q/k head dim, E value head dim.
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference", "xla")
+from dba_jax import mesh as mesh_lib
+
+IMPLS = ("reference", "xla", "pallas", "auto")
+ACT_HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations
+log = logging.getLogger("dba_jax")
+_warned: set = set()
 
 
-def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
+def fallback(what: str, reason: str):
+  """Log once per (op, reason) that a kernel request runs on XLA instead."""
+  if (what, reason) not in _warned:
+    _warned.add((what, reason))
+    log.warning("%s: using the XLA path: %s", what, reason)
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'pallas' on GPU/TPU, 'xla' on CPU (interpret mode is for tests, not speed)."""
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+  return impl
+
+
+def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="auto", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, **variants):
   """Selective attention (Leviathan et al.); see dba_jax.selective for the math and the variant keywords."""
   from dba_jax import selective
@@ -90,8 +113,23 @@ def attention_xla(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0
   return out_BTKGE.reshape(B, T, H, v_BSKE.shape[-1])
 
 
-def attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, impl="xla"):
+def attention_pallas(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0):
+  from dba_kernels.flash_attention import flash_attention
+  _check(q_BTHD, k_BSKD, v_BSKE)
+  scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
+  kernel = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=causal, n_prefix=n_prefix)
+  try:
+    return mesh_lib.per_shard(kernel, (ACT_HEADS, ACT_HEADS, ACT_HEADS), ACT_HEADS, q_BTHD, k_BSKD, v_BSKE)
+  except ValueError as e:  # heads or batch do not divide the mesh
+    fallback("attention", str(e))
+    return attention_xla(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
+
+
+def attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, impl="auto"):
   """Softmax attention. `scale` defaults to D**-0.5; `n_prefix` leading key columns are always visible."""
+  impl = resolve_impl(impl)
+  if impl == "pallas":
+    return attention_pallas(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
   if impl == "reference":
     return attention_reference(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
   if impl == "xla":

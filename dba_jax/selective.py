@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 SCANS = ("reference", "xla", "pallas")
+IMPLS = ("reference", "xla", "pallas_scan", "pallas", "auto")
 
 
 def selection_scores(logits_BTS, *, protect_bos=True, allow_self_mask=False, relu_leak=0.0):
@@ -199,6 +200,19 @@ def mask_assignment(n_masks: int, n_heads: int) -> list[int]:
   return [i // per for i in range(per * n_masks)] + list(range(n_heads % n_masks))
 
 
+def _fused(q_BTHD, k_BTHD, v_BTHD, **kw):
+  """The O(T)-memory fused kernel, per device block; heads stay whole (every head's gradient feeds dF)."""
+  from dba_jax import mesh as mesh_lib, ops
+  from dba_kernels.selective_flash import selective_flash_attention
+  logical = ("batch", "seq", None, None)
+  kernel = lambda q, k, v: selective_flash_attention(q, k, v, **kw)
+  try:
+    return mesh_lib.per_shard(kernel, (logical,) * 3, logical, q_BTHD, k_BTHD, v_BTHD)
+  except ValueError as e:
+    ops.fallback("selective_attention", str(e))
+    return selective_attention(q_BTHD, k_BTHD, v_BTHD, impl="xla", **kw)
+
+
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
                         disable_selection=False, protection="none", protection_args=None, selection_heads=0,
@@ -206,7 +220,9 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
-  and a log-depth scan), pallas (as xla with the blocked Pallas scan). `protection` picks a protect-and-attack
+  and a log-depth scan), pallas_scan (as xla with the blocked Pallas scans), pallas (the fused O(T)-memory
+  kernel dba_kernels.selective_flash for the default selection; other variants fall back to pallas_scan with a
+  logged reason), auto (pallas on GPU/TPU, xla on CPU). `protection` picks a protect-and-attack
   kind (PROTECTIONS; its keywords go in `protection_args`).
 
   Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
@@ -221,7 +237,21 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   j * ReLU(b_a) to F[:, j]; an inert quirk at zero bias, not reproduced).
   `residual_BHTS` ("residual_attention_masks"): added to the causally zeroed logits of every head before selection.
   Returns out, or (out, F [B, masks, T, S]) with masks = max(m, 1); with `residual_BHTS`, also the summed logits."""
+  from dba_jax import ops
   B, T, H, D = q_BTHD.shape
+  impl = ops.resolve_impl(impl)
+  if impl == "pallas":
+    unsupported = {"relu_leak": relu_leak != 0.0, "relu_after_cumsum": relu_after_cumsum,
+                   "scan_dtype": scan_dtype not in (None, "float32", jnp.float32), "disable_selection": disable_selection,
+                   "protection": protection != "none", "selection_heads": selection_heads != 0, "combo": combo is not None,
+                   "latent": latent is not None, "residual masks": residual_BHTS is not None,
+                   "return_mask": return_mask}
+    reasons = [k for k, bad in unsupported.items() if bad]
+    if not reasons:
+      return _fused(q_BTHD, k_BTHD, v_BTHD, scale=scale, protect_bos=protect_bos, allow_self_mask=allow_self_mask,
+                    selection_head=selection_head)
+    ops.fallback("selective_attention", "the fused kernel does not support " + ", ".join(reasons) +
+                 " (F is materialised; the scans use the Pallas kernels)")
   if k_BTHD.shape != (B, T, H, D) or v_BTHD.shape[:3] != (B, T, H):
     raise ValueError(f"selective attention needs q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
                      f"{q_BTHD.shape}, {k_BTHD.shape}, {v_BTHD.shape}")
@@ -264,7 +294,7 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
     p = None if protection == "none" else protection_scores(protection, logits, **(protection_args or {}))
     f = selection_mask(sources, protect_bos=protect_bos, allow_self_mask=allow_self_mask,
                        relu_leak=relu_leak, relu_after_cumsum=relu_after_cumsum,
-                       impl="reference" if impl == "reference" else impl, dtype=scan_dtype,
+                       impl="pallas" if impl in ("pallas", "pallas_scan") else impl, dtype=scan_dtype,
                        protection_BTS=None if p is None else p[:, None])
   if m:
     logits, v_BTHD = logits[:, m:], v_BTHD[:, :, m:]

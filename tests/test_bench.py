@@ -32,11 +32,12 @@ def test_bench_runs_on_a_mesh_and_writes_its_report(tmp_path):
 
 def test_attention_bench_reports_every_op(tmp_path):
   out = tmp_path / "attn.json"
-  assert bench.main(["attention", "--seq", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+  assert bench.main(["attention", "--seq", "64", "--heads", "2", "--head-dim", "8", "--dba-qk", "12", "--dba-v", "8", "--repeats", "1",
                      "--out", str(out)]) == 0
   rows = json.loads(out.read_text())["rows"]
   assert {r["op"] for r in rows} == {
-      "standard xla fwd+bwd", "selective xla fwd+bwd", "selective pallas fwd+bwd", "cumsum xla fp32 fwd+bwd",
-      "cumsum pallas fp32 fwd+bwd", "protect-attack fp32 fwd+bwd", "cumsum xla fp64 fwd+bwd",
-      "protect-attack fp64 fwd+bwd"}
+      "standard xla fwd+bwd", "standard pallas fwd+bwd", "selective xla fwd+bwd", "selective pallas_scan fwd+bwd",
+      "selective pallas fwd+bwd", "dba xla fwd+bwd", "dba pallas fwd+bwd", "dba padded dot_product_attention",
+      "cumsum xla fp32 fwd+bwd", "cumsum pallas fp32 fwd+bwd", "protect-attack xla fp32 fwd+bwd",
+      "protect-attack pallas fp32 fwd+bwd", "cumsum xla fp64 fwd+bwd", "protect-attack xla fp64 fwd+bwd"}
   assert all(r["T"] == 64 and r["ms"] > 0 for r in rows)
