@@ -62,3 +62,15 @@ def test_selective_gpt2_presets():
   # 13 heads with n_embd 768: q, k, v 768 -> 832 (+ biases) and out 832 -> 768 add 64-wide slices per layer.
   extra = 12 * (3 * (768 * 64 + 64) + 64 * 768)
   assert model_lib.count_params(validate(load_preset("selective_gpt2.py", "selective13")).model) == 124_475_904 + extra
+
+
+def test_cpt_and_mup_presets():
+  """CPT: the 12-head checkpoint plus one head per layer (= the 13-head count); every variant validates."""
+  extra = 12 * (3 * (768 * 64 + 64) + 64 * 768)
+  for v in ("ko_zero", "k_zero", "o_zero", "zero", "normal", "o_rescaled", "unselective_ko_zero"):
+    c = validate(load_preset("selective_cpt.py", v))
+    assert model_lib.count_params(c.model) == 124_475_904 + extra
+    assert (c.train.surgery, c.train.surgery_init) == ("add_head_start", v.removeprefix("unselective_"))
+    assert c.model.attn_kind == ("standard" if v.startswith("unselective") else "selective")
+  m = validate(load_preset("selective_mup.py", "mini12")).model
+  assert (m.mup, m.n_heads, m.d_model, m.mup_base_d_model) == (True, 12, 264, 768)

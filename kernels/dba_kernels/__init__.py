@@ -9,4 +9,7 @@ dtype-generic float64 reference. Kernels so far:
   selective_flash: fused selective attention (F rebuilt per tile, O(T) activations), forward and custom VJP.
   protect_attack: blocked protect-and-attack scan down the query axis (selective attention with protection,
     selective.md §5.4), with the closed-form custom VJP as a reverse-walking kernel.
+
+_backend holds what they share: the target platform, interpret mode on CPU, and the compiler params that pick
+Pallas-Triton on GPU and mark TPU grid axes parallel.
 """

@@ -16,12 +16,15 @@ from __future__ import annotations
 import jax
 from jax.experimental import pallas as pl
 
-LANES = 128  # TPU vreg lane count: the last dim of a Mosaic block is a multiple of this or the array's full dim
+LANES = 128  # TPU vreg lanes: the last dim of a Mosaic block is a multiple of this or the array's full dim
+SUBLANES = 8  # TPU vreg sublanes for 32-bit types: row offsets that are multiples of this are tile-aligned
+MIN_TRITON_DOT = 16  # Triton dots need every side >= 16
 
 
 def default_platform() -> str:
   """'cpu', 'gpu' or 'tpu': the backend of the default device, which is where the kernel will run."""
-  return jax.default_backend()
+  name = jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name  # JAX says "gpu", but accept the specific names too
 
 
 def interpret(platform: str) -> bool:
@@ -50,3 +53,8 @@ def pallas_call(kernel, *, platform: str, grid: tuple, num_warps: int = 4, num_s
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def triton_block(n: int) -> int:
+  """The smallest Triton-friendly tile side >= n: a power of two (Triton tiles are) and >= MIN_TRITON_DOT."""
+  return max(MIN_TRITON_DOT, pl.next_power_of_2(n))

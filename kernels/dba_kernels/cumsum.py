@@ -9,7 +9,14 @@ grows with the block size plus the number of blocks, not with T as in a sequenti
 The backward is the same kernel on the reversed gradient: dx[k] = sum_{i > k} dF[i]. The flip happens in XLA
 outside the kernel, so no reverse-scan primitive is needed.
 
-On CPU the kernel runs with interpret=True. `exclusive_cumsum_reference` is the dtype-generic ground truth.
+Backends (dba_kernels._backend): interpret mode on CPU, Pallas-Triton on GPU, Mosaic on TPU. The block sizes
+are tuning knobs (columns are independent; block_t only moves rounding), so each backend rounds them up to
+what it tiles: GPU to powers of two >= 16 (Triton tiles are powers of two and its dots need sides >= 16), TPU
+block_t to a multiple of 8 sublanes and block_s to a multiple of 128 lanes (a Mosaic block's last dim must be
+a multiple of 128 unless it is the array's full width). S is padded to whole key blocks. Each TPU program
+holds a [Tp, block_s] input and output block in VMEM (double-buffered), which bounds T there.
+
+`exclusive_cumsum_reference` is the dtype-generic ground truth.
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from . import _backend as backend
+
+_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
 
 BLOCK_T = 64
 BLOCK_S = 64
@@ -34,34 +45,42 @@ def _kernel(x_ref, o_ref, *, block_t: int, n_blocks: int):
   cols = jax.lax.broadcasted_iota(jnp.int32, (block_t, block_t), 1)
   strict_lower = (cols < rows).astype(acc)
 
-  def body(i, carry_S):
-    blk_TS = x_ref[pl.ds(i * block_t, block_t), :].astype(acc)
+  def body(i, carry_1S):
+    blk = pl.ds(pl.multiple_of(i * block_t, block_t), block_t)  # a tile-aligned start, which Mosaic needs
+    blk_TS = x_ref[blk, :].astype(acc)
     prefix_TS = jnp.dot(strict_lower, blk_TS, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    o_ref[pl.ds(i * block_t, block_t), :] = carry_S[None, :] + prefix_TS
-    return carry_S + blk_TS.sum(axis=0)
+    o_ref[blk, :] = carry_1S + prefix_TS
+    return carry_1S + blk_TS.sum(axis=0, keepdims=True)  # a [1, S] row: no rank-1 vectors for Mosaic
 
-  jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((x_ref.shape[-1],), acc))
+  jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((1, x_ref.shape[-1]), acc))
 
 
-def _interpret() -> bool:
-  return jax.default_backend() == "cpu"
+def _blocks(platform: str, block_t: int, block_s: int):
+  """The block sizes the backend can tile, rounded up from the requested ones (see the module docstring)."""
+  if platform == "gpu":
+    return backend.triton_block(block_t), backend.triton_block(block_s)
+  if platform == "tpu":
+    return backend.round_up(block_t, backend.SUBLANES), backend.round_up(block_s, backend.LANES)
+  return block_t, block_s
 
 
 def _forward(x, block_t: int, block_s: int):
+  platform = _platform()
+  block_t, block_s = _blocks(platform, block_t, block_s)
   *lead, T, S = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
   R = 1
   for n in lead:
     R *= n
-  Tp, Sp = -(-T // block_t) * block_t, -(-S // block_s) * block_s
+  Tp, Sp = backend.round_up(T, block_t), backend.round_up(S, block_s)
   x3 = jnp.pad(x.reshape(R, T, S), ((0, 0), (0, Tp - T), (0, Sp - S)))
-  out = pl.pallas_call(
+  out = backend.pallas_call(
       functools.partial(_kernel, block_t=block_t, n_blocks=Tp // block_t),
+      platform=platform,
       grid=(R, Sp // block_s),
       in_specs=[pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j))],
       out_specs=pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j)),
       out_shape=jax.ShapeDtypeStruct((R, Tp, Sp), acc),
-      interpret=_interpret(),
   )(x3)
   return out[:, :T, :S].reshape(*lead, T, S)
 

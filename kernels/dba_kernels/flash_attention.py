@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from . import _backend as backend
+
 BLOCK_Q = 64
 BLOCK_K = 64
 MIN_BLOCK = 16  # smallest tile side; Triton and bf16 sublane packing both want >= 16
@@ -59,28 +61,17 @@ class _Cfg(NamedTuple):
   platform: str
 
 
-def _platform() -> str:
-  """Which Pallas backend to target; a function so tests can lower for GPU/TPU from a CPU host."""
-  return jax.default_backend()
+_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
 
 
 def _width(n: int) -> int:
   return max(MIN_BLOCK, pl.next_power_of_2(n))
 
 
-def _compiler_params(platform: str, width: int):
-  if platform == "gpu":
-    from jax.experimental.pallas import triton as pltriton  # explicit: the default GPU backend is Mosaic GPU
-    return pltriton.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
-  if platform == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-  return None
-
-
 def _call(kernel, cfg: _Cfg, width: int, **kwargs):
-  return pl.pallas_call(kernel, interpret=cfg.platform == "cpu",
-                        compiler_params=_compiler_params(cfg.platform, width), **kwargs)
+  # Wider head dims get more Triton warps (register pressure of the [block, width] accumulators).
+  return backend.pallas_call(kernel, platform=cfg.platform, num_warps=4 if width <= 64 else 8, num_stages=2,
+                             **kwargs)
 
 
 def _visible(row0, col0, bq: int, bk: int, causal: bool, n_prefix: int, S: int):

@@ -8,8 +8,8 @@ Forward: one program per (row, key block). It walks the query blocks in order an
 at a time (a fori_loop), vectorised over the block's key columns. Carried across blocks: the pool R and the
 damage at the block's start. Damage within a block is summed from 0 and the start carry is added once per row,
 so fp32 rounding error grows with the block size plus the number of blocks, not with T (a sequential fp32
-running sum over T was the original project's bug, selective.md §5.1). The kernel also writes the int8 flag d_t,
-the only residual the backward needs.
+running sum over T was the original project's bug, selective.md §5.1). The kernel also writes the flag d_t
+(int8; int32 on TPU), the only residual the backward needs.
 
 Backward (closed form): with R_t = sum_{k >= t} dH_k (dH = -dD) and e(t) the first k >= t with d_k = 1,
 dA_t = -R_{e(t)} and dP_t = R_{e(t+1)} (0 where no such k). The same grid walks the query blocks in reverse and
@@ -18,22 +18,46 @@ value of R at the most recent flagged turn seen from the right. No reverse-scan 
 
 T and S are padded to block multiples outside the kernel: padded rows come after every real row and have zero
 attack, protection and cotangent, so they change no real output. Accumulation is in at least float32 (float64
-for float64 inputs). On CPU the kernel runs with interpret=True.
+for float64 inputs).
+
+Backends (dba_kernels._backend): interpret mode on CPU, Pallas-Triton on GPU, Mosaic on TPU. Every load and store
+is one query row at a traced row index: a pointer offset for Triton, and for Mosaic a single-sublane access,
+which needs no tile alignment for 32-bit types (hence int32 flags on TPU: int8 rows sit packed in (32, 128)
+tiles). block_s is rounded up per backend (`_layout`). Each TPU program holds its [Tp, block_s] inputs and
+outputs in VMEM (double-buffered), which bounds T there.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import _backend as backend
+
+_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
+
 BLOCK_T = 64
 BLOCK_S = 64
 
 
-def _interpret() -> bool:
-  return jax.default_backend() == "cpu"
+class _Layout(NamedTuple):
+  block_t: int
+  block_s: int
+  flag: object  # dtype of the flags d_t
+
+
+def _layout(platform: str, block_t: int, block_s: int) -> _Layout:
+  """The requested key block rounded up to what the backend tiles (columns are independent: results do not
+  change). GPU: a power-of-two row width (Triton tiles). TPU: whole 128-lane vregs (a Mosaic block's last dim
+  is a multiple of 128 unless it is the array's full width) and int32 flags (see the module docstring)."""
+  if platform == "gpu":
+    return _Layout(block_t, backend.triton_block(block_s), jnp.int8)
+  if platform == "tpu":
+    return _Layout(block_t, backend.round_up(block_s, backend.LANES), jnp.int32)
+  return _Layout(block_t, block_s, jnp.int8)
 
 
 def _forward_kernel(a_ref, p_ref, d_ref, hit_ref, *, block_t: int, n_blocks: int):
@@ -84,31 +108,32 @@ def _backward_kernel(hit_ref, g_ref, da_ref, dp_ref, *, block_t: int, n_blocks: 
   jax.lax.fori_loop(0, n_blocks, block, (zero_1S, zero_1S))
 
 
-def _call(kernel, inputs, out_dtypes, block_t: int, block_s: int):
+def _call(kernel, inputs, out_dtypes, layout: _Layout, platform: str):
   """Runs `kernel` on padded [R, Tp, Sp] inputs, one program per (row, key block)."""
   R, Tp, Sp = inputs[0].shape
-  spec = pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j))
-  return pl.pallas_call(
-      functools.partial(kernel, block_t=block_t, n_blocks=Tp // block_t),
-      grid=(R, Sp // block_s),
+  spec = pl.BlockSpec((None, Tp, layout.block_s), lambda r, j: (r, 0, j))
+  return backend.pallas_call(
+      functools.partial(kernel, block_t=layout.block_t, n_blocks=Tp // layout.block_t),
+      platform=platform,
+      grid=(R, Sp // layout.block_s),
       in_specs=[spec] * len(inputs),
       out_specs=[spec] * len(out_dtypes),
       out_shape=[jax.ShapeDtypeStruct((R, Tp, Sp), dt) for dt in out_dtypes],
-      interpret=_interpret(),
   )(*inputs)
 
 
-def _pad3(x, block_t: int, block_s: int):
+def _pad3(x, layout: _Layout):
   *lead, T, S = x.shape
-  Tp, Sp = -(-T // block_t) * block_t, -(-S // block_s) * block_s
+  Tp, Sp = backend.round_up(T, layout.block_t), backend.round_up(S, layout.block_s)
   return jnp.pad(x.reshape(-1, T, S), ((0, 0), (0, Tp - T), (0, Sp - S)))
 
 
 def _forward(a, p, block_t: int, block_s: int):
+  platform = _platform()
+  layout = _layout(platform, block_t, block_s)
   *lead, T, S = a.shape
   acc = jnp.promote_types(jnp.promote_types(a.dtype, p.dtype), jnp.float32)
-  damage, hit = _call(_forward_kernel, [_pad3(a, block_t, block_s), _pad3(p, block_t, block_s)],
-                      [acc, jnp.int8], block_t, block_s)
+  damage, hit = _call(_forward_kernel, [_pad3(a, layout), _pad3(p, layout)], [acc, layout.flag], layout, platform)
   return damage[:, :T, :S].reshape(*lead, T, S), hit
 
 
@@ -126,7 +151,9 @@ def _fwd(a, p, block_t, block_s):
 def _bwd(block_t, block_s, res, g):
   hit, a_like, p_like = res
   *lead, T, S = g.shape
-  d_a, d_p = _call(_backward_kernel, [hit, _pad3(g, block_t, block_s)], [g.dtype, g.dtype], block_t, block_s)
+  platform = _platform()
+  layout = _layout(platform, block_t, block_s)  # the forward's: same arguments, same platform
+  d_a, d_p = _call(_backward_kernel, [hit, _pad3(g, layout)], [g.dtype, g.dtype], layout, platform)
   unpad = lambda x, like: x[:, :T, :S].reshape(*lead, T, S).astype(like.dtype)
   return unpad(d_a, a_like), unpad(d_p, p_like)
 

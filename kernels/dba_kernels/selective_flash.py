@@ -46,7 +46,8 @@ Not supported here (use dba_jax.selective): leaky ReLU, relu_after_cumsum, prote
 On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the whole sequence in VMEM, which
 bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
 
-On CPU the kernels run with interpret=True; on GPU they use the Triton backend.
+On CPU the kernels run with interpret=True; on GPU they use the Triton backend; on TPU, Mosaic, with every grid
+axis parallel (dba_kernels._backend).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+
+from . import _backend as backend
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -77,17 +80,11 @@ class _Cfg:
 
 # ------------------------------------------------------------------------------------------------- backend glue
 
-def _backend() -> str:
-  return jax.default_backend()
+_backend = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
 
 
 def _call(kernel, **kw):
-  backend = _backend()
-  params = {}
-  if backend == "gpu":
-    from jax.experimental.pallas import triton as pltriton
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)  # Triton, not Mosaic GPU
-  return pl.pallas_call(kernel, interpret=backend == "cpu", **params, **kw)
+  return backend.pallas_call(kernel, platform=_backend(), num_warps=4, num_stages=2, **kw)
 
 
 # ------------------------------------------------------------------------------------------- in-kernel helpers

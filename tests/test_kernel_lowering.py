@@ -1,0 +1,107 @@
+"""The scan kernels (dba_kernels.cumsum, dba_kernels.protect_attack) lower for GPU (Pallas-Triton) and TPU (Mosaic)
+from this CPU host, forward and backward; their GPU/TPU tilings compute the same numbers in interpret mode; and
+the shared backend plumbing (dba_kernels._backend) picks the compiler params each backend needs.
+
+Lowering builds the Triton / Mosaic kernels (block shapes, ops) but does not compile them for a device."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dba_kernels import _backend as backend
+from dba_kernels import cumsum as kcumsum
+from dba_kernels import protect_attack as kpa
+
+KERNELS = {
+    "cumsum": (kcumsum, kcumsum.exclusive_cumsum, 1),
+    "protect_attack": (kpa, kpa.protect_and_attack, 2),
+}
+PLATFORMS = [("gpu", "cuda", "@__gpu$xla.gpu.triton"), ("tpu", "tpu", "@tpu_custom_call")]
+
+
+def _fwd_bwd(kernel, n_in, block_kw):
+  """(inputs..., cotangent) -> (output, input gradients) through jax.vjp, i.e. the forward and backward kernels."""
+  def fn(x, y, g):
+    out, vjp = jax.vjp(functools.partial(kernel, **block_kw), *(x, y)[:n_in])
+    return out, vjp(g)
+  return fn
+
+
+@pytest.mark.parametrize("platform,lowering,call", PLATFORMS)
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("shape,block_kw", [
+    ((2, 3, 150, 150), {}),  # defaults; ragged T and S, leading dims folded into the grid
+    ((1, 5, 7), {}),  # one block, mostly padding
+    ((2, 100, 77), {"block_t": 24, "block_s": 40}),  # blocks each backend must round up
+])
+def test_forward_and_backward_lower(monkeypatch, name, platform, lowering, call, shape, block_kw):
+  module, kernel, n_in = KERNELS[name]
+  monkeypatch.setattr(module, "_platform", lambda: platform)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  fn = _fwd_bwd(kernel, n_in, block_kw)
+  text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=(lowering,)).as_text()
+  assert text.count(f"custom_call {call}") == 2  # the forward kernel and the backward kernel
+  assert "mosaic_gpu" not in text  # on GPU, Triton: not JAX's default Mosaic GPU backend
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("block_t", [16, 64])
+def test_backend_tiling_gives_the_same_numbers(monkeypatch, name, platform, block_t):
+  """In interpret mode, the GPU or TPU tiling (rounded key blocks; for protect_attack on TPU, int32 flags) gives
+  the same values and gradients: block_t is one every backend keeps, and neither the key block width nor the flag
+  dtype touches protect_attack's arithmetic (bit-identical)."""
+  module, kernel, n_in = KERNELS[name]
+  rng = np.random.default_rng(3)
+  shape = (2, 150, 77)
+  x = jnp.asarray(rng.exponential(size=shape) * (rng.random(shape) < 0.4), jnp.float32)
+  y = jnp.asarray(rng.exponential(size=shape) * (rng.random(shape) < 0.4), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  fn = _fwd_bwd(kernel, n_in, {"block_t": block_t, "block_s": 40})
+  assert ",128]" not in str(jax.make_jaxpr(fn)(x, y, g))
+  want = jax.jit(fn)(x, y, g)
+
+  if name == "cumsum":
+    tiled = lambda _, bt, bs, orig=module._blocks: orig(platform, bt, bs)
+    monkeypatch.setattr(module, "_blocks", tiled)
+    assert tiled("cpu", block_t, 40)[0] == block_t
+  else:
+    tiled = lambda _, bt, bs, orig=module._layout: orig(platform, bt, bs)
+    monkeypatch.setattr(module, "_layout", tiled)
+    assert tiled("cpu", block_t, 40).block_t == block_t
+  # A new function each time: a fresh trace under the patched tiling. S = 77 pads to 128 key columns (blocks of
+  # 64 on GPU, 128 on TPU) instead of the 80 of the requested 40-wide blocks.
+  assert ",128]" in str(jax.make_jaxpr(lambda *a: fn(*a))(x, y, g))
+  got = jax.jit(lambda *a: fn(*a))(x, y, g)
+  for w, o in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    if name == "cumsum":  # XLA's CPU dot may order a wider triangular matmul's sums differently: a few ulp
+      np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-6, atol=1e-5)
+    else:
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
+
+
+@pytest.mark.parametrize("block_t,block_s,want", [
+    (64, 64, {"gpu": (64, 64), "tpu": (64, 128), "cpu": (64, 64)}),
+    (24, 40, {"gpu": (32, 64), "tpu": (24, 128), "cpu": (24, 40)}),
+    (2, 8, {"gpu": (16, 16), "tpu": (8, 128), "cpu": (2, 8)}),
+])
+def test_block_rounding(block_t, block_s, want):
+  for platform, (bt, bs) in want.items():
+    assert kcumsum._blocks(platform, block_t, block_s) == (bt, bs)
+    layout = kpa._layout(platform, block_t, block_s)  # no dot and row-at-a-time access: any block_t
+    assert (layout.block_t, layout.block_s) == (block_t, bs)
+    assert layout.flag == (jnp.int32 if platform == "tpu" else jnp.int8)  # 32-bit rows for Mosaic
+
+
+def test_compiler_params():
+  from jax.experimental.pallas import tpu as pltpu
+  from jax.experimental.pallas import triton as pltriton
+  gpu = backend.compiler_params("gpu", 3, num_warps=8, num_stages=3)
+  assert isinstance(gpu, pltriton.CompilerParams) and (gpu.num_warps, gpu.num_stages) == (8, 3)
+  tpu = backend.compiler_params("tpu", 2)
+  assert isinstance(tpu, pltpu.CompilerParams) and tuple(tpu.dimension_semantics) == ("parallel", "parallel")
+  assert backend.compiler_params("cpu", 2) is None
+  assert backend.interpret("cpu") and not backend.interpret("gpu") and not backend.interpret("tpu")
+  assert backend.default_platform() == jax.default_backend()
