@@ -19,6 +19,7 @@ from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
 ACT_HEADS = ops.ACT_HEADS
 ACT_EMBED = ("batch", "seq", "act_embed")
+NO_AUX = jnp.zeros((2,), jnp.float32)  # a layer's (paper, repo) memory penalties when none is computed
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -120,7 +121,7 @@ class StandardAttention(nnx.Module):
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
     o = ops.attention(q_BTHD, k_BTKD, v_BTKD, scale=self.scale, impl=self.m.attn_impl)
-    return o, jnp.zeros((), jnp.float32), res_BHTS
+    return o, NO_AUX, res_BHTS
 
 
 class SelectiveAttention(StandardAttention):
@@ -179,8 +180,8 @@ class SelectiveAttention(StandardAttention):
     if self.res_mix is not None:
       parts, res_BHTS = parts[:-1], parts[-1]
     o, f = parts[0], (parts[1] if len(parts) > 1 else None)
-    aux = jnp.zeros((), jnp.float32) if f is None else \
-        selective.MEMORY_PENALTIES[m.memory_penalty](f, m.memory_tau).astype(jnp.float32)
+    aux = NO_AUX if f is None else jnp.stack([selective.memory_penalty_paper(f, m.memory_tau),
+                                              selective.memory_penalty_repo(f, m.memory_tau)]).astype(jnp.float32)
     return o, aux, res_BHTS
 
 
@@ -257,7 +258,7 @@ class DBAAttention(nnx.Module):
       v = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v], axis=1)
       n_prefix = 1
     o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
-    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), jnp.zeros((), jnp.float32), res_BHTS
+    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), NO_AUX, res_BHTS
 
 
 ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention, "selective": SelectiveAttention}
@@ -275,7 +276,7 @@ class Block(nnx.Module):
     self.mlp = MLP(m, out_std, rngs)
 
   def __call__(self, x, positions_T, rng=None, res_BHTS=None):
-    """(x, aux, res): aux is the attention's auxiliary loss term (0 unless a memory penalty is configured), res
+    """(x, aux, res): aux the layer's memory penalties [paper, repo] (zeros unless one is configured), res
     the logits residual_attention_masks hands to the next layer (None otherwise)."""
     keys = jax.random.split(rng, 2) if rng is not None else (None, None)
     x = constrain(x, ACT_EMBED)
@@ -364,7 +365,8 @@ class Decoder(nnx.Module):
     return self.forward(tokens_BT, rng)[0]
 
   def forward(self, tokens_BT, rng=None):
-    """(logits, aux) with aux the layers' auxiliary loss: memory penalty summed ("repo") or averaged ("paper")."""
+    """(logits, aux): aux holds both memory-penalty forms, {"memory_paper": mean over layers, "memory_repo": sum
+    over layers} (zeros unless model.memory_penalty is set)."""
     m = self.m
     dtype = DTYPES[m.compute_dtype]
     T = tokens_BT.shape[1]
@@ -385,19 +387,19 @@ class Decoder(nnx.Module):
       graphdef, stacked = nnx.split(self.blocks)
 
       def body(carry, xs):
-        params, key = xs
-        h, a, r = nnx.merge(graphdef, params)(*carry[:1], positions_T, key, carry[1])
+        (h, r), (params, key) = carry, xs
+        h, a, r = nnx.merge(graphdef, params)(h, positions_T, key, r)
         return (h, r), a
 
       (x, _), aux_L = jax.lax.scan(body, (x, res), (stacked, layer_keys))
-      aux = aux_L.sum()
+      aux = aux_L.sum(0)
     else:
-      aux = jnp.zeros((), jnp.float32)
+      aux = NO_AUX
       for i, block in enumerate(self.blocks):
         x, a, res = block(x, positions_T, None if layer_keys is None else layer_keys[i], res)
         aux = aux + a
-    if m.memory_penalty == "paper":
-      aux = aux / m.n_layers
+    # The paper's penalty is averaged over layers; the original code summed its own form (selective.md §3.8).
+    aux = {"memory_paper": aux[0] / m.n_layers, "memory_repo": aux[1]}
     x = self.final_norm(constrain(x, ACT_EMBED))
     if self.head is None:
       logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))

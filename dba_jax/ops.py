@@ -32,8 +32,10 @@ def fallback(what: str, reason: str):
     log.warning("%s: using the XLA path: %s", what, reason)
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, allowed: tuple = IMPLS) -> str:
   """'auto' -> 'pallas' on GPU/TPU, 'xla' on CPU (interpret mode is for tests, not speed)."""
+  if impl not in allowed:
+    raise ValueError(f"impl={impl!r} is not one of {allowed}")
   if impl == "auto":
     return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
   return impl
@@ -132,6 +134,4 @@ def attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, im
     return attention_pallas(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
   if impl == "reference":
     return attention_reference(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
-  if impl == "xla":
-    return attention_xla(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)
-  raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
+  return attention_xla(q_BTHD, k_BSKD, v_BSKE, scale=scale, causal=causal, n_prefix=n_prefix)

@@ -190,9 +190,6 @@ def memory_penalty_repo(f_BTS, tau: float = 1.0):
   return ((T - 1) - ff_sum).mean() / T
 
 
-MEMORY_PENALTIES = {"paper": memory_penalty_paper, "repo": memory_penalty_repo}
-
-
 def mask_assignment(n_masks: int, n_heads: int) -> list[int]:
   """Which mask each attending head uses: blocks of n_heads // n_masks heads per mask (repeat-interleave),
   the remainder wrapping to the first masks, as the original code did."""
@@ -239,7 +236,7 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   Returns out, or (out, F [B, masks, T, S]) with masks = max(m, 1); with `residual_BHTS`, also the summed logits."""
   from dba_jax import ops
   B, T, H, D = q_BTHD.shape
-  impl = ops.resolve_impl(impl)
+  impl = ops.resolve_impl(impl, IMPLS)
   if impl == "pallas":
     unsupported = {"relu_leak": relu_leak != 0.0, "relu_after_cumsum": relu_after_cumsum,
                    "scan_dtype": scan_dtype not in (None, "float32", jnp.float32), "disable_selection": disable_selection,

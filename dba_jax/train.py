@@ -122,11 +122,12 @@ class Trainer:
     vocab = m.vocab_size
 
     def loss_fn(params, tokens_BT1, key):
-      """(training loss, {"ce", "memory"}) of one (micro-)batch; the loss adds the memory penalty if any."""
+      """(training loss, {"ce", "memory_paper", "memory_repo"}) of one (micro-)batch; the loss adds the configured
+      memory penalty, and both forms are logged."""
       logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
       ce = cross_entropy(logits, tokens_BT1[:, 1:], vocab)
-      loss = ce + m.memory_epsilon * aux if m.memory_penalty != "none" else ce
-      return loss, {"ce": ce, "memory": aux}
+      loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
+      return loss, {"ce": ce, **aux}
 
     def train_step(state, tokens_ABT1):
       params = state["params"]
@@ -138,7 +139,7 @@ class Trainer:
         return jax.tree.map(jnp.add, carry, (g, loss, parts)), None
 
       zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-              {"ce": jnp.zeros((), jnp.float32), "memory": jnp.zeros((), jnp.float32)})
+              {k: jnp.zeros((), jnp.float32) for k in ("ce", "memory_paper", "memory_repo")})
       A = tokens_ABT1.shape[0]
       (grads, loss, parts), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
       grads, loss, parts = jax.tree.map(lambda g: g / A, (grads, loss, parts))

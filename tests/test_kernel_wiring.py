@@ -60,6 +60,13 @@ def test_unsupported_selective_variant_falls_back_with_a_reason(caplog):
 def test_auto_is_xla_on_cpu():
   assert ops.resolve_impl("auto") == "xla"
   assert ops.resolve_impl("pallas") == "pallas"
+  q = jax.numpy.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="impl='bogus'"):
+    ops.attention(q, q, q, impl="bogus")
+  with pytest.raises(ValueError, match="impl='pallas_scan'"):  # a selective-only impl
+    ops.attention(q, q, q, impl="pallas_scan")
+  with pytest.raises(ValueError, match="impl='bogus'"):
+    ops.selective_attention(q, q, q, impl="bogus")
 
 
 @pytest.mark.parametrize("kind", ["dba", "selective"])
