@@ -93,7 +93,8 @@ class Checkpointer:
   def check_shapes(self, step: int, abstract_params) -> None:
     """Raise CheckpointMismatch listing every parameter whose path or shape differs from the model's."""
     stored = self._mngr.item_metadata(step)["params"]
-    flat = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+    # Orbax stores dict keys as strings: unrolled layers' int keys (blocks[0]) come back as '0'.
+    flat = lambda tree: {"".join(f"[{str(getattr(k, 'key', k))!r}]" for k in p): tuple(x.shape) for p, x in
                          jax.tree_util.tree_flatten_with_path(tree)[0]}
     have, want = flat(stored), flat(abstract_params)
     problems = [f"{k}: checkpoint {have.get(k, 'absent')} vs model {want.get(k, 'absent')}"

@@ -1,0 +1,305 @@
+"""`dba-convert`: PyTorch checkpoints <-> dba_jax workdirs.
+
+  dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition] [--config configs/X.py[:variant]]
+              [--config.a.b=value ...]
+  dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]
+
+Import: INPUT (.pt zip or legacy, or .safetensors; read by dba_jax.torch_io, torch not needed for zip files) is
+unwrapped (`system_state_dict`, `model_state_dict`, `state_dict`, `model`, or a raw state dict), `_orig_mod.` and
+`module.` prefixes are stripped, and the format is the one whose `detect` accepts the keys (or --format). The config
+starts from --config (+ overrides), or base_config() plus overrides, and the format sets what the shapes tell. DIR
+becomes a dba_jax workdir: config.json plus an Orbax checkpoint (params, the optax state of dba-train's optimizer,
+meta with the source and format), so `dba_jax.load_model(DIR)`, `dba-train --config.train.init_from=DIR` and, with
+the same model config, `dba-train --workdir=DIR` (resume) read it. Nothing is written when anything fails, and an
+existing workdir is never written into.
+
+Export: --to-torch loads DIR and writes the format's state dict as the original code saves it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from dba_jax import formats, torch_io
+from dba_jax.config import ConfigError, base_config, lock, validate
+from dba_jax.formats import ConversionError
+
+CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model")
+PREFIXES = ("_orig_mod.", "module.")
+SAVE_WRAPPER = {"caramba": "system_state_dict"}  # how the original code wraps its state dict; others save it raw
+LARGE = 256 * 2**20  # bytes from which progress lines are printed
+RECORD = "converted_from.json"  # in the workdir: source file and format (kept when dba-train continues the run)
+
+
+def say(msg: str):
+  print(f"dba-convert: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _is_tensor(x) -> bool:
+  return isinstance(x, np.ndarray)
+
+
+def unwrap(obj, source: str) -> tuple[dict, dict]:
+  """(state dict with prefixes stripped, the container's other entries, e.g. "config" and "step")."""
+  extras: dict = {}
+  while isinstance(obj, dict) and not all(_is_tensor(v) for v in obj.values()):
+    inner = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
+    if inner is None:
+      bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not _is_tensor(v)][:8]
+      raise ConversionError(f"{source}: not a state dict and no {'/'.join(CONTAINERS)} entry in it; "
+                            f"non-tensor entries: {', '.join(bad)}")
+    extras = {**{k: v for k, v in obj.items() if k != inner}, **extras}
+    obj = obj[inner]
+  if not isinstance(obj, dict) or not obj:
+    raise ConversionError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
+  tensors = {}
+  for key, x in obj.items():
+    name = str(key)
+    for prefix in PREFIXES:  # torch.compile / DataParallel wrappers, in either nesting
+      name = name.removeprefix(prefix)
+    name = name.removeprefix(PREFIXES[0])
+    if name in tensors:
+      raise ConversionError(f"{source}: {key} and another key both become {name} without their prefixes")
+    tensors[name] = x
+  return tensors, extras
+
+
+def pick_format(name: str, tensors: dict, source: str):
+  known = formats.available()
+  if name != "auto":
+    if name not in known:
+      raise ConversionError(f"--format={name}: that format is not implemented yet (have {sorted(known)})")
+    return name, known[name]
+  hits = [n for n, mod in known.items() if mod.detect(set(tensors))]
+  if len(hits) == 1:
+    return hits[0], known[hits[0]]
+  sample = ", ".join(sorted(tensors)[:10])
+  if not hits:
+    raise ConversionError(f"{source}: no format ({', '.join(known)}) recognises its keys ({len(tensors)} keys: "
+                          f"{sample}, ...); pass --format if you know it")
+  raise ConversionError(f"{source}: keys fit several formats {hits}; choose one with --format")
+
+
+def _check_tree(params: dict, c):
+  """The built tree must be init_params's exactly (paths and shapes), checked abstractly."""
+  import jax
+  from flax import nnx
+
+  from dba_jax import model as model_lib
+  flat = lambda tree: {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
+                       jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(params), flat(nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
+  bad = [f"{k}: converted {have.get(k, 'absent')} vs model {want.get(k, 'absent')}"
+         for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+  if bad:
+    raise ConversionError("the converted parameters do not match the model's tree:\n  " + "\n  ".join(bad))
+
+
+def optimizer_state(c, params, mu=None, nu=None, count: int = 0):
+  """The optax state of dba-train's optimizer (train.make_optimizer) for `params`: fresh, or with Adam's moments
+  and every count (Adam's and the lr schedule's) taken from a converted optimizer."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from dba_jax import model as model_lib, train
+  tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+  if mu is None:  # optax's fresh moments are zeros: read-only zero-stride views take no memory
+    mu = nu = jax.tree.map(lambda x: np.broadcast_to(np.float32(0), np.shape(x)), params)
+  # Fill the abstract state: nothing is allocated only to be replaced.
+  state = optax.tree_utils.tree_set(jax.eval_shape(tx.init, params), mu=mu, nu=nu,
+                                    count=jnp.asarray(count, jnp.int32))
+  left = [x for x in jax.tree.leaves(state) if isinstance(x, jax.ShapeDtypeStruct)]
+  if left:
+    raise ConversionError(f"dba-train's optimizer state has fields besides Adam's moments and counts: {left}")
+  return state
+
+
+def _nbytes(tensors: dict) -> int:
+  """Bytes of the distinct tensors (a tied lm_head shares wte's storage)."""
+  seen = {(x.__array_interface__["data"][0], x.nbytes) for x in tensors.values() if isinstance(x, np.ndarray)}
+  return sum(n for _, n in seen)
+
+
+def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
+  """Convert `src` into a new workdir `out`; returns a summary."""
+  _refuse_existing(out)
+  size = os.path.getsize(src) if os.path.isfile(src) else 0
+  if size > LARGE:
+    say(f"reading {src} ({size / 2**20:,.0f} MiB, memory-mapped)")
+  tensors, extras = unwrap(torch_io.load(src), src)
+  name, fmt = pick_format(fmt_name, tensors, src)
+  say(f"{src}: {len(tensors)} tensors, {_nbytes(tensors) / 2**20:,.1f} MiB, format {name}")
+  torch_step = extras.get("step")
+  if hasattr(fmt, "config_from_saved") and "config" in extras:
+    c = fmt.config_from_saved(extras["config"], c)
+  c = fmt.config_from(tensors, c)
+  validate(c)
+  params = fmt.to_params(tensors, c)
+  layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else None
+  del tensors, extras  # unmaps the file: from here on the converted params are the only copy
+  _check_tree(params, c)
+  extra = fmt.companion_state(src, c, torch_io.load) if hasattr(fmt, "companion_state") else {}
+  step = int(extra.get("step", 0))
+  opt = optimizer_state(c, params, extra.get("mu"), extra.get("nu"), step)
+  import jax
+  key = jax.random.fold_in(jax.random.key(c.train.seed), 1)  # as Trainer.init_state derives the run's rng
+  meta = {"step": step, "rng": np.asarray(jax.random.key_data(key)).tolist(), "nonfinite": 0,
+          "data": {"next_index": step},  # dba_jax's own data position after `step` batches (grain's state)
+          "source": os.path.abspath(src), "format": name, "layout": layout, **extra.get("meta", {})}
+  if isinstance(torch_step, (int, np.integer)):
+    meta["torch_step"] = int(torch_step)
+  if size > LARGE:
+    say(f"writing {out} (step {step})")
+  _write_workdir(out, c, step, params, opt, meta)
+  n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  say(f"wrote {out}: {n:,} parameters at step {step}" + (" with AdamW moments" if "mu" in extra else ""))
+  return {"workdir": out, "format": name, "step": step, "config": c}
+
+
+def _refuse_existing(out: str):
+  taken = [f for f in ("config.json", "checkpoints", RECORD) if os.path.exists(os.path.join(out, f))]
+  if taken:
+    raise ConversionError(f"--out {out} already holds {taken}; refusing to overwrite, choose a new directory")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConversionError(f"--out {out} exists and is not a directory")
+
+
+def _write_workdir(out: str, c, step: int, params, opt, meta: dict):
+  """Everything goes to a temporary sibling first and is moved into `out` at the end, so a failure leaves no
+  half-written workdir behind."""
+  from dba_jax import ckpt
+  out = os.path.abspath(out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.converting-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(c.to_json(indent=2))
+    with open(os.path.join(tmp, RECORD), "w") as f:
+      json.dump({k: meta[k] for k in ("source", "format", "layout", "step")}, f, indent=2)
+    ckpts = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+    ckpts.save(step, params, opt, meta)
+    ckpts.close()
+    _refuse_existing(out)  # nothing appeared meanwhile
+    if not os.path.exists(out):
+      os.rename(tmp, out)
+      return
+    for name in ("checkpoints", RECORD, "config.json"):  # an existing directory without our files: move them in
+      os.rename(os.path.join(tmp, name), os.path.join(out, name))
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _saved_record(workdir: str) -> dict:
+  """What dba-convert recorded in the workdir: source, format, key layout ({} for dba-train's own runs)."""
+  from dba_jax import loading
+  path = os.path.join(loading._locate(workdir)[0], RECORD)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
+  import jax
+
+  from dba_jax import loading
+  if not out.endswith((".pt", ".safetensors")):
+    raise ConversionError(f"--out {out}: write FILE.pt or FILE.safetensors")
+  if os.path.exists(out):
+    raise ConversionError(f"--out {out} exists; refusing to overwrite it")
+  record = _saved_record(workdir)
+  name = fmt_name if fmt_name != "auto" else record.get("format")
+  if name is None:
+    raise ConversionError(f"{workdir} records no source format (not written by dba-convert); pass --format")
+  fmt = formats.get(name)
+  if fmt is None:
+    raise ConversionError(f"--format={name}: that format is not implemented yet")
+  model, c = loading.load_model(workdir)
+  params = jax.tree.map(np.asarray, model.params)
+  layout = record.get("layout") if record.get("format") == name else None
+  state = fmt.from_params(params, c, layout=layout) if layout else fmt.from_params(params, c)
+  wrapper = getattr(fmt, "SAVE_WRAPPER", SAVE_WRAPPER.get(name))
+  obj = {wrapper: state} if wrapper and out.endswith(".pt") else state
+  torch_io.save(out, obj)
+  say(f"wrote {out}: {len(state)} tensors, {_nbytes(state) / 2**20:,.1f} MiB, format {name}")
+  return out
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
+  """Flags plus the positional arguments. Without --config=FILE the config is base_config(), still open to
+  --config.a.b=value overrides."""
+  fv = flags.FlagValues()
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/selective_gpt2.py:unselective",
+                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+  else:
+    config_flags.DEFINE_config_dict("config", lock(base_config()), "The base config (no --config file given)",
+                                    flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_string("out", None, "Output workdir (import) or FILE.pt / FILE.safetensors (--to-torch)",
+                      flag_values=fv)
+  flags.DEFINE_enum("format", "auto", ["auto", *formats.NAMES], "Checkpoint format (auto: from the keys)",
+                    flag_values=fv)
+  flags.DEFINE_string("to_torch", None, "Export this dba_jax workdir to PyTorch", flag_values=fv)
+  rest = fv(list(argv))
+  return fv, rest[1:]
+
+
+USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition] [--config FILE.py[:variant]] "
+         "[--config.a.b=value ...]\n       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
+
+
+def main(argv: list[str]) -> int:
+  argv = [a.replace("--to-torch", "--to_torch", 1) if a.startswith("--to-torch") else a for a in argv]
+  try:
+    fv, positional = _parse(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    from dba_jax.main import flag_error
+    print(f"dba-convert: error: bad flag, --config or override: {flag_error(e)}\n{USAGE}", file=sys.stderr)
+    return 2
+  try:
+    if not fv.out:
+      raise ConversionError("--out is required")
+    if fv.to_torch:
+      if positional:
+        raise ConversionError(f"--to-torch takes no INPUT file; got {positional}")
+      export_checkpoint(fv.to_torch, fv.out, fv.format)
+      return 0
+    if len(positional) != 1:
+      raise ConversionError(f"expected one INPUT checkpoint, got {positional or 'none'}")
+    formats.GIVEN.clear()
+    formats.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
+    import_checkpoint(positional[0], fv.out, fv.format, copy.deepcopy(fv.config))
+  except (ConversionError, ConfigError, torch_io.CheckpointReadError, OSError, ValueError) as e:
+    print(f"dba-convert: error: {e}", file=sys.stderr)
+    return 2
+  finally:
+    formats.GIVEN.clear()
+  return 0
+
+
+def cli():
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()
