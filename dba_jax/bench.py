@@ -144,10 +144,70 @@ def attention_main(argv) -> int:
   return 0
 
 
+def _child_run(cmd: list[str]) -> tuple[float, int]:
+  """(seconds, peak RSS bytes) of a child process; ru_maxrss of the children is the max over those waited for,
+  so each measurement runs in its own fresh child that runs the command."""
+  import subprocess
+  probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
+           "dt = time.perf_counter() - t; print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+           "sys.exit(r.returncode)")
+  out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True)
+  sec, kib = out.stdout.split()[-2:]
+  return float(sec), int(kib) * 1024
+
+
+def convert_main(argv) -> int:
+  """Time and peak RAM of dba-convert on a synthetic caramba checkpoint of a preset's shapes, both directions."""
+  p = argparse.ArgumentParser(prog="dba-bench convert")
+  p.add_argument("--config", default="configs/dba_paper_12l.py:decoupled")
+  p.add_argument("--dir", default="", help="scratch directory (default: a temporary one, removed after)")
+  p.add_argument("--out", default="")
+  args, overrides = p.parse_known_args(argv)
+  import shutil
+
+  import jax
+  import numpy as np
+
+  from dba_jax import model as model_lib, torch_io
+  from dba_jax.config import validate
+  from dba_jax.formats import caramba
+  from dba_jax.main import parse_flags
+  c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  work = args.dir or tempfile.mkdtemp(prefix="dba-bench-convert-")
+  os.makedirs(work, exist_ok=True)
+  src, wd, back = (os.path.join(work, n) for n in ("synthetic.pt", "converted", "back.pt"))
+  rng = np.random.default_rng(0)
+  shapes = jax.tree.map(lambda a: a.shape, model_lib.nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
+  params = jax.tree.map(lambda s: rng.standard_normal(s, dtype=np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple))
+  n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  torch_io.save(src, {"system_state_dict": caramba.from_params(params, c), "step": 0})
+  del params
+  size = os.path.getsize(src)
+  overrides_cli = [f"--config={args.config}", *overrides]
+  t_in, rss_in = _child_run([sys.executable, "-m", "dba_jax.convert", src, "--out", wd, *overrides_cli])
+  t_out, rss_out = _child_run([sys.executable, "-m", "dba_jax.convert", "--to-torch", wd, "--out", back])
+  base_t, base_rss = _child_run([sys.executable, "-c", "import jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready()"])
+  report = {"config": args.config, "overrides": overrides, "params": n_params, "file_bytes": size,
+            "import_s": t_in, "import_peak_rss": rss_in, "export_s": t_out, "export_peak_rss": rss_out,
+            "runtime_rss": base_rss, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__}
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print(f"{args.config}: {n_params:,} params, file {gib(size)}; JAX runtime alone {gib(base_rss)}")
+  print(f"  import  {t_in:6.1f} s, peak RSS {gib(rss_in)} ({(rss_in - base_rss) / size:.2f}x the file beyond the runtime)")
+  print(f"  export  {t_out:6.1f} s, peak RSS {gib(rss_out)} ({(rss_out - base_rss) / size:.2f}x the file beyond the runtime)")
+  if not args.dir:
+    shutil.rmtree(work)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv and argv[0] == "attention":
     return attention_main(argv[1:])
+  if argv and argv[0] == "convert":
+    return convert_main(argv[1:])
   p = argparse.ArgumentParser(prog="dba-bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")

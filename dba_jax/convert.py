@@ -32,7 +32,7 @@ from dba_jax import formats, torch_io
 from dba_jax.config import ConfigError, base_config, lock, validate
 from dba_jax.formats import ConversionError
 
-CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model")
+CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model", "model_state")
 PREFIXES = ("_orig_mod.", "module.")
 SAVE_WRAPPER = {"caramba": "system_state_dict"}  # how the original code wraps its state dict; others save it raw
 LARGE = 256 * 2**20  # bytes from which progress lines are printed
@@ -141,6 +141,10 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   tensors, extras = unwrap(torch_io.load(src), src)
   name, fmt = pick_format(fmt_name, tensors, src)
   say(f"{src}: {len(tensors)} tensors, {_nbytes(tensors) / 2**20:,.1f} MiB, format {name}")
+  if hasattr(fmt, "import_file"):  # a model family of its own (the addition models), converted file to file
+    summary = fmt.import_file(src, out)
+    say(f"wrote {out} ({name} model)")
+    return summary
   torch_step = extras.get("step")
   if hasattr(fmt, "config_from_saved") and "config" in extras:
     c = fmt.config_from_saved(extras["config"], c)
@@ -209,6 +213,8 @@ def _write_workdir(out: str, c, step: int, params, opt, meta: dict):
 def _saved_record(workdir: str) -> dict:
   """What dba-convert recorded in the workdir: source, format, key layout ({} for dba-train's own runs)."""
   from dba_jax import loading
+  if os.path.exists(os.path.join(workdir, "params.npz")):  # an addition model directory
+    return {"format": "addition"}
   path = os.path.join(loading._locate(workdir)[0], RECORD)
   if not os.path.exists(path):
     return {}
@@ -231,6 +237,11 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
   fmt = formats.get(name)
   if fmt is None:
     raise ConversionError(f"--format={name}: that format is not implemented yet")
+  if hasattr(fmt, "export_dir"):
+    obj = fmt.export_dir(workdir, out)
+    torch_io.save(out, obj if out.endswith(".pt") else obj[fmt.CONTAINER])
+    say(f"wrote {out}: format {name}")
+    return out
   model, c = loading.load_model(workdir)
   params = jax.tree.map(np.asarray, model.params)
   layout = record.get("layout") if record.get("format") == name else None

@@ -41,3 +41,14 @@ def test_attention_bench_reports_every_op(tmp_path):
       "cumsum xla fp32 fwd+bwd", "cumsum pallas fp32 fwd+bwd", "protect-attack xla fp32 fwd+bwd",
       "protect-attack pallas fp32 fwd+bwd", "cumsum xla fp64 fwd+bwd", "protect-attack xla fp64 fwd+bwd"}
   assert all(r["T"] == 64 and r["ms"] > 0 for r in rows)
+
+
+def test_convert_bench_runs_both_directions(tmp_path):
+  out = tmp_path / "convert.json"
+  small = ["--config.model.n_layers=1", "--config.model.d_model=64", "--config.model.n_heads=4",
+           "--config.model.attn_dim=48", "--config.model.sem_dim=16", "--config.model.geo_dim=32",
+           "--config.model.d_ff=96", "--config.model.vocab_size=100"]
+  assert bench.main(["convert", "--dir", str(tmp_path / "w"), "--out", str(out), *small]) == 0
+  r = json.loads(out.read_text())
+  assert (tmp_path / "w" / "converted" / "config.json").exists() and (tmp_path / "w" / "back.pt").exists()
+  assert r["file_bytes"] >= 4 * r["params"] and r["import_s"] > 0 and r["export_peak_rss"] > r["runtime_rss"] > 0

@@ -1,0 +1,34 @@
+"""Tiny 10-digit addition transformers (others.md A.4, A.5): the published parameter counts.
+
+  dba-addition-train --config=configs/addition.py:456p --workdir=runs/add456
+  dba-addition-train --config=configs/addition.py:1128p --workdir=runs/add1128 --config.train.num_models=4
+
+Variant = (d_model, d_ff, pos/qkv/out/ffn ranks (0 = full), norm, tie_qkv); `expect_params` pins the count.
+"""
+from dba_jax.addition.config import base_config
+
+VARIANTS = {
+    "456p": (7, 14, (3, 3, 2, 3), "rmsnorm", "shareA_tieKV"),
+    "512p": (7, 14, (3, 3, 3, 3), "layernorm", "none"),
+    "498p": (7, 14, (3, 3, 2, 3), "layernorm", "none"),
+    "582p": (7, 14, (3, 3, 3, 0), "layernorm", "none"),
+    "763p": (7, 14, (0, 0, 0, 0), "layernorm", "none"),
+    "959p": (7, 28, (0, 0, 0, 0), "layernorm", "none"),
+    "1128p": (8, 28, (0, 0, 0, 0), "layernorm", "none"),
+}
+
+
+def get_config(variant: str = "456p"):
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of addition; choose one of {list(VARIANTS)}")
+  c = base_config()
+  m = c.model
+  m.d_model, m.d_ff, ranks, m.norm, m.tie_qkv = VARIANTS[variant]
+  m.pos_rank, m.qkv_rank, m.attn_out_rank, m.ffn_rank = ranks
+  m.expect_params = int(variant[:-1])
+  if variant == "456p":  # the released grokking run (grok_456p_s43)
+    c.train.steps, c.train.eval_interval, c.train.seed = 54000, 500, 43
+  if variant == "1128p":  # the robust d=8 config of A.9
+    c.optim.lr, c.train.steps = 0.015, 30000
+  c.lock()
+  return c

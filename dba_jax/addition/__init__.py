@@ -1,0 +1,5 @@
+"""Tiny 10-digit addition transformers (others.md System A): data, model, training, evaluation, conversion.
+
+  python -m dba_jax.addition.train --config=configs/addition.py:456p --workdir=DIR   (dba-addition-train)
+  python -m dba_jax.addition.eval --checkpoint best_456p_s43.pt [--strict] [--out X.json]   (dba-addition-eval)
+"""

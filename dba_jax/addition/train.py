@@ -1,0 +1,270 @@
+"""Training (others.md A.5), N seeds at once.
+
+  python -m dba_jax.addition.train --config=configs/addition.py:456p --workdir=DIR [--config.train.num_models=8]
+
+`train.num_models=N` stacks N models on a leading axis and vmaps one jitted AdamW step over it. Model i uses seed
+`train.seed + i` for its initialisation, its held-out splits and (seed + i + 1337) its training stream, so model i
+of a sweep is the same run as a single-model run with that seed. Each model gets its own directory
+`DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest validation exact match, strictly improving,
+as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dba_jax.addition import checkpoint, data
+from dba_jax.addition import config as config_lib
+from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
+from dba_jax.config import ConfigError
+
+
+def lr_schedule(o, total_steps: int):
+  """lr·(s+1)/warmup for s < warmup, then cosine from lr to min_lr_ratio·lr at total_steps, flat after."""
+  warmup = int(o.warmup_steps)
+  lr, floor = float(o.lr), float(o.lr) * float(o.min_lr_ratio)
+
+  def fn(step):
+    s = jnp.asarray(step, jnp.float32)
+    t = jnp.clip((s - warmup) / max(1, total_steps - warmup), 0.0, 1.0)
+    cos = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    return jnp.where(s < warmup, lr * (s + 1.0) / max(1, warmup), cos)
+
+  return fn
+
+
+def make_optimizer(o, total_steps: int):
+  """Global-norm clip, then AdamW with decoupled decay on every leaf (torch AdamW's update, no mask)."""
+  adamw = optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+def init_models(a: Arch, opt, seeds) -> tuple[dict, object]:
+  """Stacked params and optimizer states, model i from jax.random.key(seeds[i])."""
+  keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+  params = jax.vmap(functools.partial(init_params, a))(keys)
+  return params, jax.vmap(opt.init)(params)
+
+
+def make_train_step(a: Arch, opt):
+  """jit(vmap(step)): (params_N, opt_N, x (N, B, 33), y (N, B, 33)) -> (params_N, opt_N, metrics_N)."""
+
+  def one(params, opt_state, x_BT, y_BT):
+    loss, grads = jax.value_and_grad(functools.partial(loss_fn, a))(params, x_BT, y_BT)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  return jax.jit(jax.vmap(one), donate_argnums=(0, 1))
+
+
+def make_batched_decoder(a: Arch):
+  """jit(vmap(decode)): (params_N, prompt (N, B, 22)) -> tokens (N, B, 12)."""
+  one = lambda params, prompt_BP: greedy_decode(lambda ids: forward(a, params, ids), prompt_BP)
+  return jax.jit(jax.vmap(one))
+
+
+def exact_match_all(decode, params, a_NM: np.ndarray, b_NM: np.ndarray, batch_size: int):
+  """Per-model (exact match, per-digit accuracy) of each model on its own M problems (EOS unchecked)."""
+  N, M = a_NM.shape
+  prompts = data.encode(a_NM.reshape(-1), b_NM.reshape(-1)).reshape(N, M, data.FULL_LEN)
+  want = prompts[:, :, data.PROMPT_LEN:data.PROMPT_LEN + data.SUM_DIGITS]
+  prompts = prompts[:, :, :data.PROMPT_LEN]
+  got = []
+  for i in range(0, M, batch_size):
+    chunk = prompts[:, i:i + batch_size]
+    pad = batch_size - chunk.shape[1]
+    if pad:  # one compiled shape for every chunk
+      chunk = np.concatenate([chunk, np.repeat(chunk[:, -1:], pad, 1)], 1)
+    got.append(np.asarray(decode(params, jnp.asarray(chunk)))[:, :batch_size - pad, :data.SUM_DIGITS])
+  ok = np.concatenate(got, 1) == want
+  return ok.all(-1).mean(-1), ok.mean((-1, -2))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(a: Arch, optim_items: tuple, steps: int):
+  """(optimizer, train step, batched decoder), cached so runs of one shape share compilations."""
+  opt = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), steps)
+  return opt, make_train_step(a, opt), make_batched_decoder(a)
+
+
+class Progress:
+  """One status line: step, losses, validation, steps/s, ETA (in place on a terminal)."""
+
+  def __init__(self, total: int, stream):
+    self.total, self.stream, self.tty = total, stream, stream.isatty()
+
+  def update(self, step: int, loss: float, steps_s: float, eta_s: float, extra: str = ""):
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
+    line = f"step {step}/{self.total} | loss {loss:.4f} | {steps_s:,.1f} steps/s | ETA {eta}{extra}"
+    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+    self.stream.flush()
+
+  def close(self):
+    if self.tty:
+      self.stream.write("\n")
+
+
+def _slice(tree, i: int):
+  return jax.tree.map(lambda x: np.asarray(x[i]), tree)
+
+
+def train(c, workdir: str, quiet: bool = False) -> dict:
+  """Trains train.num_models models; returns the summary (also written to workdir/summary.json)."""
+  config_lib.validate(c)
+  a, o, t = Arch.from_config(c.model), c.optim, c.train
+  N = t.num_models
+  seeds = [t.seed + i for i in range(N)]
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, "summary.json")) or os.path.isdir(os.path.join(workdir, "model_0")):
+    raise ConfigError(f"--workdir={workdir} already holds a run (resuming is not supported); choose a new one")
+  phases = data.parse_curriculum(t.curriculum)
+  splits = [data.holdout_splits(t.val_size, t.test_size, s) for s in seeds]
+  samplers = [data.Sampler(t.batch_size, s + 1337, data.reserved_hashes(sp), phases) for s, sp in zip(seeds, splits)]
+  val_a, val_b = np.stack([sp["val_a"] for sp in splits]), np.stack([sp["val_b"] for sp in splits])
+
+  opt, step_fn, decode = _compiled(a, tuple(sorted(o.items())), t.steps)
+  sched = lr_schedule(o, t.steps)
+  params, opt_state = init_models(a, opt, seeds)
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json(indent=2))
+  from tensorboardX import SummaryWriter
+  dirs = [os.path.join(workdir, f"model_{i}") for i in range(N)]
+  writers = [SummaryWriter(os.path.join(d, "tb")) for d in dirs]
+  files = [open(os.path.join(d, "metrics.jsonl"), "a") for d in dirs]
+  progress = Progress(t.steps, open(os.devnull, "w") if quiet else sys.stderr)
+  n_params = count_params(a)
+
+  def log(i: int, rec: dict):
+    files[i].write(json.dumps(rec) + "\n")
+    files[i].flush()
+    for k, v in rec.items():
+      if k != "step":
+        writers[i].add_scalar(k, v, rec["step"])
+
+  def save(kind: str, i: int, step: int, val: float):
+    checkpoint.save(os.path.join(dirs[i], kind), _slice(params, i), a,
+                    {"step": step, "val_exact": val, "seed": seeds[i], "total_steps": t.steps, "params": n_params,
+                     "config": json.loads(c.to_json())})
+
+  best, best_step, last_val = np.full(N, -1.0), np.full(N, -1), np.zeros(N)
+  t_mark, step_mark, train_s, speeds = None, 0, 0.0, []
+  loss_N = np.zeros(N)
+  try:
+    for step in range(t.steps):  # 0-based like the original: eval at step % interval == 0 and the last step
+      xy = [s.batch(step) for s in samplers]
+      x, y = np.stack([b[0] for b in xy]), np.stack([b[1] for b in xy])
+      params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(x), jnp.asarray(y))
+      if t_mark is None:  # the first step includes compilation
+        jax.block_until_ready(metrics)
+        t_mark, step_mark = time.perf_counter(), step + 1
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        m = jax.device_get(metrics)
+        loss_N = np.asarray(m["loss"])
+        now = time.perf_counter()
+        train_s += now - t_mark
+        sps = (done - step_mark) / train_s if done > step_mark and train_s > 0 else float("nan")
+        if math.isfinite(sps):
+          speeds.append(sps)
+        lr = float(sched(step))
+        for i in range(N):
+          log(i, {"step": step, "loss": float(m["loss"][i]), "grad_norm": float(m["grad_norm"][i]), "lr": lr,
+                  "steps_per_s": sps})
+        eta = (t.steps - done) / sps if sps == sps and sps > 0 else float("inf")
+        solved = int((last_val >= 0.99).sum())
+        progress.update(done, float(loss_N.mean()), sps, eta,
+                        f" | val best {best.max():.4f} | {solved}/{N} models >= 0.99")
+        t_mark, step_mark, train_s = time.perf_counter(), done, 0.0
+      if step % t.eval_interval == 0 or done == t.steps:
+        t_eval = time.perf_counter()
+        exact_N, digit_N = exact_match_all(decode, params, val_a, val_b, t.eval_batch_size)
+        last_val = exact_N
+        for i in range(N):
+          log(i, {"step": step, "val/exact_match": float(exact_N[i]), "val/digit_acc": float(digit_N[i])})
+          if exact_N[i] > best[i]:
+            best[i], best_step[i] = exact_N[i], step
+            save("best", i, step, float(exact_N[i]))
+        if t_mark is not None:  # keep evaluation time out of steps/s
+          t_mark += time.perf_counter() - t_eval
+  finally:
+    progress.close()
+    for f in files:
+      f.close()
+    for w in writers:
+      w.close()
+  for i in range(N):
+    save("last", i, t.steps - 1, float(last_val[i]))
+
+  # each model's best checkpoint on its own test split (never seen in training)
+  best_params = [checkpoint.load(os.path.join(d, "best"))[0].params for d in dirs]
+  stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *best_params)
+  test_N, _ = exact_match_all(decode, stacked, np.stack([sp["test_a"] for sp in splits]),
+                              np.stack([sp["test_b"] for sp in splits]), t.eval_batch_size)
+  summary = {"workdir": workdir, "params": n_params, "num_models": N, "steps": t.steps,
+             "steps_per_s": float(np.median(speeds)) if speeds else float("nan"),
+             "models": [{"model": i, "seed": seeds[i], "best_val_exact": float(best[i]), "best_step": int(best_step[i]),
+                         "last_val_exact": float(last_val[i]), "best_test_exact": float(test_N[i]),
+                         "final_loss": float(loss_N[i])} for i in range(N)]}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _flags(fv):
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Run directory: config, per-model metrics, TensorBoard, checkpoints",
+                      flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the parameter count and exit", flag_values=fv)
+
+
+def main(argv) -> int:
+  from absl import flags
+
+  from dba_jax.main import flag_error, parse_flags
+  argv = [s.replace("--dry-run", "--dry_run", 1) if s.startswith("--dry-run") else s for s in argv]
+  try:
+    fv = parse_flags(argv, _flags)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"dba-addition-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
+    return 2
+  if fv.config is None:
+    print("dba-addition-train: error: --config=configs/addition.py:VARIANT is required", file=sys.stderr)
+    return 2
+  c = fv.config
+  try:
+    config_lib.validate(c)
+    if fv.dry_run:
+      print(f"params: {count_params(Arch.from_config(c.model))}")
+      return 0
+    if not fv.workdir:
+      raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
+    s = train(c, fv.workdir)
+  except ConfigError as e:
+    print(f"dba-addition-train: error: {e}", file=sys.stderr)
+    return 2
+  for m in s["models"]:
+    print(f"model {m['model']} (seed {m['seed']}): best val {m['best_val_exact']:.5f} at step {m['best_step']}, "
+          f"test {m['best_test_exact']:.5f}")
+  print(f"done: {s['num_models']} x {s['params']} params, {s['steps']} steps, {s['steps_per_s']:.1f} steps/s "
+        f"-> {s['workdir']}")
+  return 0
+
+
+def cli():
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()

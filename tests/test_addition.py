@@ -1,0 +1,341 @@
+"""dba_jax.addition: encoding, curriculum, held-out exclusion, parameter counts, tie modes, vmapped training,
+evaluation of hand-built models, and the released PyTorch checkpoints (others.md System A)."""
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dba_jax import torch_io
+from dba_jax.addition import checkpoint, data
+from dba_jax.addition import eval as eval_lib
+from dba_jax.addition import model as M
+from dba_jax.addition import train as train_lib
+from dba_jax.addition.config import validate
+from dba_jax.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures", "addition"))
+
+
+def _configs():
+  spec = importlib.util.spec_from_file_location("addition_configs", os.path.join(REPO, "configs", "addition.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def test_encoding_round_trip():
+  rng = np.random.default_rng(0)
+  a = np.concatenate([[0, 9_999_999_999, 1, 5_000_000_000], rng.integers(0, data.MAX_OPERAND, 500)])
+  b = np.concatenate([[0, 9_999_999_999, 9_999_999_999, 5_000_000_000], rng.integers(0, data.MAX_OPERAND, 500)])
+  full = data.encode(a, b)
+  assert full.shape == (504, 34) and full.max() <= data.EOS
+  assert list(full[2, :22]) == [0] * 9 + [1, data.PLUS] + [9] * 10 + [data.EQUALS]  # MSD first, zero-padded
+  assert list(full[2, 22:]) == [0] * 10 + [1, data.EOS]  # 10,000,000,000 reversed, then EOS
+  ra, rb = data.decode_prompt(full[:, :22])
+  np.testing.assert_array_equal(ra, a)
+  np.testing.assert_array_equal(rb, b)
+  np.testing.assert_array_equal(data.decode_sum(full[:, 22:33]), a + b)
+  assert (full[:, 33] == data.EOS).all()
+  x, y = data.inputs_labels(full)
+  assert x.shape == y.shape == (504, 33)
+  assert (y[:, :21] == data.IGNORE).all() and (y[:, 21:] == full[:, 22:]).all()  # 12 labelled positions
+  np.testing.assert_array_equal(x, full[:, :33])
+
+
+def test_curriculum_boundaries():
+  for step, want in [(0, (1, 3)), (1999, (1, 3)), (2000, (1, 6)), (6999, (1, 6)), (7000, (1, 10)),
+                     (27000, (1, 10)), (54000, (1, 10))]:
+    assert data.phase_at(step) == want, step
+  s = data.Sampler(4096, 0, np.zeros(0, np.uint64))
+  a, b = s.operands(1999)
+  assert max(a.max(), b.max()) < 10**3 and max(a.max(), b.max()) >= 100
+  a, b = s.operands(2000)
+  assert max(a.max(), b.max()) < 10**6 and max(a.max(), b.max()) >= 10**3
+  a, b = s.operands(7000)
+  assert max(a.max(), b.max()) >= 10**9
+  # n is uniform in [1, 10]: about 10% of pairs have both operands < 10
+  assert 0.05 < np.mean((a < 10) & (b < 10)) < 0.15
+  assert data.parse_curriculum("1-2:5,3-4:7") == ((1, 2, 5), (3, 4, 7))
+
+
+def test_holdout_exclusion():
+  sp = data.holdout_splits(300, 700, seed=3)
+  pairs = set(zip(np.concatenate([sp["val_a"], sp["test_a"]]).tolist(),
+                  np.concatenate([sp["val_b"], sp["test_b"]]).tolist()))
+  assert len(pairs) == 1000 and len(sp["val_a"]) == 300 and len(sp["test_b"]) == 700
+  np.testing.assert_array_equal(data.holdout_splits(300, 700, seed=3)["test_a"], sp["test_a"])  # deterministic
+  # 1-digit phase: 100 possible pairs; reserve all but (4, 7), so every draw must be (4, 7)
+  every = [(i, j) for i in range(10) for j in range(10) if (i, j) != (4, 7)]
+  ra, rb = np.array([p[0] for p in every]), np.array([p[1] for p in every])
+  reserved = data.reserved_hashes({"val_a": ra, "val_b": rb, "test_a": ra[:0], "test_b": rb[:0]})
+  s = data.Sampler(256, 1, reserved, phases=((1, 1, 10),))
+  x, y = s.batch(0)
+  a, b = data.decode_prompt(x[:, :22])
+  assert (a == 4).all() and (b == 7).all()
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+def test_parameter_counts():
+  cfgs = _configs()
+  for name in ("456p", "512p", "498p", "582p", "763p", "959p", "1128p"):
+    c = cfgs.get_config(name)
+    validate(c)
+    a = M.Arch.from_config(c.model)
+    params = jax.eval_shape(lambda k: M.init_params(a, k), jax.random.key(0))
+    assert M.count_params(a) == sum(x.size for x in jax.tree.leaves(params)) == int(name[:-1]), name
+  c = cfgs.get_config("512p")
+  c.model.norm = "rmsnorm"
+  with pytest.raises(ConfigError, match="expect_params=512 but this model has 491"):  # rezabyt's 491
+    validate(c)
+  c.model.tie_qkv, c.model.qkv_rank = "shareA", 0
+  with pytest.raises(ConfigError, match="qkv_rank"):
+    validate(c)
+
+
+@pytest.mark.parametrize("mode", M.TIE_MODES)
+def test_tie_mode_shapes_and_forward(mode):
+  d, r = 7, 3
+  qkv_params = {"none": 4 * d * r, "all": 2 * d * r, "qk": 4 * d * r, "kv": 4 * d * r, "shareA": 4 * d * r,
+                "shareB": 4 * d * r, "shareB_tieQK": 3 * d * r, "shareB_tieKV": 3 * d * r,
+                "shareA_tieKV": 3 * d * r, "shareA_tieQK": 3 * d * r}[mode]
+  base = dict(d_model=d, d_ff=14, pos_rank=3, attn_out_rank=2, ffn_rank=3, norm="rmsnorm", tie_qkv=mode)
+  a = M.Arch(qkv_rank=r, **base)
+  assert M.count_params(a) == 98 + 120 + 21 + qkv_params + 28 + 126
+  if mode in ("none", "all", "qk", "kv"):  # full rank: 3d^2 / d^2 / 2d^2 / 2d^2
+    full = M.Arch(qkv_rank=0, **base)
+    assert M.count_params(full) - M.count_params(a) == {"none": 3, "all": 1, "qk": 2, "kv": 2}[mode] * d * d - qkv_params
+  shapes = jax.eval_shape(lambda k: M.init_params(a, k), jax.random.key(1))
+  for path, (shape, _) in checkpoint._leaf_paths(M.param_spec(a)):
+    node = shapes
+    for k in path:
+      node = node[k]
+    assert node.shape == shape, path
+  rng = np.random.default_rng(0)  # numpy values: one compilation (the forward) per mode
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), shapes)
+  ids = jnp.asarray(data.encode(np.array([123, 4567]), np.array([89, 10]))[:, :33])
+  fwd = jax.jit(M.forward, static_argnums=0)
+  logits = fwd(a, params, ids)
+  assert logits.shape == (2, 33, 14) and bool(jnp.isfinite(logits).all())
+  q, k, v = M.qkv(a, params["blocks"]["0"]["attn"], jnp.ones((1, 4, d)) * jnp.arange(d, dtype=jnp.float32)[None, None])
+  assert {"all": (q is k is v), "qk": q is k, "kv": k is v, "shareA_tieKV": k is v, "shareA_tieQK": q is k,
+          "shareB_tieQK": q is k, "shareB_tieKV": k is v}.get(mode, not (q is k or k is v))
+  changed = ids.at[:, 30].set(5)  # causal: earlier positions cannot see a later token
+  np.testing.assert_allclose(fwd(a, params, changed)[:, :30], logits[:, :30], atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def _tiny(num_models: int, seed: int):
+  c = _configs().get_config("456p")
+  t = c.train
+  t.steps, t.batch_size, t.num_models, t.seed = 20, 32, num_models, seed
+  t.eval_interval, t.val_size, t.test_size, t.eval_batch_size, t.log_every = 10, 32, 32, 32, 5
+  c.optim.warmup_steps = 5
+  return c
+
+
+def test_vmapped_training_equals_separate_runs(tmp_path):
+  s3 = train_lib.train(_tiny(3, 5), str(tmp_path / "n3"), quiet=True)
+  assert [m["seed"] for m in s3["models"]] == [5, 6, 7]
+  for i in range(3):
+    single = train_lib.train(_tiny(1, 5 + i), str(tmp_path / f"n1_{i}"), quiet=True)
+    a = checkpoint.load(str(tmp_path / "n3" / f"model_{i}"), "last")[0]
+    b = checkpoint.load(str(tmp_path / f"n1_{i}" / "model_0"), "last")[0]
+    assert a.meta["step"] == b.meta["step"] == 19
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    assert single["models"][0]["final_loss"] == pytest.approx(s3["models"][i]["final_loss"], abs=1e-6)
+  x0 = jax.tree.leaves(checkpoint.load(str(tmp_path / "n3" / "model_0"), "last")[0].params)
+  x1 = jax.tree.leaves(checkpoint.load(str(tmp_path / "n3" / "model_1"), "last")[0].params)
+  assert max(float(np.abs(p - q).max()) for p, q in zip(x0, x1)) > 1e-3  # different seeds, different models
+  rows = [json.loads(ln) for ln in open(tmp_path / "n3" / "model_2" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [4, 9, 14, 19]
+  assert [r["step"] for r in rows if "val/exact_match" in r] == [0, 10, 19]
+  assert os.listdir(tmp_path / "n3" / "model_2" / "tb")
+
+
+def test_lr_schedule():
+  c = _configs().get_config("456p")
+  f = train_lib.lr_schedule(c.optim, 54000)
+  assert float(f(0)) == pytest.approx(0.02 / 1350)
+  assert float(f(1349)) == pytest.approx(0.02)
+  assert float(f(1350)) == pytest.approx(0.02)
+  assert float(f(54000)) == pytest.approx(0.002) and float(f(80000)) == pytest.approx(0.002)
+  mid = 1350 + (54000 - 1350) / 2
+  assert float(f(mid)) == pytest.approx(0.011, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def _oracle(wrong_digit: int = -1, eos: int = data.EOS):
+  """Logits that read the answer off the prompt: always right, or off by one at one digit, or a wrong 12th token."""
+
+  def logits_fn(ids_BT):
+    p = ids_BT[:, :data.PROMPT_LEN]
+    a, b = p[:, 9::-1], p[:, 20:10:-1]  # LSD first
+    carry, digits = jnp.zeros(ids_BT.shape[0], jnp.int32), []
+    for i in range(10):
+      s = a[:, i] + b[:, i] + carry
+      digits.append(s % 10)
+      carry = s // 10
+    digits.append(carry)
+    ans = jnp.stack(digits, 1)
+    if wrong_digit >= 0:
+      ans = ans.at[:, wrong_digit].set((ans[:, wrong_digit] + 1) % 10)
+    tgt = jnp.concatenate([ans, jnp.full((ids_BT.shape[0], 1), eos, jnp.int32)], 1)
+    logits = jnp.zeros(ids_BT.shape + (data.VOCAB,))
+    return logits.at[:, data.PROMPT_LEN - 1:].set(jax.nn.one_hot(tgt, data.VOCAB) * 5.0)
+
+  return jax.jit(lambda prompt: M.greedy_decode(logits_fn, prompt))
+
+
+def test_evaluation_of_hand_built_models():
+  kw = dict(seeds=(1, 2), limit=300, batch_size=128)
+  v = eval_lib.evaluate(_oracle(), **kw)["multi_seed_validation"]
+  assert v["aggregate_exact_match"] == 1.0 and v["aggregate_errors"] == 0 and v["total_examples"] == 600
+  res = eval_lib.evaluate(_oracle(wrong_digit=3), max_failures=5, **kw)
+  v = res["multi_seed_validation"]
+  assert v["aggregate_exact_match"] == 0.0 and v["aggregate_errors"] == 600
+  assert v["per_digit_accuracy_lsd_first"][3] == 0.0
+  assert all(x == 1.0 for i, x in enumerate(v["per_digit_accuracy_lsd_first"]) if i != 3)
+  f = res["failures"][0]
+  assert len(res["failures"]) == 5 and f["wrong_digits_lsd_first"] == [3]
+  assert abs(f["got"] - f["expected"]) == 1000 or (f["got"] - f["expected"]) % 1000 == 0
+  no_eos = eval_lib.evaluate(_oracle(eos=0), **kw)["multi_seed_validation"]
+  assert no_eos["aggregate_exact_match"] == 1.0 and no_eos["eos_accuracy"] == 0.0  # EOS unchecked, as the original
+  strict = eval_lib.evaluate(_oracle(eos=0), strict=True, **kw)["multi_seed_validation"]
+  assert strict["aggregate_exact_match"] == 0.0 and strict["aggregate_exact_match_eos_unchecked"] == 1.0
+
+
+def test_greedy_decode_feeds_back_its_tokens():
+  def logits_fn(ids_BT):  # next token = previous token + 1 (mod 10); position 21 starts at 0
+    nxt = (ids_BT + 1) % 10
+    nxt = nxt.at[:, data.PROMPT_LEN - 1].set(0)
+    return jax.nn.one_hot(nxt, data.VOCAB)
+
+  out = M.greedy_decode(logits_fn, jnp.full((2, 22), 11, jnp.int32))
+  assert out.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]] * 2
+
+
+# --------------------------------------------------------------------------------------- released checkpoints
+
+needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"{FIXTURES} absent")
+
+
+def _np_forward(sd: dict, mc: dict, ids):
+  """others.md A.3 written out in numpy from the torch state dict (independent of model.py's param tree)."""
+  from math import erf
+  d = mc["d_model"]
+  rms = mc.get("use_rmsnorm", False)
+
+  def norm(x, name):
+    if rms:
+      return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-8) * sd[name + ".weight"]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * sd[name + ".weight"] + sd[name + ".bias"]
+
+  def lin(x, name):
+    return x @ sd[name + ".A"] @ sd[name + ".B"] if name + ".A" in sd else x @ sd[name + ".weight"].T
+
+  x = sd["token_emb.weight"][ids] + (sd["pos_emb.A"] @ sd["pos_emb.B"])[None, :ids.shape[1]]
+  h = norm(x, "blocks.0.ln1")
+  if mc.get("tie_qkv", "none") == "shareA_tieKV":
+    z = h @ sd["blocks.0.attn.qkv_A"]
+    q, k = z @ sd["blocks.0.attn.qkv_Bq"], z @ sd["blocks.0.attn.qkv_Bkv"]
+    v = k
+  else:
+    q, k, v = np.split(lin(h, "blocks.0.attn.qkv"), 3, axis=-1)
+  s = q @ k.transpose(0, 2, 1) / math.sqrt(d)
+  T = ids.shape[1]
+  s = np.where(np.tril(np.ones((T, T), bool))[None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  x = x + lin(p @ v, "blocks.0.attn.proj")
+  u = lin(norm(x, "blocks.0.ln2"), "blocks.0.mlp.fc1")
+  u = 0.5 * u * (1.0 + np.vectorize(erf)(u / math.sqrt(2.0)))
+  x = x + lin(u, "blocks.0.mlp.fc2")
+  return norm(x, "ln_f") @ sd["lm_head.weight"].T
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ["best_456p_s43.pt", "best_512params.pt", "best_582params.pt"])
+def test_released_checkpoint_logits(name):
+  path = os.path.join(FIXTURES, name)
+  raw = torch_io.load(path)
+  sd = {k: np.asarray(v, np.float64) for k, v in raw["model_state"].items()}
+  loaded = checkpoint.load(path)[0]
+  assert M.count_params(loaded.arch) == {"best_456p_s43.pt": 456, "best_512params.pt": 512,
+                                         "best_582params.pt": 582}[name] == (raw["params"])
+  rng = np.random.default_rng(0)
+  full = data.encode(rng.integers(0, data.MAX_OPERAND, 64), rng.integers(0, data.MAX_OPERAND, 64))
+  want = _np_forward(sd, raw["model_config"], full[:, :33])
+  with jax.enable_x64(True):  # float64 end to end: float32 rounding alone moves these logits (|x| ~ 40) by ~2e-3
+    got = np.asarray(M.forward(loaded.arch, jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), loaded.params),
+                               jnp.asarray(full[:, :33])))
+  assert got.dtype == np.float64
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  got32 = np.asarray(M.forward(loaded.arch, jax.tree.map(jnp.asarray, loaded.params), jnp.asarray(full[:, :33])))
+  np.testing.assert_allclose(got32, want, atol=1e-2, rtol=1e-3)
+  np.testing.assert_array_equal(got32[:, 21:].argmax(-1), want[:, 21:].argmax(-1))
+  back = checkpoint.from_params(loaded.params)  # and back to the torch names and layouts
+  assert set(back) == set(raw["model_state"])
+  for k, x in back.items():
+    np.testing.assert_array_equal(x, raw["model_state"][k])
+
+
+@needs_fixtures
+def test_released_456p_exact_match():
+  loaded = checkpoint.load(os.path.join(FIXTURES, "best_456p_s43.pt"))[0]
+  assert loaded.meta["step"] == 34000 and loaded.meta["val_exact"] == 1.0
+  res = eval_lib.evaluate_checkpoint(loaded, seeds=(41, 100), limit=1500, batch_size=1500)
+  v = res["multi_seed_validation"]
+  assert v["total_examples"] == 3000 and v["aggregate_exact_match"] == 1.0 and v["eos_accuracy"] == 1.0
+
+
+@needs_fixtures
+def test_torch_reader_matches_torch():
+  torch = pytest.importorskip("torch")
+  path = os.path.join(FIXTURES, "best_512params.pt")
+  ours, ref = torch_io.load(path), torch.load(path, map_location="cpu", weights_only=True)
+  assert ours["model_config"] == ref["model_config"] and ours["step"] == ref["step"] == 24000
+  for k, v in ref["model_state"].items():
+    np.testing.assert_array_equal(ours["model_state"][k], v.numpy())
+
+
+def test_cli_errors(tmp_path, capsys):
+  cfg = os.path.join(REPO, "configs", "addition.py")
+  assert train_lib.main(["prog", f"--config={cfg}:456p", "--config.model.tie_qkv=bogus"]) == 2
+  assert "model.tie_qkv='bogus'" in capsys.readouterr().err
+  assert train_lib.main(["prog", f"--config={cfg}:1128p", "--dry-run"]) == 0
+  assert "params: 1128" in capsys.readouterr().out
+  assert eval_lib.main(["--checkpoint", str(tmp_path)]) == 2
+
+
+@needs_fixtures
+def test_dba_convert_addition_both_ways(tmp_path):
+  """dba-convert reads the released file (format detected), writes an addition model dir, and exports it back
+  to the original dict: the same state tensors bit for bit and the same model config."""
+  from dba_jax import convert
+  src = os.path.join(FIXTURES, "best_456p_s43.pt")
+  assert convert.main(["dba-convert", src, "--out", str(tmp_path / "m")]) == 0
+  assert checkpoint.load(str(tmp_path / "m"))[0].meta["step"] == 34000
+  assert convert.main(["dba-convert", "--to-torch", str(tmp_path / "m"), "--out", str(tmp_path / "back.pt")]) == 0
+  raw, back = torch_io.load(src), torch_io.load(str(tmp_path / "back.pt"))
+  assert set(back["model_state"]) == set(raw["model_state"])
+  for k, v in raw["model_state"].items():
+    np.testing.assert_array_equal(back["model_state"][k], v)
+  assert checkpoint.arch_from_torch_config(back["model_config"]) == checkpoint.arch_from_torch_config(raw["model_config"])
+  assert convert.main(["dba-convert", src, "--out", str(tmp_path / "m")]) == 2  # never overwrites
