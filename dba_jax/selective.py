@@ -218,8 +218,8 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
   and a log-depth scan), pallas_scan (as xla with the blocked Pallas scans), pallas (the fused O(T)-memory
-  kernel dba_kernels.selective_flash for the default selection; other variants fall back to pallas_scan with a
-  logged reason), auto (pallas on GPU/TPU, xla on CPU). `protection` picks a protect-and-attack
+  kernel dba_kernels.selective_flash for head selection and dedicated selection heads; other variants fall back
+  to pallas_scan with a logged reason), auto (pallas on GPU/TPU, xla on CPU). `protection` picks a protect-and-attack
   kind (PROTECTIONS; its keywords go in `protection_args`).
 
   Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
@@ -240,13 +240,13 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   if impl == "pallas":
     unsupported = {"relu_leak": relu_leak != 0.0, "relu_after_cumsum": relu_after_cumsum,
                    "scan_dtype": scan_dtype not in (None, "float32", jnp.float32), "disable_selection": disable_selection,
-                   "protection": protection != "none", "selection_heads": selection_heads != 0, "combo": combo is not None,
-                   "latent": latent is not None, "residual masks": residual_BHTS is not None,
-                   "return_mask": return_mask}
+                   "protection": protection != "none", "combo": combo is not None, "latent": latent is not None,
+                   "selection_slices": bool(selection_heads) and selection_slices > 1,
+                   "residual masks": residual_BHTS is not None, "return_mask": return_mask}
     reasons = [k for k, bad in unsupported.items() if bad]
     if not reasons:
       return _fused(q_BTHD, k_BTHD, v_BTHD, scale=scale, protect_bos=protect_bos, allow_self_mask=allow_self_mask,
-                    selection_head=selection_head)
+                    selection_head=selection_head, selection_heads=selection_heads)
     ops.fallback("selective_attention", "the fused kernel does not support " + ", ".join(reasons) +
                  " (F is materialised; the scans use the Pallas kernels)")
   if k_BTHD.shape != (B, T, H, D) or v_BTHD.shape[:3] != (B, T, H):

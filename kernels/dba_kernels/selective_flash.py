@@ -1,39 +1,54 @@
-"""Fused selective attention (selective.md §1.2, §3) with O(T) activations: flash-style forward and backward (Pallas).
+"""Fused selective attention (selective.md §1.2, §3, §4.5) with O(T) activations: flash-style forward and
+backward (Pallas).
 
-Math (default selection, one shared mask per layer): L_h = scale q_h k_h^T; S = ReLU(L_sel) on the causal part
-(future entries 0), S[:, 0] = 0 if protect_bos, S[i, i] = 0 unless allow_self_mask;
-F[i, j] = sum_{k < i} S[k, j]; out_h = softmax_{j <= i}(L_h - F) v_h for every head, the selection head included.
+Math, for mask n with source head s_n (scaled logits L_h = scale q_h k_{kv(h)}^T): S_n = ReLU(L_{s_n}) on the
+causal part (future entries 0), S_n[:, 0] = 0 if protect_bos, S_n[i, i] = 0 unless allow_self_mask;
+F_n[i, j] = sum_{k < i} S_n[k, j]; attending head h outputs softmax_{j <= i}(L_h - F_{mask(h)}) v_{kv(h)}.
+Supported variants (the same as dba_jax.selective.selective_attention with impl="reference"):
+  default          one mask (M = 1) from head `selection_head`, which also attends; all H heads attend.
+  selection_heads  m > 0: heads 0..m-1 only select (M = m masks, mask n from head n; their values are unused
+                   and their dv is 0); the H - m heads m..H-1 attend, attending head a (0-based among them) with
+                   mask dba_jax.selective.mask_assignment(m, H - m)[a] (blocks of (H - m) // m heads per mask,
+                   the remainder wrapping to the first masks). m = 1 "none_with_no_head", 2 "two_masks",
+                   H / 2 "one_mask_per_head". Needs K = H.
+  GQA              k, v with K kv heads, H % K == 0: q head h (attending or selecting) reads kv head h // (H / K).
+  protect_bos on/off, allow_self_mask on/off, any `scale`.
 
-Neither S, F nor the probabilities are ever materialised. F is rebuilt tile by tile from two pieces:
-  C[b, qb, j] = sum of S[:, j] over all query rows in query blocks before qb (a per-block column carry), and
-  the in-tile exclusive prefix: a strictly-lower-triangular ones [Bq, Bq] matmul with the S tile
+Neither S, F nor the probabilities are ever materialised. F_n is rebuilt tile by tile from two pieces:
+  C[b, n, qb, j] = sum of S_n[:, j] over all query rows in query blocks before qb (a per-block column carry), and
+  the in-tile exclusive prefix: a strictly-lower-triangular ones [Bq, Bq] matmul with the S_n tile
 (no cumsum primitive: Mosaic TPU has none and Triton has no reverse one; matmuls run on tensor cores / the MXU).
 
-Kernels (Bq = block_q, Bk = block_k, nq = Tp / Bq, nk = Tp / Bk, Tp = T padded to a multiple of both):
-  carry   grid (B, nk): per key block, walk the query blocks in order recomputing the selection head's logits
-          tile, and write C before adding each block's column sums. Output C_kq [B, nk, nq, Bk].
-  forward grid (B, H, nq): one program per (batch, head, query block); it streams the causal key blocks with an
-          online softmax. Every program recomputes the selection head's logits/S tile itself (grid over heads,
-          not a loop over heads inside): that costs one extra QK^T per tile but keeps one head's accumulator in
-          registers, which scales to many heads on GPUs. Saves the log-sum-exp per (head, query).
-  backward, with dZ_h = P_h (dP_h - delta_h), delta_h = rowsum(dO_h O_h), dF = -sum_h dZ_h,
-          dS[k, j] = sum_{i > k} dF[i, j] and G = dS on the kept, causal entries where L_sel > 0:
-    sel_kv  grid (B, nk): per key block, walk the query blocks in reverse, summing dZ over all heads (a loop
-            over heads inside) to form the dF tile; the strict suffix sum is the carry of dF column sums from
-            later blocks plus a strictly-upper-triangular ones matmul. Accumulates dk_sel += scale G^T q_sel and
-            writes the carries R[b, qb, j] = sum of dF[:, j] over query blocks after qb.
-    sel_q   grid (B, nq): per query block, the same dF tiles (all heads) and R give G; dq_sel += scale G k_sel.
-    dkdv    grid (B, H, nk): the usual flash dk, dv per head (logits recomputed with F, as in the forward).
-    dq      grid (B, H, nq): the usual flash dq per head.
+Kernels (Bq = block_q, Bk = block_k, nq = Tp / Bq, nk = Tp / Bk, Tp = T padded to a multiple of both, M masks,
+A attending heads):
+  carry   grid (B, M, nk): per mask and key block, walk the query blocks in order recomputing the source head's
+          logits tile, and write C before adding each block's column sums. Output C_kq [B, M, nk, nq, Bk].
+  forward grid (B, A, nq): one program per (batch, attending head, query block); it streams the causal key
+          blocks with an online softmax. Every program recomputes its mask's S tile itself (grid over heads, not
+          a loop over heads inside): that costs one extra QK^T per tile but keeps one head's accumulator in
+          registers, which scales to many heads on GPUs. Block index maps pick the head's kv head and mask.
+          Saves the log-sum-exp per (attending head, query).
+  backward, with dZ_h = P_h (dP_h - delta_h), delta_h = rowsum(dO_h O_h), dF_n = -sum_{h: mask(h) = n} dZ_h,
+          dS_n[k, j] = sum_{i > k} dF_n[i, j] and G_n = dS_n on the kept, causal entries where L_{s_n} > 0:
+    sel_kv  grid (B, M, nk): per mask and key block, walk the query blocks in reverse, summing dZ over that
+            mask's heads (a loop inside: its block of heads, then its wrapped remainder head if any) to form the
+            dF_n tile; the strict suffix sum is the carry of dF_n column sums from later blocks plus a
+            strictly-upper-triangular ones matmul. Accumulates dk_{s_n} += scale G_n^T q_{s_n} and writes the
+            carries R[b, n, qb, j] = sum of dF_n[:, j] over query blocks after qb.
+    sel_q   grid (B, M, nq): per mask and query block, the same dF_n tiles and R give G_n; dq_{s_n} += scale G_n k.
+    dkdv    grid (B, A, nk): the usual flash dk, dv per attending head (logits recomputed with F, as forward).
+    dq      grid (B, A, nq): the usual flash dq per attending head.
   Outside the kernels (XLA): transposes to [B, H, T, D], zero padding of T and of head dims to a power of
-  two >= 16 (zeros change no dot product), delta, and adding the selection extras into the selection head's
-  dq and dk.
+  two >= 16 (zeros change no dot product), delta, summing dk, dv over each kv head's group of q heads (GQA),
+  zeros for the selection-only heads' attention gradients, and adding the selection extras into the source
+  heads' dq and dk (so a selection-only head's q, k get gradient only through F).
 
 Extra memory beyond plain flash attention (all float32, float64 for float64 inputs):
-  forward residual C: B * nq * Tp = B * Tp^2 / Bq values (T = 4096, Bq = 64: 256K values = 1 MiB per batch row),
-  the log-sum-exp B * H * Tp; the residuals also keep T-padded [B, H, Tp, D] copies of q, k, v and out.
-  Backward transients: R (B * Tp^2 / Bq), transposed copies of C and R (same size each), delta (B * H * Tp), the
-  selection extras (B * Tp * D each) and float32 dq, dk, dv before the final cast.
+  forward residual C: B * M * nq * Tp = B * M * Tp^2 / Bq values, i.e. Tp^2 / Bq per mask and batch row
+  (T = 4096, Bq = 64: 256K values = 1 MiB per mask and batch row), the log-sum-exp B * A * Tp; the residuals
+  also keep T-padded [B, *, Tp, D] copies of q, k, v and out.
+  Backward transients: R (B * M * Tp^2 / Bq), transposed copies of C and R (same size each), delta (B * A * Tp),
+  the selection extras (B * M * Tp * D each), float32 dq, dk, dv per q head before the group sums and final cast.
 
 Dtypes: bf16, f32 or f64 inputs; logits, S, F, softmax and every accumulator are float32 (float64 for float64
 inputs); the output is in the input dtype. Products of input-dtype operands use Precision.HIGHEST for f32/f64
@@ -41,10 +56,10 @@ inputs); the output is in the input dtype. Products of input-dtype operands use 
 bf16 (probabilities and dZ are cast to bf16 for their matmuls, as flash attention does). The triangular
 matmuls always run in float32 at HIGHEST precision.
 
-Not supported here (use dba_jax.selective): leaky ReLU, relu_after_cumsum, protection, several masks
-(selection_heads / slices / combos), disable_selection, return_mask, segment ids or non-causal attention.
-On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the whole sequence in VMEM, which
-bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
+Not supported here (use dba_jax.selective): leaky ReLU, relu_after_cumsum, protection, selection slices, combos
+and latent masks, residual masks, disable_selection, return_mask, segment ids or non-causal attention, GQA
+together with selection_heads. On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the
+whole sequence in VMEM, which bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
 
 On CPU the kernels run with interpret=True; on GPU they use the Triton backend; on TPU, Mosaic, with every grid
 axis parallel (dba_kernels._backend).
@@ -72,10 +87,49 @@ class _Cfg:
   scale: float
   protect_bos: bool
   allow_self_mask: bool
-  sel: int
   bq: int
   bk: int
   T: int
+  src: int  # q head that is mask 0's source; mask n's source is q head src + n
+  n_masks: int  # M
+  first: int  # first attending q head: attending head a is q head first + a
+  n_att: int  # A, the attending (output) heads
+  group: int  # q heads per kv head (1 without GQA)
+
+  @property
+  def per(self):
+    return self.n_att // self.n_masks  # attending heads in each mask's block
+
+  @property
+  def split(self):
+    return self.per * self.n_masks  # attending heads from here on wrap to masks 0, 1, ...
+
+
+def _kv(cfg: _Cfg, h):
+  """kv head read by q head h (traced or static)."""
+  if cfg.group == 1:
+    return h
+  if isinstance(h, int):
+    return h // cfg.group
+  return jax.lax.div(h, _i32(cfg.group))  # h >= 0: truncating division, fewer ops than floor division
+
+
+def _mask_of(cfg: _Cfg, a):
+  """Mask used by attending head a, as dba_jax.selective.mask_assignment (int32 arithmetic: block index maps)."""
+  if cfg.n_masks == 1:
+    return 0
+  block = jax.lax.div(a, _i32(cfg.per))
+  return block if cfg.split == cfg.n_att else jnp.where(a < cfg.split, block, a - cfg.split)
+
+
+def _fold_mask_heads(cfg: _Cfg, n, fn, init):
+  """fn folded over the attending heads that use mask n: its block of `per` heads, then its remainder head."""
+  lo = _i32(0) if cfg.n_masks == 1 else n * cfg.per  # one mask: static bounds, every head
+  acc = jax.lax.fori_loop(lo, lo + cfg.per, fn, init)
+  if cfg.split < cfg.n_att:  # masks n < A - split own one more head, split + n
+    extra = cfg.split + n
+    acc = jax.lax.fori_loop(extra, extra + (n < cfg.n_att - cfg.split).astype(jnp.int32), fn, acc)
+  return acc
 
 
 # ------------------------------------------------------------------------------------------------- backend glue
@@ -158,7 +212,7 @@ def _first_query_block(cfg, kb):
 # --------------------------------------------------------------------------------------------------- kernels
 
 def _carry_kernel(qs_ref, ks_ref, c_ref, *, cfg: _Cfg, nq: int, acc):
-  kb = pl.program_id(1)
+  kb = pl.program_id(2)
   ks_KD = ks_ref[...]
   qb0 = _first_query_block(cfg, kb)
 
@@ -203,27 +257,29 @@ def _fwd_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, c_ref, o_ref, lse_ref, *, c
 
 
 def _sel_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref, dks_ref, *, cfg: _Cfg,
-                   n_heads: int, nq: int, acc):
-  kb = pl.program_id(1)
+                   nq: int, acc):
+  n, kb = pl.program_id(1), pl.program_id(2)
   qb0 = _first_query_block(cfg, kb)
   tril_QQ, triu_QQ = _strict_lower(cfg.bq, acc), _strict_upper(cfg.bq, acc)
-  ks_KD = k_ref[cfg.sel]
+  src = cfg.src + n
+  ks_KD = k_ref[_kv(cfg, src)]
 
   def body(t, state):
     carry_1K, dks_KD = state
     qb = nq - 1 - t  # reverse order: the carry is the dF column sum over later query blocks
     qsl = pl.ds(qb * cfg.bq, cfg.bq)
     causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
-    qs_QD = q_ref[cfg.sel, qsl, :]
+    qs_QD = q_ref[src, qsl, :]
     lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
     f_QK = c_ref[pl.ds(qb, 1), :] + _dot(tril_QQ, s_QK, acc)
 
-    def head(h, df_QK):
-      _, dz_QK = _dz(cfg, q_ref[h, qsl, :], k_ref[h], v_ref[h], do_ref[h, qsl, :], lse_ref[h, qsl, :],
-                     delta_ref[h, qsl, :], f_QK, causal_QK, acc)
-      return df_QK - dz_QK  # F enters every head's logits with a minus sign
+    def head(a, df_QK):
+      h, kvh = cfg.first + a, _kv(cfg, cfg.first + a)
+      _, dz_QK = _dz(cfg, q_ref[h, qsl, :], k_ref[kvh], v_ref[kvh], do_ref[a, qsl, :], lse_ref[a, qsl, :],
+                     delta_ref[a, qsl, :], f_QK, causal_QK, acc)
+      return df_QK - dz_QK  # F_n enters the logits of every head using mask n with a minus sign
 
-    df_QK = jax.lax.fori_loop(_i32(0), _i32(n_heads), head, jnp.zeros((cfg.bq, cfg.bk), acc))
+    df_QK = _fold_mask_heads(cfg, n, head, jnp.zeros((cfg.bq, cfg.bk), acc))
     r_ref[pl.ds(qb, 1), :] = carry_1K
     ds_QK = carry_1K + _dot(triu_QQ, df_QK, acc)  # dS[k] = sum_{i > k} dF[i]
     g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)  # ReLU'(0) = 0, as jax.nn.relu
@@ -240,25 +296,26 @@ def _sel_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref
   dks_ref[...] = (dks_KD * cfg.scale).astype(dks_ref.dtype)
 
 
-def _sel_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref, dqs_ref, *, cfg: _Cfg,
-                  n_heads: int, acc):
-  qi = pl.program_id(1)
+def _sel_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref, dqs_ref, *, cfg: _Cfg, acc):
+  n, qi = pl.program_id(1), pl.program_id(2)
   tril_QQ, triu_QQ = _strict_lower(cfg.bq, acc), _strict_upper(cfg.bq, acc)
-  qs_QD = q_ref[cfg.sel]
+  src = cfg.src + n
+  qs_QD = q_ref[src]
 
   def body(kb, dqs_QD):
     ksl = pl.ds(kb * cfg.bk, cfg.bk)
     causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
-    ks_KD = k_ref[cfg.sel, ksl, :]
+    ks_KD = k_ref[_kv(cfg, src), ksl, :]
     lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
     f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
 
-    def head(h, df_QK):
-      _, dz_QK = _dz(cfg, q_ref[h], k_ref[h, ksl, :], v_ref[h, ksl, :], do_ref[h], lse_ref[h], delta_ref[h],
+    def head(a, df_QK):
+      h, kvh = cfg.first + a, _kv(cfg, cfg.first + a)
+      _, dz_QK = _dz(cfg, q_ref[h], k_ref[kvh, ksl, :], v_ref[kvh, ksl, :], do_ref[a], lse_ref[a], delta_ref[a],
                      f_QK, causal_QK, acc)
       return df_QK - dz_QK
 
-    df_QK = jax.lax.fori_loop(_i32(0), _i32(n_heads), head, jnp.zeros((cfg.bq, cfg.bk), acc))
+    df_QK = _fold_mask_heads(cfg, n, head, jnp.zeros((cfg.bq, cfg.bk), acc))
     ds_QK = r_ref[pl.ds(kb, 1), :] + _dot(triu_QQ, df_QK, acc)
     g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)
     return dqs_QD + _dot(g_QK.astype(ks_KD.dtype), ks_KD, acc)
@@ -317,119 +374,139 @@ def _acc(dtype):
 
 
 def _carries(cfg: _Cfg, q, k):
-  """C_kq [B, nk, nq, Bk]: C_kq[b, kb, qb, c] = sum of S[:, kb Bk + c] over rows of query blocks < qb."""
+  """C_kq [B, M, nk, nq, Bk]: C_kq[b, n, kb, qb, c] = sum of S_n[:, kb Bk + c] over rows of query blocks < qb."""
   B, _, Tp, D = q.shape
-  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  nq, nk, acc, M = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype), cfg.n_masks
   return _call(
       functools.partial(_carry_kernel, cfg=cfg, nq=nq, acc=acc),
-      grid=(B, nk),
-      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, j: (b, cfg.sel, 0, 0)),
-                pl.BlockSpec((None, None, cfg.bk, D), lambda b, j: (b, cfg.sel, j, 0))],
-      out_specs=pl.BlockSpec((None, None, nq, cfg.bk), lambda b, j: (b, j, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, nk, nq, cfg.bk), acc),
+      grid=(B, M, nk),
+      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, n, j: (b, cfg.src + n, 0, 0)),
+                pl.BlockSpec((None, None, cfg.bk, D), lambda b, n, j: (b, _kv(cfg, cfg.src + n), j, 0))],
+      out_specs=pl.BlockSpec((None, None, None, nq, cfg.bk), lambda b, n, j: (b, n, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, M, nk, nq, cfg.bk), acc),
   )(q, k)
 
 
 def _swap_blocks(x_kq):
-  """[B, nk, nq, Bk] <-> [B, nq, nk, Bk]: per-key-block programs read one layout, per-query-block ones the other."""
-  return jnp.swapaxes(x_kq, 1, 2)
+  """[B, M, nk, nq, Bk] <-> [B, M, nq, nk, Bk]: per-key-block programs read one layout, per-query-block ones
+  the other."""
+  return jnp.swapaxes(x_kq, 2, 3)
 
 
 def _forward(cfg: _Cfg, q, k, v):
-  """Padded [B, H, Tp, *] inputs -> out [B, H, Tp, E], lse [B, H, Tp, 1], C_kq."""
+  """Padded q [B, H, Tp, D], k [B, K, Tp, D], v [B, K, Tp, E] -> out [B, A, Tp, E], lse [B, A, Tp, 1], C_kq."""
   B, H, Tp, D = q.shape
-  E = v.shape[-1]
+  E, A = v.shape[-1], cfg.n_att
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
   c_kq = _carries(cfg, q, k)
+  hq = lambda a: cfg.first + a  # attending head -> q head
+  hs = lambda a: cfg.src + _mask_of(cfg, a)  # attending head -> its mask's source q head
   out, lse = _call(
       functools.partial(_fwd_kernel, cfg=cfg, acc=acc),
-      grid=(B, H, nq),
-      in_specs=[pl.BlockSpec((None, None, cfg.bq, D), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, cfg.bq, D), lambda b, h, i: (b, cfg.sel, i, 0)),
-                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, cfg.sel, 0, 0)),
-                pl.BlockSpec((None, None, Tp, E), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, nk, cfg.bk), lambda b, h, i: (b, i, 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, cfg.bq, E), lambda b, h, i: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, cfg.bq, 1), lambda b, h, i: (b, h, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), acc)],
+      grid=(B, A, nq),
+      in_specs=[pl.BlockSpec((None, None, cfg.bq, D), lambda b, a, i: (b, hq(a), i, 0)),
+                pl.BlockSpec((None, None, cfg.bq, D), lambda b, a, i: (b, hs(a), i, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, a, i: (b, _kv(cfg, hq(a)), 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, a, i: (b, _kv(cfg, hs(a)), 0, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, a, i: (b, _kv(cfg, hq(a)), 0, 0)),
+                pl.BlockSpec((None, None, None, nk, cfg.bk), lambda b, a, i: (b, _mask_of(cfg, a), i, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, cfg.bq, E), lambda b, a, i: (b, a, i, 0)),
+                 pl.BlockSpec((None, None, cfg.bq, 1), lambda b, a, i: (b, a, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, A, Tp, 1), acc)],
   )(q, q, k, k, v, _swap_blocks(c_kq))
   return out, lse, c_kq
 
 
+def _per_q_head(cfg: _Cfg, x_BATD):
+  """Attending-head gradients [B, A, Tp, *] -> [B, H, Tp, *]: zeros for the selection-only heads before them."""
+  return jnp.pad(x_BATD, ((0, 0), (cfg.first, 0), (0, 0), (0, 0)))
+
+
+def _per_kv_head(cfg: _Cfg, x_BHTD):
+  """[B, H, Tp, *] -> [B, K, Tp, *]: each kv head's gradient is the sum over the q heads that read it."""
+  B, H, Tp, D = x_BHTD.shape
+  return x_BHTD if cfg.group == 1 else x_BHTD.reshape(B, H // cfg.group, cfg.group, Tp, D).sum(2)
+
+
 def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
   B, H, Tp, D = q.shape
-  E = v.shape[-1]
+  K, E, A, M = k.shape[1], v.shape[-1], cfg.n_att, cfg.n_masks
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
-  bq, bk, sel = cfg.bq, cfg.bk, cfg.sel
-  delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)  # [B, H, Tp, 1]
+  bq, bk = cfg.bq, cfg.bk
+  delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)  # [B, A, Tp, 1]
   c_qk = _swap_blocks(c_kq)
+  hq = lambda a: cfg.first + a
+  hs = lambda a: cfg.src + _mask_of(cfg, a)
 
   r_kq, dks = _call(
-      functools.partial(_sel_kv_kernel, cfg=cfg, n_heads=H, nq=nq, acc=acc),
-      grid=(B, nk),
-      in_specs=[pl.BlockSpec((None, H, Tp, D), lambda b, j: (b, 0, 0, 0)),
-                pl.BlockSpec((None, H, bk, D), lambda b, j: (b, 0, j, 0)),
-                pl.BlockSpec((None, H, bk, E), lambda b, j: (b, 0, j, 0)),
-                pl.BlockSpec((None, H, Tp, E), lambda b, j: (b, 0, 0, 0)),
-                pl.BlockSpec((None, H, Tp, 1), lambda b, j: (b, 0, 0, 0)),
-                pl.BlockSpec((None, H, Tp, 1), lambda b, j: (b, 0, 0, 0)),
-                pl.BlockSpec((None, None, nq, bk), lambda b, j: (b, j, 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, nq, bk), lambda b, j: (b, j, 0, 0)),
-                 pl.BlockSpec((None, bk, D), lambda b, j: (b, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, nk, nq, bk), acc), jax.ShapeDtypeStruct((B, Tp, D), acc)],
+      functools.partial(_sel_kv_kernel, cfg=cfg, nq=nq, acc=acc),
+      grid=(B, M, nk),
+      in_specs=[pl.BlockSpec((None, H, Tp, D), lambda b, n, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, K, bk, D), lambda b, n, j: (b, 0, j, 0)),
+                pl.BlockSpec((None, K, bk, E), lambda b, n, j: (b, 0, j, 0)),
+                pl.BlockSpec((None, A, Tp, E), lambda b, n, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, A, Tp, 1), lambda b, n, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, A, Tp, 1), lambda b, n, j: (b, 0, 0, 0)),
+                pl.BlockSpec((None, None, None, nq, bk), lambda b, n, j: (b, n, j, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, None, nq, bk), lambda b, n, j: (b, n, j, 0, 0)),
+                 pl.BlockSpec((None, None, bk, D), lambda b, n, j: (b, n, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, M, nk, nq, bk), acc), jax.ShapeDtypeStruct((B, M, Tp, D), acc)],
   )(q, k, v, do, lse, delta, c_kq)
 
   dqs = _call(
-      functools.partial(_sel_q_kernel, cfg=cfg, n_heads=H, acc=acc),
-      grid=(B, nq),
-      in_specs=[pl.BlockSpec((None, H, bq, D), lambda b, i: (b, 0, i, 0)),
-                pl.BlockSpec((None, H, Tp, D), lambda b, i: (b, 0, 0, 0)),
-                pl.BlockSpec((None, H, Tp, E), lambda b, i: (b, 0, 0, 0)),
-                pl.BlockSpec((None, H, bq, E), lambda b, i: (b, 0, i, 0)),
-                pl.BlockSpec((None, H, bq, 1), lambda b, i: (b, 0, i, 0)),
-                pl.BlockSpec((None, H, bq, 1), lambda b, i: (b, 0, i, 0)),
-                pl.BlockSpec((None, None, nk, bk), lambda b, i: (b, i, 0, 0)),
-                pl.BlockSpec((None, None, nk, bk), lambda b, i: (b, i, 0, 0))],
-      out_specs=pl.BlockSpec((None, bq, D), lambda b, i: (b, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, D), acc),
+      functools.partial(_sel_q_kernel, cfg=cfg, acc=acc),
+      grid=(B, M, nq),
+      in_specs=[pl.BlockSpec((None, H, bq, D), lambda b, n, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, K, Tp, D), lambda b, n, i: (b, 0, 0, 0)),
+                pl.BlockSpec((None, K, Tp, E), lambda b, n, i: (b, 0, 0, 0)),
+                pl.BlockSpec((None, A, bq, E), lambda b, n, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, A, bq, 1), lambda b, n, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, A, bq, 1), lambda b, n, i: (b, 0, i, 0)),
+                pl.BlockSpec((None, None, None, nk, bk), lambda b, n, i: (b, n, i, 0, 0)),
+                pl.BlockSpec((None, None, None, nk, bk), lambda b, n, i: (b, n, i, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, n, i: (b, n, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, M, Tp, D), acc),
   )(q, k, v, do, lse, delta, c_qk, _swap_blocks(r_kq))
 
   dk, dv = _call(
       functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, acc=acc),
-      grid=(B, H, nk),
-      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, h, j: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Tp, D), lambda b, h, j: (b, sel, 0, 0)),
-                pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0)),
-                pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, sel, j, 0)),
-                pl.BlockSpec((None, None, bk, E), lambda b, h, j: (b, h, j, 0)),
-                pl.BlockSpec((None, None, Tp, E), lambda b, h, j: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Tp, 1), lambda b, h, j: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Tp, 1), lambda b, h, j: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, nq, bk), lambda b, h, j: (b, j, 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, bk, D), lambda b, h, j: (b, h, j, 0)),
-                 pl.BlockSpec((None, None, bk, E), lambda b, h, j: (b, h, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), acc), jax.ShapeDtypeStruct((B, H, Tp, E), acc)],
+      grid=(B, A, nk),
+      in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, a, j: (b, hq(a), 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, a, j: (b, hs(a), 0, 0)),
+                pl.BlockSpec((None, None, bk, D), lambda b, a, j: (b, _kv(cfg, hq(a)), j, 0)),
+                pl.BlockSpec((None, None, bk, D), lambda b, a, j: (b, _kv(cfg, hs(a)), j, 0)),
+                pl.BlockSpec((None, None, bk, E), lambda b, a, j: (b, _kv(cfg, hq(a)), j, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, a, j: (b, a, 0, 0)),
+                pl.BlockSpec((None, None, Tp, 1), lambda b, a, j: (b, a, 0, 0)),
+                pl.BlockSpec((None, None, Tp, 1), lambda b, a, j: (b, a, 0, 0)),
+                pl.BlockSpec((None, None, None, nq, bk), lambda b, a, j: (b, _mask_of(cfg, a), j, 0, 0))],
+      out_specs=[pl.BlockSpec((None, None, bk, D), lambda b, a, j: (b, a, j, 0)),
+                 pl.BlockSpec((None, None, bk, E), lambda b, a, j: (b, a, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, D), acc), jax.ShapeDtypeStruct((B, A, Tp, E), acc)],
   )(q, q, k, k, v, do, lse, delta, c_kq)
 
   dq = _call(
       functools.partial(_dq_kernel, cfg=cfg, acc=acc),
-      grid=(B, H, nq),
-      in_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, sel, i, 0)),
-                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, sel, 0, 0)),
-                pl.BlockSpec((None, None, Tp, E), lambda b, h, i: (b, h, 0, 0)),
-                pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, nk, bk), lambda b, h, i: (b, i, 0, 0))],
-      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), acc),
+      grid=(B, A, nq),
+      in_specs=[pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, hq(a), i, 0)),
+                pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, hs(a), i, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, a, i: (b, _kv(cfg, hq(a)), 0, 0)),
+                pl.BlockSpec((None, None, Tp, D), lambda b, a, i: (b, _kv(cfg, hs(a)), 0, 0)),
+                pl.BlockSpec((None, None, Tp, E), lambda b, a, i: (b, _kv(cfg, hq(a)), 0, 0)),
+                pl.BlockSpec((None, None, bq, E), lambda b, a, i: (b, a, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda b, a, i: (b, a, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda b, a, i: (b, a, i, 0)),
+                pl.BlockSpec((None, None, None, nk, bk), lambda b, a, i: (b, _mask_of(cfg, a), i, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, a, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, A, Tp, D), acc),
   )(q, q, k, k, v, do, lse, delta, c_qk)
 
-  # The selection head's q and k also feed F for every head.
-  return dq.at[:, sel].add(dqs), dk.at[:, sel].add(dks), dv
+  # The source heads' q and k also feed F_n for every head using mask n (for selection-only heads, only that).
+  # Sources are contiguous: q heads src..src+M-1, kv heads from src // group (M > 1 only without GQA).
+  dq = _per_q_head(cfg, dq).at[:, cfg.src:cfg.src + M].add(dqs)
+  kv_src = cfg.src // cfg.group
+  dk = _per_kv_head(cfg, _per_q_head(cfg, dk)).at[:, kv_src:kv_src + M].add(dks)
+  return dq, dk, _per_kv_head(cfg, _per_q_head(cfg, dv))
 
 
 # ---------------------------------------------------------------------------------------------- layout + vjp
@@ -483,25 +560,36 @@ def _block(requested: int, T: int, name: str) -> int:
   return min(requested, _pad_dim(T))  # short sequences need no block larger than themselves
 
 
-def selective_flash_attention(q_BTHD, k_BTHD, v_BTHD, *, scale=None, protect_bos=True, allow_self_mask=False,
-                              selection_head=0, block_q=BLOCK_Q, block_k=BLOCK_K):
-  """softmax_{j <= i}(L_h - F) v_h for every head h, F from head `selection_head` (which also attends).
+def selective_flash_attention(q_BTHD, k_BTKD, v_BTKE, *, scale=None, protect_bos=True, allow_self_mask=False,
+                              selection_head=0, selection_heads=0, block_q=BLOCK_Q, block_k=BLOCK_K):
+  """softmax_{j <= i}(L_h - F_{mask(h)}) v_{kv(h)} for every attending head h (see the module docstring).
 
-  q, k [B, T, H, D]; v [B, T, H, E]; any T >= 1 and head dims (padded internally to a power of two >= 16);
-  bf16, f32 or f64 with at least float32 accumulation; the output [B, T, H, E] is in q's dtype. Matches
-  dba_jax.selective.selective_attention with the default selection options. Differentiable in q, k and v
-  (custom VJP, including the path through F into the selection head's q and k)."""
+  q [B, T, H, D]; k [B, T, K, D]; v [B, T, K, E] with H % K == 0 (GQA: q head h reads kv head h // (H / K));
+  any T >= 1 and head dims (padded internally to a power of two >= 16); bf16, f32 or f64 with at least float32
+  accumulation. selection_heads=0: one mask from head `selection_head`, which also attends; the output is
+  [B, T, H, E]. selection_heads=m > 0 (needs K = H): heads 0..m-1 only select, one mask each, assigned to the
+  other heads by dba_jax.selective.mask_assignment; the output is [B, T, H - m, E] (selection_head is unused).
+  The output is in q's dtype. Matches dba_jax.selective.selective_attention (impl="reference", with k and v
+  repeated to H heads under GQA). Differentiable in q, k and v (custom VJP, including the path through F into
+  the source heads' q and k)."""
   B, T, H, D = q_BTHD.shape
-  if k_BTHD.shape != (B, T, H, D) or v_BTHD.ndim != 4 or v_BTHD.shape[:3] != (B, T, H):
-    raise ValueError(f"need q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; got "
-                     f"{q_BTHD.shape}, {k_BTHD.shape}, {v_BTHD.shape}")
-  if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype):
-    raise TypeError(f"q, k, v dtypes differ: {q_BTHD.dtype}, {k_BTHD.dtype}, {v_BTHD.dtype}")
+  K = k_BTKD.shape[2] if k_BTKD.ndim == 4 else -1
+  if (k_BTKD.shape != (B, T, K, D) or v_BTKE.ndim != 4 or v_BTKE.shape[:3] != (B, T, K) or K < 1 or H % K):
+    raise ValueError(f"need q [B, T, H, D], k [B, T, K, D] and v [B, T, K, E] with equal B, T and H % K == 0; "
+                     f"got {q_BTHD.shape}, {k_BTKD.shape}, {v_BTKE.shape}")
+  if not (q_BTHD.dtype == k_BTKD.dtype == v_BTKE.dtype):
+    raise TypeError(f"q, k, v dtypes differ: {q_BTHD.dtype}, {k_BTKD.dtype}, {v_BTKE.dtype}")
   if q_BTHD.dtype not in (jnp.bfloat16, jnp.float32, jnp.float64):
     raise TypeError(f"unsupported dtype {q_BTHD.dtype} (bf16, f32 or f64)")
   if not 0 <= selection_head < H:
     raise ValueError(f"selection_head={selection_head} is not a head index (H={H})")
+  m = int(selection_heads)
+  if not 0 <= m < H:
+    raise ValueError(f"selection_heads={m} must leave at least one attending head (H={H})")
+  if m and K != H:
+    raise ValueError(f"selection_heads={m} needs as many kv heads as q heads (got K={K}, H={H}): GQA is "
+                     f"supported only with the default single selection head")
   cfg = _Cfg(scale=float(D ** -0.5 if scale is None else scale), protect_bos=bool(protect_bos),
-             allow_self_mask=bool(allow_self_mask), sel=int(selection_head),
-             bq=_block(block_q, T, "block_q"), bk=_block(block_k, T, "block_k"), T=T)
-  return _flash(cfg, q_BTHD, k_BTHD, v_BTHD)
+             allow_self_mask=bool(allow_self_mask), bq=_block(block_q, T, "block_q"), bk=_block(block_k, T, "block_k"),
+             T=T, src=0 if m else int(selection_head), n_masks=max(m, 1), first=m, n_att=H - m, group=H // K)
+  return _flash(cfg, q_BTHD, k_BTKD, v_BTKE)
