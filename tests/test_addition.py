@@ -154,8 +154,10 @@ def test_vmapped_training_equals_separate_runs(tmp_path):
     a = checkpoint.load(str(tmp_path / "n3" / f"model_{i}"), "last")[0]
     b = checkpoint.load(str(tmp_path / f"n1_{i}" / "model_0"), "last")[0]
     assert a.meta["step"] == b.meta["step"] == 19
+    # vmap batches the matmuls differently (float32 reassociation), and Adam's normalised steps at lr 2e-2
+    # carry that noise for 20 steps: 1e-5 absolute on weights of ~0.05-0.5 (a seed mix-up differs by ~0.1).
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-      np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+      np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
     assert single["models"][0]["final_loss"] == pytest.approx(s3["models"][i]["final_loss"], abs=1e-6)
   x0 = jax.tree.leaves(checkpoint.load(str(tmp_path / "n3" / "model_0"), "last")[0].params)
   x1 = jax.tree.leaves(checkpoint.load(str(tmp_path / "n3" / "model_1"), "last")[0].params)

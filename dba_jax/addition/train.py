@@ -27,20 +27,7 @@ from dba_jax.addition import checkpoint, data
 from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
 from dba_jax.config import ConfigError
-
-
-def lr_schedule(o, total_steps: int):
-  """lr·(s+1)/warmup for s < warmup, then cosine from lr to min_lr_ratio·lr at total_steps, flat after."""
-  warmup = int(o.warmup_steps)
-  lr, floor = float(o.lr), float(o.lr) * float(o.min_lr_ratio)
-
-  def fn(step):
-    s = jnp.asarray(step, jnp.float32)
-    t = jnp.clip((s - warmup) / max(1, total_steps - warmup), 0.0, 1.0)
-    cos = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    return jnp.where(s < warmup, lr * (s + 1.0) / max(1, warmup), cos)
-
-  return fn
+from dba_jax.train import lr_schedule  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
 
 
 def make_optimizer(o, total_steps: int):
