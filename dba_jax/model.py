@@ -107,17 +107,24 @@ class StandardAttention(nnx.Module):
     """(output, aux loss, residual logits for the next layer or None)."""
     B, T, _ = x_BTd.shape
     H, K, D = self.Hp, self.Kp, self.D
+    q_BTHD, k_BTKD, v_BTKD = self.project(x_BTd, positions_T)
+    tap("q", q_BTHD), tap("k", k_BTKD), tap("v", v_BTKD)
+    if _TAPS is not None and H == K:  # the logits are only materialised for the coordinate check
+      tap("attn_score", jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTKD) * self.scale)
+    o_BTHD, aux, res_BHTS = self.attend(q_BTHD, k_BTKD, v_BTKD, res_BHTS)
+    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux, res_BHTS
+
+  def project(self, x_BTd, positions_T):
+    """q [B, T, Hp, D], k, v [B, T, Kp, D], RoPE applied: what a KV cache stores (generate.py decodes with it)."""
+    B, T, _ = x_BTd.shape
+    H, K, D = self.Hp, self.Kp, self.D
     q_BTHD = constrain(self.q(x_BTd).reshape(B, T, H, D), ACT_HEADS)
     k_BTKD = constrain(self.k(x_BTd).reshape(B, T, K, D), ACT_HEADS)
     v_BTKD = constrain(self.v(x_BTd).reshape(B, T, K, D), ACT_HEADS)
     if self.m.positions == "rope":
       q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
-    tap("q", q_BTHD), tap("k", k_BTKD), tap("v", v_BTKD)
-    if _TAPS is not None and H == K:  # the logits are only materialised for the coordinate check
-      tap("attn_score", jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTKD) * self.scale)
-    o_BTHD, aux, res_BHTS = self.attend(q_BTHD, k_BTKD, v_BTKD, res_BHTS)
-    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux, res_BHTS
+    return q_BTHD, k_BTKD, v_BTKD
 
   def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
     o = ops.attention(q_BTHD, k_BTKD, v_BTKD, scale=self.scale, impl=self.m.attn_impl)
@@ -243,19 +250,29 @@ class DBAAttention(nnx.Module):
     a = 2.0 * jax.nn.sigmoid(logit)
     return a.astype(x_BTd.dtype)[..., None], (2.0 - a).astype(x_BTd.dtype)[..., None]
 
+  def fold_queries(self, x_BTd, qs, qg):
+    """[a q_sem / sqrt(d_sem) | b q_geo / sqrt(d_geo)]: queries for one scale-1 attention over [k_sem | k_geo]."""
+    a, b = self.path_weights(x_BTd)
+    p = -1.0 if self.m.mup else -0.5  # muP: attn_mult 1/d per path
+    return jnp.concatenate([qs * (a * self.ds ** p), qg * (b * self.dg ** p)], axis=-1)
+
+  def null_kv(self, dtype):
+    """(k [K, d_sem + d_geo], v [K, d_v]) of the always-visible null token, or None without null_attn."""
+    if not self.m.null_attn:
+      return None
+    null_k = jnp.concatenate([self.k_sem_null[...], self.k_geo_null[...]], axis=-1).astype(dtype)
+    return null_k, self.v_null[...].astype(dtype)
+
   def __call__(self, x_BTd, positions_T, res_BHTS=None):
     B, T, _ = x_BTd.shape
     qs, ks, qg, kg, v = self.streams(x_BTd, positions_T)
-    a, b = self.path_weights(x_BTd)
-    p = -1.0 if self.m.mup else -0.5  # muP: attn_mult 1/d per path
-    q_BTHD = jnp.concatenate([qs * (a * self.ds ** p), qg * (b * self.dg ** p)], axis=-1)
+    q_BTHD = self.fold_queries(x_BTd, qs, qg)
     k_BSKD = jnp.concatenate([ks, kg], axis=-1)
     n_prefix = 0
     if self.m.null_attn:
-      null_k = jnp.concatenate([self.k_sem_null[...], self.k_geo_null[...]], axis=-1).astype(k_BSKD.dtype)
+      null_k, null_v = self.null_kv(k_BSKD.dtype)
       k_BSKD = jnp.concatenate([jnp.broadcast_to(null_k, (B, 1) + null_k.shape), k_BSKD], axis=1)
-      null_v = self.v_null[...].astype(v.dtype)
-      v = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v], axis=1)
+      v = jnp.concatenate([jnp.broadcast_to(null_v.astype(v.dtype), (B, 1) + null_v.shape), v], axis=1)
       n_prefix = 1
     o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
     return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), NO_AUX, res_BHTS
@@ -371,9 +388,7 @@ class Decoder(nnx.Module):
     dtype = DTYPES[m.compute_dtype]
     T = tokens_BT.shape[1]
     positions_T = jnp.arange(T)
-    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
-    if self.pos_embed is not None:
-      x = x + self.pos_embed[...][None, :T].astype(dtype)
+    x = self.embed_tokens(tokens_BT, positions_T)
     use_rng = rng is not None and m.dropout > 0
     if use_rng:
       rng, k = jax.random.split(rng)
@@ -400,14 +415,28 @@ class Decoder(nnx.Module):
         aux = aux + a
     # The paper's penalty is averaged over layers; the original code summed its own form (selective.md §3.8).
     aux = {"memory_paper": aux[0] / m.n_layers, "memory_repo": aux[1]}
-    x = self.final_norm(constrain(x, ACT_EMBED))
+    logits = self.readout(constrain(x, ACT_EMBED))
+    return constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux
+
+  def embed_tokens(self, tokens_BT, positions_T):
+    """Token (+ learned position) embeddings in the compute dtype; positions_T are absolute positions."""
+    dtype = DTYPES[self.m.compute_dtype]
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions_T, axis=0)[None].astype(dtype)
+    return x
+
+  def readout(self, x_BTd):
+    """Final norm and head: padded-vocab logits."""
+    m = self.m
+    x = self.final_norm(x_BTd)
     if self.head is None:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dtype))
+      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype))
     else:
       logits = self.head(x)
     if m.mup:  # MuReadout: output / width_mult
       logits = logits * (m.mup_base_d_model / m.d_model)
-    return constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------- functional API

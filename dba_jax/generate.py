@@ -1,0 +1,443 @@
+"""KV-cache generation: prefill + decode over a Decoder's own parameters and modules (no copied weights).
+
+The cache holds, per layer, the streams a model attends over, with heads merged along the feature axis
+(B, S, K*D, as dba.md §1.9 stores them):
+  standard / GQA / selective: k (after RoPE), v;  DBA: k_sem, k_geo (after RoPE), v.
+Selective attention also carries, per key, the column sums of its selection scores S over every query so far;
+the next query's F row is exactly that running sum (F[i, j] = sum_{k < i} S[k, j], selective.py).
+
+Storage kinds per stream ("policy"): float32, bfloat16, float16, or block-quantised along the merged feature
+axis in blocks of 32 (zero-padded), with one float16 absmax scale per block:
+  q8_0  int8 q = round(x / s), s = amax / 127 (values in [-127, 127]);
+  q4_0  q = clip(round(x / s), -8, 7), s = amax / 7, stored as q + 8 nibbles, two per byte (high nibble = even index);
+  nf4   the 16 NormalFloat levels (QLoRA) times s = amax, nearest level's index as a nibble.
+A policy is one kind for every stream, or one per stream joined by "/" (DBA "q4/q8/q4" = k_sem q4_0, k_geo q8_0,
+v q4_0). `window=W` keeps the W most recent tokens of every non-float32 stream in a float32 ring as well; reads
+take those tokens from the ring.
+
+Positions: a prompt is padded up to a bucket (powers of two from 16, capped at the cache length `max_len`) so
+prefill compiles once per bucket; decode compiles once per cache. Every attention reads the cache (dequantised),
+so prefill and decode see the same keys. Prompts in a batch share one length.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dba_jax.config import attn_dim, kv_heads
+from dba_jax.model import DTYPES
+
+QBLOCK = 32
+FLOAT_KINDS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANT_KINDS = ("q8_0", "q4_0", "nf4")
+ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+           "q8": "q8_0", "q4": "q4_0"}
+# QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0).
+NF4_LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                       0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                       0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+
+
+# ------------------------------------------------------------------------------------------------ policies
+
+def stream_dims(m) -> dict:
+  """Cached streams and their merged widths K*D per layer."""
+  K, H = kv_heads(m), m.n_heads
+  if m.attn_kind == "dba":
+    return {"k_sem": K * (m.sem_dim // H), "k_geo": K * (m.geo_dim // H), "v": K * (attn_dim(m) // H)}
+  return {"k": K * (attn_dim(m) // H), "v": K * (attn_dim(m) // H)}
+
+
+def parse_policy(spec: str, m) -> dict:
+  """{stream: kind} from "q8_0", "fp16" or per-stream "q4/q8/q4" (streams in stream_dims order)."""
+  names = list(stream_dims(m))
+  parts = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in str(spec).split("/")]
+  bad = [p for p in parts if p not in FLOAT_KINDS and p not in QUANT_KINDS]
+  if bad:
+    raise ValueError(f"cache kind {bad[0]!r} is not one of {sorted(FLOAT_KINDS) + list(QUANT_KINDS)} "
+                     f"(or {sorted(ALIASES)})")
+  if len(parts) == 1:
+    parts = parts * len(names)
+  if len(parts) != len(names):
+    raise ValueError(f"cache policy {spec!r} has {len(parts)} parts; this model caches {len(names)} streams "
+                     f"({'/'.join(names)})")
+  return dict(zip(names, parts))
+
+
+def stream_bytes_per_token(kind: str, width: int) -> int:
+  if kind in FLOAT_KINDS:
+    return width * jnp.dtype(FLOAT_KINDS[kind]).itemsize
+  nb = -(-width // QBLOCK)
+  return nb * ((QBLOCK if kind == "q8_0" else QBLOCK // 2) + 2)  # payload + one float16 scale per block
+
+
+def kv_bytes_per_token(m, cache: str = "float16") -> int:
+  """Analytic bytes one cached token takes over all layers (the selective F carry, 4 B/layer, included; the
+  full-precision window and DBA null tokens excluded: they do not grow with the context)."""
+  policy = parse_policy(cache, m)
+  per_layer = sum(stream_bytes_per_token(policy[s], w) for s, w in stream_dims(m).items())
+  if m.attn_kind == "selective":
+    per_layer += 4
+  return m.n_layers * per_layer
+
+
+def window_bytes_per_token(m, cache: str = "float16") -> int:
+  """Bytes per token of the float32 recent-token window (streams stored in anything but float32)."""
+  policy = parse_policy(cache, m)
+  return m.n_layers * sum(4 * w for s, w in stream_dims(m).items() if policy[s] != "float32")
+
+
+def cache_bytes(cache) -> int:
+  """Measured bytes of an allocated cache (every array in it)."""
+  return int(sum(x.nbytes for x in jax.tree.leaves(cache)))
+
+
+# -------------------------------------------------------------------------------------------- quantisation
+
+def _blocks(x_NF):
+  """[..., F] -> float32 [..., nb, 32], zero-padded."""
+  F = x_NF.shape[-1]
+  nb = -(-F // QBLOCK)
+  x = jnp.pad(x_NF.astype(jnp.float32), [(0, 0)] * (x_NF.ndim - 1) + [(0, nb * QBLOCK - F)])
+  return x.reshape(x.shape[:-1] + (nb, QBLOCK))
+
+
+def _pack(nib_NB32):
+  return (nib_NB32[..., 0::2] << 4) | nib_NB32[..., 1::2]
+
+
+def _unpack(byte_NB16):
+  return jnp.stack([byte_NB16 >> 4, byte_NB16 & 15], axis=-1).reshape(byte_NB16.shape[:-1] + (QBLOCK,))
+
+
+def quantize(x_NF, kind: str) -> dict:
+  """{"q": int8 [..., nb, 32] (q8_0) or packed uint8 [..., nb, 16], "s": float16 [..., nb]}."""
+  xb = _blocks(x_NF)
+  amax = jnp.abs(xb).max(-1)
+  qmax = QMAX[kind]
+  s16 = (amax / qmax).astype(jnp.float16)
+  # A scale rounded down by float16 would push the block's largest entry past qmax into the clamp; one ulp up.
+  s16 = jnp.where(s16.astype(jnp.float32) * qmax < amax, jnp.nextafter(s16, jnp.float16(jnp.inf)), s16)
+  s = s16.astype(jnp.float32)[..., None]
+  y = xb * jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  if kind == "q8_0":
+    q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+  elif kind == "q4_0":
+    q = _pack((jnp.clip(jnp.round(y), -8, 7) + 8).astype(jnp.uint8))
+  else:
+    levels = jnp.asarray(NF4_LEVELS).reshape((1,) * y.ndim + (16,))
+    q = _pack(jnp.argmin(jnp.abs(y[..., None] - levels), axis=-1).astype(jnp.uint8))
+  return {"q": q, "s": s16}
+
+
+def dequantize(store: dict, kind: str, width: int):
+  """float32 [..., width] from a quantize() result."""
+  s = store["s"].astype(jnp.float32)[..., None]
+  if kind == "q8_0":
+    y = store["q"].astype(jnp.float32)
+  elif kind == "q4_0":
+    y = _unpack(store["q"]).astype(jnp.float32) - 8.0
+  else:
+    y = jnp.asarray(NF4_LEVELS)[_unpack(store["q"]).astype(jnp.int32)]
+  x = y * s
+  return x.reshape(x.shape[:-2] + (-1,))[..., :width]
+
+
+def half_step(store: dict, kind: str):
+  """The largest round-trip error per block, [..., nb]: half the widest gap between neighbouring levels."""
+  gap = {"q8_0": 1.0, "q4_0": 1.0, "nf4": float(np.diff(NF4_LEVELS).max())}[kind]
+  return 0.5 * gap * store["s"].astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------- cache store
+
+def _empty_stream(kind, B, S, F, window):
+  if kind in FLOAT_KINDS:
+    st = {"x": jnp.zeros((B, S, F), FLOAT_KINDS[kind])}
+  else:
+    nb = -(-F // QBLOCK)
+    q = jnp.zeros((B, S, nb, QBLOCK), jnp.int8) if kind == "q8_0" else jnp.zeros((B, S, nb, QBLOCK // 2), jnp.uint8)
+    st = {"q": q, "s": jnp.zeros((B, S, nb), jnp.float16)}
+  if window and kind != "float32":
+    st["win"] = jnp.zeros((B, window, F), jnp.float32)
+  return st
+
+
+def _ring_write(win_BWF, new_BTF, pos0, n_valid):
+  """Slot s holds the latest valid position p < n_valid with p % W == s; take it from this chunk when it is here."""
+  W, T = win_BWF.shape[1], new_BTF.shape[1]
+  last = n_valid - 1
+  p_W = last - jnp.mod(last - jnp.arange(W), W)
+  here = p_W >= jnp.maximum(pos0, 0)
+  vals = jnp.take(new_BTF, jnp.clip(p_W - pos0, 0, T - 1), axis=1).astype(win_BWF.dtype)
+  return jnp.where(here[None, :, None], vals, win_BWF)
+
+
+def _write(st: dict, kind: str, new_BTF, pos0, n_valid) -> dict:
+  st = dict(st)
+  if kind in FLOAT_KINDS:
+    st["x"] = jax.lax.dynamic_update_slice(st["x"], new_BTF.astype(st["x"].dtype), (0, pos0, 0))
+  else:
+    qd = quantize(new_BTF, kind)
+    st["q"] = jax.lax.dynamic_update_slice(st["q"], qd["q"], (0, pos0, 0, 0))
+    st["s"] = jax.lax.dynamic_update_slice(st["s"], qd["s"], (0, pos0, 0))
+  if "win" in st:
+    st["win"] = _ring_write(st["win"], new_BTF, pos0, n_valid)
+  return st
+
+
+def _read(st: dict, kind: str, width: int, n_valid, dtype):
+  """[B, S, width] in `dtype`; positions in the window come from the float32 ring."""
+  x = st["x"].astype(jnp.float32) if kind in FLOAT_KINDS else dequantize(st, kind, width)
+  if "win" in st:
+    W, S = st["win"].shape[1], x.shape[1]
+    p_S = jnp.arange(S)
+    recent = (p_S > n_valid - 1 - W) & (p_S < n_valid)
+    x = jnp.where(recent[None, :, None], jnp.take(st["win"], p_S % W, axis=1), x)
+  return x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+def _attend(q_BTHD, k_BSKD, v_BSKE, visible_TS, scale, null=None, f_BTS=None):
+  """Grouped softmax attention over cached keys with an explicit visibility mask, float32 logits (as
+  ops.attention_xla). `null` = (k [K, D], v [K, E]) always visible; f_BTS is subtracted from every head."""
+  B, T, H, D = q_BTHD.shape
+  K = k_BSKD.shape[2]
+  q = q_BTHD.reshape(B, T, K, H // K, D)
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * jnp.float32(scale)
+  if f_BTS is not None:
+    s = s - f_BTS[:, None, None]
+  s = jnp.where(visible_TS, s, jnp.finfo(jnp.float32).min)
+  v = v_BSKE
+  if null is not None:
+    nk, nv = null
+    s0 = jnp.einsum("btkgd,kd->bkgt", q, nk, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    s = jnp.concatenate([s0[..., None], s], axis=-1)
+    v = jnp.concatenate([jnp.broadcast_to(nv.astype(v.dtype), (B, 1) + nv.shape), v], axis=1)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bske->btkge", p, v).reshape(B, T, H, v.shape[-1])
+
+
+def _selection_rows(q_BTHD, k_BSHD, m, scale, positions_T, n_valid, colsum_BS):
+  """(F rows [B, T, S] for this chunk's queries, updated column sums). Same rules as selective.selection_scores:
+  S = ReLU(L_head) on visible keys, key position 0 and the diagonal excluded unless configured; padding rows
+  (positions >= n_valid) add nothing."""
+  h = m.sel_head
+  L = jnp.einsum("btd,bsd->bts", q_BTHD[:, :, h], k_BSHD[:, :, h], preferred_element_type=jnp.float32)
+  L = L * jnp.float32(scale)
+  key_S = jnp.arange(k_BSHD.shape[1])
+  causal = key_S[None, :] <= positions_T[:, None]
+  x = jnp.where(causal, L, 0)
+  s = jax.nn.relu(x) if m.sel_relu_leak == 0.0 else jnp.where(x >= 0, x, m.sel_relu_leak * x)
+  keep = causal & (positions_T < n_valid)[:, None]
+  if m.sel_protect_bos:
+    keep = keep & (key_S != 0)[None, :]
+  if not m.sel_allow_self_mask:
+    keep = keep & (key_S[None, :] != positions_T[:, None])
+  s = jnp.where(keep, s, 0)
+  inclusive = jnp.cumsum(s, axis=1)
+  f = colsum_BS[:, None, :] + jnp.concatenate([jnp.zeros_like(s[:, :1]), inclusive[:, :-1]], axis=1)
+  if m.sel_relu_after_cumsum:
+    f = jax.nn.relu(f)
+  return f, colsum_BS + inclusive[:, -1]
+
+
+def check_supported(m):
+  if m.attn_kind == "selective":
+    extras = {"sel_mask_heads": m.sel_mask_heads, "sel_combo": m.sel_combo != "none",
+              "sel_latent_masks": m.sel_latent_masks, "sel_residual_masks": m.sel_residual_masks,
+              "sel_protection": m.sel_protection != "none"}
+    bad = [k for k, v in extras.items() if v]
+    if bad:
+      raise NotImplementedError(f"cached decoding supports the default head selection only; not {', '.join(bad)}")
+
+
+def _layer(block, m, policy, x_BTd, positions_T, pos0, n_valid, cache_l):
+  """One block over a chunk of T tokens at absolute positions pos0 .. pos0 + T - 1; writes them to the cache."""
+  B, T, _ = x_BTd.shape
+  attn = block.attn
+  h = block.attn_norm(x_BTd)
+  dims = stream_dims(m)
+  cache_l = dict(cache_l)
+  null = None
+  if m.attn_kind == "dba":
+    qs, ks, qg, kg, v = attn.streams(h, positions_T)
+    q = attn.fold_queries(h, qs, qg)  # gate and path scales folded into q, as in DBAAttention.__call__
+    new = {"k_sem": ks, "k_geo": kg, "v": v}
+    scale, null = 1.0, attn.null_kv(h.dtype)
+  else:
+    q, k, v = attn.project(h, positions_T)
+    new = {"k": k, "v": v}
+    scale = attn.scale
+  for name, t in new.items():
+    cache_l[name] = _write(cache_l[name], policy[name], t.reshape(B, T, -1), pos0, n_valid)
+  read = {name: _read(cache_l[name], policy[name], dims[name], n_valid, h.dtype) for name in new}
+  S = read["v"].shape[1]
+  heads = lambda name: read[name].reshape(B, S, new[name].shape[2], new[name].shape[3])
+  if m.attn_kind == "dba":
+    k_BSKD, v_BSKE = jnp.concatenate([heads("k_sem"), heads("k_geo")], axis=-1), heads("v")
+  else:
+    k_BSKD, v_BSKE = heads("k"), heads("v")
+  visible_TS = jnp.arange(S)[None, :] <= positions_T[:, None]
+  f = None
+  if m.attn_kind == "selective" and not m.sel_disable:
+    f, cache_l["colsum"] = _selection_rows(q, k_BSKD, m, scale, positions_T, n_valid, cache_l["colsum"])
+  o = _attend(q, k_BSKD, v_BSKE, visible_TS, scale, null, f)
+  x = x_BTd + attn.out(o.reshape(B, T, -1))
+  return x + block.mlp(block.mlp_norm(x)), cache_l
+
+
+def _run(graphdef, m, policy, params, cache, tokens_BT, pos0, n_valid):
+  """Logits [B, padded vocab] at position n_valid - 1 and the updated cache, for a chunk starting at pos0."""
+  decoder = nnx.merge(graphdef, params)
+  T = tokens_BT.shape[1]
+  positions_T = pos0 + jnp.arange(T)
+  x = decoder.embed_tokens(tokens_BT, positions_T)
+  layer = functools.partial(_layer, m=m, policy=policy, positions_T=positions_T, pos0=pos0, n_valid=n_valid)
+  if m.scan_layers:
+    gd, stacked = nnx.split(decoder.blocks)
+
+    def body(h, xs):
+      p, c = xs
+      return layer(nnx.merge(gd, p), x_BTd=h, cache_l=c)
+
+    x, cache = jax.lax.scan(body, x, (stacked, cache))
+  else:
+    layers = []
+    for i, block in enumerate(decoder.blocks):
+      x, c = layer(block, x_BTd=x, cache_l=jax.tree.map(lambda a: a[i], cache))
+      layers.append(c)
+    cache = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  x_last = jax.lax.dynamic_slice_in_dim(x, n_valid - 1 - pos0, 1, axis=1)
+  return decoder.readout(x_last)[:, 0], cache
+
+
+def _pick(logits_BV, key, temperature, vocab: int):
+  """Greedy at temperature 0, else a sample from softmax(logits / T); only the first `vocab` logits count."""
+  logits = logits_BV[:, :vocab].astype(jnp.float32)
+  sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+
+
+class Generator:
+  """Cached generation for one loaded model (dba_jax.model.Model) with a fixed cache length and batch.
+
+    gen = Generator(model, cache="q4/q8/q4", window=128, max_len=1024)
+    out = gen.generate([prompt_ids], max_new=64, temperature=0.0, stop_tokens=[10])
+  """
+
+  def __init__(self, model, cache: str = "float32", window: int = 0, max_len: int | None = None, batch: int = 1):
+    m = model.config
+    check_supported(m)
+    self.m, self.graphdef, self.params = m, model.graphdef, model.params
+    self.cache_spec, self.policy = cache, parse_policy(cache, m)
+    self.window, self.batch = int(window), int(batch)
+    self.max_len = int(max_len or m.max_seq_len)
+    if m.positions == "learned" and self.max_len > m.max_seq_len:
+      raise ValueError(f"max_len={self.max_len} exceeds the learned position table ({m.max_seq_len})")
+    if self.window < 0:
+      raise ValueError(f"window={window} must be >= 0")
+    self.traces = {"prefill": 0, "decode": 0}  # compilations, for tests and progress messages
+    run = functools.partial(_run, model.graphdef, m, self.policy)
+
+    def prefill(params, cache, tokens_BP, n_valid):
+      self.traces["prefill"] += 1
+      return run(params, cache, tokens_BP, 0, n_valid)
+
+    def decode(params, cache, token_B, pos, key, temperature):
+      self.traces["decode"] += 1
+      logits, cache = run(params, cache, token_B[:, None], pos, pos + 1)
+      return logits, cache, _pick(logits, key, temperature, m.vocab_size)
+
+    self._prefill = jax.jit(prefill, donate_argnums=1)
+    self._decode = jax.jit(decode, donate_argnums=1)
+
+  def init_cache(self):
+    B, S, W = self.batch, self.max_len, self.window
+    layer = {name: _empty_stream(self.policy[name], B, S, F, W) for name, F in stream_dims(self.m).items()}
+    if self.m.attn_kind == "selective":
+      layer["colsum"] = jnp.zeros((B, S), jnp.float32)
+    return jax.tree.map(lambda a: jnp.zeros((self.m.n_layers,) + a.shape, a.dtype), layer)
+
+  def bucket(self, n: int) -> int:
+    if not 0 < n <= self.max_len:
+      raise ValueError(f"prompt length {n} must be in [1, max_len={self.max_len}]")
+    return min(self.max_len, max(16, 1 << (n - 1).bit_length()))
+
+  def prefill(self, prompt_BP):
+    """(logits [B, padded vocab] after the prompt, state); state = (cache, next position)."""
+    prompt = np.asarray(prompt_BP, np.int32).reshape(self.batch, -1)
+    n = prompt.shape[1]
+    padded = np.zeros((self.batch, self.bucket(n)), np.int32)
+    padded[:, :n] = prompt
+    logits, cache = self._prefill(self.params, self.init_cache(), jnp.asarray(padded), jnp.int32(n))
+    return logits, (cache, n)
+
+  def decode(self, state, token_B, key=None, temperature: float = 0.0):
+    """Feed one token per row at the next position: (logits, state, next token picked from the logits)."""
+    cache, pos = state
+    if pos >= self.max_len:
+      raise ValueError(f"the cache is full (max_len={self.max_len})")
+    key = jax.random.key(0) if key is None else key
+    logits, cache, nxt = self._decode(self.params, cache, jnp.asarray(token_B, jnp.int32).reshape(self.batch),
+                                      jnp.int32(pos), key, jnp.float32(temperature))
+    return logits, (cache, pos + 1), nxt
+
+  def generate(self, prompt_BP, max_new: int, temperature: float = 0.0, seed: int = 0, stop_tokens=(),
+               progress: bool = False) -> dict:
+    """New tokens per row, each cut before its first stop token (any ids, 0 included only if listed).
+
+    Returns {"tokens": [[...] per row], "stopped": [bool per row], "prefill_s", "decode_s", "new_tokens",
+    "decode_tokens_per_s"}. Sampling keys are fold_in(key(seed), step), so a seed reproduces the output."""
+    stop = np.asarray(list(stop_tokens), np.int32)
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    logits, state = self.prefill(prompt_BP)
+    tok = _pick(logits, jax.random.fold_in(key, 0), jnp.float32(temperature), self.m.vocab_size)
+    tok_np = np.asarray(tok)
+    prefill_s = time.perf_counter() - start
+    rows = [[] for _ in range(self.batch)]
+    done = np.zeros(self.batch, bool)
+    budget = min(max_new, self.max_len - state[1] + 1)
+    t0 = last_report = time.perf_counter()
+    steps = 0
+    for i in range(budget):
+      for b in range(self.batch):
+        if not done[b]:
+          if tok_np[b] in stop:
+            done[b] = True
+          else:
+            rows[b].append(int(tok_np[b]))
+      if done.all() or i == budget - 1:
+        break
+      _, state, tok = self.decode(state, tok, jax.random.fold_in(key, i + 1), temperature)
+      tok_np = np.asarray(tok)
+      steps += 1
+      if progress and time.perf_counter() - last_report > 2.0:
+        last_report = time.perf_counter()
+        print(f"  generated {i + 1} tokens, {(i + 1) / (last_report - t0):.1f} tok/s", file=sys.stderr, flush=True)
+    decode_s = time.perf_counter() - t0
+    return {"tokens": rows, "stopped": done.tolist(), "prefill_s": prefill_s, "decode_s": decode_s,
+            "new_tokens": sum(len(r) for r in rows), "decode_steps": steps,
+            "decode_tokens_per_s": self.batch * steps / max(decode_s, 1e-9)}
+
+
+def teacher_forced_logits(gen: Generator, tokens_BT, n_prompt: int):
+  """Logits [B, T - n_prompt + 1, padded vocab] for positions n_prompt - 1 .. T - 1: prefill the first n_prompt
+  tokens, then feed the rest one by one (what the tests compare against model(tokens))."""
+  tokens = np.asarray(tokens_BT, np.int32)
+  logits, state = gen.prefill(tokens[:, :n_prompt])
+  out = [logits]
+  for t in range(n_prompt, tokens.shape[1]):
+    logits, state, _ = gen.decode(state, tokens[:, t])
+    out.append(logits)
+  return jnp.stack(out, axis=1)
