@@ -213,7 +213,8 @@ def _fused(q_BTHD, k_BTHD, v_BTHD, **kw):
 def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True, allow_self_mask=False,
                         selection_head=0, scale=None, relu_leak=0.0, relu_after_cumsum=False, scan_dtype=None,
                         disable_selection=False, protection="none", protection_args=None, selection_heads=0,
-                        selection_slices=1, combo=None, latent=None, residual_BHTS=None, return_mask=False):
+                        selection_slices=1, combo=None, latent=None, residual_BHTS=None, return_mask=False,
+                        key_keep_fn=None):
   """softmax(L_h - F) V for every head h, F from head `selection_head` (see the module docstring).
 
   impl: reference (dense, the inputs' dtype throughout: float64 in, float64 out), xla (float32 logits, softmax
@@ -233,6 +234,8 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
   c * (sum_n w_na latent_n + b_a), causally re-masked (the original left the bias at future positions, which adds
   j * ReLU(b_a) to F[:, j]; an inert quirk at zero bias, not reproduced).
   `residual_BHTS` ("residual_attention_masks"): added to the causally zeroed logits of every head before selection.
+  `key_keep_fn` (evaluation-time context pruning, dba_jax.pruning): a function of the per-head F [B, masks, T, S]
+  returning a boolean keep mask broadcastable to the logits; the keys it drops get -inf, like future keys.
   Returns out, or (out, F [B, masks, T, S]) with masks = max(m, 1); with `residual_BHTS`, also the summed logits."""
   from dba_jax import ops
   B, T, H, D = q_BTHD.shape
@@ -242,7 +245,8 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
                    "scan_dtype": scan_dtype not in (None, "float32", jnp.float32), "disable_selection": disable_selection,
                    "protection": protection != "none", "combo": combo is not None, "latent": latent is not None,
                    "selection_slices": bool(selection_heads) and selection_slices > 1,
-                   "residual masks": residual_BHTS is not None, "return_mask": return_mask}
+                   "residual masks": residual_BHTS is not None, "return_mask": return_mask,
+                   "key pruning": key_keep_fn is not None}
     reasons = [k for k, bad in unsupported.items() if bad]
     if not reasons:
       return _fused(q_BTHD, k_BTHD, v_BTHD, scale=scale, protect_bos=protect_bos, allow_self_mask=allow_self_mask,
@@ -300,7 +304,8 @@ def selective_attention(q_BTHD, k_BTHD, v_BTHD, *, impl="xla", protect_bos=True,
     f_heads = f
   if not disable_selection:
     logits = logits - f_heads.astype(logits.dtype)
-  logits = jnp.where(causal, logits, -jnp.inf)  # after the subtraction: future entries stay exactly -inf
+  visible = causal if key_keep_fn is None else causal[None, None] & key_keep_fn(f_heads)
+  logits = jnp.where(visible, logits, -jnp.inf)  # after the subtraction: future entries stay exactly -inf
   probs = jax.nn.softmax(logits, axis=-1)
   f = f if f.shape[1] > 1 or m else f[:, 0]
   if impl == "reference":

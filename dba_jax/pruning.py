@@ -1,0 +1,302 @@
+"""Context pruning for selective attention (selective.md §1.3, §3.4, §9), evaluation only.
+
+(a) Keep-ratio simulation (`keep_mask`, `pruned_loss`): a whole forward pass in which every layer's heads see,
+    per query row, only the keys with the smallest selection mask F. Rule "original" (the original inference
+    class, §3.4): budget = max(1, int(T * ratio)) for a window of T tokens; row i keeps the min(budget - 1, i + 1)
+    causal keys with the smallest F[i, :] (stable order, so ties go to the lower key index) plus the diagonal
+    (self may already be one of them, so a row keeps min(budget - 1, i + 1) or one more keys). BOS has
+    F[i, 0] = 0 <= every other F (protected and non-negative) and the lowest index, so it is kept whenever
+    budget >= 2; ratio 0 keeps only self. Rule "per_row": row i keeps the ceil(ratio * (i + 1)) smallest-F causal
+    keys plus self and BOS. Ratio >= 1 keeps every causal key (the original pruned only below 1; its
+    budget - 1 rule would otherwise drop one key of the last row). A key dropped from one row may reappear in a later one (no persistent eviction).
+(b) Per-layer KV budgets during cached decoding (`KVBudgetEval`): layer l holds at most budgets[l] tokens. Each
+    step writes the new token into a free slot; if the layer then holds more than its budget it evicts the token
+    with the largest F (the running column sum of S, i.e. the row F[t, :] the new query is about to use; ties to
+    the oldest), never BOS and never the new token itself, then the query attends over what is left. The buffer
+    has a fixed number of slots (`capacity`, at least min(max budget + 1, T)), reused after eviction, so memory
+    really is bounded. `search_budgets` finds the smallest budgets whose loss meets a target.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dba_jax import generate, ops, selective
+from dba_jax.config import attn_dim, kv_heads
+
+RULES = ("original", "per_row")
+
+
+def check_prunable(m):
+  if m.attn_kind != "selective" or m.sel_disable:
+    raise ValueError("context pruning needs a selective-attention model (model.attn_kind='selective', selection on)")
+  generate.check_supported(m)  # default head selection only, as the cached decoder
+
+
+# ------------------------------------------------------------------------------------- (a) keep-ratio masks
+
+def keep_mask(f_TS, ratio: float, rule: str = "original"):
+  """Boolean keep mask [..., T, S] (causal included) for the F rows f_TS (see the module docstring)."""
+  if rule not in RULES:
+    raise ValueError(f"pruning rule {rule!r} is not one of {RULES}")
+  T, S = f_TS.shape[-2:]
+  lead = (1,) * (f_TS.ndim - 2)  # explicit broadcasting (the tests raise on rank promotion)
+  row_T = jnp.arange(T).reshape(lead + (T, 1))
+  key_S = jnp.arange(S).reshape(lead + (1, S))
+  causal = (key_S <= row_T) & jnp.ones(f_TS.shape, bool)
+  # Future keys sort last; a stable argsort of the argsort gives each key's rank within its row.
+  rank = jnp.argsort(jnp.argsort(jnp.where(causal, f_TS, jnp.inf), axis=-1, stable=True), axis=-1, stable=True)
+  if ratio >= 1:  # the original pruned only below ratio 1 (its budget - 1 rule would drop a key at ratio 1)
+    return causal
+  if rule == "original":
+    budget = max(1, int(T * ratio))
+    n_keep_T1 = jnp.minimum(budget - 1, row_T + 1)
+    forced = key_S == row_T
+  else:
+    n_keep_T1 = jnp.ceil(ratio * (row_T + 1)).astype(jnp.int32)
+    forced = (key_S == row_T) | (key_S == 0)
+  return causal & ((rank < n_keep_T1) | forced)
+
+
+def _blocks(decoder):
+  """The decoder's blocks as a list (scanned blocks are sliced out of their stacked parameters)."""
+  if not decoder.m.scan_layers:
+    return list(decoder.blocks)
+  graphdef, stacked = nnx.split(decoder.blocks)
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(decoder.m.n_layers)]
+
+
+def _pruned_logits(decoder, tokens_BT, ratio, rule):
+  """The model's forward with every selective layer's keys pruned by `keep_mask` (same modules, same order)."""
+  m = decoder.m
+  B, T = tokens_BT.shape
+  positions_T = jnp.arange(T)
+  impl = ops.resolve_impl(m.attn_impl)
+  if impl == "xla":  # as SelectiveAttention.attend
+    impl = {"reference": "reference", "xla": "xla", "pallas": "pallas_scan"}[m.sel_scan]
+  keep_fn = lambda f_BMTS: keep_mask(f_BMTS, ratio, rule)
+  x = decoder.embed_tokens(tokens_BT, positions_T)
+  for block in _blocks(decoder):
+    attn = block.attn
+    q, k, v = attn.project(block.attn_norm(x), positions_T)
+    o = selective.selective_attention(
+        q, k, v, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
+        selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
+        scan_dtype=m.sel_scan_dtype, scale=attn.scale, key_keep_fn=keep_fn)
+    x = x + attn.out(o.reshape(B, T, -1))
+    x = x + block.mlp(block.mlp_norm(x))
+  return decoder.readout(x)
+
+
+def _nll_sum(logits_BTV, targets_BT, vocab: int):
+  logits = logits_BTV.astype(jnp.float32)[..., :vocab]
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
+  return nll.sum()
+
+
+def pruned_loss(model, windows_BL1, ratio: float | None, rule: str = "original", batch_size: int = 8) -> float:
+  """Mean next-token NLL over windows [N, T + 1] (inputs the first T tokens); ratio None: the unpruned model."""
+  m = model.config
+  check_prunable(m)
+  windows = np.asarray(windows_BL1, np.int32)
+  if ratio is None:
+    fn = jax.jit(lambda p, w: _nll_sum(model._apply(p, w[:, :-1]), w[:, 1:], m.vocab_size))
+  else:
+    fn = jax.jit(lambda p, w: _nll_sum(_pruned_logits(nnx.merge(model.graphdef, p), w[:, :-1], ratio, rule),
+                                       w[:, 1:], m.vocab_size))
+  total = sum(float(fn(model.params, jnp.asarray(windows[i:i + batch_size])))
+              for i in range(0, len(windows), batch_size))
+  return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+# -------------------------------------------------------------------------------- (b) KV budgets in decoding
+
+def _admit(c, k_BKD, v_BKD, t, budget):
+  """Write token t into the first free slot, then evict down to `budget` (largest F, oldest on ties)."""
+  C = c["pos"].shape[1]
+  slot = jax.nn.one_hot(jnp.argmax(c["pos"] < 0, axis=1), C, dtype=bool)  # [B, C]
+  c = {"k": jnp.where(slot[:, :, None, None], k_BKD[:, None].astype(c["k"].dtype), c["k"]),
+       "v": jnp.where(slot[:, :, None, None], v_BKD[:, None].astype(c["v"].dtype), c["v"]),
+       "colsum": jnp.where(slot, 0.0, c["colsum"]), "pos": jnp.where(slot, t, c["pos"])}
+  alive = c["pos"] >= 0
+  candidate = alive & (c["pos"] != 0) & (c["pos"] != t)
+  f = jnp.where(candidate, c["colsum"], -jnp.inf)
+  tied = candidate & (f == f.max(1, keepdims=True))
+  oldest = jnp.argmin(jnp.where(tied, c["pos"], jnp.iinfo(jnp.int32).max), axis=1)
+  over = (alive.sum(1) > budget) & candidate.any(1)
+  evict = jax.nn.one_hot(oldest, C, dtype=bool) & over[:, None]
+  return {**c, "pos": jnp.where(evict, -1, c["pos"])}
+
+
+def _selection_row(q_BHD, k_BCKD, pos_BC, t, m, scale):
+  """S[t, slot] of the query at position t against the cached keys, with selective.selection_scores's rules."""
+  h = m.sel_head
+  x = jnp.einsum("bd,bcd->bc", q_BHD[:, h], k_BCKD[:, :, h], preferred_element_type=jnp.float32) * jnp.float32(scale)
+  s = jax.nn.relu(x) if m.sel_relu_leak == 0.0 else jnp.where(x >= 0, x, m.sel_relu_leak * x)
+  keep = pos_BC >= 0
+  if m.sel_protect_bos:
+    keep = keep & (pos_BC != 0)
+  if not m.sel_allow_self_mask:
+    keep = keep & (pos_BC != t)
+  return jnp.where(keep, s, 0.0)
+
+
+def _decode_window(graphdef, m, capacity, trace, params, windows_BL1, budgets_L):
+  """Teacher-forced decoding of windows [B, T + 1] under per-layer budgets: (NLL sum, trace or None)."""
+  decoder = nnx.merge(graphdef, params)
+  blocks = _blocks(decoder)
+  B, T = windows_BL1.shape[0], windows_BL1.shape[1] - 1
+  K, D = kv_heads(m), attn_dim(m) // m.n_heads
+  dtype = generate.DTYPES[m.compute_dtype]
+  empty = {"k": jnp.zeros((B, capacity, K, D), dtype), "v": jnp.zeros((B, capacity, K, D), dtype),
+           "colsum": jnp.zeros((B, capacity), jnp.float32), "pos": jnp.full((B, capacity), -1, jnp.int32)}
+
+  def step(cache, xs):
+    tok_B, target_B, t = xs
+    positions_T = t[None]
+    x = decoder.embed_tokens(tok_B[:, None], positions_T)
+    new_cache, seen = [], []
+    for block, c, budget in zip(blocks, cache, budgets_L):
+      attn = block.attn
+      q, k, v = attn.project(block.attn_norm(x), positions_T)
+      before = c["pos"]
+      c = _admit(c, k[:, 0], v[:, 0], t, budget)
+      f_BC = jax.nn.relu(c["colsum"]) if m.sel_relu_after_cumsum else c["colsum"]
+      seen.append({"pos_before": before, "pos": c["pos"], "f": f_BC})
+      visible = (c["pos"] >= 0)[:, None, None, None, :]
+      o = generate._attend(q, c["k"], c["v"], visible, attn.scale, None, f_BC[:, None, :])
+      c = {**c, "colsum": c["colsum"] + _selection_row(q[:, 0], c["k"], c["pos"], t, m, attn.scale)}
+      new_cache.append(c)
+      x = x + attn.out(o.reshape(B, 1, -1))
+      x = x + block.mlp(block.mlp_norm(x))
+    nll = _nll_sum(decoder.readout(x)[:, 0], target_B, m.vocab_size)
+    return new_cache, (nll, seen if trace else None)
+
+  xs = (windows_BL1[:, :-1].T, windows_BL1[:, 1:].T, jnp.arange(T, dtype=jnp.int32))
+  _, (nll_T, seen_T) = jax.lax.scan(step, [empty] * m.n_layers, xs)
+  return nll_T.sum(), seen_T
+
+
+class KVBudgetEval:
+  """Loss of a selective model decoded token by token under per-layer KV budgets, on fixed windows [N, T + 1].
+
+    ev = KVBudgetEval(model, windows)
+    ev.loss([64] * n_layers); ev.kept_fraction([64] * n_layers)
+  One compile per evaluator: budgets are traced, the slot count is `capacity` (default T)."""
+
+  def __init__(self, model, windows_BL1, batch_size: int = 8, capacity: int | None = None):
+    self.m = model.config
+    check_prunable(self.m)
+    self.model, self.windows = model, np.asarray(windows_BL1, np.int32)
+    self.T = self.windows.shape[1] - 1
+    self.capacity = int(capacity or self.T)
+    self.batch_size = batch_size
+    self.evals: list[dict] = []  # every loss() call, for reports
+    self._fn = {trace: jax.jit(lambda p, w, b, trace=trace: _decode_window(model.graphdef, self.m, self.capacity,
+                                                                           trace, p, w, b))
+                for trace in (False, True)}
+
+  def _budgets(self, budgets):
+    b = np.broadcast_to(np.asarray(budgets, np.int32), (self.m.n_layers,))
+    if (b < 2).any():
+      raise ValueError(f"budgets {b.tolist()} must be >= 2 (BOS and the current token are never evicted)")
+    if self.capacity < min(int(b.max()) + 1, self.T):
+      raise ValueError(f"capacity {self.capacity} < min(max budget + 1, T={self.T})")
+    return jnp.asarray(b)
+
+  def loss(self, budgets) -> float:
+    """Mean next-token NLL with layer l holding at most budgets[l] tokens (an int: the same for all layers)."""
+    b = self._budgets(budgets)
+    total = sum(float(self._fn[False](self.model.params, jnp.asarray(self.windows[i:i + self.batch_size]), b)[0])
+                for i in range(0, len(self.windows), self.batch_size))
+    loss = total / (self.windows.shape[0] * self.T)
+    self.evals.append({"budgets": np.asarray(b).tolist(), "loss": loss, "kept_fraction": self.kept_fraction(b)})
+    return loss
+
+  def trace(self, budgets, windows_BL1=None) -> dict:
+    """Per step t and layer l: "pos_before"/"pos" (slot positions before and after eviction, -1 free) and "f"
+    (the F row used to evict and attend), as numpy [T, B, capacity], in a list over layers."""
+    w = self.windows[:self.batch_size] if windows_BL1 is None else np.asarray(windows_BL1, np.int32)
+    _, seen = self._fn[True](self.model.params, jnp.asarray(w), self._budgets(budgets))
+    return [jax.tree.map(np.asarray, layer) for layer in seen]
+
+  def kept_fraction(self, budgets) -> float:
+    """Peak KV slots kept, over all layers, relative to the full cache of T tokens per layer."""
+    b = np.broadcast_to(np.asarray(budgets), (self.m.n_layers,))
+    return float(np.minimum(b, self.T).sum() / (self.m.n_layers * self.T))
+
+
+def _smallest_meeting(loss_of, lo: int, hi: int, target: float):
+  """Bisection for the smallest b in [lo, hi] with loss_of(b) <= target, given loss_of(hi) <= target (assumes the
+  loss does not increase with the budget): (b, its loss)."""
+  best = (hi, loss_of(hi))
+  while lo < best[0]:
+    mid = (lo + best[0]) // 2
+    loss = loss_of(mid)
+    if loss <= target:
+      best = (mid, loss)
+    else:
+      lo = mid + 1
+  return best
+
+
+def search_budgets(ev: KVBudgetEval, target: float, per_layer: bool = False) -> dict:
+  """The smallest shared budget whose loss <= target (bisection over [2, T]); with per_layer, then each layer's
+  budget bisected down in turn with the others fixed (greedy, last layer first). "met" False: even the full
+  cache misses the target."""
+  L, T = ev.m.n_layers, ev.T
+  full = ev.loss(T)
+  if full > target:
+    return {"met": False, "target": target, "budgets": [T] * L, "loss": full, "kept_fraction": 1.0}
+  shared, loss = _smallest_meeting(lambda b: ev.loss(b), 2, T, target)
+  budgets = [shared] * L
+  if per_layer:
+    for layer in reversed(range(L)):
+      def loss_of(b, layer=layer):
+        return ev.loss(budgets[:layer] + [b] + budgets[layer + 1:])
+      budgets[layer], loss = _smallest_meeting(loss_of, 2, budgets[layer], target)
+  return {"met": True, "target": target, "shared_budget": shared, "budgets": budgets, "loss": loss,
+          "kept_fraction": ev.kept_fraction(budgets), "kv_slots": int(np.minimum(budgets, T).sum()),
+          "full_kv_slots": L * T}
+
+
+def ratio_sweep(model, windows_BL1, ratios, rule: str = "original", target: float | None = None,
+                batch_size: int = 8) -> dict:
+  """Loss per keep ratio (a), the unpruned loss, and the smallest ratio meeting `target` (parity) if given."""
+  rows = [{"ratio": float(r), "loss": pruned_loss(model, windows_BL1, float(r), rule, batch_size),
+           "budget": max(1, int((np.shape(windows_BL1)[1] - 1) * float(r))) if rule == "original" else None}
+          for r in ratios]
+  out = {"rule": rule, "unpruned_loss": pruned_loss(model, windows_BL1, None, batch_size=batch_size), "ratios": rows}
+  if target is not None:
+    meeting = [r["ratio"] for r in rows if r["loss"] <= target]
+    out["ratio_at_parity"] = min(meeting) if meeting else None
+  return out
+
+
+def prune_main(model, config, tokens, args) -> dict:
+  """The `dba-eval prune` report: keep-ratio sweep, shared budgets, and (with a target) the budget search."""
+  from dba_jax import evaluate
+  seq_len = args.seq_len or config.data.seq_len
+  if args.max_windows < 1:
+    raise ValueError("--max-windows must be >= 1")
+  w = evaluate._windows(tokens, seq_len, seq_len)
+  n = min(len(w), args.max_windows)
+  windows = np.stack([w[int(i)] for i in np.linspace(0, len(w) - 1, n).astype(int)])
+  target = args.target_loss if args.target_loss > 0 else None
+  out = {"seq_len": seq_len, "windows": n, "target_loss": target,
+         **ratio_sweep(model, windows, args.ratios, args.rule, target, args.batch_size)}
+  ev = KVBudgetEval(model, windows, batch_size=args.batch_size)
+  out["budgets"] = [{"budget": b, "loss": ev.loss(b), "kept_fraction": ev.kept_fraction(b)} for b in args.budgets]
+  if target is not None:
+    out["search"] = search_budgets(ev, target, per_layer=args.per_layer)
+  out["budget_evals"] = ev.evals
+  return out
+
+
+def parse_list(text: str, kind=float) -> list:
+  return [kind(x) for x in str(text).split(",") if x.strip()]
+
+
+__all__ = ["keep_mask", "pruned_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main", "RULES"]
