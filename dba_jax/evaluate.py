@@ -4,7 +4,10 @@
                [--max-windows N] [--batch-size B] [--out X.json]
   dba-eval generate --checkpoint DIR --prompt TEXT [--max-new N] [--temperature T] [--seed S]
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]
+  dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X] [--per-layer]
+                 [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
+  dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
 
 Which tokens perplexity scores (`perplexity`):
   default: non-overlapping windows of seq_len + 1 tokens starting at 0, seq_len, 2 seq_len, ... of each shard
@@ -135,6 +138,18 @@ def generate_main(args) -> dict:
           "cache_bytes": generate.cache_bytes(gen.init_cache()), "max_len": max_len, "prefill_s": out["prefill_s"], "decode_tokens_per_s": out["decode_tokens_per_s"]}
 
 
+def prune_main(args) -> dict:
+  from dba_jax import data, pruning
+  model, c = _load(args.checkpoint)
+  try:
+    splits = data.load_splits(c.data, c.model.vocab_size)
+    args.ratios, args.budgets = pruning.parse_list(args.ratios), pruning.parse_list(args.budgets, int)
+    return {"checkpoint": args.checkpoint, "split": args.split,
+            **pruning.prune_main(model, c, getattr(splits, args.split), args)}
+  except (data.DataError, ValueError, NotImplementedError) as e:
+    raise _Fail(str(e)) from None
+
+
 def _parser():
   p = argparse.ArgumentParser(prog=PROG, description="Evaluate dba_jax checkpoints: perplexity and generation.")
   sub = p.add_subparsers(dest="command", required=True)
@@ -159,12 +174,28 @@ def _parser():
   g.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids (none by default)")
   g.add_argument("--max-len", type=int, default=0, help="cache length (default prompt + max-new)")
   g.add_argument("--out", default="")
+  r = sub.add_parser("prune", help="selective-attention context pruning: keep ratios and per-layer KV budgets")
+  r.add_argument("--checkpoint", required=True)
+  r.add_argument("--split", default="val", choices=("val", "train"))
+  r.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's data.seq_len)")
+  r.add_argument("--ratios", default="1,0.5,0.25", help="comma-separated keep ratios (the full-forward simulation)")
+  r.add_argument("--rule", default="original", choices=("original", "per_row"))
+  r.add_argument("--budgets", default="", help="comma-separated shared KV budgets to decode with")
+  r.add_argument("--target-loss", type=float, default=0.0, help="search budgets meeting this loss (e.g. a baseline's)")
+  r.add_argument("--per-layer", action="store_true", help="refine the shared budget layer by layer")
+  r.add_argument("--max-windows", type=int, default=8)
+  r.add_argument("--batch-size", type=int, default=8)
+  r.add_argument("--out", default="")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
+  sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/compare_eval.py)", add_help=False)
   return p
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "compare":
+    from dba_jax import compare_eval
+    return compare_eval.main(argv[1:])
   if argv and argv[0] == "addition":
     from dba_jax.addition import eval as addition_eval
     return addition_eval.main(argv[1:])
@@ -180,7 +211,7 @@ def main(argv=None) -> int:
       print(f"{PROG}: error: {msg}", file=sys.stderr)
       return 2
   try:
-    result = ppl_main(args) if args.command == "ppl" else generate_main(args)
+    result = {"ppl": ppl_main, "generate": generate_main, "prune": prune_main}[args.command](args)
   except _Fail as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
