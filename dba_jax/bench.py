@@ -138,10 +138,17 @@ def attention_main(argv) -> int:
       record("cumsum xla fp64 fwd+bwd", T, scan_grad(lambda x: selective.exclusive_cumsum(x, impl="xla")), s64)
       record("protect-attack xla fp64 fwd+bwd", T,
              scan_grad(lambda x: selective.protect_and_attack(x, 0.5 * x)), s64)
-  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+  report = {"device": jax.devices()[0].device_kind,
             "heads": args.heads, "head_dim": args.head_dim, "dba_qk": args.dba_qk, "dba_v": args.dba_v, "rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
+  return _write_report(args.out, report)
+
+
+def _write_report(path: str, report: dict) -> int:
+  """Every dba-bench mode's JSON output (when --out is given), stamped with the date and JAX version."""
+  import jax
+  report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, **report}
+  if path:
+    with open(path, "w") as f:
       json.dump(report, f, indent=2)
   return 0
 
@@ -191,17 +198,14 @@ def convert_main(argv) -> int:
   base_t, base_rss = _child_run([sys.executable, "-c", "import jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready()"])
   report = {"config": args.config, "overrides": overrides, "params": n_params, "file_bytes": size,
             "import_s": t_in, "import_peak_rss": rss_in, "export_s": t_out, "export_peak_rss": rss_out,
-            "runtime_rss": base_rss, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__}
+            "runtime_rss": base_rss}
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   print(f"{args.config}: {n_params:,} params, file {gib(size)}; JAX runtime alone {gib(base_rss)}")
   print(f"  import  {t_in:6.1f} s, peak RSS {gib(rss_in)} ({(rss_in - base_rss) / size:.2f}x the file beyond the runtime)")
   print(f"  export  {t_out:6.1f} s, peak RSS {gib(rss_out)} ({(rss_out - base_rss) / size:.2f}x the file beyond the runtime)")
   if not args.dir:
     shutil.rmtree(work)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
-  return 0
+  return _write_report(args.out, report)
 
 
 def decode_models(layers: int, d_model: int, heads: int, vocab: int):
@@ -262,12 +266,9 @@ def decode_main(argv) -> int:
         rows.append(row)
         print(f"{name:<9} cache {policy:<9} prompt {P:<5} {tps:8.1f} decode tok/s  TTFT {row['ttft_ms']:8.1f} ms  "
               f"KV {row['kv_bytes_per_token']:>7,} B/token  cache {row['cache_bytes']:>11,} B", flush=True)
-  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+  report = {"device": jax.devices()[0].device_kind,
             "layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab, "rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
-  return 0
+  return _write_report(args.out, report)
 
 
 def main(argv=None) -> int:
@@ -312,11 +313,8 @@ def main(argv=None) -> int:
       print(f"mesh {r['mesh']:>7} | ckpt every {every or '-':>3} | {r['step_ms']:8.1f} ms/step | "
             f"{r['tokens_per_s']:12,.0f} tok/s | MFU {mfu}", flush=True)
   report = {"config": args.config, "overrides": overrides, "device": kind, "devices": jax.device_count(),
-            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "flops_per_token": fpt, "rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
-  return 0
+            "flops_per_token": fpt, "rows": rows}
+  return _write_report(args.out, report)
 
 
 def cli():

@@ -52,3 +52,12 @@ def test_convert_bench_runs_both_directions(tmp_path):
   r = json.loads(out.read_text())
   assert (tmp_path / "w" / "converted" / "config.json").exists() and (tmp_path / "w" / "back.pt").exists()
   assert r["file_bytes"] >= 4 * r["params"] and r["import_s"] > 0 and r["export_peak_rss"] > r["runtime_rss"] > 0
+
+
+def test_decode_bench_reports_each_model_and_cache(tmp_path):
+  out = tmp_path / "decode.json"
+  assert bench.main(["decode", "--layers", "1", "--d-model", "64", "--heads", "2", "--prompt", "16", "--gen", "4",
+                     "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r["date"] and r["jax"] and len(r["rows"]) == 4
+  assert all(row["kv_bytes_per_token"] > 0 and row["cache_bytes"] > 0 for row in r["rows"])
