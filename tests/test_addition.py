@@ -137,17 +137,18 @@ def test_tie_mode_shapes_and_forward(mode):
 # -------------------------------------------------------------------------------------------------- training
 
 
-def _tiny(num_models: int, seed: int):
+def _tiny(num_models: int, seed: int, batching: str = "auto"):
   c = _configs().get_config("456p")
   t = c.train
-  t.steps, t.batch_size, t.num_models, t.seed = 20, 32, num_models, seed
+  t.steps, t.batch_size, t.num_models, t.seed, t.model_batching = 20, 32, num_models, seed, batching
   t.eval_interval, t.val_size, t.test_size, t.eval_batch_size, t.log_every = 10, 32, 32, 32, 5
   c.optim.warmup_steps = 5
   return c
 
 
-def test_vmapped_training_equals_separate_runs(tmp_path):
-  s3 = train_lib.train(_tiny(3, 5), str(tmp_path / "n3"), quiet=True)
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_vmapped_training_equals_separate_runs(tmp_path, batching):
+  s3 = train_lib.train(_tiny(3, 5, batching), str(tmp_path / "n3"), quiet=True)
   assert [m["seed"] for m in s3["models"]] == [5, 6, 7]
   for i in range(3):
     single = train_lib.train(_tiny(1, 5 + i), str(tmp_path / f"n1_{i}"), quiet=True)
