@@ -342,3 +342,71 @@ def test_dba_convert_addition_both_ways(tmp_path):
     np.testing.assert_array_equal(back["model_state"][k], v)
   assert checkpoint.arch_from_torch_config(back["model_config"]) == checkpoint.arch_from_torch_config(raw["model_config"])
   assert convert.main(["dba-convert", src, "--out", str(tmp_path / "m")]) == 2  # never overwrites
+
+
+# ------------------------------------------------------------------------- below 456: fixed positions, shrinking
+
+
+def test_sinusoidal_positions():
+  base = M.Arch(d_model=7, d_ff=14, pos_rank=3, qkv_rank=3, attn_out_rank=2, ffn_rank=3, norm="rmsnorm",
+                tie_qkv="shareA_tieKV")
+  assert M.count_params(base) == 456
+  fixed = M.Arch(**{**base.__dict__, "pos_basis": "sinusoidal", "pos_rank": 0})
+  assert M.count_params(fixed) == 456 - 3 * (33 + 7)  # a fixed table is not a parameter (AdderBoard's rule)
+  S = np.asarray(M.sinusoids(33, 6))
+  pos = np.arange(33)[:, None]
+  np.testing.assert_allclose(S[:, 0], np.sin(pos[:, 0]), atol=1e-6)  # frequency 1
+  np.testing.assert_allclose(S[:, 5], np.cos(pos[:, 0] / 10000 ** (4 / 6)), atol=1e-6)
+  half = M.Arch(**{**base.__dict__, "pos_basis": "sinusoidal"})  # fixed (33, 3) basis, learned (3, 7) factor
+  p = M.init_params(half, jax.random.key(0))
+  assert set(p["pos_emb"]) == {"B"}
+  np.testing.assert_allclose(M.position_table(half, p["pos_emb"]), np.asarray(M.sinusoids(33, 3)) @ p["pos_emb"]["B"],
+                             atol=1e-6)
+  assert M.forward(fixed, M.init_params(fixed, jax.random.key(1)), jnp.zeros((2, 33), jnp.int32)).shape == (2, 33, 14)
+
+
+def _rank_deficient(a: M.Arch, seed: int = 0):
+  """Random params of `a` whose ffn, shared-A q/k/v and position products have rank <= 2."""
+  from dba_jax.addition import shrink
+  p = jax.tree.map(np.array, M.init_params(a, jax.random.key(seed)))  # writable copies
+  blk = p["blocks"]["0"]
+  for lin in blk["mlp"].values():
+    lin["A"][:, 2] = 0.0
+  blk["attn"]["qkv_A"][:, 2] = 0.0
+  S = np.asarray(M.sinusoids(33, 8))
+  p["pos_emb"]["A"], p["pos_emb"]["B"] = shrink.factor(S @ np.random.default_rng(seed).normal(size=(8, 7)), 3)
+  return p
+
+
+def test_shrink_keeps_the_function_when_ranks_suffice():
+  from dba_jax.addition import shrink
+  src = M.Arch(d_model=7, d_ff=14, pos_rank=3, qkv_rank=3, attn_out_rank=2, ffn_rank=3, norm="rmsnorm",
+               tie_qkv="shareA_tieKV")
+  p = _rank_deficient(src)
+  same = shrink.shrink(src, p, src)  # no change: a copy up to the SVD's float32 rounding
+  ids = jnp.asarray(data.encode(np.arange(8) * 12345, np.arange(8) * 678)[:, :33])
+  want = np.asarray(M.forward(src, p, ids))
+  np.testing.assert_allclose(M.forward(src, same, ids), want, atol=1e-5)
+  dst = M.Arch(**{**src.__dict__, "ffn_rank": 2, "qkv_rank": 2, "pos_basis": "sinusoidal", "pos_rank": 8})
+  small = shrink.shrink(src, p, dst)
+  # ffn 2·r·(d+f): 126 -> 84; shareA_tieKV q/k/v 3·d·r: 63 -> 42; positions 3·(33+7) = 120 -> 8·7 = 56
+  assert M.count_params(dst) == sum(np.size(x) for x in jax.tree.leaves(small)) == 456 - 42 - 21 - 64
+  np.testing.assert_allclose(M.forward(dst, small, ids), want, atol=1e-5)  # the truncation lost nothing
+  # a rank the source really uses is lost: the function changes
+  lossy = M.Arch(**{**src.__dict__, "attn_out_rank": 1})
+  assert np.abs(np.asarray(M.forward(lossy, shrink.shrink(src, p, lossy), ids)) - want).max() > 1e-3
+  with pytest.raises(ConfigError, match=r"model.d_model \(7 vs 8\)"):
+    shrink.shrink(src, p, M.Arch(**{**src.__dict__, "d_model": 8}))
+
+
+def test_init_from_checkpoint_trains(tmp_path):
+  c = _tiny(1, 3)
+  train_lib.train(c, str(tmp_path / "src"), quiet=True)
+  c = _tiny(1, 4)
+  c.model.ffn_rank, c.model.expect_params = 2, 0
+  c.train.init_from = str(tmp_path / "src" / "model_0" / "last")
+  s = train_lib.train(c, str(tmp_path / "dst"), quiet=True)
+  assert s["params"] == 456 - 2 * (7 + 14)
+  c.model.d_model = 8
+  with pytest.raises(ConfigError, match="model.d_model"):
+    train_lib.train(c, str(tmp_path / "bad"), quiet=True)

@@ -23,6 +23,7 @@ def base_config() -> Config:
   m.vocab_size = data.VOCAB  # fixed by the encoding
   m.max_seq_len = data.SEQ_LEN  # fixed by the encoding (33)
   m.pos_rank = 0  # 0: full (T, d) position table; r: A (T, r) · B (r, d)
+  m.pos_basis = "learned"  # learned | sinusoidal (fixed (T, r) left factor, or the whole table when pos_rank=0)
   m.qkv_rank = 0  # 0: full-rank q/k/v projections
   m.attn_out_rank = 0
   m.ffn_rank = 0
@@ -51,6 +52,7 @@ def base_config() -> Config:
   t.test_size = 10000
   t.eval_batch_size = 512
   t.log_every = 100
+  t.init_from = ""  # a trained checkpoint (.pt or ours) every model starts from, ranks shrunk to this config's
   t.curriculum = ""  # '' (the original 1-3:2000,1-6:5000,1-10:20000) or 'lo-hi:steps,...'
   return c
 
@@ -64,6 +66,8 @@ def validate(c: Config) -> Config:
   """Raises ConfigError naming the first impossible field; returns the config."""
   m = c.model
   _need(m.tie_qkv in TIE_MODES, f"model.tie_qkv={m.tie_qkv!r} is not one of {list(TIE_MODES)}")
+  _need(m.pos_basis in ("learned", "sinusoidal"),
+        f"model.pos_basis={m.pos_basis!r} is not one of ['learned', 'sinusoidal']")
   _need(m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} is not one of ['layernorm', 'rmsnorm']")
   _need(m.vocab_size == data.VOCAB, f"model.vocab_size={m.vocab_size} must be {data.VOCAB} (fixed by the encoding)")
   _need(m.max_seq_len == data.SEQ_LEN, f"model.max_seq_len={m.max_seq_len} must be {data.SEQ_LEN}")

@@ -30,6 +30,7 @@ class Arch:
   vocab_size: int = data.VOCAB
   max_seq_len: int = data.SEQ_LEN
   pos_rank: int = 0  # 0: full rank
+  pos_basis: str = "learned"  # learned | sinusoidal: the (T, r) left factor (the whole table if r = 0) is fixed
   qkv_rank: int = 0
   attn_out_rank: int = 0
   ffn_rank: int = 0
@@ -80,8 +81,12 @@ def _attn(a: Arch) -> dict:
 def param_spec(a: Arch) -> dict:
   """The nested parameter tree with (shape, init) leaves."""
   d, T = a.d_model, a.max_seq_len
-  pos = ({"A": ((T, a.pos_rank), 0.02), "B": ((a.pos_rank, d), 0.02)} if a.pos_rank > 0
-         else {"weight": ((T, d), 0.02)})
+  if a.pos_basis == "sinusoidal":  # only the right factor (if any) is learned
+    pos = {"B": ((a.pos_rank, d), 0.02)} if a.pos_rank > 0 else {}
+  elif a.pos_rank > 0:
+    pos = {"A": ((T, a.pos_rank), 0.02), "B": ((a.pos_rank, d), 0.02)}
+  else:
+    pos = {"weight": ((T, d), 0.02)}
   block = {"ln1": _norm(a), "attn": _attn(a), "ln2": _norm(a),
            "mlp": {"fc1": _linear(d, a.d_ff, a.ffn_rank), "fc2": _linear(a.d_ff, d, a.ffn_rank)}}
   return {"token_emb": {"weight": ((a.vocab_size, d), 0.02)}, "pos_emb": pos,
@@ -172,7 +177,20 @@ def attention(a: Arch, p: dict, x_BTD):
   return linear(p["proj"], y_BTHD.reshape(Bsz, T, D))
 
 
-def position_table(p: dict):
+def sinusoids(T: int, k: int) -> jnp.ndarray:
+  """(T, k) fixed features: pairs sin/cos at geometric frequencies 1 .. 1/10000 (the Transformer's table).
+  Under AdderBoard's rules a fixed position encoding is not a parameter."""
+  pos_T1 = jnp.arange(T, dtype=jnp.float32)[:, None]
+  freq_K = 1.0 / 10000.0 ** (2 * (jnp.arange(k) // 2) / k)
+  ang_TK = pos_T1 * freq_K[None, :]
+  return jnp.where(jnp.arange(k) % 2 == 0, jnp.sin(ang_TK), jnp.cos(ang_TK))
+
+
+def position_table(a: Arch, p: dict):
+  """(T, d) position embeddings."""
+  if a.pos_basis == "sinusoidal":
+    S_TK = sinusoids(a.max_seq_len, a.pos_rank or a.d_model)
+    return S_TK @ p["B"] if a.pos_rank > 0 else S_TK
   return p["A"] @ p["B"] if "A" in p else p["weight"]
 
 
@@ -180,7 +198,7 @@ def forward(a: Arch, params: dict, ids_BT):
   """Logits (B, T, V) for int token ids (B, T), T <= max_seq_len."""
   T = ids_BT.shape[1]
   emb_VD = params["token_emb"]["weight"]
-  x = emb_VD[ids_BT] + position_table(params["pos_emb"])[None, :T]
+  x = emb_VD[ids_BT] + position_table(a, params.get("pos_emb", {}))[None, :T]
   for i in range(a.n_layer):
     p = params["blocks"][str(i)]
     x = x + attention(a, p["attn"], norm(a, p["ln1"], x))

@@ -28,6 +28,7 @@ from dba_jax.addition import checkpoint, data
 from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
 from dba_jax.config import ConfigError
+from dba_jax.formats import ConversionError
 from dba_jax.train import lr_schedule  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
 
 
@@ -37,10 +38,17 @@ def make_optimizer(o, total_steps: int):
   return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
 
 
-def init_models(a: Arch, opt, seeds) -> tuple[dict, object]:
-  """Stacked params and optimizer states, model i from jax.random.key(seeds[i])."""
-  keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-  params = jax.vmap(functools.partial(init_params, a))(keys)
+def init_models(a: Arch, opt, seeds, init_from: str = "") -> tuple[dict, object]:
+  """Stacked params and optimizer states: model i from jax.random.key(seeds[i]), or every model from the
+  checkpoint `init_from` mapped onto `a` (shrink.shrink: ranks and position basis may differ)."""
+  if init_from:
+    from dba_jax.addition import shrink
+    src = checkpoint.load(init_from)[0]
+    one = shrink.shrink(src.arch, src.params, a)
+    params = jax.tree.map(lambda x: jnp.asarray(np.stack([x] * len(seeds))), one)
+  else:
+    keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+    params = jax.vmap(functools.partial(init_params, a))(keys)
   return params, jax.vmap(opt.init)(params)
 
 
@@ -134,7 +142,7 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
 
   opt, step_fn, decode = _compiled(a, tuple(sorted(o.items())), t.steps, resolve_batching(t.model_batching))
   sched = lr_schedule(o, t.steps)
-  params, opt_state = init_models(a, opt, seeds)
+  params, opt_state = init_models(a, opt, seeds, t.init_from)
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -251,7 +259,7 @@ def main(argv) -> int:
     if not fv.workdir:
       raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
     s = train(c, fv.workdir)
-  except ConfigError as e:
+  except (ConfigError, ConversionError) as e:
     print(f"dba-addition-train: error: {e}", file=sys.stderr)
     return 2
   for m in s["models"]:

@@ -1,0 +1,102 @@
+"""Start a smaller TinyDecoderLM from a trained one (the below-456-parameter experiments of the addition issue).
+
+Every factorised product of the source (A·B, shared-A or shared-B q/k/v factors, the position table) is replaced
+by its best approximation of the target rank (truncated SVD, the singular values split evenly between the two
+factors); a target position table on a fixed sinusoidal basis gets its learned factor by least squares. Widths,
+norms and the tie mode must match: only ranks and the position basis may change. Fine-tuning then repairs what
+the truncation lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dba_jax.addition.model import Arch, count_params, param_spec, sinusoids
+from dba_jax.config import ConfigError
+
+RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank")
+
+
+def factor(M: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """(m, n) -> A (m, rank), B (rank, n) with A·B the best rank-`rank` approximation of M."""
+  U, S, Vt = np.linalg.svd(np.asarray(M, np.float64), full_matrices=False)
+  if rank > S.size:
+    raise ConfigError(f"rank {rank} exceeds the {M.shape} matrix's {S.size}")
+  sq = np.sqrt(S[:rank])
+  return (U[:, :rank] * sq).astype(np.float32), (sq[:, None] * Vt[:rank]).astype(np.float32)
+
+
+def _matrix(p: dict) -> np.ndarray:
+  return p["A"] @ p["B"] if "A" in p else p["kernel"]
+
+
+def _linear(M: np.ndarray, rank: int) -> dict:
+  if rank == 0:
+    return {"kernel": np.asarray(M, np.float32)}
+  A, B = factor(M, rank)
+  return {"A": A, "B": B}
+
+
+def _attn(src: dict, mode: str, dst: Arch) -> dict:
+  r, d = dst.qkv_rank, dst.d_model
+  out = {}
+  if mode.startswith("shareA"):  # x·A·[B_q | B_k | ...]: one factorisation of the concatenated products
+    names = sorted(k for k in src if k.startswith("qkv_B"))
+    A, B = factor(src["qkv_A"] @ np.concatenate([src[n] for n in names], 1), r)
+    out = {"qkv_A": A, **{n: B[:, i * d:(i + 1) * d] for i, n in enumerate(names)}}
+  elif mode.startswith("shareB"):  # [A_q; A_k; ...]·B stacked along rows: one common right factor
+    names = sorted(k for k in src if k.startswith("qkv_A"))
+    A, B = factor(np.concatenate([src[n] @ src["qkv_B"] for n in names], 0), r)
+    out = {"qkv_B": B, **{n: A[i * d:(i + 1) * d] for i, n in enumerate(names)}}
+  else:
+    out = {k: _linear(_matrix(v), r) for k, v in src.items() if k != "proj"}
+  out["proj"] = _linear(_matrix(src["proj"]), dst.attn_out_rank)
+  return out
+
+
+def _positions(src_arch: Arch, src: dict, dst: Arch) -> dict:
+  from dba_jax.addition.model import position_table
+  P_TD = np.asarray(position_table(src_arch, src), np.float64)
+  if dst.pos_basis == "sinusoidal":
+    if dst.pos_rank == 0:
+      return {}
+    S_TK = np.asarray(sinusoids(dst.max_seq_len, dst.pos_rank), np.float64)
+    return {"B": np.linalg.lstsq(S_TK, P_TD, rcond=None)[0].astype(np.float32)}
+  if dst.pos_rank == 0:
+    return {"weight": P_TD.astype(np.float32)}
+  A, B = factor(P_TD, dst.pos_rank)
+  return {"A": A, "B": B}
+
+
+def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
+  """Params for `dst` from trained params of `src_arch` (see the module docstring)."""
+  fixed = [f.name for f in dataclasses.fields(Arch) if f.name not in RESHAPEABLE
+           and getattr(src_arch, f.name) != getattr(dst, f.name)]
+  if fixed:
+    raise ConfigError("train.init_from: the checkpoint differs from the config in " + ", ".join(
+        f"model.{n} ({getattr(src_arch, n)!r} vs {getattr(dst, n)!r})" for n in fixed) +
+        f"; only {', '.join(RESHAPEABLE)} may change")
+  out = {"token_emb": {"weight": np.asarray(src["token_emb"]["weight"], np.float32)},
+         "pos_emb": _positions(src_arch, src.get("pos_emb", {}), dst), "ln_f": src["ln_f"], "blocks": {}}
+  for i, b in src["blocks"].items():
+    out["blocks"][i] = {"ln1": b["ln1"], "ln2": b["ln2"], "attn": _attn(b["attn"], dst.tie_qkv, dst),
+                        "mlp": {k: _linear(_matrix(v), dst.ffn_rank) for k, v in b["mlp"].items()}}
+  if not out["pos_emb"]:
+    del out["pos_emb"]
+  # the result must have exactly the target's tree and shapes
+  want = {"/".join(map(str, p)): s for p, (s, _) in _flat(param_spec(dst))}
+  got = {"/".join(map(str, p)): tuple(np.shape(x)) for p, x in _flat(out)}
+  if want != got:
+    raise ConfigError(f"train.init_from: cannot map the checkpoint onto the config ({count_params(dst)} params): "
+                      f"missing {sorted(set(want) - set(got))}, shape mismatches "
+                      f"{sorted(k for k in want if k in got and want[k] != got[k])}")
+  return out
+
+
+def _flat(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flat(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
