@@ -7,35 +7,34 @@ configs/compare/quickstart.py for every field):
   behavior     suite (v1 | v2), seed and per_category (v2), limit (0: all; else N probes taken round-robin over
                categories), max_new (greedy tokens per generated answer), n_resamples (bootstrap)
   latency      context_lengths, decode_tokens, repeats
+  attention    probes (how many behaviour probes get attention heat-maps), max_tokens (the last N prompt tokens)
   cache        KV-cache kind for generation, KV bytes and latency (see dba_jax/generate.py)
 
 Each checkpoint is loaded, measured and dropped before the next one, so one model is resident at a time.
 Outputs in DIR (default runs/compare/<manifest name>): results.json, results.csv, results.md, results.tex,
-compare.svg (every panel) and panel_<name>.svg (each panel alone). PNG copies of the panels are not written:
-rasterising text needs a plotting library the project does not depend on.
+compare.png and compare.svg (every panel, dba_jax/plots.py) and panel_<name>.png (each panel alone).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import copy
 import gc
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from dba_jax import behavior, data, generate, model as model_lib
+from dba_jax import behavior, data, generate, model as model_lib, ops, plots
 from dba_jax.loading import load_model
 
 PROG = "dba-eval compare"
-PALETTE = ("#0DB6AE", "#F68512", "#FFC600", "#DE3D82")
 
 
 def log(msg: str):
@@ -48,6 +47,7 @@ DEFAULTS = {
     "eval": {"split": "val", "seq_len": 0, "max_windows": 0, "batch_size": 8},
     "behavior": {"suite": "v1", "seed": 42, "per_category": 30, "limit": 0, "max_new": 32, "n_resamples": 2000},
     "latency": {"context_lengths": (128, 512), "decode_tokens": 32, "repeats": 1},
+    "attention": {"probes": 3, "max_tokens": 48},
 }
 
 
@@ -157,6 +157,107 @@ def memory_and_latency(model, c, cache: str, lat: dict, tokens) -> list[dict]:
   return rows
 
 
+# ------------------------------------------------------------------------------------------------- attention
+
+def attention_probes(probes, n: int) -> list:
+  """Up to n probes whose answer is written in the prompt (copying, recall, distractors), one per category
+  first: for those the attention-mass panel can ask whether the answering position looks at the answer."""
+  fits = [p for p in probes if str(p.answer).strip() and str(p.answer).strip() in p.prompt] or list(probes)
+  first = list({p.category: p for p in reversed(fits)}.values())[::-1]  # each category's first probe, in order
+  ids = {p.id for p in first}
+  return (first + [p for p in fits if p.id not in ids])[:n]
+
+
+def dense_decoder(model) -> model_lib.Decoder:
+  """The model's decoder rebuilt with attn_impl xla: the flash kernels never materialise probabilities, and the
+  one-hot values below need the dense path. Same parameters (the attention impl does not change them)."""
+  m = copy.deepcopy(model.config)
+  m.attn_impl = "xla"
+  return nnx.merge(model_lib.abstract(m)[0], model.params)
+
+
+def _blocks(decoder) -> list:
+  """The decoder's blocks as a list; scanned blocks are sliced out of their stacked parameters."""
+  if not decoder.m.scan_layers:
+    return list(decoder.blocks)
+  graphdef, stacked = nnx.split(decoder.blocks)
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(decoder.m.n_layers)]
+
+
+def last_layer_input(decoder, tokens_BT):
+  """(last block, its attention input, positions, residual logits for it): Decoder.forward up to the last layer's
+  attention, layer by layer, so that only that layer's probabilities need materialising."""
+  m = decoder.m
+  B, T = tokens_BT.shape
+  positions_T = jnp.arange(T)
+  x = decoder.embed_tokens(tokens_BT, positions_T)
+  res = None
+  if m.attn_kind == "selective" and m.sel_residual_masks:  # as Decoder.forward: layer 0 mixes zeros
+    res = jnp.zeros((B, m.n_heads + m.sel_mask_heads, T, T),
+                    jnp.promote_types(model_lib.DTYPES[m.compute_dtype], jnp.float32))
+  *first, last = _blocks(decoder)
+  for block in first:
+    x, _, res = block(x, positions_T, None, res)
+  return last, last.attn_norm(x), positions_T, res
+
+
+def _one_hot_values(B: int, S: int, K: int):
+  """v[b, s, k, :] = e_s: attention over these values returns each query's probability row over the keys."""
+  return jnp.broadcast_to(jnp.eye(S, dtype=jnp.float32)[None, :, None, :], (B, S, K, S))
+
+
+def attention_probs(attn, h_BTd, positions_T, res_BHTS=None):
+  """(probs [B, H, T, S], n_prefix) of one attention module: every attending head's softmax weights after all of
+  its masks (causal; selective attention's F), with DBA's null token as the first n_prefix key columns. The
+  module's own attention runs on one-hot values, so selective masks are not re-derived here."""
+  B, T, _ = h_BTd.shape
+  if isinstance(attn, model_lib.DBAAttention):  # DBAAttention.__call__'s q/k assembly (it has no attend())
+    qs, ks, qg, kg, _ = attn.streams(h_BTd, positions_T)
+    q_BTHD, k_BSKD = attn.fold_queries(h_BTd, qs, qg), jnp.concatenate([ks, kg], axis=-1)
+    null = attn.null_kv(k_BSKD.dtype)
+    if null is not None:
+      k_BSKD = jnp.concatenate([jnp.broadcast_to(null[0], (B, 1) + null[0].shape), k_BSKD], axis=1)
+    S = k_BSKD.shape[1]
+    o_BTHS = ops.attention(q_BTHD, k_BSKD, _one_hot_values(B, S, k_BSKD.shape[2]), scale=1.0, n_prefix=S - T,
+                           impl="xla")
+  else:
+    q_BTHD, k_BSKD, _ = attn.project(h_BTd, positions_T)
+    o_BTHS = attn.attend(q_BTHD, k_BSKD, _one_hot_values(B, T, k_BSKD.shape[2]), res_BHTS)[0]
+  return o_BTHS.transpose(0, 2, 1, 3), o_BTHS.shape[-1] - T
+
+
+def answer_span(pieces: list[str], answer: str) -> list[int]:
+  """Token indices overlapping the last occurrence of `answer` in the concatenated token texts ([] if absent)."""
+  text = "".join(pieces)
+  start = text.rfind(answer.strip()) if answer.strip() else -1
+  if start < 0:
+    return []
+  end, ends = start + len(answer.strip()), np.cumsum([len(p) for p in pieces])
+  return [i for i, e in enumerate(ends) if e > start and e - len(pieces[i]) < end]
+
+
+def attention_record(decoder, tok, probe, max_tokens: int) -> dict:
+  """Last-layer attention of one probe's last `max_tokens` prompt tokens, averaged over heads, and where the last
+  prompt token (the one that predicts the answer) puts its attention mass."""
+  m = decoder.m
+  ids = np.asarray(tok.encode(probe.prompt), np.int32)[-min(max_tokens, m.max_seq_len):]
+  block, h, positions_T, res = last_layer_input(decoder, jnp.asarray(ids)[None])
+  probs_BHTS, n_prefix = attention_probs(block.attn, h, positions_T, res)
+  probs_TS = np.asarray(probs_BHTS[0].astype(jnp.float32).mean(0), np.float64)
+  pieces = [tok.decode([int(i)]) for i in ids]
+  span = answer_span(pieces, str(probe.answer))
+  last_S = probs_TS[-1]
+  keys = last_S[n_prefix:]
+  first = 0.0 if 0 in span else float(keys[0])  # the first position is the usual attention sink
+  on_span, null = float(keys[span].sum()), float(last_S[:n_prefix].sum())
+  return {"id": probe.id, "category": probe.category, "answer": str(probe.answer), "layer": m.n_layers - 1,
+          "heads": int(probs_BHTS.shape[1]), "n_prefix": n_prefix, "query_tokens": pieces,
+          "key_tokens": ["<null>"] * n_prefix + pieces, "span": span,
+          "probs_TS": np.round(probs_TS, 6).tolist(),
+          "mass": {"answer span": on_span, "first token": first, "null token": null,
+                   "other": max(0.0, 1.0 - on_span - first - null)}}
+
+
 def measure(ck: dict, man: dict, probes) -> dict:
   """Everything for one checkpoint; the model is dropped when this returns."""
   from dba_jax.evaluate import perplexity
@@ -174,13 +275,22 @@ def measure(ck: dict, man: dict, probes) -> dict:
   every = max(1, len(probes) // 10)
   suite_run = behavior.run_suite(probes, gen_fn, lp_fn, progress=lambda i, n, pid: (i % every == 0 or i == n) and
                                  log(f"[{ck['name']}] behaviour {i}/{n} ({pid})"))
+  att = man["attention"]
+  decoder, tok = dense_decoder(model), data.get_tokenizer(c.data.tokenizer)
+  attention, att_probes = [], attention_probes(probes, att["probes"])
+  for i, p in enumerate(att_probes, 1):
+    attention.append(attention_record(decoder, tok, p, att["max_tokens"]))
+    log(f"[{ck['name']}] attention probe {i}/{len(att_probes)} ({p.id}): last-query mass "
+        + ", ".join(f"{k} {v:.2f}" for k, v in attention[-1]["mass"].items()))
+  del decoder
   log(f"[{ck['name']}] memory and latency, cache {man['cache']}")
   ctx = memory_and_latency(model, c, man["cache"], man["latency"], tokens)
   result = {**ck, "attn_kind": m.attn_kind, "params": model_lib.count_params(m), "loss": loss,
             "kv_bytes_per_token_analytic": generate.kv_bytes_per_token(m, man["cache"]),
             "kv_bytes_per_token_measured": next((r["measured_bytes_per_token"] for r in reversed(ctx)
                                                  if r["measured_bytes_per_token"] is not None), None),
-            "context": ctx, "records": suite_run["records"], "seconds": time.perf_counter() - t0}
+            "context": ctx, "records": suite_run["records"], "attention": attention,
+            "seconds": time.perf_counter() - t0}
   del model
   gc.collect()
   return result
@@ -256,6 +366,9 @@ def _tex(s: str) -> str:
 
 def write_outputs(result: dict, out_dir: str):
   os.makedirs(out_dir, exist_ok=True)
+  # The figure first, so that results.json records which panels (and axes) it drew.
+  log(f"drawing the figure ({len(plots.PANEL_TITLES)} panels)")
+  result["figure"] = plots.write_figures(result, out_dir)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(result, f, indent=1, default=float)
   head, rows = summary_rows(result)
@@ -274,145 +387,6 @@ def write_outputs(result: dict, out_dir: str):
   tex += [r"\bottomrule", r"\end{tabular}"]
   with open(os.path.join(out_dir, "results.tex"), "w") as f:
     f.write("% needs \\usepackage{booktabs}\n" + "\n".join(tex) + "\n")
-  write_figures(result, out_dir)
-
-
-# ------------------------------------------------------------------------------------------------- figures
-
-W, H = 480, 320
-L_PAD, R_PAD, T_PAD, B_PAD = 60, 20, 56, 70  # room for the title + legend above and rotated labels below
-
-
-def _esc(s) -> str:
-  return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _nice_range(values) -> tuple[float, float]:
-  vals = [v for v in values if v is not None and math.isfinite(v)] or [0.0]
-  lo, hi = min(0.0, min(vals)), max(0.0, max(vals))
-  return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def _frame(title: str, ylabel: str, legend: list[str], lo: float, hi: float) -> tuple[list, Callable]:
-  """Title, legend, y axis with 5 ticks; returns (elements, y -> pixel)."""
-  sy = lambda v: T_PAD + (H - T_PAD - B_PAD) * (hi - v) / (hi - lo)
-  out = [f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{_esc(title)}</text>',
-         f'<line x1="{L_PAD}" y1="{T_PAD}" x2="{L_PAD}" y2="{H - B_PAD}" stroke="black"/>',
-         f'<text x="14" y="{(H - B_PAD + T_PAD) / 2}" transform="rotate(-90 14 {(H - B_PAD + T_PAD) / 2})" '
-         f'text-anchor="middle">{_esc(ylabel)}</text>']
-  for i in range(5):
-    v = lo + (hi - lo) * i / 4
-    out.append(f'<line x1="{L_PAD}" y1="{sy(v):.1f}" x2="{W - R_PAD}" y2="{sy(v):.1f}" stroke="#ddd"/>'
-               f'<text x="{L_PAD - 5}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-  x = L_PAD
-  for k, name in enumerate(legend):
-    out.append(f'<rect x="{x}" y="28" width="10" height="10" fill="{PALETTE[k % len(PALETTE)]}"/>'
-               f'<text x="{x + 14}" y="37">{_esc(name)}</text>')
-    x += 24 + 7 * len(str(name))
-  return out, sy
-
-
-def bar_panel(title: str, ylabel: str, groups: list[str], series: list[str], values, stacked: bool = False) -> str:
-  """Grouped (or stacked) bars: values[g][s]; None draws nothing."""
-  tops = [sum(v or 0 for v in row) for row in values] if stacked else [v for row in values for v in row]
-  lo, hi = _nice_range(tops)
-  out, sy = _frame(title, ylabel, series, lo, hi)
-  gw = (W - L_PAD - R_PAD) / max(1, len(groups))
-  bw = gw * 0.8 / (1 if stacked else max(1, len(series)))
-  for g, (name, row) in enumerate(zip(groups, values)):
-    x0, base = L_PAD + g * gw + gw * 0.1, 0.0
-    for s, v in enumerate(row):
-      if v is None:
-        continue
-      a, b = (base, base + v) if stacked else (0.0, v)
-      x = x0 if stacked else x0 + s * bw
-      out.append(f'<rect x="{x:.1f}" y="{min(sy(a), sy(b)):.1f}" width="{bw:.1f}" height="{abs(sy(a) - sy(b)):.1f}" '
-                 f'fill="{PALETTE[s % len(PALETTE)]}"><title>{_esc(name)} {_esc(series[s])}: {v:.3g}</title></rect>')
-      base = base + v if stacked else base
-    cx, ly = L_PAD + (g + 0.5) * gw, H - B_PAD + 12
-    out.append(f'<text x="{cx:.1f}" y="{ly}" text-anchor="end" transform="rotate(-35 {cx:.1f} {ly})">'
-               f'{_esc(name)}</text>')
-  out.append(f'<line x1="{L_PAD}" y1="{sy(0):.1f}" x2="{W - R_PAD}" y2="{sy(0):.1f}" stroke="black"/>')
-  return "\n".join(out)
-
-
-def line_panel(title: str, xlabel: str, ylabel: str, series: dict) -> str:
-  """One polyline with markers per series; series[name] = [(x, y)], points with y None are dropped."""
-  pts = {k: [(x, y) for x, y in v if y is not None] for k, v in series.items()}
-  xs = [x for v in pts.values() for x, _ in v] or [0, 1]
-  x_lo, x_hi = min(xs), max(xs)
-  x_hi = x_hi if x_hi > x_lo else x_lo + 1
-  lo, hi = _nice_range([y for v in pts.values() for _, y in v])
-  out, sy = _frame(title, ylabel, list(series), lo, hi)
-  pad = 20  # keep a single context length off the axis
-  sx = lambda x: L_PAD + pad + (W - L_PAD - R_PAD - 2 * pad) * (x - x_lo) / (x_hi - x_lo)
-  out.append(f'<line x1="{L_PAD}" y1="{H - B_PAD}" x2="{W - R_PAD}" y2="{H - B_PAD}" stroke="black"/>'
-             f'<text x="{(W + L_PAD) / 2}" y="{H - B_PAD + 36}" text-anchor="middle">{_esc(xlabel)}</text>')
-  for x in sorted(set(xs)):
-    out.append(f'<text x="{sx(x):.1f}" y="{H - B_PAD + 16}" text-anchor="middle">{x:g}</text>')
-  for k, (name, p) in enumerate(pts.items()):
-    color = PALETTE[k % len(PALETTE)]
-    if len(p) > 1:
-      out.append(f'<polyline points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in p)}" fill="none" '
-                 f'stroke="{color}" stroke-width="2"/>')
-    out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"><title>{_esc(name)} {x:g}: {y:.4g}'
-            f'</title></circle>' for x, y in p]
-  return "\n".join(out)
-
-
-PANEL_TITLES = {
-    "scores": "Behaviour scores per model", "difficulty": "Score by baseline difficulty",
-    "match_types": "Match types", "category_deltas": "Per-category weighted delta vs baseline",
-    "memory": "KV-cache memory vs context", "decode": "Decode throughput vs context",
-    "ttft": "Time to first token vs context"}
-
-
-def panels(result: dict) -> dict:
-  models = result["models"]
-  names = [m["name"] for m in models]
-  aggs = [m["behavior"]["aggregates"] for m in models]
-  cats = list(aggs[0]["per_category"])
-  diff = ("easy", "medium", "hard")
-  others = [m for m in models if not m["baseline"]] or models  # a lone baseline still draws (zero) bars
-  ctx = lambda key, scale=1.0: {m["name"]: [(r["context"], None if r[key] is None else scale * r[key])
-                                            for r in m["context"]] for m in models}
-  return {
-      "scores": bar_panel(PANEL_TITLES["scores"], "% of probes", names, ["hard", "soft", "weighted"],
-                          [[a["hard_pct"], a["soft_pct"], a["weighted_pct"]] for a in aggs]),
-      "difficulty": bar_panel(PANEL_TITLES["difficulty"], "partial score %", names, list(diff),
-                              [[m["behavior"]["by_difficulty_pct"][d] for d in diff] for m in models]),
-      "match_types": bar_panel(PANEL_TITLES["match_types"], "probes", names, ["exact", "contained", "none"],
-                               [[a["exact"], a["contained"], a["none"]] for a in aggs], stacked=True),
-      "category_deltas": bar_panel(PANEL_TITLES["category_deltas"], "percentage points", cats,
-                                   [m["name"] for m in others],
-                                   [[m["behavior"]["per_category_delta_pp"][c]["weighted"] for m in others]
-                                    for c in cats]),
-      "memory": line_panel(PANEL_TITLES["memory"], "context (tokens)", "KV cache (MiB)",
-                           ctx("cache_bytes", 1 / 2 ** 20)),
-      "decode": line_panel(PANEL_TITLES["decode"], "context (tokens)", "decode tokens/s", ctx("decode_tokens_per_s")),
-      "ttft": line_panel(PANEL_TITLES["ttft"], "context (tokens)", "time to first token (ms)", ctx("ttft_s", 1e3)),
-  }
-
-
-def _svg(body: str, width: int, height: int, x: int | None = None, y: int | None = None) -> str:
-  at = "" if x is None else f' x="{x}" y="{y}"'
-  return (f'<svg xmlns="http://www.w3.org/2000/svg"{at} width="{width}" height="{height}" font-family="sans-serif" '
-          f'font-size="11"><rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>')
-
-
-def write_figures(result: dict, out_dir: str, cols: int = 2):
-  parts = panels(result)
-  for name, body in parts.items():
-    with open(os.path.join(out_dir, f"panel_{name}.svg"), "w") as f:
-      f.write(_svg(body, W, H) + "\n")
-  rows = -(-len(parts) // cols)
-  title_h = 30
-  nested = [_svg(body, W, H, (i % cols) * W, title_h + (i // cols) * H) for i, body in enumerate(parts.values())]
-  head = (f'<text x="{cols * W / 2}" y="20" text-anchor="middle" font-size="16" font-weight="bold">'
-          f'{_esc(result["name"])}: baseline {_esc(result["baseline"])}, cache {_esc(result["manifest"]["cache"])}'
-          f'</text>')
-  with open(os.path.join(out_dir, "compare.svg"), "w") as f:
-    f.write(_svg(head + "\n" + "\n".join(nested), cols * W, title_h + rows * H) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -435,8 +409,8 @@ def main(argv=None) -> int:
     return 2
   with open(os.path.join(out_dir, "results.md")) as f:
     print(f.read())
-  log(f"wrote {out_dir}/results.{{json,csv,md,tex}}, compare.svg and {len(PANEL_TITLES)} panel_*.svg "
-      f"({sum(m['seconds'] for m in result['models']):.0f} s)")
+  log(f"wrote {out_dir}/results.{{json,csv,md,tex}}, compare.{{png,svg}} and {len(plots.PANEL_TITLES)} "
+      f"panel_*.png ({sum(m['seconds'] for m in result['models']):.0f} s)")
   return 0
 
 

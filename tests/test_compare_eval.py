@@ -1,12 +1,16 @@
-"""`dba-eval compare` on two tiny 2-step checkpoints: every output file, the baseline's zero deltas, the panels."""
+"""`dba-eval compare` on two tiny 2-step checkpoints: every output file, the baseline's zero deltas, the panels;
+and the last-layer attention probabilities behind the heat-maps, against a softmax computed here."""
 import csv
 import json
 import math
-import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
-from dba_jax import compare_eval, evaluate, train
+from dba_jax import compare_eval, evaluate, model as model_lib, plots, train
 from helpers import tiny
 
 MANIFEST = '''
@@ -21,6 +25,7 @@ def get_config():
   c.behavior = {{"suite": "v1", "limit": 6, "max_new": 4, "n_resamples": 200}}
   c.latency = {{"context_lengths": (16,), "decode_tokens": 3}}
   c.cache = "float16"
+  c.attention = {{"probes": 2, "max_tokens": 20}}
   return c
 '''
 
@@ -42,13 +47,21 @@ def out(tmp_path_factory):
   return out_dir
 
 
-FILES = ["results.json", "results.csv", "results.md", "results.tex", "compare.svg"] + [
-    f"panel_{k}.svg" for k in compare_eval.PANEL_TITLES]
+PANELS = {"scores", "difficulty", "match_types", "category_deltas", "memory", "decode", "ttft", "attention_mass",
+          "attention_heatmaps"}
+PNGS = ["compare.png"] + [f"panel_{k}.png" for k in sorted(PANELS)]
+FILES = ["results.json", "results.csv", "results.md", "results.tex", "compare.svg"] + PNGS
 
 
 def test_every_output_file_is_written(out):
   for name in FILES:
     assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+  for name in PNGS:
+    head = (out / name).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", name
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert width >= 300 and height >= 300 and (out / name).stat().st_size > 10_000, (name, width, height)
+  assert not list(out.glob("panel_*.svg"))  # panels are PNGs now; only the aggregate is also an SVG
 
 
 def test_json_has_both_models_and_baseline(out):
@@ -94,15 +107,110 @@ def test_tables_have_a_row_per_model(out):
 
 
 def test_figure_has_every_panel(out):
+  r = json.loads((out / "results.json").read_text())
+  assert set(plots.PANEL_TITLES) == PANELS
+  fig = r["figure"]  # read back from the matplotlib figure that wrote compare.png
+  assert set(fig["panels"]) == PANELS and set(fig["files"]) == set(PNGS + ["compare.svg"])
+  for key, panel in fig["panels"].items():
+    assert panel["title"] == plots.PANEL_TITLES[key] and panel["file"] == f"panel_{key}.png"
+    if key != "attention_heatmaps":
+      assert panel["axes_titles"] == [panel["title"]] and panel["images"] == 0, key
+  heat = fig["panels"]["attention_heatmaps"]
+  probe_ids = [a["id"] for a in r["models"][0]["attention"]]
+  assert heat["images"] == 2 * 2  # one row per checkpoint, one column per probe
+  assert heat["axes_titles"] == [f"{m}: {p}" for m in ("std", "dba_tiny") for p in probe_ids]
   svg = (out / "compare.svg").read_text()
-  assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-  for key, title in compare_eval.PANEL_TITLES.items():
+  assert svg.lstrip().startswith("<?xml") and svg.rstrip().endswith("</svg>")
+  for title in plots.PANEL_TITLES.values():
     assert title in svg, title
-    assert title in (out / f"panel_{key}.svg").read_text()
-  assert set(compare_eval.PANEL_TITLES) == {"scores", "difficulty", "match_types", "category_deltas", "memory",
-                                            "decode", "ttft"}
-  for color in compare_eval.PALETTE[:3]:
-    assert color in svg
+  for color in plots.PALETTE[:2]:  # two checkpoints: the first two palette colours
+    assert color.lower() in svg.lower()
+
+
+def test_attention_records(out):
+  r = json.loads((out / "results.json").read_text())
+  std, dba = r["models"]
+  assert [a["id"] for a in std["attention"]] == [a["id"] for a in dba["attention"]] and len(std["attention"]) == 2
+  for m in r["models"]:
+    for a in m["attention"]:
+      probs_TS = np.asarray(a["probs_TS"])
+      T = len(a["query_tokens"])
+      assert probs_TS.shape == (T, T) and T == 20  # the prompt's last max_tokens bytes
+      np.testing.assert_allclose(probs_TS.sum(-1), 1.0, atol=1e-5)
+      assert np.all(np.triu(probs_TS, 1) == 0)  # causal
+      assert a["layer"] == 1 and a["n_prefix"] == 0
+      assert math.isclose(sum(a["mass"].values()), 1.0, abs_tol=1e-5)
+      span = a["span"]  # empty when the answer lies before the kept tokens
+      assert a["answer"].strip() in "".join(a["query_tokens"][i] for i in span) if span else \
+          a["answer"].strip() not in "".join(a["query_tokens"])
+      assert math.isclose(a["mass"]["answer span"], probs_TS[-1, span].sum(), abs_tol=1e-5)
+    assert any(a["span"] for a in m["attention"])
+
+
+def test_answer_span():
+  assert compare_eval.answer_span(["In", ":", " qu", "artz", "\n", "Out", ":"], "quartz") == [2, 3]
+  assert compare_eval.answer_span(["a", " red", " b", " red"], " red") == [3]  # the last occurrence
+  assert compare_eval.answer_span(["abc"], "zz") == []
+
+
+def _decoder(kind: str, **model):
+  """A random-init 2-layer decoder; unrolled unless asked (faster to build, and taps need it)."""
+  model = {"scan_layers": False, **({"attn_kind": "selective"} if kind == "selective" else {}), **model}
+  return model_lib.Decoder(tiny("standard" if kind == "selective" else kind, **model).model, nnx.Rngs(0))
+
+
+TOKENS_BT = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
+
+
+def test_attention_probs_equal_softmax_of_q_k():
+  decoder = _decoder("standard")
+  block, h, positions_T, res = compare_eval.last_layer_input(decoder, TOKENS_BT)
+  probs_BHTS, n_prefix = compare_eval.attention_probs(block.attn, h, positions_T, res)
+  q_BTHD, k_BTKD, _ = block.attn.project(h, positions_T)
+  H, K, T = q_BTHD.shape[2], k_BTKD.shape[2], TOKENS_BT.shape[1]
+  logits = np.einsum("bthd,bshd->bhts", np.asarray(q_BTHD, np.float64),
+                     np.repeat(np.asarray(k_BTKD, np.float64), H // K, axis=2)) * block.attn.scale
+  logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  assert n_prefix == 0 and probs_BHTS.shape == (2, 4, T, T)
+  np.testing.assert_allclose(np.asarray(probs_BHTS), want, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(probs_BHTS).sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,model", [
+    ("gqa", {"scan_layers": True}),  # the last block sliced out of the stacked parameters
+    ("dba", {"null_attn": True}),
+    ("selective", {}),
+    ("selective", {"sel_mask_heads": 1, "sel_residual_masks": True}),
+])
+def test_attention_probs_reproduce_the_layer(kind, model):
+  """probs @ v through the out projection is the layer's own output, and the last layer's input is the one the
+  full forward uses (its mean |attention output| matches the forward's coordinate-check tap)."""
+  decoder = _decoder(kind, **model)
+  block, h, positions_T, res = compare_eval.last_layer_input(decoder, TOKENS_BT)
+  attn = block.attn
+  probs_BHTS, n_prefix = compare_eval.attention_probs(attn, h, positions_T, res)
+  np.testing.assert_allclose(np.asarray(probs_BHTS).sum(-1), 1.0, atol=1e-5)
+  B, T = TOKENS_BT.shape
+  if kind == "dba":
+    v_BSKE = attn.streams(h, positions_T)[4]
+    null_v = attn.null_kv(v_BSKE.dtype)[1]
+    v_BSKE = jnp.concatenate([jnp.broadcast_to(null_v, (B, 1) + null_v.shape), v_BSKE], axis=1)
+    assert n_prefix == 1
+  else:
+    v_BSKE = attn.project(h, positions_T)[2][:, :, attn.Hp - attn.H:]  # selection-only heads carry no values
+    assert n_prefix == 0
+  H = probs_BHTS.shape[1]
+  v_BSHE = jnp.repeat(v_BSKE, H // v_BSKE.shape[2], axis=2)
+  o_BTHE = jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BSHE, precision=jax.lax.Precision.HIGHEST)
+  y_BTd = attn(h, positions_T, res)[0]
+  np.testing.assert_allclose(np.asarray(attn.out(o_BTHE.reshape(B, T, -1))), np.asarray(y_BTd), atol=1e-5)
+  if not decoder.m.scan_layers:  # taps are recorded only with unrolled layers
+    with model_lib.record_taps() as taps:
+      decoder(TOKENS_BT)
+    last_attn_tap = [v for name, v in taps if name == "attn"][-1]
+    np.testing.assert_allclose(float(jnp.abs(y_BTd).mean()), float(last_attn_tap), rtol=1e-5)
 
 
 def test_manifest_needs_exactly_one_baseline(tmp_path):
