@@ -4,6 +4,9 @@
   dba-addition-train --config=configs/addition.py:1128p --workdir=runs/add1128 --config.train.num_models=4
 
 Variant = (d_model, d_ff, pos/qkv/out/ffn ranks (0 = full), norm, tie_qkv); `expect_params` pins the count.
+A `+ft` suffix (e.g. `456p+ft`) is the fine-tuning recipe for a model started from a trained checkpoint with
+`--config.train.init_from=CKPT` and smaller ranks (launch/addition_shrink.sh): short, low lr, no curriculum,
+and no pinned count, since shrinking changes it.
 """
 from dba_jax.addition.config import base_config
 
@@ -19,8 +22,9 @@ VARIANTS = {
 
 
 def get_config(variant: str = "456p"):
+  variant, finetune = variant.removesuffix("+ft"), variant.endswith("+ft")
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of addition; choose one of {list(VARIANTS)}")
+    raise ValueError(f"unknown variant {variant!r} of addition; choose one of {list(VARIANTS)} (optionally +ft)")
   c = base_config()
   m = c.model
   m.d_model, m.d_ff, ranks, m.norm, m.tie_qkv = VARIANTS[variant]
@@ -30,5 +34,9 @@ def get_config(variant: str = "456p"):
     c.train.steps, c.train.eval_interval, c.train.seed = 54000, 500, 43
   if variant == "1128p":  # the robust d=8 config of A.9
     c.optim.lr, c.train.steps = 0.015, 30000
+  if finetune:
+    m.expect_params = 0
+    c.optim.lr, c.optim.warmup_steps = 0.003, 100
+    c.train.steps, c.train.eval_interval, c.train.curriculum = 4000, 500, "1-10:0"
   c.lock()
   return c
