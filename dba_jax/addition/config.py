@@ -28,6 +28,7 @@ def base_config() -> Config:
   m.attn_out_rank = 0
   m.ffn_rank = 0
   m.norm = "layernorm"  # layernorm (eps 1e-5, weight and bias) | rmsnorm (eps 1e-8 inside the sqrt, weight only)
+  m.block_norm_weight = True  # False (rmsnorm only): ln1/ln2 without weight, folded into the next linear's rows
   m.tie_qkv = "none"  # one of model.TIE_MODES
   m.expect_params = 0  # > 0: validation fails unless the model has exactly this many parameters
 
@@ -69,6 +70,8 @@ def validate(c: Config) -> Config:
   _need(m.pos_basis in ("learned", "sinusoidal"),
         f"model.pos_basis={m.pos_basis!r} is not one of ['learned', 'sinusoidal']")
   _need(m.norm in ("layernorm", "rmsnorm"), f"model.norm={m.norm!r} is not one of ['layernorm', 'rmsnorm']")
+  _need(m.block_norm_weight or m.norm == "rmsnorm",
+        "model.block_norm_weight=False needs model.norm='rmsnorm' (a LayerNorm bias cannot fold into a linear)")
   _need(m.vocab_size == data.VOCAB, f"model.vocab_size={m.vocab_size} must be {data.VOCAB} (fixed by the encoding)")
   _need(m.max_seq_len == data.SEQ_LEN, f"model.max_seq_len={m.max_seq_len} must be {data.SEQ_LEN}")
   for key in ("d_model", "d_ff", "n_layer", "n_head"):

@@ -35,6 +35,7 @@ class Arch:
   attn_out_rank: int = 0
   ffn_rank: int = 0
   norm: str = "layernorm"  # layernorm | rmsnorm
+  block_norm_weight: bool = True  # False (rmsnorm only): ln1/ln2 carry no weight (it folds into the next linear)
   tie_qkv: str = "none"
 
   @classmethod
@@ -87,7 +88,8 @@ def param_spec(a: Arch) -> dict:
     pos = {"A": ((T, a.pos_rank), 0.02), "B": ((a.pos_rank, d), 0.02)}
   else:
     pos = {"weight": ((T, d), 0.02)}
-  block = {"ln1": _norm(a), "attn": _attn(a), "ln2": _norm(a),
+  block_norm = _norm(a) if a.block_norm_weight else {}
+  block = {"ln1": block_norm, "attn": _attn(a), "ln2": dict(block_norm),
            "mlp": {"fc1": _linear(d, a.d_ff, a.ffn_rank), "fc2": _linear(a.d_ff, d, a.ffn_rank)}}
   return {"token_emb": {"weight": ((a.vocab_size, d), 0.02)}, "pos_emb": pos,
           "blocks": {str(i): block for i in range(a.n_layer)}, "ln_f": _norm(a)}
@@ -125,9 +127,10 @@ def linear(p: dict, x):
 
 def norm(a: Arch, p: dict, x_BTD):
   lead = (1,) * (x_BTD.ndim - 1)
+  if a.norm == "rmsnorm":  # eps inside the square root, weight only (if any)
+    y = x_BTD / jnp.sqrt(jnp.mean(x_BTD * x_BTD, axis=-1, keepdims=True) + RMS_EPS)
+    return y * p["weight"].reshape(lead + (-1,)) if "weight" in p else y
   w = p["weight"].reshape(lead + (-1,))
-  if a.norm == "rmsnorm":  # eps inside the square root, weight only
-    return x_BTD / jnp.sqrt(jnp.mean(x_BTD * x_BTD, axis=-1, keepdims=True) + RMS_EPS) * w
   mu = jnp.mean(x_BTD, axis=-1, keepdims=True)
   var = jnp.mean((x_BTD - mu) ** 2, axis=-1, keepdims=True)  # biased, as torch's LayerNorm
   return (x_BTD - mu) / jnp.sqrt(var + LN_EPS) * w + p["bias"].reshape(lead + (-1,))
@@ -201,8 +204,8 @@ def forward(a: Arch, params: dict, ids_BT):
   x = emb_VD[ids_BT] + position_table(a, params.get("pos_emb", {}))[None, :T]
   for i in range(a.n_layer):
     p = params["blocks"][str(i)]
-    x = x + attention(a, p["attn"], norm(a, p["ln1"], x))
-    h = jax.nn.gelu(linear(p["mlp"]["fc1"], norm(a, p["ln2"], x)), approximate=False)  # exact erf GELU
+    x = x + attention(a, p["attn"], norm(a, p.get("ln1", {}), x))
+    h = jax.nn.gelu(linear(p["mlp"]["fc1"], norm(a, p.get("ln2", {}), x)), approximate=False)  # exact erf GELU
     x = x + linear(p["mlp"]["fc2"], h)
   return norm(a, params["ln_f"], x) @ emb_VD.T  # tied head
 

@@ -2,8 +2,9 @@
 
 Every factorised product of the source (A·B, shared-A or shared-B q/k/v factors, the position table) is replaced
 by its best approximation of the target rank (truncated SVD, the singular values split evenly between the two
-factors); a target position table on a fixed sinusoidal basis gets its learned factor by least squares. Widths,
-norms and the tie mode must match: only ranks and the position basis may change. Fine-tuning then repairs what
+factors); a target position table on a fixed sinusoidal basis gets its learned factor by least squares; RMSNorm
+weights of ln1/ln2 fold exactly into the input rows of the linears they feed (block_norm_weight=False). Widths,
+the norm kind and the tie mode must match: only ranks, the position basis and the block norm weights may change. Fine-tuning then repairs what
 the truncation lost.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from dba_jax.addition.model import Arch, count_params, param_spec, sinusoids
 from dba_jax.config import ConfigError
 
-RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank")
+RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank", "block_norm_weight")
 
 
 def factor(M: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +37,18 @@ def _linear(M: np.ndarray, rank: int) -> dict:
     return {"kernel": np.asarray(M, np.float32)}
   A, B = factor(M, rank)
   return {"A": A, "B": B}
+
+
+def _fold(w_D: np.ndarray, linears: dict) -> dict:
+  """diag(w)·M for every input-side factor: a RMSNorm weight moved into what reads the norm's output."""
+  scale = lambda k, x: x * w_D[:, None] if k in ("A", "kernel") or k.startswith("qkv_A") else x
+  return {k: _fold(w_D, v) if isinstance(v, dict) else scale(k, v) for k, v in linears.items()}
+
+
+def _fold_block(b: dict) -> dict:
+  attn = {k: v for k, v in b["attn"].items() if k != "proj"}
+  return {**b, "ln1": {}, "ln2": {}, "attn": {**_fold(b["ln1"]["weight"], attn), "proj": b["attn"]["proj"]},
+          "mlp": {"fc1": _fold(b["ln2"]["weight"], b["mlp"]["fc1"]), "fc2": b["mlp"]["fc2"]}}
 
 
 def _attn(src: dict, mode: str, dst: Arch) -> dict:
@@ -79,8 +92,15 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
         f"; only {', '.join(RESHAPEABLE)} may change")
   out = {"token_emb": {"weight": np.asarray(src["token_emb"]["weight"], np.float32)},
          "pos_emb": _positions(src_arch, src.get("pos_emb", {}), dst), "ln_f": src["ln_f"], "blocks": {}}
+  if src_arch.block_norm_weight and not dst.block_norm_weight:
+    if src_arch.norm != "rmsnorm":
+      raise ConfigError("train.init_from: only RMSNorm weights fold into the next linear")
+  elif src_arch.block_norm_weight != dst.block_norm_weight:
+    raise ConfigError("train.init_from: block norm weights can be folded away, not created")
   for i, b in src["blocks"].items():
-    out["blocks"][i] = {"ln1": b["ln1"], "ln2": b["ln2"], "attn": _attn(b["attn"], dst.tie_qkv, dst),
+    if not dst.block_norm_weight and "weight" in b.get("ln1", {}):
+      b = _fold_block(b)
+    out["blocks"][i] = {"ln1": b.get("ln1", {}), "ln2": b.get("ln2", {}), "attn": _attn(b["attn"], dst.tie_qkv, dst),
                         "mlp": {k: _linear(_matrix(v), dst.ffn_rank) for k, v in b["mlp"].items()}}
   if not out["pos_emb"]:
     del out["pos_emb"]
