@@ -256,3 +256,29 @@ def write_figures(result: dict, out_dir: str, cols: int = 2) -> dict:
     fig.savefig(os.path.join(out_dir, "compare.svg"), metadata={"Date": None})
   files += ["compare.png", "compare.svg"]
   return {"files": files, "panels": panels}
+
+
+def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
+  """Training loss and validation exact match against step for each model of a dba-addition-train run (from
+  its metrics.jsonl), grokking jumps visible at a glance; one colour per model (cycling the palette)."""
+  import json
+  fig = _new_figure((11.0, 4.0))
+  ax_loss, ax_val = fig.subplots(1, 2)
+  for i, d in enumerate(model_dirs):
+    rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val/exact_match"]) for r in rows if "val/exact_match" in r]
+    label = os.path.basename(d.rstrip(os.sep))
+    if train:
+      ax_loss.plot(*zip(*train), color=colour(i), lw=1, label=label)
+    if val:
+      ax_val.plot(*zip(*val), color=colour(i), lw=1.2, label=label)
+  ax_loss.set(title="training loss (12 target positions)", xlabel="step", yscale="log")
+  ax_val.set(title="validation exact match (greedy)", xlabel="step", ylim=(-0.02, 1.02))
+  for ax in (ax_loss, ax_val):
+    ax.grid(alpha=0.3)
+  if len(model_dirs) <= 16:
+    ax_val.legend(fontsize=7, ncol=2)
+  fig.suptitle(title)
+  fig.savefig(out_path, dpi=DPI)
+  return out_path

@@ -167,6 +167,7 @@ def test_vmapped_training_equals_separate_runs(tmp_path, batching):
   assert [r["step"] for r in rows if "loss" in r] == [4, 9, 14, 19]
   assert [r["step"] for r in rows if "val/exact_match" in r] == [0, 10, 19]
   assert os.listdir(tmp_path / "n3" / "model_2" / "tb")
+  assert open(tmp_path / "n3" / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lr_schedule():
@@ -373,6 +374,8 @@ def _rank_deficient(a: M.Arch, seed: int = 0):
   for lin in blk["mlp"].values():
     lin["A"][:, 2] = 0.0
   blk["attn"]["qkv_A"][:, 2] = 0.0
+  for ln in ("ln1", "ln2"):  # non-trivial norm weights, so folding them is a real test
+    blk[ln]["weight"] = np.random.default_rng(seed + 1).uniform(0.5, 2.0, 7).astype(np.float32)
   S = np.asarray(M.sinusoids(33, 8))
   p["pos_emb"]["A"], p["pos_emb"]["B"] = shrink.factor(S @ np.random.default_rng(seed).normal(size=(8, 7)), 3)
   return p
@@ -392,6 +395,13 @@ def test_shrink_keeps_the_function_when_ranks_suffice():
   # ffn 2·r·(d+f): 126 -> 84; shareA_tieKV q/k/v 3·d·r: 63 -> 42; positions 3·(33+7) = 120 -> 8·7 = 56
   assert M.count_params(dst) == sum(np.size(x) for x in jax.tree.leaves(small)) == 456 - 42 - 21 - 64
   np.testing.assert_allclose(M.forward(dst, small, ids), want, atol=1e-5)  # the truncation lost nothing
+  folded = M.Arch(**{**dst.__dict__, "block_norm_weight": False})  # ln1/ln2 weights folded: exact, 14 fewer
+  small = shrink.shrink(src, p, folded)
+  assert "ln1" not in small["blocks"]["0"] or not small["blocks"]["0"]["ln1"]
+  assert M.count_params(folded) == 456 - 42 - 21 - 64 - 14
+  np.testing.assert_allclose(M.forward(folded, small, ids), want, atol=1e-5)
+  with pytest.raises(ConfigError, match="folded away, not created"):
+    shrink.shrink(folded, small, dst)
   # a rank the source really uses is lost: the function changes
   lossy = M.Arch(**{**src.__dict__, "attn_out_rank": 1})
   assert np.abs(np.asarray(M.forward(lossy, shrink.shrink(src, p, lossy), ids)) - want).max() > 1e-3

@@ -7,7 +7,8 @@
 `train.seed + i` for its initialisation, its held-out splits and (seed + i + 1337) its training stream, so model i
 of a sweep is the same run as a single-model run with that seed. Each model gets its own directory
 `DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest validation exact match, strictly improving,
-as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result.
+as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result; DIR/curves.png plots
+every model's training loss and validation exact match.
 """
 from __future__ import annotations
 
@@ -227,6 +228,9 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
                          "final_loss": float(loss_N[i])} for i in range(N)]}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  from dba_jax import plots
+  plots.addition_curves(dirs, os.path.join(workdir, "curves.png"), f"{n_params} params, {N} model(s), "
+                        f"lr {o.lr}, {t.steps} steps")
   return summary
 
 
