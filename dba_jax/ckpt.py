@@ -4,7 +4,13 @@ A checkpoint is three items under <dir>/<step>/: `params` and `opt` (array trees
 that carry the target shardings) and `meta` (JSON: step, rng key data, data-iterator state). Keeping params
 separate lets `load_model` read a model without its optimizer state.
 
-Saves are asynchronous. Once a save has finished, process 0 writes `dba_manifest.json` into the step directory
+Saves are asynchronous (dba-train's, from jax arrays). `host_arrays=True` is for trees of numpy arrays that stay
+untouched until `save` returns (dba-convert): Orbax's default numpy handler deep-copies every array before writing
+and zstd holds each compressed array until the commit, each about one more copy of the tree in memory; this mode
+writes the arrays as they are, params uncompressed (weights barely compress) and opt compressed unless told otherwise
+(fresh zero moments, passed as zero-stride views, shrink to almost nothing). The files are read back the same way.
+
+Once a save has finished, process 0 writes `dba_manifest.json` into the step directory
 (every file with its size), so a later start can tell a complete checkpoint from one truncated or missing files
 and fall back to the previous one.
 """
@@ -15,6 +21,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "opt", "meta")
@@ -26,15 +33,30 @@ class CheckpointMismatch(ValueError):
   """The checkpoint was written by a different model; the message lists the paths and shapes."""
 
 
+def _host_handler(compress: bool):
+  """Orbax's pytree handler (the on-disk format StandardCheckpointHandler reads back) whose numpy arrays are
+  written without the defensive deep copy; jax arrays (the counts) and scalars as usual."""
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler()),
+      (np.number, th.ScalarHandler()), (int, th.ScalarHandler()), (float, th.ScalarHandler()))
+  return ocp.PyTreeCheckpointHandler(use_compression=compress, type_handler_registry=registry)
+
+
 class Checkpointer:
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False,
+               host_arrays: bool = False, compress_opt: bool = True):
     self.directory = os.path.abspath(directory)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
-    handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
+    self._host = host_arrays and not read_only
+    if self._host:
+      handlers = {"params": _host_handler(compress=False), "opt": _host_handler(compress=compress_opt)}
+    else:
+      handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler()}
+    handlers["meta"] = ocp.JsonCheckpointHandler()
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._unsealed: int | None = None  # step whose async save may still be running
 
@@ -49,8 +71,8 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, meta: dict) -> None:
     self._seal()
-    args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt_state),
-                              meta=ocp.args.JsonSave(meta))
+    tree = ocp.args.PyTreeSave if self._host else ocp.args.StandardSave
+    args = ocp.args.Composite(params=tree(params), opt=tree(opt_state), meta=ocp.args.JsonSave(meta))
     self._mngr.save(step, args=args, force=True)
     self._unsealed = step
 

@@ -4,7 +4,7 @@
               [--config.a.b=value ...]
   dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]
 
-Import: INPUT (.pt zip or legacy, or .safetensors; read by dba_jax.torch_io, torch not needed for zip files) is
+Import: INPUT (.pt zip or legacy, or .safetensors; read by dba_jax.torch_io, torch never needed to read) is
 unwrapped (`system_state_dict`, `model_state_dict`, `state_dict`, `model`, or a raw state dict), `_orig_mod.` and
 `module.` prefixes are stripped, and the format is the one whose `detect` accepts the keys (or --format). The config
 starts from --config (+ overrides), or base_config() plus overrides, and the format sets what the shapes tell. DIR
@@ -13,7 +13,14 @@ meta with the source and format), so `dba_jax.load_model(DIR)`, `dba-train --con
 the same model config, `dba-train --workdir=DIR` (resume) read it. Nothing is written when anything fails, and an
 existing workdir is never written into.
 
-Export: --to-torch loads DIR and writes the format's state dict as the original code saves it.
+Memory: the storages are memory-mapped and converted tensor by tensor into one params tree, which Orbax writes as it
+is (ckpt.Checkpointer(host_arrays=True): no defensive copy, params uncompressed); a fresh optimizer state is
+zero-stride views of 0 that compress to almost nothing, so neither Adam moment is ever materialised.
+
+Export: --to-torch loads DIR and writes the format's state dict as the original code saves it. For a nanoGPT
+workdir and an output named `model_XXXXX.pt`, the training trio: {"model", "step"} plus `optimizer_XXXXX.pt`
+(AdamW state_dict) when the checkpoint has taken optimizer steps and `dataloader_XXXXX.pt` when a position was
+recorded (formats/nanogpt.py); no file is written when any of them exists.
 """
 from __future__ import annotations
 
@@ -110,16 +117,14 @@ def optimizer_state(c, params, mu=None, nu=None, count: int = 0):
   """The optax state of dba-train's optimizer (train.make_optimizer) for `params`: fresh, or with Adam's moments
   and every count (Adam's and the lr schedule's) taken from a converted optimizer."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   from dba_jax import model as model_lib, train
   tx = train.make_optimizer(c, model_lib.param_axes(c.model))
   if mu is None:  # optax's fresh moments are zeros: read-only zero-stride views take no memory
     mu = nu = jax.tree.map(lambda x: np.broadcast_to(np.float32(0), np.shape(x)), params)
-  # Fill the abstract state: nothing is allocated only to be replaced.
-  state = optax.tree_utils.tree_set(jax.eval_shape(tx.init, params), mu=mu, nu=nu,
-                                    count=jnp.asarray(count, jnp.int32))
+  # Fill the abstract state: nothing is allocated only to be replaced. Numpy counts keep the tree host-only.
+  state = optax.tree_utils.tree_set(jax.eval_shape(tx.init, params), mu=mu, nu=nu, count=np.asarray(count, np.int32))
   left = [x for x in jax.tree.leaves(state) if isinstance(x, jax.ShapeDtypeStruct)]
   if left:
     raise ConversionError(f"dba-train's optimizer state has fields besides Adam's moments and counts: {left}")
@@ -147,7 +152,7 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
     return summary
   torch_step = extras.get("step")
   if hasattr(fmt, "config_from_saved") and "config" in extras:
-    c = fmt.config_from_saved(extras["config"], c)
+    c = fmt.config_from_saved(extras["config"], c, tensors)
   c = fmt.config_from(tensors, c)
   validate(c)
   params = fmt.to_params(tensors, c)
@@ -166,7 +171,7 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
     meta["torch_step"] = int(torch_step)
   if size > LARGE:
     say(f"writing {out} (step {step})")
-  _write_workdir(out, c, step, params, opt, meta)
+  _write_workdir(out, c, step, params, opt, meta, fresh_opt="mu" not in extra)
   n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   say(f"wrote {out}: {n:,} parameters at step {step}" + (" with AdamW moments" if "mu" in extra else ""))
   return {"workdir": out, "format": name, "step": step, "config": c}
@@ -180,9 +185,10 @@ def _refuse_existing(out: str):
     raise ConversionError(f"--out {out} exists and is not a directory")
 
 
-def _write_workdir(out: str, c, step: int, params, opt, meta: dict):
+def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: bool = True):
   """Everything goes to a temporary sibling first and is moved into `out` at the end, so a failure leaves no
-  half-written workdir behind."""
+  half-written workdir behind. The numpy trees are written as they are (no copy in Orbax; see ckpt.py): the
+  peak stays the params (+ converted moments); fresh zero moments are compressed to almost nothing."""
   from dba_jax import ckpt
   out = os.path.abspath(out)
   parent = os.path.dirname(out)
@@ -193,7 +199,8 @@ def _write_workdir(out: str, c, step: int, params, opt, meta: dict):
       f.write(c.to_json(indent=2))
     with open(os.path.join(tmp, RECORD), "w") as f:
       json.dump({k: meta[k] for k in ("source", "format", "layout", "step")}, f, indent=2)
-    ckpts = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+    ckpts = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False, host_arrays=True,
+                              compress_opt=fresh_opt)
     ckpts.save(step, params, opt, meta)
     ckpts.close()
     _refuse_existing(out)  # nothing appeared meanwhile
@@ -242,15 +249,74 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
     torch_io.save(out, obj if out.endswith(".pt") else obj[fmt.CONTAINER])
     say(f"wrote {out}: format {name}")
     return out
-  model, c = loading.load_model(workdir)
-  params = jax.tree.map(np.asarray, model.params)
   layout = record.get("layout") if record.get("format") == name else None
+  trio = out.endswith(".pt") and bool(getattr(fmt, "trio_paths", lambda _: {})(out))
+  if trio:  # a training-loop checkpoint: the optimizer state and meta too
+    params, c, opt, meta = _restore_all(workdir)
+  else:
+    model, c = loading.load_model(workdir)
+    params = jax.tree.map(np.asarray, model.params)
   state = fmt.from_params(params, c, layout=layout) if layout else fmt.from_params(params, c)
+  if trio:
+    import optax
+    adam = next(s for s in jax.tree.leaves(opt, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+    files = fmt.trio(out, state, c, adam.mu, adam.nu, int(adam.count), meta)
+    _write_new(files)
+    say(f"wrote {', '.join(files)}: {len(state)} tensors, format {name}, optimizer step {int(adam.count)}")
+    return out
   wrapper = getattr(fmt, "SAVE_WRAPPER", SAVE_WRAPPER.get(name))
   obj = {wrapper: state} if wrapper and out.endswith(".pt") else state
   torch_io.save(out, obj)
   say(f"wrote {out}: {len(state)} tensors, {_nbytes(state) / 2**20:,.1f} MiB, format {name}")
   return out
+
+
+def _restore_all(workdir: str):
+  """(params, config, optax state, meta) of a workdir's checkpoint (latest, or the one `workdir` names) as
+  numpy trees: the optimizer state is dba-train's (train.make_optimizer) for the saved config."""
+  import jax
+  from flax import nnx
+
+  from dba_jax import ckpt, loading, model as model_lib, train
+  root, step = loading._locate(workdir)
+  c = loading.read_config(root)
+  ckpts = ckpt.Checkpointer(os.path.join(root, "checkpoints"), read_only=True)
+  step = ckpts.latest_step() if step is None else step
+  if step is None:
+    raise ConversionError(f"{root}/checkpoints holds no checkpoint")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+  abstract = jax.tree.map(sds, nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
+  tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+  params, opt, meta = ckpts.restore(step, abstract, jax.tree.map(sds, jax.eval_shape(tx.init, abstract)))
+  ckpts.close()
+  return jax.tree.map(np.asarray, params), c, jax.tree.map(np.asarray, opt), meta
+
+
+def _write_new(files: dict):
+  """Write {path: object} as .pt files (all in one folder), all or none, never over an existing file: they go to
+  a temporary folder beside them first, then are hard-linked to their names (which fails if a name exists)."""
+  taken = [p for p in files if os.path.exists(p)]
+  if taken:
+    raise ConversionError(f"refusing to overwrite {', '.join(taken)}; nothing was written")
+  tmp = tempfile.mkdtemp(prefix=".dba-convert-", dir=os.path.dirname(os.path.abspath(next(iter(files)))))
+  done = []
+  try:
+    for i, obj in enumerate(files.values()):
+      torch_io.save(os.path.join(tmp, f"{i}.pt"), obj)
+    for i, path in enumerate(files):
+      try:
+        os.link(os.path.join(tmp, f"{i}.pt"), path)
+      except FileExistsError:
+        raise ConversionError(f"refusing to overwrite {path} (it appeared while writing); nothing was written") \
+            from None
+      done.append(path)
+    done = []  # all linked: keep them
+  finally:
+    for path in done:
+      os.remove(path)
+    shutil.rmtree(tmp)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -6,7 +6,8 @@ the archive (torch stores them uncompressed), so a conversion touches one tensor
 file twice. bfloat16 storages are viewed as `ml_dtypes.bfloat16` (a jax dependency), whose float32 cast is the
 exact 16-bit shift. Classes that are not tensors or plain containers (a pickled `__main__.GPTConfig`, enums,
 numpy scalars, argparse.Namespace, ...) become `StandIn` objects recording their class path and pickled
-arguments and state: nothing from the file is imported or executed. The legacy (pre-zip) format needs torch.
+arguments and state: nothing from the file is imported or executed. The legacy (pre-zip) format is read the same
+way (`_load_legacy`), also without torch.
 
 safetensors is read and written here too (header: 8-byte little-endian length, then JSON with dtype, shape and
 data_offsets per tensor, then raw little-endian bytes). `save(path, obj)` writes `.safetensors` itself and `.pt`
@@ -166,12 +167,19 @@ class _Unpickler(pickle.Unpickler):
     return stand_in(module, name)
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+    """Zip files: ("storage", type, key, location, numel). Legacy files add view metadata (view key, element
+    offset, elements) or None, and name the classes of whole-module saves as ("module", class, file, source)."""
+    kind = pid[0].decode("ascii") if isinstance(pid, tuple) and pid and isinstance(pid[0], bytes) else \
+        (pid[0] if isinstance(pid, tuple) and pid else None)
+    if kind == "module" and len(pid) >= 2:
+      return pid[1]
+    if kind != "storage" or len(pid) < 5:
       raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
     _, storage_type, key, _location, numel = pid[:5]
     if not isinstance(storage_type, _TorchDtype):
       raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    return self._storage(str(key), storage_type.dtype, int(numel))
+    view = pid[5] if len(pid) > 5 else None
+    return self._storage(str(key), storage_type.dtype, int(numel), *([view] if view is not None else []))
 
 
 # ---------------------------------------------------------------------------------------------- zip format
@@ -288,21 +296,6 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
 # --------------------------------------------------------------------------------------------------- api
 
 
-def _torch_to_numpy(obj):
-  """torch.load's result with tensors as numpy arrays (legacy files only)."""
-  import torch
-  if isinstance(obj, torch.Tensor):
-    t = obj.detach().cpu()
-    if t.dtype == torch.bfloat16:
-      return t.view(torch.int16).numpy().view(BF16)
-    return t.numpy()
-  if isinstance(obj, dict):
-    return {k: _torch_to_numpy(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_torch_to_numpy(v) for v in obj)
-  return obj
-
-
 def load(path: str):
   """The object a checkpoint file holds, tensors as numpy arrays (memory-mapped where the format allows).
   `.safetensors` gives a flat dict of arrays."""
@@ -324,17 +317,73 @@ def load(path: str):
   raise CheckpointReadError(f"{path}: not a PyTorch checkpoint (zip or legacy .pt) or .safetensors file")
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
+LEGACY_VERSION = 1001
+
+
+class _LegacyScan(_Unpickler):
+  """First pass over a legacy object pickle: only the storages' persistent ids matter, tensors are not built."""
+
+  def find_class(self, module, name):
+    found = super().find_class(module, name)
+    return (lambda *args, **kwargs: None) if found in (_rebuild_tensor, _rebuild_tensor_v3) else found
+
+
 def _load_legacy(path: str):
-  try:
-    import torch
-  except ImportError:
-    raise CheckpointReadError(f"{path}: legacy (pre-zip) PyTorch format; reading it needs torch installed, or "
-                              "re-save it with a current torch.save") from None
-  try:
-    return _torch_to_numpy(torch.load(path, map_location="cpu", weights_only=True))
-  except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-    raise CheckpointReadError(f"{path}: torch.load failed on this legacy-format file "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+  """torch.save(..., _use_new_zipfile_serialization=False), read without torch: pickles of the magic number,
+  the protocol version and sys_info, the object (storages as persistent ids), the list of storage keys, then
+  each storage as an int64 element count and its bytes. The object pickle (small: no tensor data) is read
+  twice: first for the storages' dtypes, whose sizes then give each storage's offset after the keys list; then
+  for the object, every storage memory-mapped like the zip format's."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    header = _Unpickler(f, None)
+    if header.load() != LEGACY_MAGIC:
+      raise CheckpointReadError("not a PyTorch legacy file (bad magic number)")
+    version = _Unpickler(f, None).load()
+    if version != LEGACY_VERSION:
+      raise CheckpointReadError(f"legacy format protocol version {version!r}, expected {LEGACY_VERSION}")
+    info = _Unpickler(f, None).load()
+    little = not isinstance(info, dict) or info.get("little_endian", True)
+    start = f.tell()
+    roots: dict[str, tuple[np.dtype, int]] = {}
+
+    def record(key, dtype, numel, view=None):
+      roots.setdefault(key, (dtype, numel))
+
+    _LegacyScan(f, record).load()
+    keys = _Unpickler(f, None).load()
+    if not isinstance(keys, list) or set(map(str, keys)) != set(roots):
+      raise CheckpointReadError(f"the storage list {keys!r} does not match the storages the object uses")
+    offsets = {}
+    for key in map(str, keys):
+      dtype, numel = roots[key]
+      count = f.read(8)
+      if len(count) != 8:
+        raise CheckpointReadError(f"storage {key} is missing (file ends at byte {size})")
+      stored = struct.unpack("<q" if little else ">q", count)[0]
+      if stored != numel:
+        raise CheckpointReadError(f"storage {key}: {stored} elements in the file, {numel} in the object")
+      offsets[key] = f.tell()
+      if offsets[key] + numel * dtype.itemsize > size:
+        raise CheckpointReadError(f"storage {key} ends at byte {offsets[key] + numel * dtype.itemsize} of a "
+                                  f"{size}-byte file")
+      f.seek(numel * dtype.itemsize, os.SEEK_CUR)
+    cache: dict[str, np.ndarray] = {}
+
+    def storage(key, dtype, numel, view=None):
+      if key not in cache:
+        stored = dtype if little or dtype.itemsize == 1 else dtype.newbyteorder(">")
+        arr = np.zeros((0,), dtype) if numel == 0 else \
+            np.asarray(np.memmap(path, dtype=stored, mode="r", offset=offsets[key], shape=(numel,)))
+        cache[key] = arr.astype(dtype) if stored != dtype else arr
+      if view is None:
+        return cache[key]
+      _view_key, offset, count = view  # a storage slice (element offset, elements): torch before 1.0
+      return cache[key][int(offset):int(offset) + int(count)]
+
+    f.seek(start)
+    return _Unpickler(f, storage).load()
 
 
 def save(path: str, obj):
@@ -359,7 +408,7 @@ def save(path: str, obj):
     if not isinstance(x, np.ndarray):
       return x
     if id(x) not in memo:
-      y = np.ascontiguousarray(x)
+      y = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
       y = y if y.flags.writeable else y.copy()  # torch.from_numpy wants writable memory (a memmap is not)
       memo[id(x)] = torch.from_numpy(y.view(np.int16)).view(torch.bfloat16) if y.dtype == BF16 else \
           torch.from_numpy(y)

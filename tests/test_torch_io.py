@@ -31,7 +31,7 @@ class Kind(enum.Enum):
   SELECTIVE = "selective"
 
 
-def mixed_checkpoint(path):
+def mixed_checkpoint(path, legacy=False):
   """Tensors of several dtypes, a non-contiguous view, a tied pair and non-tensor objects."""
   torch = _torch()
   g = torch.Generator().manual_seed(0)
@@ -43,14 +43,18 @@ def mixed_checkpoint(path):
         "param": torch.nn.Parameter(torch.ones(2))}
   obj = {"model": sd, "step": 7, "args": argparse.Namespace(lr=1e-3, name="x"), "kind": Kind.SELECTIVE,
          "np_scalar": np.float64(1.25), "nested": [1, (2, 3.0), {"a": None}]}
-  torch.save(obj, path)
+  torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
   return obj
 
 
-def test_zip_matches_torch_load(tmp_path, monkeypatch):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_reader_matches_torch_load(tmp_path, monkeypatch, legacy):
+  """Both torch.save formats, read while `import torch` fails."""
   torch = _torch()
   path = str(tmp_path / "mixed.pt")
-  ref = mixed_checkpoint(path)["model"]
+  ref = mixed_checkpoint(path, legacy)["model"]
+  with open(path, "rb") as f:
+    assert f.read(2) == (b"\x80\x02" if legacy else b"PK")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails from here on
   got = torch_io.load(path)
   monkeypatch.undo()
@@ -73,11 +77,12 @@ def test_zip_matches_torch_load(tmp_path, monkeypatch):
   assert isinstance(got["np_scalar"], torch_io.StandIn)  # not executed, only recorded
 
 
-def test_reader_never_imports_torch(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_reader_never_imports_torch(tmp_path, legacy):
   """In a fresh interpreter where torch cannot be imported at all."""
   _torch()
   path = str(tmp_path / "mixed.pt")
-  mixed_checkpoint(path)
+  mixed_checkpoint(path, legacy)
   code = ("import sys; sys.modules['torch'] = None\n"
           "from dba_jax import torch_io\n"
           f"obj = torch_io.load({path!r})\n"
@@ -163,28 +168,28 @@ def test_truncated_pt_name_the_file(tmp_path):
       torch_io.load(cut)
 
 
-def test_legacy_format(tmp_path, monkeypatch):
+def test_legacy_format_truncated_or_corrupt(tmp_path):
   torch = _torch()
-  path = str(tmp_path / "legacy.pt")
-  w = torch.randn(3, 2)
-  torch.save({"w": w, "b": torch.ones(2).bfloat16()}, path, _use_new_zipfile_serialization=False)
-  got = torch_io.load(path)
-  np.testing.assert_array_equal(got["w"], w.numpy())
-  assert got["b"].dtype == ml_dtypes.bfloat16
-  monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(torch_io.CheckpointReadError, match="legacy.*needs torch"):
-    torch_io.load(path)
+  path = tmp_path / "legacy.pt"
+  torch.save({"w": torch.randn(64, 64), "b": torch.ones(2).bfloat16()}, path, _use_new_zipfile_serialization=False)
+  data = path.read_bytes()
+  for n in (len(data) // 2, len(data) - 4, 40):  # inside the storages, at the end, inside the object pickle
+    cut = tmp_path / f"cut{n}.pt"
+    cut.write_bytes(data[:n])
+    with pytest.raises(torch_io.CheckpointReadError, match=f"cut{n}.pt"):
+      torch_io.load(str(cut))
 
 
 def test_save_pt_keeps_shared_storage_and_dtypes(tmp_path):
   torch = _torch()
   w = np.arange(6, dtype=np.float32).reshape(2, 3)
-  obj = {"system_state_dict": {"a": w, "b": w, "h": np.ones(2, ml_dtypes.bfloat16), "i": np.arange(3)}, "step": 4}
+  obj = {"system_state_dict": {"a": w, "b": w, "h": np.ones(2, ml_dtypes.bfloat16), "i": np.arange(3),
+                               "s": np.asarray(2.0, np.float32)}, "step": 4}
   path = str(tmp_path / "out.pt")
   torch_io.save(path, obj)
   got = torch.load(path, weights_only=True)
   sd = got["system_state_dict"]
-  assert got["step"] == 4 and sd["a"].data_ptr() == sd["b"].data_ptr()
+  assert got["step"] == 4 and sd["a"].data_ptr() == sd["b"].data_ptr() and sd["s"].shape == ()
   assert sd["h"].dtype == torch.bfloat16 and sd["i"].dtype == torch.int64 and torch.equal(sd["a"], torch.from_numpy(w))
   back = torch_io.load(path)["system_state_dict"]
   assert np.array_equal(back["a"], w) and back["h"].dtype == ml_dtypes.bfloat16

@@ -15,6 +15,15 @@ A format is a module in this package with:
   from_params(params: dict, c: Config) -> dict[str, np.ndarray]
       the inverse: a state dict the original code loads (its key names, shapes and dtypes; float32).
 
+Optional hooks (dba-convert uses them when present):
+  config_from_saved(saved, c, tensors) -> Config     a pickled training config (a torch_io.StandIn): what the
+      shapes cannot tell, after checking the sizes it names against `tensors`.
+  companion_state(path, c, load) -> dict             files beside the checkpoint (optimizer moments, data position).
+  trio_paths(out) -> dict / trio(out, state, c, mu, nu, count, meta) -> {path: object}
+      --to-torch into the original's training-loop files (model, optimizer, data position).
+  layout_of(tensors) / from_params(..., layout=)     a key layout to write back as it came.
+  import_file(src, out) / export_dir(workdir, out)   a model family converted file to file.
+
 PyTorch Linear weights are [out, in]; dba_jax kernels are [in, out]. Scanned layers stack every block
 parameter on a leading layer axis.
 """

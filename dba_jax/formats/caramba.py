@@ -436,6 +436,13 @@ def _check_tree(params: dict, m):
     raise ConversionError("caramba conversion does not match the model's parameter tree:\n  " + "\n  ".join(diff))
 
 
+def _stack(*xs) -> np.ndarray:
+  out = np.empty((len(xs),) + np.shape(xs[0]), np.float32)
+  for i, x in enumerate(xs):
+    out[i] = x
+  return out
+
+
 def to_params(tensors: dict, c) -> dict:
   t = strip_prefix(tensors)
   layout = _layout(t)
@@ -453,8 +460,8 @@ def to_params(tensors: dict, c) -> dict:
   keys.finish()
   if n_separate:
     log.info("Converted %d separate Q/K/V projections to fused qkv_proj", n_separate)
-  if m.scan_layers:  # one copy per leaf: the stacked array
-    params["blocks"] = _map(lambda *xs: np.stack(xs), *blocks)
+  if m.scan_layers:  # one C-ordered copy per leaf, filled layer by layer (np.stack of transposed views would
+    params["blocks"] = _map(_stack, *blocks)  # keep their column-major order and need a second copy)
   else:
     params["blocks"] = {i: _map(np.ascontiguousarray, b) for i, b in enumerate(blocks)}
   params = _map(np.ascontiguousarray, params)
