@@ -7,6 +7,9 @@
 
   dba-bench decode [--layers 12] [--d-model 256] [--heads 4] [--prompt 512] [--gen 64] [--caches fp16 q4/q8/q4]
 
+  dba-bench addition --config=configs/addition.py:456p [--config.x=...] [--steps 300] [--num-models 1 8]
+                     [--batching vmap map] [--torch-threads 0 1] [--out add.json]
+
 `--devices N` simulates N CPU devices (it sets XLA_FLAGS before JAX starts). Model FLOPs count 6 x (matmul
 parameters) per token plus attention, causal-halved as MaxText does; MFU = model FLOP/s / peak (given, or
 known for H100/H200: 989 TFLOP/s dense bf16).
@@ -271,6 +274,148 @@ def decode_main(argv) -> int:
   return _write_report(args.out, report)
 
 
+def _steps_per_s(step, steps: int, chunk: int, sync=lambda: None) -> tuple[float, float]:
+  """(median over chunks of `chunk` steps, overall) steps/s of `step(i)`. Timing whole chunks and syncing at
+  the end lets JAX's async dispatch overlap the next batch's sampling with the running step, as a training loop
+  does; torch on CPU runs synchronously, so there `sync` has nothing to wait for."""
+  import numpy as np
+  rates, total = [], 0.0
+  for start in range(0, steps, chunk):
+    n = min(chunk, steps - start)
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+      step(i)
+    sync()
+    dt = time.perf_counter() - t0
+    rates.append(n / dt)
+    total += dt
+  return float(np.median(rates)), steps / total
+
+
+def _median_ms(fn, repeats: int) -> float:
+  import numpy as np
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def addition_params(a, seeds) -> dict:
+  """Stacked (N, ...) float32 parameters of model.param_spec's shapes and init distributions, drawn by numpy.
+  It is not init_params' stream, but step time does not depend on the values, and init_models' eager per-leaf
+  draws take 5-10 s on the shared 2-core machine, which a smoke test cannot afford."""
+  import jax
+  import numpy as np
+
+  from dba_jax.addition.model import _is_spec, param_spec
+
+  def one(seed):
+    rng = np.random.default_rng(seed)
+    draw = lambda spec: (np.full(spec[0], {"ones": 1.0, "zeros": 0.0}[spec[1]], np.float32) if isinstance(spec[1], str)
+                         else (spec[1] * rng.standard_normal(spec[0])).astype(np.float32))
+    return jax.tree.map(draw, param_spec(a), is_leaf=_is_spec)
+
+  return jax.tree.map(lambda *xs: np.stack(xs), *[one(s) for s in seeds])
+
+
+def addition_main(argv) -> int:
+  """Training steps/s of an addition model, all timed in one process. The rows are our jitted step over N models
+  with the numpy sampler (the step train() runs), the original-style PyTorch loop (torch_ref with its Python
+  per-example sampler), and torch with a vectorised sampler. Model 0 of every row starts from the same parameters."""
+  p = argparse.ArgumentParser(prog="dba-bench addition")
+  p.add_argument("--config", default="configs/addition.py:456p", help="configs/addition.py:VARIANT")
+  p.add_argument("--steps", type=int, default=300, help="timed steps per row")
+  p.add_argument("--warmup", type=int, default=20, help="untimed steps first (JAX compiles on the first)")
+  p.add_argument("--chunk", type=int, default=10, help="steps per timing chunk; the median chunk is reported")
+  p.add_argument("--num-models", type=int, nargs="*", default=[1, 8], help="JAX rows: models per step")
+  p.add_argument("--batching", nargs="*", default=[],
+                 help="JAX rows with N > 1: vmap and/or map over the models (default: train.model_batching's pick)")
+  p.add_argument("--torch-samplers", nargs="*", default=["loop", "vectorised"], choices=["loop", "vectorised"])
+  p.add_argument("--torch-threads", type=int, nargs="*", default=[0],
+                 help="torch rows for each intra-op thread count (0: torch's default)")
+  p.add_argument("--start-step", type=int, default=7000,
+                 help="curriculum step of the first batch (7000: 1-10 digits, the phase most of a run is spent in)")
+  p.add_argument("--out", default="")
+  args, overrides = p.parse_known_args(argv)
+  import jax
+  import numpy as np
+  import torch
+
+  from dba_jax.addition import config as config_lib, data, torch_ref
+  from dba_jax.addition import train as add_train
+  from dba_jax.addition.model import Arch, count_params
+  from dba_jax.main import parse_flags
+  c = config_lib.validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  a, o, t = Arch.from_config(c.model), c.optim, c.train
+  phases = data.parse_curriculum(t.curriculum)
+  B, s0 = t.batch_size, args.start_step
+  opt = add_train.make_optimizer(o, t.steps)
+  default = add_train.resolve_batching(t.get("model_batching", "auto"))  # what train() would run
+  rows = []
+
+  def record(row: dict):
+    rows.append(row)
+    print(f"{row['impl']:<5} {row['sampler']:<10} models {row['num_models']} {row['batching']:<4} "
+          f"threads {row['threads'] or '-'} | "
+          f"{row['steps_per_s']:8.1f} steps/s (median) | {row['model_steps_per_s']:8.1f} model-steps/s | "
+          f"sampler {row['sampler_ms']:6.2f} ms/batch", flush=True)
+
+  # Model 0's initial parameters (seed t.seed): every JAX row's model 0 and every torch row start from these.
+  init0 = jax.tree.map(lambda x: x[0], addition_params(a, [t.seed]))
+  jobs = [(N, b) for N in args.num_models for b in ((args.batching or [default]) if N > 1 else [default])]
+  for N, batching in jobs:
+    step_fn = add_train.make_train_step(a, opt, batching)
+    seeds = [t.seed + i for i in range(N)]
+    splits = [data.holdout_splits(t.val_size, t.test_size, s) for s in seeds]
+    samplers = [data.Sampler(B, s + 1337, data.reserved_hashes(sp), phases) for s, sp in zip(seeds, splits)]
+    params = jax.device_put(addition_params(a, seeds))  # the step donates these. jnp.asarray would compile per shape
+    state = {"params": params, "opt": jax.jit(jax.vmap(opt.init))(params)}  # one compile, not one per leaf
+
+    def jax_step(i):
+      xy = [s.batch(s0 + i) for s in samplers]
+      x, y = np.stack([b[0] for b in xy]), np.stack([b[1] for b in xy])
+      state["params"], state["opt"], state["metrics"] = step_fn(state["params"], state["opt"], x, y)
+
+    sync = lambda: jax.block_until_ready(state["params"])
+    _steps_per_s(jax_step, args.warmup, args.warmup, sync)
+    sps, mean = _steps_per_s(jax_step, args.steps, args.chunk, sync)
+    record({"impl": "jax", "sampler": "numpy", "num_models": N, "batching": batching, "threads": None,
+            "steps_per_s": sps, "steps_per_s_mean": mean, "model_steps_per_s": N * sps,
+            "sampler_ms": _median_ms(lambda i: [s.batch(s0 + i) for s in samplers], 20),
+            "final_loss": float(np.mean(jax.device_get(state["metrics"]["loss"])))})
+
+  split0 = data.holdout_splits(t.val_size, t.test_size, t.seed)
+  torch_default = torch.get_num_threads()
+  try:
+    for threads, kind in [(n, k) for n in args.torch_threads for k in args.torch_samplers]:
+      torch.set_num_threads(threads or torch_default)  # process-wide: restored below
+      cls = torch_ref.LoopSampler if kind == "loop" else torch_ref.VectorSampler
+      sampler = cls(B, t.seed + 1337, split0, phases)
+      model = torch_ref.load_params(torch_ref.TinyDecoderLM(a), init0)
+      topt, sched = torch_ref.make_optimizer(model, o, t.steps)
+      loss = [None]
+
+      def torch_step(i):
+        x, y = sampler.batch(s0 + i)
+        loss[0] = torch_ref.train_step(model, topt, sched, x, y, o.clip_norm)
+
+      _steps_per_s(torch_step, args.warmup, args.warmup)
+      sps, mean = _steps_per_s(torch_step, args.steps, args.chunk)
+      record({"impl": "torch", "sampler": kind, "num_models": 1, "batching": "-", "threads": torch.get_num_threads(),
+              "steps_per_s": sps, "steps_per_s_mean": mean, "model_steps_per_s": sps,
+              "sampler_ms": _median_ms(lambda i: sampler.batch(s0 + i), 20), "final_loss": float(loss[0])})
+  finally:
+    torch.set_num_threads(torch_default)
+
+  report = {"config": args.config, "overrides": overrides, "params": count_params(a), "batch_size": B,
+            "steps": args.steps, "warmup": args.warmup, "chunk": args.chunk, "start_step": s0,
+            "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
+            "torch_num_threads": torch_default, "cpu_count": os.cpu_count(), "rows": rows}
+  return _write_report(args.out, report)
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv and argv[0] == "decode":
@@ -279,6 +424,8 @@ def main(argv=None) -> int:
     return attention_main(argv[1:])
   if argv and argv[0] == "convert":
     return convert_main(argv[1:])
+  if argv and argv[0] == "addition":
+    return addition_main(argv[1:])
   p = argparse.ArgumentParser(prog="dba-bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")

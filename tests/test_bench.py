@@ -1,5 +1,9 @@
-"""dba-bench: FLOP accounting and a smoke run on a simulated mesh."""
+"""dba-bench: FLOP accounting and a smoke run on a simulated mesh; the addition speed harness against torch."""
 import json
+
+import jax
+import numpy as np
+import pytest
 
 from dba_jax import bench
 from helpers import load_preset
@@ -61,3 +65,78 @@ def test_decode_bench_reports_each_model_and_cache(tmp_path):
   r = json.loads(out.read_text())
   assert r["date"] and r["jax"] and len(r["rows"]) == 4
   assert all(row["kv_bytes_per_token"] > 0 and row["cache_bytes"] > 0 for row in r["rows"])
+
+
+def _addition_pair(variant: str):
+  """(config, arch, stacked (1, ...) params, torch model loaded with the same params, batch (64, 33) x and y)."""
+  from dba_jax.addition import data, torch_ref
+  from dba_jax.addition.model import Arch
+  c = load_preset("addition.py", variant)
+  a = Arch.from_config(c.model)
+  params = bench.addition_params(a, [c.train.seed])
+  model = torch_ref.load_params(torch_ref.TinyDecoderLM(a), jax.tree.map(lambda x: x[0], params))
+  x, y = data.Sampler(64, 0, np.zeros(0, np.uint64)).batch(7000)
+  return c, a, params, model, x, y
+
+
+def test_addition_torch_step_equals_jax_step():
+  """torch_ref's step computes what train.make_train_step computes, so the speed table compares like with like.
+  456p covers RMSNorm, shareA_tieKV and the low-rank linears. From the same params and batch, one step gives the
+  same loss and params. Warmup is 1 step, so the full lr moves every parameter. LambdaLR's factors also equal our
+  schedule. Longer runs drift by about 1e-5. Adam divides each gradient element by that element's RMS, and this
+  magnifies fp32 summation noise (about 1e-7) on the elements near zero."""
+  torch = pytest.importorskip("torch")
+
+  from dba_jax.addition import torch_ref, train
+  from dba_jax.train import lr_schedule
+  c, a, params, model, x, y = _addition_pair("456p")
+  o = c.optim
+  o.warmup_steps, c.train.steps = 1, 4
+  opt = train.make_optimizer(o, c.train.steps)
+  topt, sched = torch_ref.make_optimizer(model, o, c.train.steps)
+  params = jax.device_put(params)  # not jnp.asarray, which compiles a tiny program per leaf shape
+  params, _, m = train.make_train_step(a, opt)(params, jax.jit(jax.vmap(opt.init))(params), x[None], y[None])
+  loss = torch_ref.train_step(model, topt, sched, torch.from_numpy(x).long(), torch.from_numpy(y).long())
+  assert abs(float(m["loss"][0]) - float(loss)) < 1e-5
+  ours = jax.tree.map(lambda v: np.asarray(v)[0], params)  # index in numpy: no eager JAX op per leaf shape
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5, rtol=0), ours, torch_ref.to_params(model))
+  o.warmup_steps = 3
+  steps = np.arange(10)  # warmup, cosine, and flat past the end
+  np.testing.assert_allclose(jax.jit(lr_schedule(o, 8))(steps), [o.lr * torch_ref.lr_factor(o, 8, s) for s in steps],
+                             rtol=1e-6)
+
+
+def test_addition_torch_grads_equal_jax_grads():
+  """1128p covers the other model paths: LayerNorm, full-rank linears, and a fused qkv split q|k|v. The optimizer
+  is the same for every model, so the loss and gradients suffice here, and they cost one compile less."""
+  torch = pytest.importorskip("torch")
+  import functools
+
+  from dba_jax.addition import torch_ref
+  from dba_jax.addition.model import loss_fn
+  c, a, params, model, x, y = _addition_pair("1128p")
+  loss, grads = jax.jit(jax.value_and_grad(functools.partial(loss_fn, a)))(jax.tree.map(lambda p: p[0], params), x, y)
+  logits = model(torch.from_numpy(x).long())
+  tloss = torch.nn.functional.cross_entropy(logits.reshape(-1, a.vocab_size), torch.from_numpy(y).long().reshape(-1),
+                                            ignore_index=-100)
+  tloss.backward()
+  for p in model.parameters():  # copy the gradients into the params so to_params lays them out as ours
+    p.data = p.grad
+  assert abs(float(loss) - float(tloss)) < 1e-5
+  jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-4), grads, torch_ref.to_params(model))
+
+
+def test_addition_bench_times_jax_and_torch(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "add.json"
+  assert bench.main(["addition", "--config=configs/addition.py:456p", "--config.train.batch_size=16",
+                     "--config.train.val_size=8", "--config.train.test_size=8", "--steps", "4", "--warmup", "1",
+                     "--chunk", "2", "--num-models", "2", "--batching", "map", "--torch-threads", "1",
+                     "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r["params"] == 456 and r["torch_num_threads"] >= 1 and r["jax_devices"]
+  assert [(x["impl"], x["sampler"], x["num_models"], x["batching"], x["threads"]) for x in r["rows"]] == [
+      ("jax", "numpy", 2, "map", None), ("torch", "loop", 1, "-", 1), ("torch", "vectorised", 1, "-", 1)]
+  for x in r["rows"]:
+    assert x["steps_per_s"] > 0 and x["model_steps_per_s"] == x["num_models"] * x["steps_per_s"]
+    assert x["sampler_ms"] > 0 and np.isfinite(x["final_loss"])
