@@ -17,5 +17,7 @@ def get_config():
   # suite v1 (121 probes) or v2 (seeded, per_category probes per category); limit > 0 for a quick look.
   c.behavior = {"suite": "v1", "seed": 42, "per_category": 30, "limit": 0, "max_new": 24, "n_resamples": 2000}
   c.latency = {"context_lengths": (32, 64, 128), "decode_tokens": 32, "repeats": 2}
+  # last-layer attention heat-maps and attention mass on a few probes whose answer is in the prompt
+  c.attention = {"probes": 3, "max_tokens": 48}
   c.cache = "float16"  # KV-cache kind for the KV-bytes and latency measurements
   return c
