@@ -187,6 +187,17 @@ TOKENS = np.random.default_rng(0).integers(0, 96, (2, 24)).astype(np.int32)
     (dict(n_embd=40, vocab_size=128), ["--config.model.n_heads=3", "--config.model.vocab_size=96",
                                        "--config.model.scan_layers=False"], 128),
 ])
+def _back_to_torch(tmp_path, out, model):
+  """`--to-torch` must give back the original state dict exactly: names, order, dtypes and bits."""
+  back = tmp_path / "back.pt"
+  assert run("--to-torch", out, "--out", back) == 0
+  sd, ref = torch.load(back, weights_only=True), model.state_dict()
+  assert list(sd) == list(ref)
+  for k in ref:
+    assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+  return sd
+
+
 def test_logits_and_exact_round_trip(tmp_path, kw, flags, rows):
   from dba_jax import load_model
   model, g = make_gpt(**kw)
@@ -203,12 +214,7 @@ def test_logits_and_exact_round_trip(tmp_path, kw, flags, rows):
   print(f"max |logit diff| = {err:.2e}")
   assert err < 1e-5
 
-  back = tmp_path / "back.pt"
-  assert run("--to-torch", out, "--out", back) == 0
-  sd, ref = torch.load(back, weights_only=True), model.state_dict()
-  assert list(sd) == list(ref)
-  for k in ref:
-    assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+  sd = _back_to_torch(tmp_path, out, model)
   assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()  # still one tied storage
   model2, _ = make_gpt(seed=1, **kw)
   model2.load_state_dict(sd)  # strict: the original module loads it
@@ -268,12 +274,7 @@ def test_selective_variants_with_extra_parameters(tmp_path, kw, want):
   err = np.abs(np.asarray(jmodel(TOKENS)) - torch_logits(model, TOKENS)).max()
   print(f"{kw}: max |logit diff| = {err:.2e}")
   assert err < 1e-5
-  back = tmp_path / "back.pt"
-  assert run("--to-torch", out, "--out", back) == 0
-  sd, ref = torch.load(back, weights_only=True), model.state_dict()
-  assert list(sd) == list(ref)
-  for k in ref:
-    assert torch.equal(sd[k], ref[k]), k
+  sd = _back_to_torch(tmp_path, out, model)
   make_gpt(seed=1, selective=True, **kw)[0].load_state_dict(sd)
 
 

@@ -3,9 +3,9 @@
 Every factorised product of the source (A·B, shared-A or shared-B q/k/v factors, the position table) is replaced
 by its best approximation of the target rank (truncated SVD, the singular values split evenly between the two
 factors); a target position table on a fixed sinusoidal basis gets its learned factor by least squares; RMSNorm
-weights of ln1/ln2 fold exactly into the input rows of the linears they feed (block_norm_weight=False). Widths,
-the norm kind and the tie mode must match: only ranks, the position basis and the block norm weights may change. Fine-tuning then repairs what
-the truncation lost.
+weights of ln1/ln2 fold exactly into the input rows of the linears they feed (block_norm_weight=False).
+Widths, the norm kind and the tie mode must match: only ranks, the position basis and the block norm weights
+may change. Fine-tuning then repairs what the truncation lost.
 """
 from __future__ import annotations
 
