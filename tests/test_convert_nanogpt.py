@@ -180,13 +180,6 @@ def torch_logits(model, tokens):
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 24)).astype(np.int32)
 
 
-@pytest.mark.parametrize("kw, flags, rows", [
-    # n_embd = heads x head_dim, vocab unpadded, scanned layers; heads from the pickled GPTConfig
-    (dict(), [], 96),
-    # n_embd 40 != 3 x 16, wte padded to 128 rows for a 96-token vocab, unrolled layers
-    (dict(n_embd=40, vocab_size=128), ["--config.model.n_heads=3", "--config.model.vocab_size=96",
-                                       "--config.model.scan_layers=False"], 128),
-])
 def _back_to_torch(tmp_path, out, model):
   """`--to-torch` must give back the original state dict exactly: names, order, dtypes and bits."""
   back = tmp_path / "back.pt"
@@ -198,6 +191,13 @@ def _back_to_torch(tmp_path, out, model):
   return sd
 
 
+@pytest.mark.parametrize("kw, flags, rows", [
+    # n_embd = heads x head_dim, vocab unpadded, scanned layers; heads from the pickled GPTConfig
+    (dict(), [], 96),
+    # n_embd 40 != 3 x 16, wte padded to 128 rows for a 96-token vocab, unrolled layers
+    (dict(n_embd=40, vocab_size=128), ["--config.model.n_heads=3", "--config.model.vocab_size=96",
+                                       "--config.model.scan_layers=False"], 128),
+])
 def test_logits_and_exact_round_trip(tmp_path, kw, flags, rows):
   from dba_jax import load_model
   model, g = make_gpt(**kw)
