@@ -3,12 +3,12 @@
   python -m dba_jax.addition.train --config=configs/addition.py:456p --workdir=DIR [--config.train.num_models=8]
 
 `train.num_models=N` stacks N models on a leading axis and runs one jitted AdamW step over all of them
-(`train.model_batching`: vmap, or map, a loop inside the program, which is faster on CPU; auto picks). Model i uses seed
-`train.seed + i` for its initialisation, its held-out splits and (seed + i + 1337) its training stream, so model i
-of a sweep is the same run as a single-model run with that seed. Each model gets its own directory
+(`train.model_batching`: vmap, or map, a loop inside the program, which is faster on CPU; auto picks). Model i
+uses seed `train.seed + i` for its initialisation, its held-out splits and (seed + i + 1337) its training stream,
+so model i of a sweep is the same run as a single-model run with that seed. Each model gets its own directory
 `DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest validation exact match, strictly improving,
-as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result; DIR/curves.png plots
-every model's training loss and validation exact match.
+as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result;
+DIR/curves.png plots every model's training loss and validation exact match.
 """
 from __future__ import annotations
 
