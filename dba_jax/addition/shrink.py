@@ -13,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from dba_jax.addition.model import Arch, count_params, param_spec, sinusoids
+from dba_jax.addition.checkpoint import _leaf_paths
+from dba_jax.addition.model import Arch, count_params, param_spec, position_table, sinusoids
 from dba_jax.config import ConfigError
 
 RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank", "block_norm_weight")
@@ -69,7 +70,6 @@ def _attn(src: dict, mode: str, dst: Arch) -> dict:
 
 
 def _positions(src_arch: Arch, src: dict, dst: Arch) -> dict:
-  from dba_jax.addition.model import position_table
   P_TD = np.asarray(position_table(src_arch, src), np.float64)
   if dst.pos_basis == "sinusoidal":
     if dst.pos_rank == 0:
@@ -105,18 +105,11 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
   if not out["pos_emb"]:
     del out["pos_emb"]
   # the result must have exactly the target's tree and shapes
-  want = {"/".join(map(str, p)): s for p, (s, _) in _flat(param_spec(dst))}
-  got = {"/".join(map(str, p)): tuple(np.shape(x)) for p, x in _flat(out)}
+  want = {"/".join(map(str, p)): s for p, (s, _) in _leaf_paths(param_spec(dst))}
+  got = {"/".join(map(str, p)): tuple(np.shape(x)) for p, x in _leaf_paths(out)}
   if want != got:
     raise ConfigError(f"train.init_from: cannot map the checkpoint onto the config ({count_params(dst)} params): "
                       f"missing {sorted(set(want) - set(got))}, shape mismatches "
                       f"{sorted(k for k in want if k in got and want[k] != got[k])}")
   return out
 
-
-def _flat(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
