@@ -108,10 +108,11 @@ def test_tie_mode_shapes_and_forward(mode):
   d, r = 7, 3
   qkv_params = {"none": 4 * d * r, "all": 2 * d * r, "qk": 4 * d * r, "kv": 4 * d * r, "shareA": 4 * d * r,
                 "shareB": 4 * d * r, "shareB_tieQK": 3 * d * r, "shareB_tieKV": 3 * d * r,
-                "shareA_tieKV": 3 * d * r, "shareA_tieQK": 3 * d * r}[mode]
+                "shareA_tieKV": 3 * d * r, "shareA_tieQK": 3 * d * r, "shareA_folded": d * r + r * r}[mode]
+  out_params = 2 * (r + d) if mode == "shareA_folded" else 2 * (d + d)  # folded: the projection reads r values
   base = dict(d_model=d, d_ff=14, pos_rank=3, attn_out_rank=2, ffn_rank=3, norm="rmsnorm", tie_qkv=mode)
   a = M.Arch(qkv_rank=r, **base)
-  assert M.count_params(a) == 98 + 120 + 21 + qkv_params + 28 + 126
+  assert M.count_params(a) == 98 + 120 + 21 + qkv_params + out_params + 126
   if mode in ("none", "all", "qk", "kv"):  # full rank: 3d^2 / d^2 / 2d^2 / 2d^2
     full = M.Arch(qkv_rank=0, **base)
     assert M.count_params(full) - M.count_params(a) == {"none": 3, "all": 1, "qk": 2, "kv": 2}[mode] * d * d - qkv_params
@@ -129,7 +130,7 @@ def test_tie_mode_shapes_and_forward(mode):
   assert logits.shape == (2, 33, 14) and bool(jnp.isfinite(logits).all())
   q, k, v = M.qkv(a, params["blocks"]["0"]["attn"], jnp.ones((1, 4, d)) * jnp.arange(d, dtype=jnp.float32)[None, None])
   assert {"all": (q is k is v), "qk": q is k, "kv": k is v, "shareA_tieKV": k is v, "shareA_tieQK": q is k,
-          "shareB_tieQK": q is k, "shareB_tieKV": k is v}.get(mode, not (q is k or k is v))
+          "shareB_tieQK": q is k, "shareB_tieKV": k is v, "shareA_folded": k is v}.get(mode, not (q is k or k is v))
   changed = ids.at[:, 30].set(5)  # causal: earlier positions cannot see a later token
   np.testing.assert_allclose(fwd(a, params, changed)[:, :30], logits[:, :30], atol=1e-6)
 
@@ -407,6 +408,50 @@ def test_shrink_keeps_the_function_when_ranks_suffice():
   assert np.abs(np.asarray(M.forward(lossy, shrink.shrink(src, p, lossy), ids)) - want).max() > 1e-3
   with pytest.raises(ConfigError, match=r"model.d_model \(7 vs 8\)"):
     shrink.shrink(src, p, M.Arch(**{**src.__dict__, "d_model": 8}))
+
+
+def test_folded_attention_equals_shareA_tieKV(tmp_path, capsys):
+  """shareA_tieKV -> shareA_folded (M = B_q·B_kvᵀ, B_kv into the projection) plus folded norm weights is the same
+  function with 55 fewer parameters; what cannot fold is refused."""
+  from dba_jax.addition import shrink
+  src = M.Arch(d_model=7, d_ff=14, pos_rank=3, qkv_rank=3, attn_out_rank=2, ffn_rank=3, norm="rmsnorm",
+               tie_qkv="shareA_tieKV")
+  p = jax.tree.map(np.array, M.init_params(src, jax.random.key(5)))
+  for ln in ("ln1", "ln2"):
+    p["blocks"]["0"][ln]["weight"] = np.random.default_rng(6).uniform(0.5, 2.0, 7).astype(np.float32)
+  ids = jnp.asarray(data.encode(np.arange(8) * 98765, np.arange(8) * 4321)[:, :33])
+  want = np.asarray(M.forward(src, p, ids))
+  dst = M.Arch(**{**src.__dict__, "tie_qkv": "shareA_folded", "block_norm_weight": False})
+  small = shrink.shrink(src, p, dst)
+  # q/k/v 3·7·3 = 63 -> A 21 + M 9; projection 2·(7+7) = 28 -> 2·(3+7) = 20; ln1/ln2 weights 14 -> 0
+  assert M.count_params(dst) == sum(np.size(x) for x in jax.tree.leaves(small)) == 456 - 33 - 8 - 14 == 401
+  np.testing.assert_allclose(M.forward(dst, small, ids), want, atol=1e-5)
+  np.testing.assert_allclose(M.forward(dst, shrink.shrink(dst, small, dst), ids), want, atol=1e-5)  # folded -> folded
+  lossy = M.Arch(**{**dst.__dict__, "attn_out_rank": 1})  # a rank the model uses: the function changes
+  assert np.abs(np.asarray(M.forward(lossy, shrink.shrink(src, p, lossy), ids)) - want).max() > 1e-3
+  with pytest.raises(ConfigError, match="same qkv_rank"):
+    shrink.shrink(src, p, M.Arch(**{**dst.__dict__, "qkv_rank": 2}))
+  with pytest.raises(ConfigError, match="only shareA_tieKV -> shareA_folded"):
+    shrink.shrink(src, p, M.Arch(**{**src.__dict__, "tie_qkv": "shareA"}))
+  from dba_jax.formats import ConversionError
+  with pytest.raises(ConversionError, match="shareA_folded"):  # the original TinyDecoderLM has no such mode
+    checkpoint.arch_to_torch_config(dst)
+  c = _configs().get_config("456p")
+  c.model.tie_qkv, c.model.n_head, c.model.expect_params = "shareA_folded", 7, 0
+  with pytest.raises(ConfigError, match="n_head=7"):
+    validate(c)
+  # the CLI: writes a new directory, never over an existing one
+  checkpoint.save(str(tmp_path / "src"), p, src, {"step": 1})
+  cfg = os.path.join(REPO, "configs", "addition.py")
+  argv = ["prog", f"--config={cfg}:456p+ft", "--config.model.tie_qkv=shareA_folded",
+          "--config.model.block_norm_weight=False", f"--checkpoint={tmp_path / 'src'}", f"--out={tmp_path / 'dst'}"]
+  assert shrink.main(argv) == 0 and "456 -> 401 params" in capsys.readouterr().out
+  got = checkpoint.load(str(tmp_path / "dst"))[0]
+  assert got.arch == dst
+  np.testing.assert_allclose(M.forward(dst, got.params, ids), want, atol=1e-5)
+  before = (tmp_path / "dst" / "params.npz").read_bytes()
+  assert shrink.main(argv) == 2 and "already exists" in capsys.readouterr().err
+  assert (tmp_path / "dst" / "params.npz").read_bytes() == before
 
 
 def test_init_from_checkpoint_trains(tmp_path):

@@ -45,9 +45,10 @@ def arch_from_torch_config(mc: dict) -> Arch:
 
 
 def arch_to_torch_config(a: Arch) -> dict:
-  if a.pos_basis != "learned" or not a.block_norm_weight:
-    raise ConversionError(f"pos_basis={a.pos_basis!r}, block_norm_weight={a.block_norm_weight}: the original "
-                          "TinyDecoderLM has only learned positions and weighted norms")
+  if a.pos_basis != "learned" or not a.block_norm_weight or a.tie_qkv == "shareA_folded":
+    raise ConversionError(f"pos_basis={a.pos_basis!r}, block_norm_weight={a.block_norm_weight}, tie_qkv="
+                          f"{a.tie_qkv!r}: the original TinyDecoderLM has only learned positions, weighted norms "
+                          "and its own tie modes")
   return {"n_layer": a.n_layer, "d_model": a.d_model, "n_head": a.n_head, "d_ff": a.d_ff, "dropout": 0.0,
           "max_seq_len": a.max_seq_len, "vocab_size": a.vocab_size, "pos_rank": a.pos_rank, "qkv_rank": a.qkv_rank,
           "attn_out_rank": a.attn_out_rank, "ffn_rank": a.ffn_rank, "use_rmsnorm": a.norm == "rmsnorm",

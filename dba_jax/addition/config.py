@@ -29,7 +29,7 @@ def base_config() -> Config:
   m.ffn_rank = 0
   m.norm = "layernorm"  # layernorm (eps 1e-5, weight and bias) | rmsnorm (eps 1e-8 inside the sqrt, weight only)
   m.block_norm_weight = True  # False (rmsnorm only): ln1/ln2 without weight, folded into the next linear's rows
-  m.tie_qkv = "none"  # one of model.TIE_MODES
+  m.tie_qkv = "none"  # one of model.TIE_MODES (shareA_folded is ours: shareA_tieKV with fewer parameters)
   m.expect_params = 0  # > 0: validation fails unless the model has exactly this many parameters
 
   c.optim = o = Config()
@@ -81,6 +81,8 @@ def validate(c: Config) -> Config:
   _need(m.d_model % m.n_head == 0, f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
   _need(m.tie_qkv not in SHARED_FACTOR_MODES or m.qkv_rank > 0,
         f"model.tie_qkv={m.tie_qkv!r} shares low-rank factors: it needs model.qkv_rank > 0")
+  _need(m.tie_qkv != "shareA_folded" or m.n_head == 1,
+        f"model.tie_qkv='shareA_folded' has one head (its q/k/v are qkv_rank wide); model.n_head={m.n_head}")
   if m.expect_params:
     n = count_params(Arch.from_config(m))
     _need(n == m.expect_params, f"model.expect_params={m.expect_params} but this model has {n} parameters")

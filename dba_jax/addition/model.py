@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from dba_jax.addition import data
 
+# The original's modes, then ours: shareA_folded is shareA_tieKV with its products folded (see `qkv`).
 TIE_MODES = ("none", "all", "qk", "kv", "shareA", "shareB", "shareB_tieQK", "shareB_tieKV", "shareA_tieKV",
-             "shareA_tieQK")
+             "shareA_tieQK", "shareA_folded")
 SHARED_FACTOR_MODES = TIE_MODES[4:]  # built from raw A/B factors: need qkv_rank > 0
 RMS_EPS, LN_EPS = 1e-8, 1e-5
 
@@ -74,8 +75,9 @@ def _attn(a: Arch) -> dict:
       "shareB_tieKV": lambda: {"qkv_Aq": fa, "qkv_Akv": fa, "qkv_B": fb},
       "shareA_tieKV": lambda: {"qkv_A": fa, "qkv_Bq": fb, "qkv_Bkv": fb},
       "shareA_tieQK": lambda: {"qkv_A": fa, "qkv_Bqk": fb, "qkv_Bv": fb},
+      "shareA_folded": lambda: {"qkv_A": fa, "qk_M": ((r, r), math.sqrt(1.0 / r))},
   }[mode]()
-  spec["proj"] = _linear(d, d, a.attn_out_rank)
+  spec["proj"] = _linear(r if mode == "shareA_folded" else d, d, a.attn_out_rank)  # folded: values are r wide
   return spec
 
 
@@ -137,7 +139,11 @@ def norm(a: Arch, p: dict, x_BTD):
 
 
 def qkv(a: Arch, p: dict, x_BTD):
-  """(q, k, v), each (B, T, D), for every tie mode."""
+  """(q, k, v), each (B, T, D), for every tie mode; (B, T, r) for shareA_folded.
+
+  shareA_folded: h = x·A; q = h·M, k = v = h. It is shareA_tieKV with M = B_q·B_kvᵀ (q·kᵀ only ever uses that
+  product) and B_kv moved into the output projection (r -> d), so it computes the same functions with
+  (d + r)·r + proj parameters instead of 3·d·r + proj."""
   mode = a.tie_qkv
   if mode == "none":
     return tuple(jnp.split(linear(p["qkv"], x_BTD), 3, axis=-1))
@@ -152,6 +158,8 @@ def qkv(a: Arch, p: dict, x_BTD):
     return linear(p["q_proj"], x_BTD), s, s
   if mode.startswith("shareA"):
     h_BTR = x_BTD @ p["qkv_A"]
+    if mode == "shareA_folded":
+      return h_BTR @ p["qk_M"], h_BTR, h_BTR
     if mode == "shareA":
       return h_BTR @ p["qkv_Bq"], h_BTR @ p["qkv_Bk"], h_BTR @ p["qkv_Bv"]
     if mode == "shareA_tieKV":
@@ -172,12 +180,12 @@ def qkv(a: Arch, p: dict, x_BTD):
 def attention(a: Arch, p: dict, x_BTD):
   Bsz, T, D = x_BTD.shape
   H = a.n_head
-  q, k, v = (t.reshape(Bsz, T, H, D // H) for t in qkv(a, p, x_BTD))
+  q, k, v = (t.reshape(Bsz, T, H, -1) for t in qkv(a, p, x_BTD))  # head width D/H (r for shareA_folded)
   s_BHTS = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D // H)
   causal_TS = jnp.tril(jnp.ones((T, T), bool))
   s_BHTS = jnp.where(causal_TS[None, None], s_BHTS, -jnp.inf)
   y_BTHD = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s_BHTS, axis=-1), v)
-  return linear(p["proj"], y_BTHD.reshape(Bsz, T, D))
+  return linear(p["proj"], y_BTHD.reshape(Bsz, T, -1))
 
 
 def sinusoids(T: int, k: int) -> jnp.ndarray:

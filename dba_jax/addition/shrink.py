@@ -4,8 +4,11 @@ Every factorised product of the source (A·B, shared-A or shared-B q/k/v factors
 by its best approximation of the target rank (truncated SVD, the singular values split evenly between the two
 factors); a target position table on a fixed sinusoidal basis gets its learned factor by least squares; RMSNorm
 weights of ln1/ln2 fold exactly into the input rows of the linears they feed (block_norm_weight=False).
-Widths, the norm kind and the tie mode must match: only ranks, the position basis and the block norm weights
-may change. Fine-tuning then repairs what the truncation lost.
+shareA_tieKV becomes shareA_folded exactly (M = B_q·B_kvᵀ, the value factor B_kv moves into the output projection).
+Widths and the norm kind must match. Fine-tuning then repairs what a truncation lost.
+
+  python -m dba_jax.addition.shrink --config=configs/addition.py:456p+ft --checkpoint=SRC --out=DIR \
+      --config.model.tie_qkv=shareA_folded --config.model.block_norm_weight=False
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from dba_jax.addition.checkpoint import _leaf_paths
 from dba_jax.addition.model import Arch, count_params, param_spec, position_table, sinusoids
 from dba_jax.config import ConfigError
 
-RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank", "block_norm_weight")
+RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank", "block_norm_weight", "tie_qkv")
+FOLDABLE = ("shareA_tieKV", "shareA_folded")  # the only tie-mode change: shareA_tieKV -> shareA_folded (exact)
 
 
 def factor(M: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,8 +56,26 @@ def _fold_block(b: dict) -> dict:
           "mlp": {"fc1": _fold(b["ln2"]["weight"], b["mlp"]["fc1"]), "fc2": b["mlp"]["fc2"]}}
 
 
-def _attn(src: dict, mode: str, dst: Arch) -> dict:
-  r, d = dst.qkv_rank, dst.d_model
+def _folded_attn(src_arch: Arch, src: dict, dst: Arch) -> dict:
+  """shareA_tieKV or shareA_folded params -> shareA_folded ones of the same qkv rank."""
+  if src_arch.tie_qkv not in FOLDABLE or src_arch.qkv_rank != dst.qkv_rank:
+    raise ConfigError(f"train.init_from: model.tie_qkv='shareA_folded' starts from shareA_tieKV or shareA_folded "
+                      f"of the same qkv_rank, not {src_arch.tie_qkv!r} with qkv_rank {src_arch.qkv_rank}")
+  if src_arch.tie_qkv == "shareA_folded":
+    M, V = src["qk_M"], _matrix(src["proj"])
+  else:
+    M, V = src["qkv_Bq"] @ src["qkv_Bkv"].T, src["qkv_Bkv"] @ _matrix(src["proj"])
+  return {"qkv_A": np.asarray(src["qkv_A"], np.float32), "qk_M": np.asarray(M, np.float32),
+          "proj": _linear(V, dst.attn_out_rank)}
+
+
+def _attn(src_arch: Arch, src: dict, dst: Arch) -> dict:
+  r, d, mode = dst.qkv_rank, dst.d_model, dst.tie_qkv
+  if mode == "shareA_folded":
+    return _folded_attn(src_arch, src, dst)
+  if src_arch.tie_qkv != mode:
+    raise ConfigError(f"train.init_from: the checkpoint's model.tie_qkv={src_arch.tie_qkv!r} cannot become "
+                      f"{mode!r} (only shareA_tieKV -> shareA_folded)")
   out = {}
   if mode.startswith("shareA"):  # x·A·[B_q | B_k | ...]: one factorisation of the concatenated products
     names = sorted(k for k in src if k.startswith("qkv_B"))
@@ -100,7 +122,7 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
   for i, b in src["blocks"].items():
     if not dst.block_norm_weight and "weight" in b.get("ln1", {}):
       b = _fold_block(b)
-    out["blocks"][i] = {"ln1": b.get("ln1", {}), "ln2": b.get("ln2", {}), "attn": _attn(b["attn"], dst.tie_qkv, dst),
+    out["blocks"][i] = {"ln1": b.get("ln1", {}), "ln2": b.get("ln2", {}), "attn": _attn(src_arch, b["attn"], dst),
                         "mlp": {k: _linear(_matrix(v), dst.ffn_rank) for k, v in b["mlp"].items()}}
   if not out["pos_emb"]:
     del out["pos_emb"]
@@ -113,3 +135,51 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
                       f"{sorted(k for k in want if k in got and want[k] != got[k])}")
   return out
 
+
+
+def _flags(fv):
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "trained model: a .pt file or a best/ / last/ directory", flag_values=fv)
+  flags.DEFINE_string("out", None, "new directory for the shrunk model (params.npz, meta.json)", flag_values=fv)
+
+
+def main(argv) -> int:
+  """Shrink without training: the config's model (ranks, tie mode, norm folding) from --checkpoint, into --out."""
+  import os
+  import sys
+
+  from absl import flags
+
+  from dba_jax.addition import checkpoint
+  from dba_jax.addition.config import validate
+  from dba_jax.formats import ConversionError
+  from dba_jax.main import flag_error, parse_flags
+  try:
+    fv = parse_flags(argv, _flags)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"dba-addition-shrink: error: bad flag or override: {flag_error(e)}", file=sys.stderr)
+    return 2
+  try:
+    if fv.config is None or not fv.checkpoint or not fv.out:
+      raise ConfigError("--config=configs/addition.py:VARIANT, --checkpoint and --out are required")
+    if os.path.exists(fv.out):
+      raise ConfigError(f"--out {fv.out} already exists; refusing to overwrite it")
+    dst = Arch.from_config(validate(fv.config).model)
+    src = checkpoint.load(fv.checkpoint)[0]
+    params = shrink(src.arch, src.params, dst)
+  except (ConfigError, ConversionError) as e:
+    print(f"dba-addition-shrink: error: {e}", file=sys.stderr)
+    return 2
+  checkpoint.save(fv.out, params, dst, {**{k: src.meta.get(k) for k in ("step", "val_exact", "seed")},
+                                        "params": count_params(dst), "shrunk_from": os.path.abspath(fv.checkpoint)})
+  print(f"{count_params(src.arch)} -> {count_params(dst)} params: {fv.out}")
+  return 0
+
+
+def cli():
+  import sys
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()
