@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Below 456 parameters: start from a trained adder (default: the released best_456p_s43.pt), shrink one thing
-# per stage (a rank by truncated SVD, or fold the block norm weights away: dba_jax/addition/shrink.py),
+# per stage (a rank by truncated SVD; last, the exact folds: block norm weights into the next linears and
+# shareA_tieKV's q/k/v products into shareA_folded; see dba_jax/addition/shrink.py),
 # fine-tune (configs/addition.py:456p+ft), and score every stage on the 100,000 held-out problems.
 # Greedy: each stage starts from the last accepted stage's best checkpoint; a stage whose validation exact
 # match stays below 0.99 is rejected (reported, its change dropped) and the ladder goes on with the next one.
@@ -19,7 +20,7 @@ STAGES=(
   "pos2:--config.model.pos_rank=2"
   "ffn1:--config.model.ffn_rank=1"
   "pos1:--config.model.pos_rank=1"
-  "fold:--config.model.block_norm_weight=False"
+  "fold:--config.model.block_norm_weight=False --config.model.tie_qkv=shareA_folded"
 )
 overrides=()
 for stage in "${STAGES[@]}"; do
@@ -27,7 +28,7 @@ for stage in "${STAGES[@]}"; do
   dir="$OUT/$name"
   if [ ! -f "$dir/summary.json" ]; then
     python -m dba_jax.addition.train --config=configs/addition.py:456p+ft --workdir="$dir" \
-      --config.train.init_from="$SRC" --config.train.seed=44 "${overrides[@]}" "${stage#*:}"
+      --config.train.init_from="$SRC" --config.train.seed=44 "${overrides[@]}" ${stage#*:}  # unquoted: a stage may add several flags
   fi
   val=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["models"][0]["best_val_exact"])' \
     "$dir/summary.json")
@@ -39,6 +40,6 @@ for stage in "${STAGES[@]}"; do
 print("addition_shrink: %s accepted: %d params, validation %s, 100k exact match %.5f (%d errors)" % (
     sys.argv[2], e["parameters"], sys.argv[3], v["aggregate_exact_match"], v["aggregate_errors"]))' \
     "$dir/eval.json" "$name" "$val"
-  overrides+=("${stage#*:}")
+  overrides+=(${stage#*:})
   SRC="$dir/model_0/best"
 done
