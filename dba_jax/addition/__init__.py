@@ -2,4 +2,6 @@
 
   python -m dba_jax.addition.train --config=configs/addition.py:456p --workdir=DIR   (dba-addition-train)
   python -m dba_jax.addition.eval --checkpoint best_456p_s43.pt [--strict] [--out X.json]   (dba-addition-eval)
+  python -m dba_jax.addition.shrink --config=configs/addition.py:456p+ft --checkpoint=SRC --out=DIR [overrides]
+      (dba-addition-shrink: a smaller or folded model from a trained one, no training)
 """
