@@ -13,6 +13,8 @@ Widths and the norm kind must match. Fine-tuning then repairs what a truncation 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import numpy as np
 
@@ -136,7 +138,6 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
   return out
 
 
-
 def _flags(fv):
   from absl import flags
   flags.DEFINE_string("checkpoint", None, "trained model: a .pt file or a best/ / last/ directory", flag_values=fv)
@@ -145,14 +146,10 @@ def _flags(fv):
 
 def main(argv) -> int:
   """Shrink without training: the config's model (ranks, tie mode, norm folding) from --checkpoint, into --out."""
-  import os
-  import sys
-
   from absl import flags
 
   from dba_jax.addition import checkpoint
   from dba_jax.addition.config import validate
-  from dba_jax.formats import ConversionError
   from dba_jax.main import flag_error, parse_flags
   try:
     fv = parse_flags(argv, _flags)
@@ -167,7 +164,7 @@ def main(argv) -> int:
     dst = Arch.from_config(validate(fv.config).model)
     src = checkpoint.load(fv.checkpoint)[0]
     params = shrink(src.arch, src.params, dst)
-  except (ConfigError, ConversionError) as e:
+  except (ValueError, OSError) as e:  # ConfigError, ConversionError, torch_io.CheckpointReadError
     print(f"dba-addition-shrink: error: {e}", file=sys.stderr)
     return 2
   checkpoint.save(fv.out, params, dst, {**{k: src.meta.get(k) for k in ("step", "val_exact", "seed")},
@@ -177,7 +174,6 @@ def main(argv) -> int:
 
 
 def cli():
-  import sys
   sys.exit(main(sys.argv))
 
 
