@@ -260,7 +260,8 @@ def write_figures(result: dict, out_dir: str, cols: int = 2) -> dict:
 
 def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
   """Training loss and validation exact match against step for each model of a dba-addition-train run (from
-  its metrics.jsonl), grokking jumps visible at a glance; one colour per model (cycling the palette)."""
+  its metrics.jsonl), grokking jumps visible at a glance; one colour per model (cycling the palette, a new line
+  style on each cycle so that 8-seed sweeps stay apart)."""
   import json
   fig = _new_figure((11.0, 4.0))
   ax_loss, ax_val = fig.subplots(1, 2)
@@ -269,10 +270,11 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val/exact_match"]) for r in rows if "val/exact_match" in r]
     label = os.path.basename(d.rstrip(os.sep))
+    style = dict(color=colour(i), ls=("-", "--", ":", "-.")[(i // len(PALETTE)) % 4], label=label)
     if train:
-      ax_loss.plot(*zip(*train), color=colour(i), lw=1, label=label)
+      ax_loss.plot(*zip(*train), lw=1, **style)
     if val:
-      ax_val.plot(*zip(*val), color=colour(i), lw=1.2, label=label)
+      ax_val.plot(*zip(*val), lw=1.2, **style)
   ax_loss.set(title="training loss (12 target positions)", xlabel="step", yscale="log")
   ax_val.set(title="validation exact match (greedy)", xlabel="step", ylim=(-0.02, 1.02))
   for ax in (ax_loss, ax_val):
