@@ -103,7 +103,8 @@ def attention_main(argv) -> int:
   import jax
   import jax.numpy as jnp
 
-  from dba_jax import ops, selective
+  from dba_jax import ops
+  from dba_jax.ops import selective
   from dba_kernels import cumsum as kcumsum, flash_attention as kflash, protect_attack as kpa
   rows = []
 
@@ -183,7 +184,7 @@ def convert_main(argv) -> int:
   from dba_jax import model as model_lib, torch_io
   from dba_jax.config import validate
   from dba_jax.formats import caramba
-  from dba_jax.main import parse_flags
+  from dba_jax.cli import parse_flags
   c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
   work = args.dir or tempfile.mkdtemp(prefix="dba-bench-convert-")
   os.makedirs(work, exist_ok=True)
@@ -346,7 +347,7 @@ def addition_main(argv) -> int:
   from dba_jax.addition import config as config_lib, data, torch_ref
   from dba_jax.addition import train as add_train
   from dba_jax.addition.model import Arch, count_params
-  from dba_jax.main import parse_flags
+  from dba_jax.cli import parse_flags
   c = config_lib.validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
   a, o, t = Arch.from_config(c.model), c.optim, c.train
   phases = data.parse_curriculum(t.curriculum)
@@ -443,7 +444,7 @@ def main(argv=None) -> int:
   import jax
 
   from dba_jax.config import validate
-  from dba_jax.main import parse_flags
+  from dba_jax.cli import parse_flags
   c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)

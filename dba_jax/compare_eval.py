@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import copy
 import gc
 import importlib.util
 import json
@@ -29,9 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dba_jax import behavior, data, generate, model as model_lib, ops, plots
+from dba_jax import behavior, data, evaluate, generate, losses, model as model_lib, plots
 from dba_jax.loading import load_model
 
 PROG = "dba-eval compare"
@@ -124,10 +122,9 @@ def behaviour_fns(model, c, max_new: int):
     # jitted forward compiles once per bucket instead of once per prompt length.
     padded = np.zeros((1, _bucket(len(inputs), max_len)), np.int32)
     padded[0, :len(inputs)] = inputs
-    logits = model(padded)[0, :len(inputs), :m.vocab_size].astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits, -1)
+    logits = model(padded)[0, :len(inputs)]
     n = min(len(comp), len(inputs))
-    return float(jnp.take_along_axis(lp[-n:], jnp.asarray(full[-n:])[:, None], -1).sum())
+    return -float(losses.nll(logits[-n:], jnp.asarray(full[-n:]), m.vocab_size).sum())
 
   return generate_fn, logprob_fn
 
@@ -168,62 +165,11 @@ def attention_probes(probes, n: int) -> list:
   return (first + [p for p in fits if p.id not in ids])[:n]
 
 
-def dense_decoder(model) -> model_lib.Decoder:
-  """The model's decoder rebuilt with attn_impl xla: the flash kernels never materialise probabilities, and the
-  one-hot values below need the dense path. Same parameters (the attention impl does not change them)."""
-  m = copy.deepcopy(model.config)
-  m.attn_impl = "xla"
-  return nnx.merge(model_lib.abstract(m)[0], model.params)
-
-
-def _blocks(decoder) -> list:
-  """The decoder's blocks as a list; scanned blocks are sliced out of their stacked parameters."""
-  if not decoder.m.scan_layers:
-    return list(decoder.blocks)
-  graphdef, stacked = nnx.split(decoder.blocks)
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(decoder.m.n_layers)]
-
-
-def last_layer_input(decoder, tokens_BT):
-  """(last block, its attention input, positions, residual logits for it): Decoder.forward up to the last layer's
-  attention, layer by layer, so that only that layer's probabilities need materialising."""
-  m = decoder.m
-  B, T = tokens_BT.shape
-  positions_T = jnp.arange(T)
-  x = decoder.embed_tokens(tokens_BT, positions_T)
-  res = None
-  if m.attn_kind == "selective" and m.sel_residual_masks:  # as Decoder.forward: layer 0 mixes zeros
-    res = jnp.zeros((B, m.n_heads + m.sel_mask_heads, T, T),
-                    jnp.promote_types(model_lib.DTYPES[m.compute_dtype], jnp.float32))
-  *first, last = _blocks(decoder)
-  for block in first:
-    x, _, res = block(x, positions_T, None, res)
-  return last, last.attn_norm(x), positions_T, res
-
-
-def _one_hot_values(B: int, S: int, K: int):
-  """v[b, s, k, :] = e_s: attention over these values returns each query's probability row over the keys."""
-  return jnp.broadcast_to(jnp.eye(S, dtype=jnp.float32)[None, :, None, :], (B, S, K, S))
-
-
-def attention_probs(attn, h_BTd, positions_T, res_BHTS=None):
-  """(probs [B, H, T, S], n_prefix) of one attention module: every attending head's softmax weights after all of
-  its masks (causal; selective attention's F), with DBA's null token as the first n_prefix key columns. The
-  module's own attention runs on one-hot values, so selective masks are not re-derived here."""
-  B, T, _ = h_BTd.shape
-  if isinstance(attn, model_lib.DBAAttention):  # DBAAttention.__call__'s q/k assembly (it has no attend())
-    qs, ks, qg, kg, _ = attn.streams(h_BTd, positions_T)
-    q_BTHD, k_BSKD = attn.fold_queries(h_BTd, qs, qg), jnp.concatenate([ks, kg], axis=-1)
-    null = attn.null_kv(k_BSKD.dtype)
-    if null is not None:
-      k_BSKD = jnp.concatenate([jnp.broadcast_to(null[0], (B, 1) + null[0].shape), k_BSKD], axis=1)
-    S = k_BSKD.shape[1]
-    o_BTHS = ops.attention(q_BTHD, k_BSKD, _one_hot_values(B, S, k_BSKD.shape[2]), scale=1.0, n_prefix=S - T,
-                           impl="xla")
-  else:
-    q_BTHD, k_BSKD, _ = attn.project(h_BTd, positions_T)
-    o_BTHS = attn.attend(q_BTHD, k_BSKD, _one_hot_values(B, T, k_BSKD.shape[2]), res_BHTS)[0]
-  return o_BTHS.transpose(0, 2, 1, 3), o_BTHS.shape[-1] - T
+def last_layer_probs(decoder, tokens_BT):
+  """(probs [B, H, T, S], n_prefix): the last layer's attention probabilities from the model's own forward
+  (every mask applied: causal, selective attention's F; DBA's null token as the first n_prefix key columns)."""
+  probs = decoder.forward(tokens_BT, hooks=model_lib.Hooks(return_probs=True)).probs[-1]
+  return probs, probs.shape[-1] - tokens_BT.shape[1]
 
 
 def answer_span(pieces: list[str], answer: str) -> list[int]:
@@ -241,8 +187,7 @@ def attention_record(decoder, tok, probe, max_tokens: int) -> dict:
   prompt token (the one that predicts the answer) puts its attention mass."""
   m = decoder.m
   ids = np.asarray(tok.encode(probe.prompt), np.int32)[-min(max_tokens, m.max_seq_len):]
-  block, h, positions_T, res = last_layer_input(decoder, jnp.asarray(ids)[None])
-  probs_BHTS, n_prefix = attention_probs(block.attn, h, positions_T, res)
+  probs_BHTS, n_prefix = last_layer_probs(decoder, jnp.asarray(ids)[None])
   probs_TS = np.asarray(probs_BHTS[0].astype(jnp.float32).mean(0), np.float64)
   pieces = [tok.decode([int(i)]) for i in ids]
   span = answer_span(pieces, str(probe.answer))
@@ -260,7 +205,6 @@ def attention_record(decoder, tok, probe, max_tokens: int) -> dict:
 
 def measure(ck: dict, man: dict, probes) -> dict:
   """Everything for one checkpoint; the model is dropped when this returns."""
-  from dba_jax.evaluate import perplexity
   t0 = time.perf_counter()
   model, c = load_model(ck["path"])
   m = c.model
@@ -268,7 +212,7 @@ def measure(ck: dict, man: dict, probes) -> dict:
   ev = man["eval"]
   tokens = getattr(data.load_splits(c.data, m.vocab_size), ev["split"])
   seq_len = ev["seq_len"] or c.data.seq_len
-  loss = perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"], max_windows=ev["max_windows"],
+  loss = evaluate.perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"], max_windows=ev["max_windows"],
                     progress=True)
   log(f"[{ck['name']}] {ev['split']} loss {loss['nll']:.4f}, ppl {loss['ppl']:.3f}")
   gen_fn, lp_fn = behaviour_fns(model, c, man["behavior"]["max_new"])
@@ -276,7 +220,7 @@ def measure(ck: dict, man: dict, probes) -> dict:
   suite_run = behavior.run_suite(probes, gen_fn, lp_fn, progress=lambda i, n, pid: (i % every == 0 or i == n) and
                                  log(f"[{ck['name']}] behaviour {i}/{n} ({pid})"))
   att = man["attention"]
-  decoder, tok = dense_decoder(model), data.get_tokenizer(c.data.tokenizer)
+  decoder, tok = model.module, data.get_tokenizer(c.data.tokenizer)
   attention, att_probes = [], attention_probes(probes, att["probes"])
   for i, p in enumerate(att_probes, 1):
     attention.append(attention_record(decoder, tok, p, att["max_tokens"]))

@@ -35,9 +35,9 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dba_jax import formats, torch_io
+from dba_jax import conversion, formats, torch_io
 from dba_jax.config import ConfigError, base_config, lock, validate
-from dba_jax.formats import ConversionError
+from dba_jax.conversion import ConversionError
 
 CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model", "model_state")
 PREFIXES = ("_orig_mod.", "module.")
@@ -350,7 +350,7 @@ def main(argv: list[str]) -> int:
   try:
     fv, positional = _parse(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    from dba_jax.main import flag_error
+    from dba_jax.cli import flag_error
     print(f"dba-convert: error: bad flag, --config or override: {flag_error(e)}\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -363,14 +363,14 @@ def main(argv: list[str]) -> int:
       return 0
     if len(positional) != 1:
       raise ConversionError(f"expected one INPUT checkpoint, got {positional or 'none'}")
-    formats.GIVEN.clear()
-    formats.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
+    conversion.GIVEN.clear()
+    conversion.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
     import_checkpoint(positional[0], fv.out, fv.format, copy.deepcopy(fv.config))
   except (ConversionError, ConfigError, torch_io.CheckpointReadError, OSError, ValueError) as e:
     print(f"dba-convert: error: {e}", file=sys.stderr)
     return 2
   finally:
-    formats.GIVEN.clear()
+    conversion.GIVEN.clear()
   return 0
 
 

@@ -126,7 +126,7 @@ def _flags(fv):
 
 
 def main(argv) -> int:
-  from dba_jax.main import flag_error, parse_flags
+  from dba_jax.cli import flag_error, parse_flags
   try:
     fv = parse_flags(argv, _flags)
     if fv.config is None:

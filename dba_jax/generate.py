@@ -21,6 +21,7 @@ so prefill and decode see the same keys. Prompts in a batch share one length.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -30,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dba_jax import model as model_lib
 from dba_jax.config import attn_dim, kv_heads
-from dba_jax.model import DTYPES
 
 QBLOCK = 32
 FLOAT_KINDS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,11 +50,10 @@ QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
 # ------------------------------------------------------------------------------------------------ policies
 
 def stream_dims(m) -> dict:
-  """Cached streams and their merged widths K*D per layer."""
+  """Cached streams (model.stream_names) and their merged widths K*D per layer."""
   K, H = kv_heads(m), m.n_heads
-  if m.attn_kind == "dba":
-    return {"k_sem": K * (m.sem_dim // H), "k_geo": K * (m.geo_dim // H), "v": K * (attn_dim(m) // H)}
-  return {"k": K * (attn_dim(m) // H), "v": K * (attn_dim(m) // H)}
+  head_dim = {"k_sem": m.sem_dim // H, "k_geo": m.geo_dim // H, "k": attn_dim(m) // H, "v": attn_dim(m) // H}
+  return {name: K * head_dim[name] for name in model_lib.stream_names(m)}
 
 
 def parse_policy(spec: str, m) -> dict:
@@ -205,120 +205,36 @@ def _read(st: dict, kind: str, width: int, n_valid, dtype):
   return x.astype(dtype)
 
 
-# ----------------------------------------------------------------------------------------------- attention
+# ----------------------------------------------------------------------------------------------- the cache
 
-def _attend(q_BTHD, k_BSKD, v_BSKE, visible_TS, scale, null=None, f_BTS=None):
-  """Grouped softmax attention over cached keys with an explicit visibility mask, float32 logits (as
-  ops.attention_xla). `null` = (k [K, D], v [K, E]) always visible; f_BTS is subtracted from every head."""
-  B, T, H, D = q_BTHD.shape
-  K = k_BSKD.shape[2]
-  q = q_BTHD.reshape(B, T, K, H // K, D)
-  s = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * jnp.float32(scale)
-  if f_BTS is not None:
-    s = s - f_BTS[:, None, None]
-  s = jnp.where(visible_TS, s, jnp.finfo(jnp.float32).min)
-  v = v_BSKE
-  if null is not None:
-    nk, nv = null
-    s0 = jnp.einsum("btkgd,kd->bkgt", q, nk, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    s = jnp.concatenate([s0[..., None], s], axis=-1)
-    v = jnp.concatenate([jnp.broadcast_to(nv.astype(v.dtype), (B, 1) + nv.shape), v], axis=1)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bske->btkge", p, v).reshape(B, T, H, v.shape[-1])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """The model's cache extension point (model.Hooks.cache) for positional caches: slot s holds position s.
+  A layer's state is {stream: store} (+ "colsum" for selective attention, kept by the model)."""
+  policy: tuple   # ((stream, kind), ...)
+  widths: tuple   # ((stream, K * D), ...)
 
-
-def _selection_rows(q_BTHD, k_BSHD, m, scale, positions_T, n_valid, colsum_BS):
-  """(F rows [B, T, S] for this chunk's queries, updated column sums). Same rules as selective.selection_scores:
-  S = ReLU(L_head) on visible keys, key position 0 and the diagonal excluded unless configured; padding rows
-  (positions >= n_valid) add nothing."""
-  h = m.sel_head
-  L = jnp.einsum("btd,bsd->bts", q_BTHD[:, :, h], k_BSHD[:, :, h], preferred_element_type=jnp.float32)
-  L = L * jnp.float32(scale)
-  key_S = jnp.arange(k_BSHD.shape[1])
-  causal = key_S[None, :] <= positions_T[:, None]
-  x = jnp.where(causal, L, 0)
-  s = jax.nn.relu(x) if m.sel_relu_leak == 0.0 else jnp.where(x >= 0, x, m.sel_relu_leak * x)
-  keep = causal & (positions_T < n_valid)[:, None]
-  if m.sel_protect_bos:
-    keep = keep & (key_S != 0)[None, :]
-  if not m.sel_allow_self_mask:
-    keep = keep & (key_S[None, :] != positions_T[:, None])
-  s = jnp.where(keep, s, 0)
-  inclusive = jnp.cumsum(s, axis=1)
-  f = colsum_BS[:, None, :] + jnp.concatenate([jnp.zeros_like(s[:, :1]), inclusive[:, :-1]], axis=1)
-  if m.sel_relu_after_cumsum:
-    f = jax.nn.relu(f)
-  return f, colsum_BS + inclusive[:, -1]
+  def update(self, state, new, q_pos_T, valid_T):
+    """Write the chunk at positions q_pos_T[0] ... (rows valid_T are real), read every stored token back."""
+    policy, widths = dict(self.policy), dict(self.widths)
+    pos0, n_valid = q_pos_T[0], q_pos_T[0] + valid_T.sum()
+    state, streams = dict(state), {}
+    for name, t in new.items():
+      B, T, K, D = t.shape
+      state[name] = _write(state[name], policy[name], t.reshape(B, T, K * D), pos0, n_valid)
+      x = _read(state[name], policy[name], widths[name], n_valid, t.dtype)
+      streams[name] = x.reshape(B, x.shape[1], K, D)
+    S = streams[next(iter(streams))].shape[1]
+    return state, streams, jnp.broadcast_to(jnp.arange(S), (B, S))
 
 
-def check_supported(m):
-  if m.attn_kind == "selective":
-    extras = {"sel_mask_heads": m.sel_mask_heads, "sel_combo": m.sel_combo != "none",
-              "sel_latent_masks": m.sel_latent_masks, "sel_residual_masks": m.sel_residual_masks,
-              "sel_protection": m.sel_protection != "none"}
-    bad = [k for k, v in extras.items() if v]
-    if bad:
-      raise NotImplementedError(f"cached decoding supports the default head selection only; not {', '.join(bad)}")
-
-
-def _layer(block, m, policy, x_BTd, positions_T, pos0, n_valid, cache_l):
-  """One block over a chunk of T tokens at absolute positions pos0 .. pos0 + T - 1; writes them to the cache."""
-  B, T, _ = x_BTd.shape
-  attn = block.attn
-  h = block.attn_norm(x_BTd)
-  dims = stream_dims(m)
-  cache_l = dict(cache_l)
-  null = None
-  if m.attn_kind == "dba":
-    qs, ks, qg, kg, v = attn.streams(h, positions_T)
-    q = attn.fold_queries(h, qs, qg)  # gate and path scales folded into q, as in DBAAttention.__call__
-    new = {"k_sem": ks, "k_geo": kg, "v": v}
-    scale, null = 1.0, attn.null_kv(h.dtype)
-  else:
-    q, k, v = attn.project(h, positions_T)
-    new = {"k": k, "v": v}
-    scale = attn.scale
-  for name, t in new.items():
-    cache_l[name] = _write(cache_l[name], policy[name], t.reshape(B, T, -1), pos0, n_valid)
-  read = {name: _read(cache_l[name], policy[name], dims[name], n_valid, h.dtype) for name in new}
-  S = read["v"].shape[1]
-  heads = lambda name: read[name].reshape(B, S, new[name].shape[2], new[name].shape[3])
-  if m.attn_kind == "dba":
-    k_BSKD, v_BSKE = jnp.concatenate([heads("k_sem"), heads("k_geo")], axis=-1), heads("v")
-  else:
-    k_BSKD, v_BSKE = heads("k"), heads("v")
-  visible_TS = jnp.arange(S)[None, :] <= positions_T[:, None]
-  f = None
-  if m.attn_kind == "selective" and not m.sel_disable:
-    f, cache_l["colsum"] = _selection_rows(q, k_BSKD, m, scale, positions_T, n_valid, cache_l["colsum"])
-  o = _attend(q, k_BSKD, v_BSKE, visible_TS, scale, null, f)
-  x = x_BTd + attn.out(o.reshape(B, T, -1))
-  return x + block.mlp(block.mlp_norm(x)), cache_l
-
-
-def _run(graphdef, m, policy, params, cache, tokens_BT, pos0, n_valid):
+def _run(graphdef, cache: KVCache, params, state, tokens_BT, pos0, n_valid):
   """Logits [B, padded vocab] at position n_valid - 1 and the updated cache, for a chunk starting at pos0."""
-  decoder = nnx.merge(graphdef, params)
-  T = tokens_BT.shape[1]
-  positions_T = pos0 + jnp.arange(T)
-  x = decoder.embed_tokens(tokens_BT, positions_T)
-  layer = functools.partial(_layer, m=m, policy=policy, positions_T=positions_T, pos0=pos0, n_valid=n_valid)
-  if m.scan_layers:
-    gd, stacked = nnx.split(decoder.blocks)
-
-    def body(h, xs):
-      p, c = xs
-      return layer(nnx.merge(gd, p), x_BTd=h, cache_l=c)
-
-    x, cache = jax.lax.scan(body, x, (stacked, cache))
-  else:
-    layers = []
-    for i, block in enumerate(decoder.blocks):
-      x, c = layer(block, x_BTd=x, cache_l=jax.tree.map(lambda a: a[i], cache))
-      layers.append(c)
-    cache = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-  x_last = jax.lax.dynamic_slice_in_dim(x, n_valid - 1 - pos0, 1, axis=1)
-  return decoder.readout(x_last)[:, 0], cache
+  positions_T = pos0 + jnp.arange(tokens_BT.shape[1])
+  hooks = model_lib.Hooks(cache=cache, valid_T=positions_T < n_valid)
+  out = nnx.merge(graphdef, params).forward(tokens_BT, positions_T=positions_T, hooks=hooks, cache_state=state,
+                                            logits_at=n_valid - 1 - pos0)
+  return out.logits, out.cache_state
 
 
 def _pick(logits_BV, key, temperature, vocab: int):
@@ -337,9 +253,10 @@ class Generator:
 
   def __init__(self, model, cache: str = "float32", window: int = 0, max_len: int | None = None, batch: int = 1):
     m = model.config
-    check_supported(m)
+    model_lib.check_cacheable(m)
     self.m, self.graphdef, self.params = m, model.graphdef, model.params
     self.cache_spec, self.policy = cache, parse_policy(cache, m)
+    self.cache = KVCache(tuple(self.policy.items()), tuple(stream_dims(m).items()))
     self.window, self.batch = int(window), int(batch)
     self.max_len = int(max_len or m.max_seq_len)
     if m.positions == "learned" and self.max_len > m.max_seq_len:
@@ -347,7 +264,7 @@ class Generator:
     if self.window < 0:
       raise ValueError(f"window={window} must be >= 0")
     self.traces = {"prefill": 0, "decode": 0}  # compilations, for tests and progress messages
-    run = functools.partial(_run, model.graphdef, m, self.policy)
+    run = functools.partial(_run, model.graphdef, self.cache)
 
     def prefill(params, cache, tokens_BP, n_valid):
       self.traces["prefill"] += 1

@@ -2,18 +2,22 @@
 
 Parameters carry logical axis names in their `axes` metadata (mapped to mesh axes by `mesh.LOGICAL_RULES`).
 Training is pure-functional: `graphdef, params = split(model)` once, then `nnx.merge(graphdef, params)` inside
-the jitted step, with `params` a plain nested dict of arrays.
+the jitted step, with `params` a plain nested dict of arrays. `Decoder.forward` is the only forward pass: decoding,
+pruning and attention probes reach into it through the extension points below (Hooks, LayerIO).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from dba_jax import ops, selective
+from dba_jax import ops
+from dba_jax.ops import selective
 from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
@@ -87,6 +91,73 @@ class MLP(nnx.Module):
     return self.w_out(h)
 
 
+# ------------------------------------------------------------------------------------------ extension points
+#
+# Every caller runs the model's own forward; what differs is passed in, never re-implemented:
+#   Hooks.cache     a cache implementation (generate.KVCache, pruning.SlotCache, ...) with
+#                   update(state, new, q_pos_T, valid_T) -> (state, streams, k_pos_BS): it stores the chunk's
+#                   streams `new` ({name: [B, T, K, D]}, what stream_names(m) lists) in this layer's `state`
+#                   and returns every stream it holds [B, S, K, D] with their absolute positions (-1: empty slot).
+#                   Selective layers keep their F carry in state["colsum"] [B, S].
+#   Hooks.valid_T   [T] bool: real rows of a padded chunk (padding rows add nothing to carried state).
+#   Hooks.keep_fn   key keep hook (context pruning): F_heads [B, A|1, T, S] -> bool keep mask.
+#   Hooks.return_probs  every layer also returns its attention probabilities [B, H, T, S] (probes).
+# Per-layer values travel in a LayerIO: the residual logits of selective residual masks, the layer's cache
+# state, its memory-penalty aux and its probabilities.
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  cache: Any = None
+  valid_T: Any = None
+  keep_fn: Callable | None = None
+  return_probs: bool = False
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerIO:
+  res: Any = None
+  state: Any = None
+  aux: Any = None  # [paper, repo] memory penalties; None: not computed
+  probs: Any = None
+
+
+def stream_names(m: Config) -> tuple[str, ...]:
+  """The per-token streams a cache stores for this model (after RoPE), in this order."""
+  return ("k_sem", "k_geo", "v") if m.attn_kind == "dba" else ("k", "v")
+
+
+def check_cacheable(m: Config):
+  """Cached decoding (and slot eviction) supports plain, DBA and head-selection selective attention."""
+  if m.attn_kind == "selective":
+    extras = {"sel_mask_heads": m.sel_mask_heads, "sel_combo": m.sel_combo != "none",
+              "sel_latent_masks": m.sel_latent_masks, "sel_residual_masks": m.sel_residual_masks,
+              "sel_protection": m.sel_protection != "none"}
+    bad = [k for k, v in extras.items() if v]
+    if bad:
+      raise NotImplementedError(f"cached decoding supports the default head selection only; not {', '.join(bad)}")
+
+
+def _through_cache(hooks: Hooks, io: LayerIO, new: dict, positions_T):
+  """(streams to attend over, (key positions [B, S], visibility [B, T, S]) or None, io with the new state)."""
+  if hooks.cache is None:
+    return new, None, io
+  state, streams, k_pos_BS = hooks.cache.update(io.state, new, positions_T, hooks.valid_T)
+  return streams, (k_pos_BS, ops.positions_mask(positions_T, k_pos_BS)), dataclasses.replace(io, state=state)
+
+
+def _aux(io: LayerIO):
+  return NO_AUX if io.aux is None else io.aux
+
+
+def _no_keep_hook(hooks: Hooks, kind: str):
+  if hooks.keep_fn is not None:
+    raise NotImplementedError(f"the key keep hook needs selective attention's F; {kind} attention has none")
+
+
 class StandardAttention(nnx.Module):
   """MHA / GQA / bottleneck (attn_dim < d_model). q, k, v are separate kernels so tensor parallelism splits
   whole heads; PyTorch's fused [q | k | v] weight is split on conversion."""
@@ -103,19 +174,19 @@ class StandardAttention(nnx.Module):
     self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
     self.scale = 1.0 / self.D if m.mup else self.D ** -0.5  # muP: attn_mult 1/d_head
 
-  def __call__(self, x_BTd, positions_T, res_BHTS=None):
-    """(output, aux loss, residual logits for the next layer or None)."""
+  def __call__(self, x_BTd, positions_T, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
+    """(output [B, T, d], io with this layer's aux, residual logits, cache state and probabilities)."""
     B, T, _ = x_BTd.shape
-    H, K, D = self.Hp, self.Kp, self.D
     q_BTHD, k_BTKD, v_BTKD = self.project(x_BTd, positions_T)
     tap("q", q_BTHD), tap("k", k_BTKD), tap("v", v_BTKD)
-    if _TAPS is not None and H == K:  # the logits are only materialised for the coordinate check
+    if _TAPS is not None and self.Hp == self.Kp:  # the logits are only materialised for the coordinate check
       tap("attn_score", jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTKD) * self.scale)
-    o_BTHD, aux, res_BHTS = self.attend(q_BTHD, k_BTKD, v_BTKD, res_BHTS)
-    return self.out(o_BTHD.reshape(B, T, self.H * D)), aux, res_BHTS
+    kv, keys, io = _through_cache(hooks, io, {"k": k_BTKD, "v": v_BTKD}, positions_T)
+    o_BTHD, io = self.attend(q_BTHD, kv["k"], kv["v"], positions_T, keys, io, hooks)
+    return self.out(o_BTHD.reshape(B, T, self.H * self.D)), io
 
   def project(self, x_BTd, positions_T):
-    """q [B, T, Hp, D], k, v [B, T, Kp, D], RoPE applied: what a KV cache stores (generate.py decodes with it)."""
+    """q [B, T, Hp, D], k, v [B, T, Kp, D], RoPE applied."""
     B, T, _ = x_BTd.shape
     H, K, D = self.Hp, self.Kp, self.D
     q_BTHD = constrain(self.q(x_BTd).reshape(B, T, H, D), ACT_HEADS)
@@ -126,17 +197,23 @@ class StandardAttention(nnx.Module):
       k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
     return q_BTHD, k_BTKD, v_BTKD
 
-  def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
-    o = ops.attention(q_BTHD, k_BTKD, v_BTKD, scale=self.scale, impl=self.m.attn_impl)
-    return o, NO_AUX, res_BHTS
+  def attend(self, q_BTHD, k_BSKD, v_BSKD, positions_T, keys, io: LayerIO, hooks: Hooks):
+    _no_keep_hook(hooks, "standard")
+    o = ops.attention(q_BTHD, k_BSKD, v_BSKD, scale=self.scale, mask=None if keys is None else keys[1],
+                      return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    if hooks.return_probs:
+      o, probs = o
+      io = dataclasses.replace(io, probs=probs)
+    return o, io
 
 
 class SelectiveAttention(StandardAttention):
-  """Standard attention whose logits lose the selection mask F (dba_jax.selective); `aux` is the layer's
+  """Standard attention whose logits lose the selection mask F (dba_jax.ops.selective); `aux` is the layer's
   memory penalty when one is configured. Like the original, its out projection keeps the plain init std."""
 
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
     super().__init__(m, m.init_std, rngs, extra_heads=m.sel_mask_heads)
+    self.spec = selective.SelectiveSpec.from_config(m)
     H = self.Hp
     # "with_head_zero": Linear(heads -> 1) over all heads' logits, one-hot on head 0 (= the default at init);
     # "_and_bias" adds a bias with PyTorch's default-uniform init, as the original's early return left it.
@@ -163,41 +240,42 @@ class SelectiveAttention(StandardAttention):
     # "residual_attention_masks": Linear(heads -> heads), no bias, over the previous layer's logits.
     self.res_mix = nnx.Param(_normal(rngs, (H, H), 0.02), axes=(None, None)) if m.sel_residual_masks else None
 
-  def attend(self, q_BTHD, k_BTKD, v_BTKD, res_BHTS=None):
+  def weights(self) -> selective.Weights:
+    pair = lambda w, b: None if w is None else (w[...], b[...])
+    return selective.Weights(pair(self.sel_combo_w, self.sel_combo_b), pair(self.protect_w, self.protect_b),
+                             pair(self.sel_latent_w, self.sel_latent_b))
+
+  def attend(self, q_BTHD, k_BSKD, v_BSKD, positions_T, keys, io: LayerIO, hooks: Hooks):
     m = self.m
-    impl = ops.resolve_impl(m.attn_impl)
-    if impl == "xla":  # materialised F; sel_scan picks its scan
-      impl = {"reference": "reference", "xla": "xla", "pallas": "pallas_scan"}[m.sel_scan]
-    args = dict(leaky_alpha=m.sel_leaky_alpha, leaky_bias=m.sel_leaky_bias, scale=m.sel_protection_scale,
-                bias=m.sel_protection_bias)
-    if self.protect_w is not None:
-      args.update(combo_w=self.protect_w[...], combo_b=self.protect_b[...])
-    result = selective.selective_attention(
-        q_BTHD, k_BTKD, v_BTKD, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
-        selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
-        scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
-        protection_args=args, selection_heads=m.sel_mask_heads, selection_slices=m.sel_mask_slices,
-        return_mask=m.memory_penalty != "none", scale=self.scale,
-        combo=None if self.sel_combo_w is None else (self.sel_combo_w[...], self.sel_combo_b[...]),
-        latent=None if self.sel_latent_w is None else
-        (self.sel_latent_w[...], self.sel_latent_b[...], m.sel_latent_multiplier),
-        residual_BHTS=None if self.res_mix is None else
-        jnp.einsum("bgts,gh->bhts", res_BHTS, self.res_mix[...].astype(res_BHTS.dtype)))
-    parts = result if isinstance(result, tuple) else (result,)
+    if keys is not None:  # cached decoding: F rows from the carried column sums
+      _no_keep_hook(hooks, "cached selective")
+      valid_T = jnp.ones(positions_T.shape, bool) if hooks.valid_T is None else hooks.valid_T
+      o, f, colsum = selective.cached_attention(
+          q_BTHD, k_BSKD, v_BSKD, self.spec, scale=self.scale, mask_BTS=keys[1], q_pos_T=positions_T,
+          k_pos_BS=keys[0], valid_T=valid_T, colsum_BS=io.state["colsum"], return_probs=hooks.return_probs)
+      probs = None
+      if hooks.return_probs:
+        o, probs = o
+      return o, dataclasses.replace(io, state={**io.state, "colsum": colsum}, probs=probs)
+    residual = None
     if self.res_mix is not None:
-      parts, res_BHTS = parts[:-1], parts[-1]
-    o, f = parts[0], (parts[1] if len(parts) > 1 else None)
-    aux = NO_AUX if f is None else jnp.stack([selective.memory_penalty_paper(f, m.memory_tau),
-                                              selective.memory_penalty_repo(f, m.memory_tau)]).astype(jnp.float32)
-    return o, aux, res_BHTS
+      residual = jnp.einsum("bgts,gh->bhts", io.res, self.res_mix[...].astype(io.res.dtype))
+    r = selective.apply(q_BTHD, k_BSKD, v_BSKD, self.spec, scale=self.scale, weights=self.weights(),
+                        residual_BHTS=residual, keep_fn=hooks.keep_fn, return_mask=m.memory_penalty != "none",
+                        return_probs=hooks.return_probs, impl=m.attn_impl)
+    aux = None
+    if m.memory_penalty != "none":
+      aux = jnp.stack([selective.memory_penalty_paper(r.f, m.memory_tau),
+                       selective.memory_penalty_repo(r.f, m.memory_tau)]).astype(jnp.float32)
+    res = r.residual if self.res_mix is not None else io.res
+    return r.out, dataclasses.replace(io, aux=aux, res=res, probs=r.probs if hooks.return_probs else None)
 
 
 class DBAAttention(nnx.Module):
-  """Decoupled bottleneck attention (dba.md §1.2–1.8).
+  """Decoupled bottleneck attention (dba.md §1.2–1.8; the math is dba_jax.ops.dba).
 
   score = a_h <q_sem, k_sem>/sqrt(d_sem) + b_h <RoPE q_geo, RoPE k_geo>/sqrt(d_geo); a = 2 sigmoid(gate), b = 2 - a
-  (a = b = 1 ungated). Scales and gate fold into the queries, q/k concatenate as [sem | geo] per head and one
-  attention call runs with scale 1, so the KV cache holds unscaled k_sem, RoPE'd k_geo and v.
+  (a = b = 1 ungated). A KV cache holds unscaled k_sem, RoPE'd k_geo and v.
   """
 
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
@@ -220,7 +298,7 @@ class DBAAttention(nnx.Module):
       self.v_null = nnx.Param(_normal(rngs, (K, self.dv), m.init_std), axes=("kv_heads", None))
 
   def streams(self, x_BTd, positions_T):
-    """q_sem, k_sem, q_geo, k_geo (RoPE'd), v per head, before any scaling: what a KV cache stores."""
+    """q_sem, k_sem, q_geo, k_geo (RoPE'd), v per head, before any scaling."""
     B, T, _ = x_BTd.shape
     H, K = self.H, self.K
     qs = self.q_sem(x_BTd).reshape(B, T, H, self.ds)
@@ -240,7 +318,7 @@ class DBAAttention(nnx.Module):
     return qs, ks, qg, kg, v
 
   def path_weights(self, x_BTd):
-    """(a, b) per query and head, [B, T, H] or scalars: the semantic and geometric score weights."""
+    """(a, b) per query and head, [B, T, H, 1] or scalars: the semantic and geometric score weights."""
     if self.gate_logit is None:
       return 1.0, 1.0
     ft = jnp.promote_types(x_BTd.dtype, jnp.float32)  # the gate is computed in (at least) float32
@@ -250,12 +328,6 @@ class DBAAttention(nnx.Module):
     a = 2.0 * jax.nn.sigmoid(logit)
     return a.astype(x_BTd.dtype)[..., None], (2.0 - a).astype(x_BTd.dtype)[..., None]
 
-  def fold_queries(self, x_BTd, qs, qg):
-    """[a q_sem / sqrt(d_sem) | b q_geo / sqrt(d_geo)]: queries for one scale-1 attention over [k_sem | k_geo]."""
-    a, b = self.path_weights(x_BTd)
-    p = -1.0 if self.m.mup else -0.5  # muP: attn_mult 1/d per path
-    return jnp.concatenate([qs * (a * self.ds ** p), qg * (b * self.dg ** p)], axis=-1)
-
   def null_kv(self, dtype):
     """(k [K, d_sem + d_geo], v [K, d_v]) of the always-visible null token, or None without null_attn."""
     if not self.m.null_attn:
@@ -263,26 +335,28 @@ class DBAAttention(nnx.Module):
     null_k = jnp.concatenate([self.k_sem_null[...], self.k_geo_null[...]], axis=-1).astype(dtype)
     return null_k, self.v_null[...].astype(dtype)
 
-  def __call__(self, x_BTd, positions_T, res_BHTS=None):
+  def __call__(self, x_BTd, positions_T, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
+    _no_keep_hook(hooks, "DBA")
     B, T, _ = x_BTd.shape
     qs, ks, qg, kg, v = self.streams(x_BTd, positions_T)
-    q_BTHD = self.fold_queries(x_BTd, qs, qg)
-    k_BSKD = jnp.concatenate([ks, kg], axis=-1)
-    n_prefix = 0
-    if self.m.null_attn:
-      null_k, null_v = self.null_kv(k_BSKD.dtype)
-      k_BSKD = jnp.concatenate([jnp.broadcast_to(null_k, (B, 1) + null_k.shape), k_BSKD], axis=1)
-      v = jnp.concatenate([jnp.broadcast_to(null_v.astype(v.dtype), (B, 1) + null_v.shape), v], axis=1)
-      n_prefix = 1
-    o_BTHE = ops.attention(q_BTHD, k_BSKD, v, scale=1.0, n_prefix=n_prefix, impl=self.m.attn_impl)
-    return self.out(o_BTHE.reshape(B, T, self.H * self.dv)), NO_AUX, res_BHTS
+    kv, keys, io = _through_cache(hooks, io, {"k_sem": ks, "k_geo": kg, "v": v}, positions_T)
+    a, b = self.path_weights(x_BTd)
+    p = -1.0 if self.m.mup else -0.5  # muP: attn_mult 1/d per path
+    o = ops.dba_attention(qs, kv["k_sem"], qg, kv["k_geo"], kv["v"], sem_scale=self.ds ** p, geo_scale=self.dg ** p,
+                          sem_weight=a, geo_weight=b, null=self.null_kv(ks.dtype),
+                          mask=None if keys is None else keys[1], return_probs=hooks.return_probs,
+                          impl=self.m.attn_impl)
+    if hooks.return_probs:
+      o, probs = o
+      io = dataclasses.replace(io, probs=probs)
+    return self.out(o.reshape(B, T, self.H * self.dv)), io
 
 
 ATTENTION_KINDS = {"standard": StandardAttention, "dba": DBAAttention, "selective": SelectiveAttention}
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). The only place the block math lives."""
 
   def __init__(self, m: Config, rngs: nnx.Rngs):
     out_std = m.init_std / math.sqrt(2 * m.n_layers) if m.scale_residual_init else m.init_std
@@ -292,14 +366,14 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
     self.mlp = MLP(m, out_std, rngs)
 
-  def __call__(self, x, positions_T, rng=None, res_BHTS=None):
-    """(x, aux, res): aux the layer's memory penalties [paper, repo] (zeros unless one is configured), res
-    the logits residual_attention_masks hands to the next layer (None otherwise)."""
+  def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
+    """(x, io): io.aux the layer's memory penalties [paper, repo] (zeros unless one is configured), io.res the
+    logits residual_attention_masks hands to the next layer, io.state this layer's updated cache state."""
     keys = jax.random.split(rng, 2) if rng is not None else (None, None)
     x = constrain(x, ACT_EMBED)
-    y, aux, res_BHTS = self.attn(self.attn_norm(x), positions_T, res_BHTS)
+    y, io = self.attn(self.attn_norm(x), positions_T, io, hooks)
     x = x + _dropout(tap("attn", y), self.dropout, keys[0])
-    return x + _dropout(tap("mlp", self.mlp(self.mlp_norm(x))), self.dropout, keys[1]), aux, res_BHTS
+    return x + _dropout(tap("mlp", self.mlp(self.mlp_norm(x))), self.dropout, keys[1]), io
 
 
 # Logical axes that grow with model width (muP's "infinite" dimensions); head_dim stays fixed.
@@ -353,6 +427,13 @@ def _dropout(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+class Output(NamedTuple):
+  logits: jax.Array
+  aux: dict
+  cache_state: Any = None
+  probs: Any = None
+
+
 class Decoder(nnx.Module):
   """Token embedding -> [positions] -> blocks (scanned or unrolled) -> norm -> head. Returns padded-vocab logits."""
 
@@ -379,15 +460,22 @@ class Decoder(nnx.Module):
       _mup_init(self, m)
 
   def __call__(self, tokens_BT, rng=None):
-    return self.forward(tokens_BT, rng)[0]
+    return self.forward(tokens_BT, rng).logits
 
-  def forward(self, tokens_BT, rng=None):
-    """(logits, aux): aux holds both memory-penalty forms, {"memory_paper": mean over layers, "memory_repo": sum
-    over layers} (zeros unless model.memory_penalty is set)."""
+  def forward(self, tokens_BT, rng=None, *, positions_T=None, hooks: Hooks = NO_HOOKS, cache_state=None,
+              logits_at=None) -> "Output":
+    """The forward pass, the one every caller runs (training, evaluation, decoding, pruning, probes).
+
+    positions_T: absolute positions of the tokens (default 0..T-1; a decoding chunk starts later).
+    hooks, cache_state: the extension points above; cache_state is every layer's state stacked [L, ...].
+    logits_at: read out only this position (a traced index): logits [B, padded vocab].
+    Returns Output(logits, aux, cache_state, probs [L, B, H, T, S] with hooks.return_probs); aux holds both
+    memory-penalty forms, {"memory_paper": mean over layers, "memory_repo": sum over layers} (zeros unless
+    model.memory_penalty is set)."""
     m = self.m
     dtype = DTYPES[m.compute_dtype]
     T = tokens_BT.shape[1]
-    positions_T = jnp.arange(T)
+    positions_T = jnp.arange(T) if positions_T is None else positions_T
     x = self.embed_tokens(tokens_BT, positions_T)
     use_rng = rng is not None and m.dropout > 0
     if use_rng:
@@ -402,21 +490,30 @@ class Decoder(nnx.Module):
       graphdef, stacked = nnx.split(self.blocks)
 
       def body(carry, xs):
-        (h, r), (params, key) = carry, xs
-        h, a, r = nnx.merge(graphdef, params)(h, positions_T, key, r)
-        return (h, r), a
+        (h, r), (params, key, state) = carry, xs
+        h, io = nnx.merge(graphdef, params)(h, positions_T, key, LayerIO(res=r, state=state), hooks)
+        return (h, io.res), (_aux(io), io.state, io.probs)
 
-      (x, _), aux_L = jax.lax.scan(body, (x, res), (stacked, layer_keys))
+      (x, _), (aux_L, cache_state, probs) = jax.lax.scan(body, (x, res), (stacked, layer_keys, cache_state))
       aux = aux_L.sum(0)
     else:
-      aux = NO_AUX
+      aux, states, probs = NO_AUX, [], []
       for i, block in enumerate(self.blocks):
-        x, a, res = block(x, positions_T, None if layer_keys is None else layer_keys[i], res)
-        aux = aux + a
+        state = None if cache_state is None else jax.tree.map(lambda a, i=i: a[i], cache_state)
+        x, io = block(x, positions_T, None if layer_keys is None else layer_keys[i], LayerIO(res=res, state=state),
+                      hooks)
+        aux, res = aux + _aux(io), io.res
+        states.append(io.state)
+        probs.append(io.probs)
+      stack = lambda xs: None if xs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *xs)
+      cache_state, probs = stack(states), stack(probs)
     # The paper's penalty is averaged over layers; the original code summed its own form (selective.md §3.8).
     aux = {"memory_paper": aux[0] / m.n_layers, "memory_repo": aux[1]}
+    if logits_at is not None:
+      return Output(self.readout(jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1))[:, 0], aux, cache_state,
+                    probs)
     logits = self.readout(constrain(x, ACT_EMBED))
-    return constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux
+    return Output(constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux, cache_state, probs)
 
   def embed_tokens(self, tokens_BT, positions_T):
     """Token (+ learned position) embeddings in the compute dtype; positions_T are absolute positions."""

@@ -18,13 +18,16 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import generate, ops, selective
+from dba_jax import evaluate, losses, model as model_lib
 from dba_jax.config import attn_dim, kv_heads
+from dba_jax.ops import base
 
 RULES = ("original", "per_row")
 
@@ -32,7 +35,7 @@ RULES = ("original", "per_row")
 def check_prunable(m):
   if m.attn_kind != "selective" or m.sel_disable:
     raise ValueError("context pruning needs a selective-attention model (model.attn_kind='selective', selection on)")
-  generate.check_supported(m)  # default head selection only, as the cached decoder
+  model_lib.check_cacheable(m)  # default head selection only, as the cached decoder
 
 
 # ------------------------------------------------------------------------------------- (a) keep-ratio masks
@@ -45,7 +48,7 @@ def keep_mask(f_TS, ratio: float, rule: str = "original"):
   lead = (1,) * (f_TS.ndim - 2)  # explicit broadcasting (the tests raise on rank promotion)
   row_T = jnp.arange(T).reshape(lead + (T, 1))
   key_S = jnp.arange(S).reshape(lead + (1, S))
-  causal = (key_S <= row_T) & jnp.ones(f_TS.shape, bool)
+  causal = base.causal_mask(T, S).reshape(lead + (T, S)) & jnp.ones(f_TS.shape, bool)
   # Future keys sort last; a stable argsort of the argsort gives each key's rank within its row.
   rank = jnp.argsort(jnp.argsort(jnp.where(causal, f_TS, jnp.inf), axis=-1, stable=True), axis=-1, stable=True)
   if ratio >= 1:  # the original pruned only below ratio 1 (its budget - 1 rule would drop a key at ratio 1)
@@ -60,52 +63,14 @@ def keep_mask(f_TS, ratio: float, rule: str = "original"):
   return causal & ((rank < n_keep_T1) | forced)
 
 
-def _blocks(decoder):
-  """The decoder's blocks as a list (scanned blocks are sliced out of their stacked parameters)."""
-  if not decoder.m.scan_layers:
-    return list(decoder.blocks)
-  graphdef, stacked = nnx.split(decoder.blocks)
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(decoder.m.n_layers)]
-
-
-def _pruned_logits(decoder, tokens_BT, ratio, rule):
-  """The model's forward with every selective layer's keys pruned by `keep_mask` (same modules, same order)."""
-  m = decoder.m
-  B, T = tokens_BT.shape
-  positions_T = jnp.arange(T)
-  impl = ops.resolve_impl(m.attn_impl)
-  if impl == "xla":  # as SelectiveAttention.attend
-    impl = {"reference": "reference", "xla": "xla", "pallas": "pallas_scan"}[m.sel_scan]
-  keep_fn = lambda f_BMTS: keep_mask(f_BMTS, ratio, rule)
-  x = decoder.embed_tokens(tokens_BT, positions_T)
-  for block in _blocks(decoder):
-    attn = block.attn
-    q, k, v = attn.project(block.attn_norm(x), positions_T)
-    o = selective.selective_attention(
-        q, k, v, impl=impl, protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask,
-        selection_head=m.sel_head, relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum,
-        scan_dtype=m.sel_scan_dtype, scale=attn.scale, key_keep_fn=keep_fn)
-    x = x + attn.out(o.reshape(B, T, -1))
-    x = x + block.mlp(block.mlp_norm(x))
-  return decoder.readout(x)
-
-
-def _nll_sum(logits_BTV, targets_BT, vocab: int):
-  logits = logits_BTV.astype(jnp.float32)[..., :vocab]
-  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
-  return nll.sum()
-
-
 def pruned_loss(model, windows_BL1, ratio: float | None, rule: str = "original", batch_size: int = 8) -> float:
   """Mean next-token NLL over windows [N, T + 1] (inputs the first T tokens); ratio None: the unpruned model."""
   m = model.config
   check_prunable(m)
   windows = np.asarray(windows_BL1, np.int32)
-  if ratio is None:
-    fn = jax.jit(lambda p, w: _nll_sum(model._apply(p, w[:, :-1]), w[:, 1:], m.vocab_size))
-  else:
-    fn = jax.jit(lambda p, w: _nll_sum(_pruned_logits(nnx.merge(model.graphdef, p), w[:, :-1], ratio, rule),
-                                       w[:, 1:], m.vocab_size))
+  hooks = model_lib.NO_HOOKS if ratio is None else model_lib.Hooks(keep_fn=lambda f: keep_mask(f, ratio, rule))
+  fn = jax.jit(lambda p, w: losses.nll(nnx.merge(model.graphdef, p).forward(w[:, :-1], hooks=hooks).logits,
+                                       w[:, 1:], m.vocab_size).sum())
   total = sum(float(fn(model.params, jnp.asarray(windows[i:i + batch_size])))
               for i in range(0, len(windows), batch_size))
   return total / (windows.shape[0] * (windows.shape[1] - 1))
@@ -113,69 +78,62 @@ def pruned_loss(model, windows_BL1, ratio: float | None, rule: str = "original",
 
 # -------------------------------------------------------------------------------- (b) KV budgets in decoding
 
-def _admit(c, k_BKD, v_BKD, t, budget):
-  """Write token t into the first free slot, then evict down to `budget` (largest F, oldest on ties)."""
-  C = c["pos"].shape[1]
-  slot = jax.nn.one_hot(jnp.argmax(c["pos"] < 0, axis=1), C, dtype=bool)  # [B, C]
-  c = {"k": jnp.where(slot[:, :, None, None], k_BKD[:, None].astype(c["k"].dtype), c["k"]),
-       "v": jnp.where(slot[:, :, None, None], v_BKD[:, None].astype(c["v"].dtype), c["v"]),
-       "colsum": jnp.where(slot, 0.0, c["colsum"]), "pos": jnp.where(slot, t, c["pos"])}
-  alive = c["pos"] >= 0
-  candidate = alive & (c["pos"] != 0) & (c["pos"] != t)
-  f = jnp.where(candidate, c["colsum"], -jnp.inf)
-  tied = candidate & (f == f.max(1, keepdims=True))
-  oldest = jnp.argmin(jnp.where(tied, c["pos"], jnp.iinfo(jnp.int32).max), axis=1)
-  over = (alive.sum(1) > budget) & candidate.any(1)
-  evict = jax.nn.one_hot(oldest, C, dtype=bool) & over[:, None]
-  return {**c, "pos": jnp.where(evict, -1, c["pos"])}
+@dataclasses.dataclass(frozen=True)
+class SlotCache:
+  """The model's cache extension point (model.Hooks.cache) for a fixed number of reusable slots: one token per
+  step is admitted, then the layer evicts down to its budget. A layer's state: k, v [B, C, K, D], colsum and pos
+  [B, C] (-1 free), its budget, and for traces pos_before and f (the F row the query uses, before any ReLU)."""
 
-
-def _selection_row(q_BHD, k_BCKD, pos_BC, t, m, scale):
-  """S[t, slot] of the query at position t against the cached keys, with selective.selection_scores's rules."""
-  h = m.sel_head
-  x = jnp.einsum("bd,bcd->bc", q_BHD[:, h], k_BCKD[:, :, h], preferred_element_type=jnp.float32) * jnp.float32(scale)
-  s = jax.nn.relu(x) if m.sel_relu_leak == 0.0 else jnp.where(x >= 0, x, m.sel_relu_leak * x)
-  keep = pos_BC >= 0
-  if m.sel_protect_bos:
-    keep = keep & (pos_BC != 0)
-  if not m.sel_allow_self_mask:
-    keep = keep & (pos_BC != t)
-  return jnp.where(keep, s, 0.0)
+  def update(self, c, new, q_pos_T, valid_T):
+    del valid_T  # one real token per step
+    t = q_pos_T[0]
+    k_BKD, v_BKD = new["k"][:, 0], new["v"][:, 0]
+    C = c["pos"].shape[1]
+    before = c["pos"]
+    slot = jax.nn.one_hot(jnp.argmax(c["pos"] < 0, axis=1), C, dtype=bool)  # [B, C]: the first free slot
+    c = {**c, "k": jnp.where(slot[:, :, None, None], k_BKD[:, None].astype(c["k"].dtype), c["k"]),
+         "v": jnp.where(slot[:, :, None, None], v_BKD[:, None].astype(c["v"].dtype), c["v"]),
+         "colsum": jnp.where(slot, 0.0, c["colsum"]), "pos": jnp.where(slot, t, c["pos"])}
+    # Evict down to the budget: the largest F, oldest on ties; never BOS, never the new token.
+    alive = c["pos"] >= 0
+    candidate = alive & (c["pos"] != 0) & (c["pos"] != t)
+    f = jnp.where(candidate, c["colsum"], -jnp.inf)
+    tied = candidate & (f == f.max(1, keepdims=True))
+    oldest = jnp.argmin(jnp.where(tied, c["pos"], jnp.iinfo(jnp.int32).max), axis=1)
+    over = (alive.sum(1) > c["budget"]) & candidate.any(1)
+    evict = jax.nn.one_hot(oldest, C, dtype=bool) & over[:, None]
+    c = {**c, "pos": jnp.where(evict, -1, c["pos"]), "pos_before": before, "f": c["colsum"]}
+    return c, {"k": c["k"], "v": c["v"]}, c["pos"]
 
 
 def _decode_window(graphdef, m, capacity, trace, params, windows_BL1, budgets_L):
   """Teacher-forced decoding of windows [B, T + 1] under per-layer budgets: (NLL sum, trace or None)."""
   decoder = nnx.merge(graphdef, params)
-  blocks = _blocks(decoder)
   B, T = windows_BL1.shape[0], windows_BL1.shape[1] - 1
   K, D = kv_heads(m), attn_dim(m) // m.n_heads
-  dtype = generate.DTYPES[m.compute_dtype]
-  empty = {"k": jnp.zeros((B, capacity, K, D), dtype), "v": jnp.zeros((B, capacity, K, D), dtype),
-           "colsum": jnp.zeros((B, capacity), jnp.float32), "pos": jnp.full((B, capacity), -1, jnp.int32)}
+  dtype = model_lib.DTYPES[m.compute_dtype]
+  L = m.n_layers
+  empty = {"k": jnp.zeros((L, B, capacity, K, D), dtype), "v": jnp.zeros((L, B, capacity, K, D), dtype),
+           "colsum": jnp.zeros((L, B, capacity), jnp.float32), "pos": jnp.full((L, B, capacity), -1, jnp.int32),
+           "pos_before": jnp.full((L, B, capacity), -1, jnp.int32), "f": jnp.zeros((L, B, capacity), jnp.float32),
+           "budget": jnp.asarray(budgets_L, jnp.int32)}
+  hooks = model_lib.Hooks(cache=SlotCache())
 
-  def step(cache, xs):
+  def step(state, xs):
     tok_B, target_B, t = xs
-    positions_T = t[None]
-    x = decoder.embed_tokens(tok_B[:, None], positions_T)
-    new_cache, seen = [], []
-    for block, c, budget in zip(blocks, cache, budgets_L):
-      attn = block.attn
-      q, k, v = attn.project(block.attn_norm(x), positions_T)
-      before = c["pos"]
-      c = _admit(c, k[:, 0], v[:, 0], t, budget)
-      f_BC = jax.nn.relu(c["colsum"]) if m.sel_relu_after_cumsum else c["colsum"]
-      seen.append({"pos_before": before, "pos": c["pos"], "f": f_BC})
-      visible = (c["pos"] >= 0)[:, None, None, None, :]
-      o = generate._attend(q, c["k"], c["v"], visible, attn.scale, None, f_BC[:, None, :])
-      c = {**c, "colsum": c["colsum"] + _selection_row(q[:, 0], c["k"], c["pos"], t, m, attn.scale)}
-      new_cache.append(c)
-      x = x + attn.out(o.reshape(B, 1, -1))
-      x = x + block.mlp(block.mlp_norm(x))
-    nll = _nll_sum(decoder.readout(x)[:, 0], target_B, m.vocab_size)
-    return new_cache, (nll, seen if trace else None)
+    out = decoder.forward(tok_B[:, None], positions_T=t[None], hooks=hooks, cache_state=state)
+    nll = losses.nll(out.logits[:, 0], target_B, m.vocab_size).sum()
+    s = out.cache_state
+    seen = None
+    if trace:
+      seen = {"pos_before": s["pos_before"], "pos": s["pos"],
+              "f": jax.nn.relu(s["f"]) if m.sel_relu_after_cumsum else s["f"]}
+    return s, (nll, seen)
 
   xs = (windows_BL1[:, :-1].T, windows_BL1[:, 1:].T, jnp.arange(T, dtype=jnp.int32))
-  _, (nll_T, seen_T) = jax.lax.scan(step, [empty] * m.n_layers, xs)
+  _, (nll_T, seen_T) = jax.lax.scan(step, empty, xs)
+  if trace:  # [T, L, B, C] -> per layer [T, B, C]
+    seen_T = [jax.tree.map(lambda a, l=l: a[:, l], seen_T) for l in range(L)]
   return nll_T.sum(), seen_T
 
 
@@ -277,11 +235,10 @@ def ratio_sweep(model, windows_BL1, ratios, rule: str = "original", target: floa
 
 def prune_main(model, config, tokens, args) -> dict:
   """The `dba-eval prune` report: keep-ratio sweep, shared budgets, and (with a target) the budget search."""
-  from dba_jax import evaluate
   seq_len = args.seq_len or config.data.seq_len
   if args.max_windows < 1:
     raise ValueError("--max-windows must be >= 1")
-  w = evaluate._windows(tokens, seq_len, seq_len)
+  w = evaluate.windows(tokens, seq_len, seq_len)
   n = min(len(w), args.max_windows)
   windows = np.stack([w[int(i)] for i in np.linspace(0, len(w) - 1, n).astype(int)])
   target = args.target_loss if args.target_loss > 0 else None

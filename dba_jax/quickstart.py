@@ -14,7 +14,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def load_config(variant: str):
-  from dba_jax.main import parse_flags
+  from dba_jax.cli import parse_flags
   return parse_flags(["quickstart", f"--config={CONFIG}:{variant}"]).config
 
 

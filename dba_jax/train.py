@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dba_jax import ckpt, data, mesh as mesh_lib, model as model_lib
+from dba_jax import ckpt, data, losses, mesh as mesh_lib, model as model_lib
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
 
 # ------------------------------------------------------------------------------------------------- optimizer
@@ -84,15 +84,6 @@ def make_optimizer(c: Config, axes_tree):
 # ---------------------------------------------------------------------------------------------------- steps
 
 
-def cross_entropy(logits_BTV, targets_BT, vocab_size: int):
-  """Mean next-token NLL in float32; padded vocab columns are excluded from the normaliser."""
-  logits = logits_BTV.astype(jnp.float32)
-  if logits.shape[-1] > vocab_size:
-    logits = jnp.where(jnp.arange(logits.shape[-1])[None, None, :] < vocab_size, logits, -jnp.inf)
-  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
-  return nll.mean()
-
-
 def _with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs that carry their target shardings (what Orbax restores into)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
@@ -101,7 +92,7 @@ def _with_shardings(abstract_tree, shardings):
 class Trainer:
   """Builds the model, shardings and jitted steps for one config on one mesh."""
 
-  def __init__(self, c: Config, mesh, poison_steps: tuple = ()):
+  def __init__(self, c: Config, mesh):
     self.c, self.mesh = c, mesh
     m = c.model
     self.graphdef, abstract_state = model_lib.abstract(m)
@@ -124,8 +115,8 @@ class Trainer:
     def loss_fn(params, tokens_BT1, key):
       """(training loss, {"ce", "memory_paper", "memory_repo"}) of one (micro-)batch; the loss adds the configured
       memory penalty, and both forms are logged."""
-      logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
-      ce = cross_entropy(logits, tokens_BT1[:, 1:], vocab)
+      logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)[:2]
+      ce = losses.nll(logits, tokens_BT1[:, 1:], vocab).mean()
       loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
       return loss, {"ce": ce, **aux}
 
@@ -143,8 +134,6 @@ class Trainer:
       A = tokens_ABT1.shape[0]
       (grads, loss, parts), _ = jax.lax.scan(micro, zero, (tokens_ABT1, jnp.arange(A)))
       grads, loss, parts = jax.tree.map(lambda g: g / A, (grads, loss, parts))
-      if poison_steps:
-        loss = jnp.where(jnp.isin(state["step"] + 1, jnp.asarray(poison_steps)), jnp.nan, loss)
       grad_norm = optax.tree.norm(grads)
       updates, opt = self.tx.update(grads, state["opt"], params)
       # A non-finite loss or gradient leaves params and optimizer untouched; the host reacts per policy.
@@ -328,10 +317,8 @@ def initial_params(c: Config, trainer: Trainer):
   return jax.device_put(params, trainer.param_shardings)
 
 
-def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s).
-
-  `poison_steps` makes the loss NaN at those steps (fault injection for the non-finite policy tests)."""
+def train(c: Config, workdir: str, quiet: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s)."""
   validate(c)
   t = c.train
   workdir = os.path.abspath(workdir)
@@ -342,7 +329,7 @@ def train(c: Config, workdir: str, quiet: bool = False, poison_steps: tuple = ()
   if t.batch_size % (t.grad_accum * n_batch) or t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
                       f"divisible by the {n_batch} data-parallel shards and by {jax.process_count()} processes")
-  trainer = Trainer(c, mesh, poison_steps)
+  trainer = Trainer(c, mesh)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
   it = data.train_iterator(splits, c.data, t.batch_size, jax.process_index(), jax.process_count())
   local_batch = t.batch_size // jax.process_count()

@@ -23,7 +23,7 @@ import numpy as np
 
 from dba_jax import torch_io
 from dba_jax.addition.model import Arch, param_spec
-from dba_jax.formats import ConversionError, Keys
+from dba_jax.conversion import ConversionError, Keys
 
 # ----------------------------------------------------------------------------------- state dict <-> params
 

@@ -150,7 +150,7 @@ def main(argv) -> int:
 
   from dba_jax.addition import checkpoint
   from dba_jax.addition.config import validate
-  from dba_jax.main import flag_error, parse_flags
+  from dba_jax.cli import flag_error, parse_flags
   try:
     fv = parse_flags(argv, _flags)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -29,7 +29,7 @@ from dba_jax.addition import checkpoint, data
 from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
 from dba_jax.config import ConfigError
-from dba_jax.formats import ConversionError
+from dba_jax.conversion import ConversionError
 from dba_jax.train import lr_schedule  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
 
 
@@ -244,7 +244,7 @@ def _flags(fv):
 def main(argv) -> int:
   from absl import flags
 
-  from dba_jax.main import flag_error, parse_flags
+  from dba_jax.cli import flag_error, parse_flags
   argv = [s.replace("--dry-run", "--dry_run", 1) if s.startswith("--dry-run") else s for s in argv]
   try:
     fv = parse_flags(argv, _flags)

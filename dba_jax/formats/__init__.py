@@ -31,53 +31,11 @@ from __future__ import annotations
 
 import importlib
 
-import numpy as np
+# The conversion primitives, here for callers that know them by this package.
+from dba_jax.conversion import GIVEN, ConversionError, Keys, given, is_float  # noqa: F401
 
 # Every format dba-convert knows, in detection order; a module not written yet is skipped.
 NAMES = ("caramba", "nanogpt", "addition")
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit: the message lists every offending key, shape or config field."""
-
-
-class Keys:
-  """Strict key accounting for one conversion: `take` marks a key used (checking its shape), `finish` raises
-  one error listing every missing key, unexpected key and shape mismatch."""
-
-  def __init__(self, tensors: dict, source: str = "checkpoint"):
-    self.tensors, self.source = tensors, source
-    self.used: set[str] = set()
-    self.problems: list[str] = []
-
-  def take(self, key: str, shape: tuple | None = None):
-    if key not in self.tensors:
-      self.problems.append(f"missing key {key}" + (f" (expected shape {tuple(shape)})" if shape else ""))
-      return None
-    self.used.add(key)
-    x = self.tensors[key]
-    if not is_float(x):
-      self.problems.append(f"{key}: dtype {x.dtype} but a parameter needs a float tensor")
-      return None
-    if shape is not None and tuple(x.shape) != tuple(shape):
-      self.problems.append(f"{key}: shape {tuple(x.shape)} but the config needs {tuple(shape)}")
-      return None
-    return np.asarray(x, np.float32)
-
-  def ignore(self, predicate):
-    """Mark keys that carry no parameters (e.g. nanoGPT's causal-mask `attn.bias` buffers) as used."""
-    self.used.update(k for k in self.tensors if predicate(k))
-
-  def finish(self):
-    unexpected = sorted(set(self.tensors) - self.used)
-    problems = self.problems + [f"unexpected key {k} {tuple(self.tensors[k].shape)}" for k in unexpected]
-    if problems:
-      raise ConversionError(f"{self.source} does not fit the config ({len(problems)} problem(s)):\n  " +
-                            "\n  ".join(problems))
-
-
-def is_float(x) -> bool:
-  return getattr(x, "dtype", None) is not None and (x.dtype.kind == "f" or x.dtype.name == "bfloat16")
 
 
 def get(name: str):
@@ -92,15 +50,3 @@ def get(name: str):
 
 def available() -> dict:
   return {name: mod for name in NAMES if (mod := get(name)) is not None}
-
-
-# Config fields the user set on the command line (dba-convert fills this before config_from); a field also
-# counts as given when it differs from base_config(), e.g. set by a --config preset.
-GIVEN: set[str] = set()
-
-
-def given(c, field: str) -> bool:
-  """Whether config field "section.key" (e.g. "model.n_heads") was chosen by the user rather than defaulted."""
-  from dba_jax.config import base_config
-  section, key = field.split(".", 1)
-  return field in GIVEN or c[section][key] != base_config()[section][key]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from dba_jax.formats import ConversionError
+from dba_jax.conversion import ConversionError
 
 NAME = "addition"
 CONTAINER = "model_state"  # the original's torch.save dict holds the state dict under this key

@@ -4,7 +4,7 @@ A caramba checkpoint is `torch.save({"system_state_dict": state_dict, "run_id", 
 dict out of that (or of a `model_state_dict` / `state_dict` container, or a raw state dict) and drops torch.compile's
 `_orig_mod.` prefix. Every function here also accepts prefixed keys. No config is stored, so the head count comes
 from the user's config; everything else that the shapes tell is set from them (`config_from`), and a field the user
-chose (`formats.given`: on the command line, or differing from base_config) that the shapes contradict is an error.
+chose (`conversion.given`: on the command line, or differing from base_config) that the shapes contradict is an error.
 
 Two key layouts, told apart by the LM-head key:
   "paper"   the 22-layer runs: StackedTopology[NestedTopology(L x [attn block, ffn block]), RMSNorm, LinearLayer],
@@ -74,9 +74,9 @@ import re
 
 import numpy as np
 
-from dba_jax import formats
+from dba_jax import conversion
 from dba_jax.config import attn_dim, kv_heads, padded_vocab
-from dba_jax.formats import ConversionError, Keys
+from dba_jax.conversion import ConversionError, Keys
 
 NAME = "caramba"
 log = logging.getLogger("dba_jax")
@@ -188,7 +188,7 @@ def _set(c, field: str, value, key: str, shape, current=None):
   """model.<field> = value (what the file says), unless the user chose something else: then an error."""
   m = c.model
   current = m[field] if current is None else current
-  if current != value and formats.given(c, f"model.{field}"):
+  if current != value and conversion.given(c, f"model.{field}"):
     raise _no_fit(key, shape, f"the config's model.{field}={current!r}", f"contradicts it: the file says {value!r}")
   m[field] = value
 
@@ -212,7 +212,7 @@ def config_from(tensors: dict, c):
   V, d = shape(EMBED)
   _set(c, "d_model", d, EMBED, (V, d))
   if padded_vocab(m) != V:  # keep the tokenizer vocab when its padding already gives the embedding rows
-    if formats.given(c, "model.vocab_size") or formats.given(c, "model.pad_vocab_to"):
+    if conversion.given(c, "model.vocab_size") or conversion.given(c, "model.pad_vocab_to"):
       raise _no_fit(EMBED, (V, d), f"model.vocab_size={m.vocab_size} padded to model.pad_vocab_to={m.pad_vocab_to}",
                     f"gives {padded_vocab(m)} rows")
     m.vocab_size = V

@@ -77,7 +77,7 @@ import sys
 import numpy as np
 
 from dba_jax.config import attn_dim, kv_heads, padded_vocab
-from dba_jax.formats import GIVEN, ConversionError, Keys, given, is_float
+from dba_jax.conversion import GIVEN, ConversionError, Keys, given, is_float
 
 NAME = "nanogpt"
 WTE, WPE, HEAD = "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"

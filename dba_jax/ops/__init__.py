@@ -1,0 +1,16 @@
+"""Attention ops: every attention kind is one op, and the only place attention math lives.
+
+  kind       module                 paths (impl=...)                                       Pallas kernel
+  standard   dba_jax.ops.standard   reference | xla | pallas                                dba_kernels.flash_attention
+  DBA        dba_jax.ops.dba        reference | xla | pallas (folded into standard)         (the flash kernel)
+  selective  dba_jax.ops.selective  reference | xla | pallas_scan | pallas                  dba_kernels.selective_flash,
+                                                                                            cumsum, protect_attack
+Each module has a float64-capable `reference`, an `xla` path, the kernel path, and one api function that
+resolves `impl` once through `base.dispatch` ('auto': pallas on GPU/TPU, xla on CPU; a kernel request the kernel
+cannot serve runs on XLA and logs why once). Masks (`causal_mask`, `positions_mask`) and RoPE live in `base`.
+"""
+from dba_jax.ops.base import (ACT_HEADS, IMPLS, _warned, apply_rope, causal_mask, causal_zero, fallback,  # noqa: F401
+                              positions_mask, resolve_impl, rope_angles)
+from dba_jax.ops.dba import dba_attention  # noqa: F401
+from dba_jax.ops.selective import SelectiveSpec, selective_attention  # noqa: F401
+from dba_jax.ops.standard import attention  # noqa: F401

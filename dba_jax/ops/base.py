@@ -1,0 +1,95 @@
+"""What every attention op shares: impl names and the one dispatch, masks, RoPE, shape checks.
+
+Shape letters: B batch, T query positions, S key positions, H query heads, K key/value heads, G = H // K,
+D q/k head dim, E value head dim.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("reference", "xla", "pallas", "auto")
+ACT_HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations
+log = logging.getLogger("dba_jax")
+_warned: set = set()
+
+
+def fallback(what: str, reason: str):
+  """Log once per (op, reason) that a kernel request runs on XLA instead."""
+  if (what, reason) not in _warned:
+    _warned.add((what, reason))
+    log.warning("%s: using the XLA path: %s", what, reason)
+
+
+def resolve_impl(impl: str, allowed: tuple = IMPLS) -> str:
+  """'auto' -> 'pallas' on GPU/TPU, 'xla' on CPU (interpret mode is for tests, not speed)."""
+  if impl not in allowed:
+    raise ValueError(f"impl={impl!r} is not one of {allowed}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+  return impl
+
+
+def dispatch(op: str, impl: str, paths: dict, unsupported: dict | None = None, fallback_to: str = "xla"):
+  """The one place an op's impl is resolved: the path function for `impl` ('auto' resolved by backend). A 'pallas'
+  request the kernel cannot serve (any true entry of `unsupported`, {reason: bool}) runs on `fallback_to` and
+  says why once."""
+  impl = resolve_impl(impl, tuple(paths) + ("auto",))
+  reasons = [k for k, bad in (unsupported or {}).items() if bad]
+  if impl == "pallas" and reasons:
+    fallback(op, "the fused kernel does not support " + ", ".join(reasons))
+    impl = fallback_to
+  return paths[impl]
+
+
+# --------------------------------------------------------------------------------------------------- masks
+
+def causal_mask(T: int, S: int | None = None, n_prefix: int = 0) -> jax.Array:
+  """[T, S] bool, S = T + n_prefix by default: query i sees the n_prefix always-visible leading columns (DBA's
+  null token) and the real keys j <= i. The one causal mask of the package (training and probes)."""
+  S = T + n_prefix if S is None else S
+  return positions_mask(jnp.arange(T), jnp.arange(S) - n_prefix) | (jnp.arange(S) < n_prefix)[None, :]
+
+
+def positions_mask(q_pos_T, k_pos_S) -> jax.Array:
+  """[..., T, S] bool from absolute positions: key position p is visible to query position t iff 0 <= p <= t
+  (key positions < 0 are empty cache slots). k_pos may carry leading batch dims [..., S]."""
+  k = jnp.expand_dims(k_pos_S, -2)
+  q = q_pos_T.reshape((1,) * (k.ndim - 2) + (-1, 1))
+  return (k >= 0) & (k <= q)
+
+
+def causal_zero(x_TS, fill=0):
+  """x with every future entry (key after query, by index) replaced by `fill`, over the last two axes."""
+  T, S = x_TS.shape[-2:]
+  return jnp.where(causal_mask(T, S), x_TS, fill)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+
+def rope_angles(positions_T: jax.Array, dim: int, base: float, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [T, dim/2] for rotate-half RoPE; angles in at least float32 (float64 under float64 inputs)."""
+  ft = jnp.promote_types(dtype, jnp.float32)
+  inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=ft) / dim)
+  angle_TF = positions_T.astype(ft)[:, None] * inv_freq[None, :]
+  # Tables are cast to the activation dtype before use, as in the PyTorch original.
+  return jnp.cos(angle_TF).astype(dtype), jnp.sin(angle_TF).astype(dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_T: jax.Array, base: float) -> jax.Array:
+  """Half-split ("rotate_half", NeoX/Llama) RoPE over the full head dim."""
+  D = x_BTHD.shape[-1]
+  cos_TF, sin_TF = rope_angles(positions_T, D, base, x_BTHD.dtype)
+  cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+  x1, x2 = x_BTHD[..., : D // 2], x_BTHD[..., D // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def check_shapes(q_BTHD, k_BSKD, v_BSKE):
+  B, T, H, D = q_BTHD.shape
+  Bk, S, K, Dk = k_BSKD.shape
+  if (Bk, S, K) != v_BSKE.shape[:3] or Bk != B or Dk != D or H % K:
+    raise ValueError(f"attention shapes do not fit: q {q_BTHD.shape}, k {k_BSKD.shape}, v {v_BSKE.shape} "
+                     "(need equal batch, k/v equal length and heads, q/k equal head dim, heads % kv_heads == 0)")
