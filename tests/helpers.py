@@ -33,3 +33,13 @@ def tiny(kind: str = "dba", **model):
   c.train.ckpt_every, c.train.eval_batches = 2, 2
   c.optim.warmup_steps = 2
   return c
+
+
+def layer(decoder, i: int):
+  """Block i of a Decoder (sliced out of the stacked parameters when layers are scanned)."""
+  import jax
+  from flax import nnx
+  if not decoder.m.scan_layers:
+    return decoder.blocks[i]
+  graphdef, stacked = nnx.split(decoder.blocks)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))

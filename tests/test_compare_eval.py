@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import compare_eval, evaluate, model as model_lib, plots, train
-from helpers import tiny
+from dba_jax import compare_eval, eval_cli, model as model_lib, plots, train
+from helpers import layer, tiny
 
 MANIFEST = '''
 import ml_collections
@@ -43,7 +43,7 @@ def out(tmp_path_factory):
   manifest.write_text(MANIFEST.format(std=paths["standard"], dba=paths["dba"]))
   out_dir = tmp / "out"
   # Through the dba-eval entry point, so the subcommand wiring is exercised too.
-  assert evaluate.main(["compare", "--manifest", str(manifest), "--out", str(out_dir)]) == 0
+  assert eval_cli.main(["compare", "--manifest", str(manifest), "--out", str(out_dir)]) == 0
   return out_dir
 
 
@@ -162,10 +162,24 @@ def _decoder(kind: str, **model):
 TOKENS_BT = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
 
 
+def _last_layer_input(decoder, tokens_BT):
+  """(last block, its attention input, positions, residual logits for it), through the public Block API."""
+  positions_T = jnp.arange(tokens_BT.shape[1])
+  x, io = decoder.embed_tokens(tokens_BT, positions_T), model_lib.LayerIO()
+  m = decoder.m
+  if m.attn_kind == "selective" and m.sel_residual_masks:  # as Decoder.forward: layer 0 mixes zeros
+    T = tokens_BT.shape[1]
+    io = model_lib.LayerIO(res=jnp.zeros((tokens_BT.shape[0], m.n_heads + m.sel_mask_heads, T, T)))
+  for i in range(m.n_layers - 1):
+    x, io = layer(decoder, i)(x, positions_T, None, model_lib.LayerIO(res=io.res))
+  last = layer(decoder, m.n_layers - 1)
+  return last, last.attn_norm(x), positions_T, io.res
+
+
 def test_attention_probs_equal_softmax_of_q_k():
   decoder = _decoder("standard")
-  block, h, positions_T, res = compare_eval.last_layer_input(decoder, TOKENS_BT)
-  probs_BHTS, n_prefix = compare_eval.attention_probs(block.attn, h, positions_T, res)
+  block, h, positions_T, res = _last_layer_input(decoder, TOKENS_BT)
+  probs_BHTS, n_prefix = compare_eval.last_layer_probs(decoder, TOKENS_BT)
   q_BTHD, k_BTKD, _ = block.attn.project(h, positions_T)
   H, K, T = q_BTHD.shape[2], k_BTKD.shape[2], TOKENS_BT.shape[1]
   logits = np.einsum("bthd,bshd->bhts", np.asarray(q_BTHD, np.float64),
@@ -188,9 +202,9 @@ def test_attention_probs_reproduce_the_layer(kind, model):
   """probs @ v through the out projection is the layer's own output, and the last layer's input is the one the
   full forward uses (its mean |attention output| matches the forward's coordinate-check tap)."""
   decoder = _decoder(kind, **model)
-  block, h, positions_T, res = compare_eval.last_layer_input(decoder, TOKENS_BT)
+  block, h, positions_T, res = _last_layer_input(decoder, TOKENS_BT)
   attn = block.attn
-  probs_BHTS, n_prefix = compare_eval.attention_probs(attn, h, positions_T, res)
+  probs_BHTS, n_prefix = compare_eval.last_layer_probs(decoder, TOKENS_BT)
   np.testing.assert_allclose(np.asarray(probs_BHTS).sum(-1), 1.0, atol=1e-5)
   B, T = TOKENS_BT.shape
   if kind == "dba":
@@ -204,7 +218,7 @@ def test_attention_probs_reproduce_the_layer(kind, model):
   H = probs_BHTS.shape[1]
   v_BSHE = jnp.repeat(v_BSKE, H // v_BSKE.shape[2], axis=2)
   o_BTHE = jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BSHE, precision=jax.lax.Precision.HIGHEST)
-  y_BTd = attn(h, positions_T, res)[0]
+  y_BTd = attn(h, positions_T, model_lib.LayerIO(res=res))[0]
   np.testing.assert_allclose(np.asarray(attn.out(o_BTHE.reshape(B, T, -1))), np.asarray(y_BTd), atol=1e-5)
   if not decoder.m.scan_layers:  # taps are recorded only with unrolled layers
     with model_lib.record_taps() as taps:

@@ -1,4 +1,4 @@
-"""Flash-attention Pallas kernel (interpret mode on CPU) against dba_jax.ops.attention_reference.
+"""Flash-attention Pallas kernel (interpret mode on CPU) against dba_jax.standard.reference.
 
 Shapes are DBA's: q/k head dim D = sem + geo differs from v's E, GQA with K kv heads, causal with n_prefix
 always-visible null-token columns (S = T + n_prefix), T not a multiple of the blocks.
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import ops
+from dba_jax.ops import standard
 from dba_kernels import flash_attention as fa
 
 # Interpret-mode kernels are large HLO; XLA's backend optimizations cost more time than they save here.
@@ -39,7 +39,7 @@ def _both(q, k, v, do, dtype, **kw):
   got = _out_and_grads(lambda *a: fa.flash_attention(*a, **kw, **blocks), *cast)
   with jax.enable_x64(True):
     exact = [jnp.asarray(np.asarray(x, np.float64)) for x in cast]
-    want = _out_and_grads(lambda *a: ops.attention_reference(*a, **kw), *exact)
+    want = _out_and_grads(lambda *a: standard.reference(*a, **kw), *exact)
   return got, want
 
 
@@ -82,7 +82,7 @@ def test_float32_matches_reference(B, T, H, K, D, E, n_prefix, causal, bq, bk):
 def test_bfloat16_close_to_reference():
   """bf16 in, fp32 accumulation: p and dS are rounded to bf16 before their matmuls, O and grads are stored in
   bf16. Loose tolerance: 1% of each tensor's largest magnitude (bf16 has an 8-bit significand; measured 0.3-0.4%,
-  the same as ops.attention_xla in bf16)."""
+  the same as standard.xla in bf16)."""
   B, T, H, K, D, E, n_prefix = 2, 100, 4, 2, 40, 32, 1
   got, want = _both(*_inputs(B, T, H, K, D, E, T + n_prefix, seed=2), jnp.bfloat16, scale=1.0 / 6,
                     n_prefix=n_prefix, block_q=32, block_k=32)
@@ -120,7 +120,7 @@ def test_padded_dot_product_attention_matches_reference(n_prefix, K):
   q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
   got = jax.jit(functools.partial(fa.padded_dot_product_attention, scale=0.25, n_prefix=n_prefix))(q, k, v)
   with jax.enable_x64(True):
-    reference = jax.jit(functools.partial(ops.attention_reference, scale=0.25, n_prefix=n_prefix))
+    reference = jax.jit(functools.partial(standard.reference, scale=0.25, n_prefix=n_prefix))
     want = reference(*(jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)))
   assert got.shape == (B, T, H, E)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import evaluate, generate, model as model_lib
+from dba_jax import eval_cli, evaluate, generate, model as model_lib, ops
 from dba_jax.config import validate
 from helpers import tiny
 
@@ -129,8 +129,8 @@ def test_attention_over_a_stored_cache_within_derived_bound(cache):
     assert float(jnp.abs(stored[name] - t).max()) <= bound[name]
   scale = D ** -0.5
   visible = jnp.arange(S)[None, :] <= jnp.array([10, 25, 39])[:, None]
-  exact = generate._attend(q, k, v, visible, scale)
-  approx = generate._attend(q, stored["k"], stored["v"], visible, scale)
+  exact = ops.attention(q, k, v, scale=scale, mask=visible[None], impl="xla")
+  approx = ops.attention(q, stored["k"], stored["v"], scale=scale, mask=visible[None], impl="xla")
   eps = scale * float(jnp.abs(q).sum(-1).max()) * bound["k"]
   limit = math.expm1(2 * eps) * float(jnp.abs(v).max()) + bound["v"]
   assert 0 < float(jnp.abs(approx - exact).max()) <= limit
@@ -230,11 +230,11 @@ def workdir(tmp_path_factory):
 
 def test_cli_ppl_and_generate(workdir, tmp_path, capsys):
   out = tmp_path / "ppl.json"
-  assert evaluate.main(["ppl", "--checkpoint", str(workdir), "--seq-len", "16", "--out", str(out)]) == 0
+  assert eval_cli.main(["ppl", "--checkpoint", str(workdir), "--seq-len", "16", "--out", str(out)]) == 0
   r = json.loads(out.read_text())
   assert r["mode"] == "non_overlapping" and r["ppl"] > 1 and r["scored_tokens"] % 16 == 0
   capsys.readouterr()
-  assert evaluate.main(["generate", "--checkpoint", str(workdir), "--prompt", "def f", "--max-new", "4",
+  assert eval_cli.main(["generate", "--checkpoint", str(workdir), "--prompt", "def f", "--max-new", "4",
                         "--cache", "q4/q8/q4"]) == 0
   g = json.loads(capsys.readouterr().out)
   assert len(g["tokens"]) == 4
@@ -245,7 +245,7 @@ def test_cli_ppl_and_generate(workdir, tmp_path, capsys):
                                   ["ppl", "--checkpoint", "x", "--overlap", "--stride", "two"]])
 def test_cli_usage_errors_exit_2(argv):
   with pytest.raises(SystemExit) as e:
-    evaluate.main(argv)
+    eval_cli.main(argv)
   assert e.value.code == 2
 
 
@@ -253,5 +253,5 @@ def test_cli_usage_errors_exit_2(argv):
                                    ["generate", "--checkpoint", "{run}", "--prompt", "hi", "--cache", "q3_k"]])
 def test_cli_errors_exit_2_with_a_message(extra, workdir, tmp_path, capsys):
   argv = [a.format(missing=tmp_path / "nope", run=workdir) for a in extra]
-  assert evaluate.main(argv) == 2
+  assert eval_cli.main(argv) == 2
   assert "dba-eval: error:" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import selective
+from dba_jax.ops import selective
 from dba_kernels import protect_attack as kpa
 
 

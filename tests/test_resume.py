@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dba_jax
-from dba_jax import ckpt, train
+from dba_jax import ckpt, data, train
 from helpers import REPO, tiny
 
 # Quickstart-sized so a step takes long enough (~0.1 s) to be interrupted at a chosen point.
@@ -159,18 +159,47 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
   assert after == before
 
 
-def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path):
+class _Poisoned:
+  """The training iterator with the batches of the given (1-based) steps replaced by an out-of-range token id: the
+  embedding lookup then gives NaN, so those steps' loss and gradient are non-finite (fault injection by data)."""
+
+  def __init__(self, it, steps):
+    self.it, self.steps, self.n = it, set(steps), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, self.n = next(self.it), self.n + 1
+    return np.full_like(batch, 1 << 30) if self.n in self.steps else batch
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def poison(monkeypatch, steps):
+  real = data.train_iterator
+  monkeypatch.setattr(train.data, "train_iterator", lambda *a, **kw: _Poisoned(real(*a, **kw), steps))
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   c = tiny("standard")
   c.train.steps, c.train.ckpt_every, c.train.log_every = 8, 2, 1
   with pytest.raises(train.TrainingStopped, match=r"1 non-finite loss/gradient step\(s\) between steps 5 and 5"):
-    train.train(c, str(tmp_path), quiet=True, poison_steps=(5,))
+    poison(monkeypatch, (5,))
+    train.train(c, str(tmp_path), quiet=True)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
-def test_nonfinite_skip_leaves_params_unchanged_for_that_batch(tmp_path):
+def test_nonfinite_skip_leaves_params_unchanged_for_that_batch(tmp_path, monkeypatch):
   c = tiny("standard")
   c.train.steps, c.train.nonfinite = 4, "skip"
-  train.train(c, str(tmp_path / "skip"), quiet=True, poison_steps=(4,))
+  with monkeypatch.context() as mp:
+    poison(mp, (4,))
+    train.train(c, str(tmp_path / "skip"), quiet=True)
   c.train.steps = 3
   train.train(c, str(tmp_path / "three"), quiet=True)
   rows = history(str(tmp_path / "skip"))

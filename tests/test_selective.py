@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import model as model_lib, ops, selective
+from dba_jax import model as model_lib, ops
+from dba_jax.ops import selective
 from dba_jax.config import validate
 from dba_kernels import cumsum as kcumsum
 from helpers import tiny
@@ -415,11 +416,11 @@ def test_latent_masks_identity_init_is_the_no_head_mode_and_mixes_per_head():
   with jax.enable_x64(True):
     nohead = ops.selective_attention(*args(), impl="reference", selection_heads=1)
     ident = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=n,
-                                    latent=(jnp.ones((n, H - 1)), jnp.zeros(H - 1), 1.0))
+                                    latent=(jnp.ones((n, H - 1)), jnp.zeros(H - 1)))
     w = jnp.asarray(np.random.default_rng(3).normal(size=(n, H - 1)))
     b = jnp.asarray([0.3, -0.2, 0.0, 0.1])
     _, f = ops.selective_attention(*args(), impl="reference", selection_heads=1, selection_slices=n,
-                                   latent=(w, b, 0.5), return_mask=True)
+                                   latent=(w, b), latent_multiplier=0.5, return_mask=True)
   np.testing.assert_allclose(np.asarray(ident), np.asarray(nohead), rtol=1e-10, atol=1e-12)
   assert f.shape == (2, H - 1, 10, 10)
   tril = np.tril(np.ones((10, 10)))

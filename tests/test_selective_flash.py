@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import ops, selective
+from dba_jax import ops
+from dba_jax.ops import selective
 from dba_kernels import selective_flash as sflash
 
 HI = jax.lax.Precision.HIGHEST
