@@ -1,10 +1,10 @@
-"""KV-cache generation: prefill + decode over a Decoder's own parameters and modules (no copied weights).
+"""KV-cache generation: prefill + decode through the Decoder's own forward pass, with `KVCache` as its cache hook.
 
 The cache holds, per layer, the streams a model attends over, with heads merged along the feature axis
 (B, S, K*D, as dba.md §1.9 stores them):
   standard / GQA / selective: k (after RoPE), v;  DBA: k_sem, k_geo (after RoPE), v.
 Selective attention also carries, per key, the column sums of its selection scores S over every query so far;
-the next query's F row is exactly that running sum (F[i, j] = sum_{k < i} S[k, j], selective.py).
+the next query's F row is exactly that running sum (F[i, j] = sum_{k < i} S[k, j], ops/selective.py).
 
 Storage kinds per stream ("policy"): float32, bfloat16, float16, or block-quantised along the merged feature
 axis in blocks of 32 (zero-padded), with one float16 absmax scale per block:

@@ -1,6 +1,7 @@
 """Device mesh and the one table that maps logical axis names to mesh axes."""
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger("dba_jax")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). Modules name axes; only this table and
 # the config's mesh shape decide the physical layout.
@@ -74,15 +76,22 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh):
   return jax.tree.unflatten(jax.tree.structure(axes_tree, is_leaf=is_axes), specs)
 
 
+_dropped: set = set()
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   """Pin an activation's layout by logical names inside a jit traced under `jax.set_mesh`; a no-op without a
-  mesh (plain calls, tests) or where a dimension does not divide (XLA then picks the layout)."""
+  mesh (plain calls, tests). Where a dimension does not divide its mesh axes the constraint is dropped (XLA then
+  picks the layout) and that is logged once per logical axes and shape."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   try:
-    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh))
-  except ValueError:
+    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh, f"activation {logical}"))
+  except ValueError as e:
+    if (logical, x.shape) not in _dropped:
+      _dropped.add((logical, x.shape))
+      log.warning("sharding constraint dropped: %s", e)
     return x
 
 

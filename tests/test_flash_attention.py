@@ -12,35 +12,19 @@ import pytest
 
 from dba_jax.ops import standard
 from dba_kernels import flash_attention as fa
+from kernel_base import PLATFORMS, kernel_vs_reference, lowered_text, normal
 
-# Interpret-mode kernels are large HLO; XLA's backend optimizations cost more time than they save here.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _inputs(B, T, H, K, D, E, S, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(rng.normal(size=s) for s in [(B, T, H, D), (B, S, K, D), (B, S, K, E), (B, T, H, E)])
-
-
-def _out_and_grads(attn, q, k, v, do):
-  """(O, dQ, dK, dV) of attn at (q, k, v) with output cotangent do, one jitted call."""
-  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
-  def run(q, k, v, do):
-    o, pull = jax.vjp(attn, q, k, v)
-    return (o, *pull(do))
-
-  return [np.asarray(x, np.float64) for x in run(q, k, v, do)]
+  return normal([(B, T, H, D), (B, S, K, D), (B, S, K, E), (B, T, H, E)], seed)
 
 
 def _both(q, k, v, do, dtype, **kw):
   """Kernel and reference (O, dQ, dK, dV); the reference always in float64 on the dtype-rounded inputs."""
   blocks = {name: kw.pop(name) for name in ("block_q", "block_k") if name in kw}
-  cast = [jnp.asarray(x, dtype) for x in (q, k, v, do)]
-  got = _out_and_grads(lambda *a: fa.flash_attention(*a, **kw, **blocks), *cast)
-  with jax.enable_x64(True):
-    exact = [jnp.asarray(np.asarray(x, np.float64)) for x in cast]
-    want = _out_and_grads(lambda *a: standard.reference(*a, **kw), *exact)
-  return got, want
+  return kernel_vs_reference(lambda *a: fa.flash_attention(*a, **kw, **blocks),
+                             lambda *a: standard.reference(*a, **kw), (q, k, v, do), dtype)
 
 
 NAMES = ("out", "dq", "dk", "dv")
@@ -133,8 +117,7 @@ def test_rejects_block_sizes_that_are_not_powers_of_two_from_16(bq, bk):
     fa.flash_attention(q, k, v, block_q=bq, block_k=bk)
 
 
-@pytest.mark.parametrize("platform,lowering,call", [("gpu", "cuda", "@__gpu$xla.gpu.triton"),
-                                                    ("tpu", "tpu", "@tpu_custom_call")])
+@pytest.mark.parametrize("platform,lowering,call", PLATFORMS)
 def test_forward_and_backward_lower_for_triton_and_mosaic(platform, lowering, call, monkeypatch):
   """From a CPU host: builds the Triton / Mosaic kernels (block shapes, ops), not the device compile."""
   monkeypatch.setattr(fa, "_platform", lambda: platform)
@@ -145,5 +128,5 @@ def test_forward_and_backward_lower_for_triton_and_mosaic(platform, lowering, ca
       loss = lambda q, k, v: fa.flash_attention(q, k, v, n_prefix=n_prefix, causal=causal, block_q=32,
                                                 block_k=64).astype(jnp.float32).sum()
       args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+      text = lowered_text(jax.grad(loss, argnums=(0, 1, 2)), args, lowering)
       assert text.count(f"custom_call {call}") == 3  # forward, dQ, dK/dV kernels

@@ -13,12 +13,12 @@ import pytest
 from dba_kernels import _backend as backend
 from dba_kernels import cumsum as kcumsum
 from dba_kernels import protect_attack as kpa
+from kernel_base import PLATFORMS, lowered_text
 
 KERNELS = {
     "cumsum": (kcumsum, kcumsum.exclusive_cumsum, 1),
     "protect_attack": (kpa, kpa.protect_and_attack, 2),
 }
-PLATFORMS = [("gpu", "cuda", "@__gpu$xla.gpu.triton"), ("tpu", "tpu", "@tpu_custom_call")]
 
 
 def _fwd_bwd(kernel, n_in, block_kw):
@@ -41,7 +41,7 @@ def test_forward_and_backward_lower(monkeypatch, name, platform, lowering, call,
   monkeypatch.setattr(module, "_platform", lambda: platform)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   fn = _fwd_bwd(kernel, n_in, block_kw)
-  text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=(lowering,)).as_text()
+  text = lowered_text(fn, (x, x, x), lowering)
   assert text.count(f"custom_call {call}") == 2  # the forward kernel and the backward kernel
   assert "mosaic_gpu" not in text  # on GPU, Triton: not JAX's default Mosaic GPU backend
 

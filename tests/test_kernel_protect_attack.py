@@ -1,5 +1,5 @@
 """The Pallas protect-and-attack kernel (dba_kernels.protect_attack) against the sequential recurrence of
-selective.md §5.4 (float64 numpy), the XLA associative scan in dba_jax.selective, and the §5.4 test vectors."""
+selective.md §5.4 (float64 numpy), the XLA associative scan in dba_jax.ops.selective, and the §5.4 test vectors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 from dba_jax.ops import selective
 from dba_kernels import protect_attack as kpa
+from kernel_base import out_and_grads
 
 
 def sequential(a, p, dtype=np.float64):
@@ -39,11 +40,6 @@ def sparse(rng, shape, density):
   return rng.exponential(size=shape) * (rng.random(shape) < density)
 
 
-def value_and_grads(fn, a, p, g):
-  d, vjp = jax.vjp(fn, a, p)
-  return (d, *vjp(g))
-
-
 @pytest.mark.parametrize("a,p,h,da,dp", [
     ([1, 1, 10], [5, 0, 0], [-1, -1, -7], [-3, -1, -1], [1, 1, 0]),  # the original repository's test vectors
     ([0, 1], [1, 0], [0, 0], [-2, -1], [1, 0]),
@@ -70,7 +66,7 @@ def test_equals_float64_sequential_recurrence(T, S, block_t, block_s):
   want_da, want_dp = closed_form_grads(hit, g)
   with jax.enable_x64(True):
     fn = lambda a_, p_: kpa.protect_and_attack(a_, p_, block_t=block_t, block_s=block_s)
-    d, da, dp = value_and_grads(fn, *map(jnp.asarray, (a, p, g)))
+    d, da, dp = out_and_grads(fn, *map(jnp.asarray, (a, p, g)))
   assert d.dtype == jnp.float64
   for got, want in zip((d, da, dp), (want_d, want_da, want_dp)):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-12)
@@ -99,10 +95,9 @@ def test_float32_matches_xla_scan():
   rng = np.random.default_rng(5)
   a, p = (jnp.asarray(sparse(rng, (2, 70, 40), dens), jnp.float32) for dens in (0.4, 0.3))
   g = jnp.asarray(rng.normal(size=(2, 70, 40)), jnp.float32)
-  got = value_and_grads(lambda a_, p_: kpa.protect_and_attack(a_, p_, block_t=16, block_s=16), a, p, g)
-  want = jax.jit(lambda *x: value_and_grads(selective.protect_and_attack, *x))(a, p, g)  # eager scans: slow
+  got = out_and_grads(lambda a_, p_: kpa.protect_and_attack(a_, p_, block_t=16, block_s=16), a, p, g)
+  want = out_and_grads(selective.protect_and_attack, a, p, g)  # (out_and_grads checks the float32 outputs)
   for x, y in zip(got, want):
-    assert x.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-4)
 
 
@@ -112,11 +107,11 @@ def test_zero_protection_is_inclusive_cumsum_and_zero_attack_is_harmless():
   with jax.enable_x64(True):
     fn = lambda a_, p_: kpa.protect_and_attack(a_, p_, block_t=16, block_s=16)
     ones = jnp.ones((130, 20))
-    d, da, dp = value_and_grads(fn, jnp.asarray(a), jnp.zeros((130, 20)), -ones)  # dH = 1
+    d, da, dp = out_and_grads(fn, jnp.asarray(a), jnp.zeros((130, 20)), -ones)  # dH = 1
     np.testing.assert_allclose(np.asarray(d), np.cumsum(a, 0), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(np.asarray(da), -np.arange(130, 0, -1)[:, None] * np.ones((1, 20)))
     np.testing.assert_array_equal(np.asarray(dp), np.arange(129, -1, -1)[:, None] * np.ones((1, 20)))
-    d, da, dp = value_and_grads(fn, jnp.zeros((130, 20)), ones, -ones)
+    d, da, dp = out_and_grads(fn, jnp.zeros((130, 20)), ones, -ones)
     np.testing.assert_array_equal(np.asarray(d), 0)
     np.testing.assert_array_equal(np.asarray(da)[0], -130)  # only turn 0 (empty pool) takes the "damage"
     np.testing.assert_array_equal(np.asarray(da)[1:], 0)

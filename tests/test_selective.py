@@ -8,6 +8,7 @@ from dba_jax import model as model_lib, ops
 from dba_jax.ops import selective
 from dba_jax.config import validate
 from dba_kernels import cumsum as kcumsum
+from kernel_base import kernel_vs_reference
 from helpers import tiny
 
 
@@ -109,11 +110,17 @@ SCAN_LENGTHS = list(range(1, 10)) + [63, 64, 65, 127, 128, 129, 1000, 2047, 2048
 
 @pytest.mark.parametrize("n", SCAN_LENGTHS)
 def test_blocked_scan_equals_cumsum_float64(n):
-  x = np.random.default_rng(n).exponential(size=(1, n, 5))
+  """The blocked kernel's output and gradient against the float64 reference scan (kernel_base), and the output
+  against numpy's cumsum."""
+  rng = np.random.default_rng(n)
+  x, g = rng.exponential(size=(1, n, 5)), rng.normal(size=(1, n, 5))
   with jax.enable_x64(True):
-    got = np.asarray(kcumsum.exclusive_cumsum(jnp.asarray(x)))
-  want = np.concatenate([np.zeros((1, 1, 5)), np.cumsum(x, axis=1)[:, :-1]], axis=1)
-  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    got, want = kernel_vs_reference(kcumsum.exclusive_cumsum,
+                                    lambda x_: selective.exclusive_cumsum(x_, impl="reference"), (x, g), jnp.float64)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(got[0], np.concatenate([np.zeros((1, 1, 5)), np.cumsum(x, axis=1)[:, :-1]], axis=1),
+                             rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow

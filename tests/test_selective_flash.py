@@ -1,4 +1,4 @@
-"""Fused selective flash attention (dba_kernels.selective_flash) against dba_jax.selective's dense reference.
+"""Fused selective flash attention (dba_kernels.selective_flash) against dba_jax.ops.selective's dense reference.
 
 Interpret mode on CPU. Each case compiles the kernel forward + backward once (cached below) and is compared in
 float64 (exact up to rounding), float32 and bf16. Shapes are small but give several query/key blocks, ragged
@@ -20,6 +20,7 @@ import pytest
 from dba_jax import ops
 from dba_jax.ops import selective
 from dba_kernels import selective_flash as sflash
+from kernel_base import FAST_COMPILE, kernel_vs_reference, lowered_text, normal, out_and_grads, rounded
 
 HI = jax.lax.Precision.HIGHEST
 
@@ -56,13 +57,10 @@ def _v(**kw):
 
 def _inputs(case: Case, seed=0):
   """q, k, v, cotangent as float64 numpy, already rounded to the case's dtype (so the reference sees the same values)."""
-  rng = np.random.default_rng(seed)
   B, T, H, K = case.B, case.T, case.H, case.kv_heads
   shapes = [(B, T, H, case.D), (B, T, K, case.D), (B, T, K, case.E), (B, T, H - case.m, case.E)]
   # Scale 1.5 keeps plenty of positive selection logits, so F is far from 0 and the selection path is exercised.
-  arrays = [rng.normal(size=s) * 1.5 for s in shapes]
-  return [np.asarray(jnp.asarray(a, case.dtype).astype(jnp.float32), np.float64) if case.dtype != "float64" else a
-          for a in arrays]
+  return rounded(normal(shapes, seed, scale=1.5), case.dtype)
 
 
 def _reference(q, k, v, **kw):
@@ -72,36 +70,16 @@ def _reference(q, k, v, **kw):
   return selective.selective_attention(q, jnp.repeat(k, group, 2), jnp.repeat(v, group, 2), impl="reference", **kw)
 
 
-def _out_and_grads(fn, q, k, v, g):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(g))
-
-
 def _compiled(fn, *args):
-  """jit of `fn`, compiled without XLA's backend optimisations: compiling the interpreted kernels dominates this
-  file's runtime, and the arithmetic is the same."""
-  return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+  """jit of `fn`, compiled without XLA's backend optimisations (the interpreted kernels' compile dominates)."""
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
 @functools.lru_cache(maxsize=None)
 def run(case: Case):
   """(kernel [out, dq, dk, dv], float64 reference [out, dq, dk, dv]) as float64 numpy."""
-  q, k, v, g = _inputs(case)
   kernel = functools.partial(sflash.selective_flash_attention, block_q=case.block_q, block_k=case.block_k, **case.kw)
-  reference = functools.partial(_reference, **case.kw)
-  if case.dtype == "float64":
-    with jax.enable_x64(True):
-      args = tuple(map(jnp.asarray, (q, k, v, g)))
-      got = [np.asarray(x) for x in _compiled(functools.partial(_out_and_grads, kernel), *args)(*args)]
-  else:
-    args = tuple(jnp.asarray(x, case.dtype) for x in (q, k, v, g))
-    got = _compiled(functools.partial(_out_and_grads, kernel), *args)(*args)
-    assert all(x.dtype == jnp.dtype(case.dtype) for x in got)  # output and gradients in the input dtype
-    got = [np.asarray(x.astype(jnp.float32), np.float64) for x in got]
-  with jax.enable_x64(True):
-    args = tuple(map(jnp.asarray, (q, k, v, g)))
-    want = [np.asarray(x) for x in _compiled(functools.partial(_out_and_grads, reference), *args)(*args)]
-  return got, want
+  return kernel_vs_reference(kernel, functools.partial(_reference, **case.kw), _inputs(case), case.dtype)
 
 
 def _max_err(a, b):
@@ -199,9 +177,7 @@ def test_selection_path_carries_gradient(name):
   q, k, v, g = _inputs(case)
   with jax.enable_x64(True):
     args = tuple(map(jnp.asarray, (q, k, v, g)))
-    full, cut = (_compiled(functools.partial(_out_and_grads, functools.partial(_dense, stop_f=stop, **case.kw)),
-                           *args)(*args) for stop in (False, True))
-    full, cut = [np.asarray(x) for x in full], [np.asarray(x) for x in cut]
+    full, cut = (out_and_grads(functools.partial(_dense, stop_f=stop, **case.kw), *args) for stop in (False, True))
   for a, b in zip(full, want):  # the local dense version is the reference
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
   sel = case.kw.get("selection_head", 0)
@@ -230,7 +206,7 @@ def test_selection_only_heads_get_gradient_only_through_f(name):
 @pytest.mark.parametrize("H", [3, 5, 7, 8])  # wrapped remainders: (5, 2), (7, 2), (7, 3), (8, 3), ...
 def test_mask_index_map_matches_mask_assignment(H):
   """The kernels' mask of each attending head (block index maps) and the heads each mask's backward sums over
-  (sel_kv / sel_q loops) agree with dba_jax.selective.mask_assignment, for every m."""
+  (sel_kv / sel_q loops) agree with dba_jax.ops.selective.mask_assignment, for every m."""
   for m in range(1, H):
     A = H - m
     cfg = sflash._Cfg(scale=1.0, protect_bos=True, allow_self_mask=False, bq=16, bk=16, T=16, src=0, n_masks=m,
@@ -386,5 +362,5 @@ def test_lowers_for_gpu_and_tpu(monkeypatch, platform, backend, marker, variant)
   def loss(q, k, v):
     return sflash.selective_flash_attention(q, k, v, block_q=64, block_k=32, **kw).astype(jnp.float32).sum()
 
-  text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=(platform,)).as_text()
+  text = lowered_text(jax.grad(loss, (0, 1, 2)), (q, kv, kv), platform)
   assert text.count(marker) >= 6  # carry, forward, sel_kv, sel_q, dkdv, dq

@@ -70,3 +70,15 @@ def test_indivisible_dimension_is_a_clear_error():
   c = validate(tiny("standard", n_heads=4, d_model=36, attn_dim=32))  # d_model 36 over fsdp=8
   with pytest.raises(ValueError, match=r"embed.*=36 does not divide over mesh axes \('fsdp',\) of size 8"):
     train.Trainer(c, mesh_lib.make_mesh((1, 8, 1), jax.devices()[:8]))
+
+
+def test_dropped_sharding_constraint_is_logged_once(caplog):
+  """A constraint whose dimension does not divide its mesh axes is dropped (XLA picks the layout), never silently."""
+  mesh = mesh_lib.make_mesh((1, 1, 8), jax.devices())
+  mesh_lib._dropped.clear()
+  f = jax.jit(lambda x: mesh_lib.constrain(x, ("batch", "seq", "act_heads", None)) * 2)
+  with caplog.at_level("WARNING", logger="dba_jax"), jax.set_mesh(mesh):
+    f(np.ones((2, 3, 6, 4), np.float32))  # 6 heads over tensor=8
+    f(np.ones((2, 3, 6, 4), np.float32) + 1)
+  dropped = [r for r in caplog.records if "sharding constraint dropped" in r.getMessage()]
+  assert len(dropped) == 1 and "act_heads=6" in dropped[0].getMessage(), caplog.text

@@ -1,6 +1,6 @@
 """Flash attention (Pallas) for DBA: q/k head dim D != v head dim E, GQA, causal with always-visible prefix keys.
 
-Semantics are those of `dba_jax.ops.attention_reference`: query t (0-based) sees key column c iff
+Semantics are those of `dba_jax.ops.standard.reference`: query t (0-based) sees key column c iff
 c - n_prefix <= t or c < n_prefix. Because t >= 0, that is just c <= t + n_prefix: the null-token prefix is an
 offset of the causal diagonal, not a second mask. S = T + n_prefix in DBA, but any S >= 1 works.
 
@@ -303,7 +303,7 @@ def _block(requested: int, n: int, name: str) -> int:
 
 def flash_attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, block_q=BLOCK_Q,
                     block_k=BLOCK_K, precision=None):
-  """Softmax attention as `dba_jax.ops.attention_reference`, differentiable, without the [T, S] score matrix.
+  """Softmax attention as `dba_jax.ops.standard.reference`, differentiable, without the [T, S] score matrix.
 
   q [B, T, H, D], k [B, S, K, D], v [B, S, K, E] (one dtype) -> [B, T, H, E]. H % K == 0; query head h uses kv
   head h // (H // K). `scale` defaults to D**-0.5. Causal: query t sees keys c <= t + n_prefix (the first

@@ -163,6 +163,6 @@ _protect_and_attack.defvjp(_fwd, _bwd)
 
 def protect_and_attack(a, p, block_t: int = BLOCK_T, block_s: int = BLOCK_S):
   """Accumulated damage D[..., t, j] >= 0 (inclusive of turn t) for attacks a >= 0 and protections p >= 0 along
-  axis -2, accumulated in at least float32; same semantics as dba_jax.selective.protect_and_attack."""
+  axis -2, accumulated in at least float32; same semantics as dba_jax.ops.selective.protect_and_attack."""
   shape = jnp.broadcast_shapes(a.shape, p.shape)
   return _protect_and_attack(jnp.broadcast_to(a, shape), jnp.broadcast_to(p, shape), block_t, block_s)

@@ -4,11 +4,11 @@ backward (Pallas).
 Math, for mask n with source head s_n (scaled logits L_h = scale q_h k_{kv(h)}^T): S_n = ReLU(L_{s_n}) on the
 causal part (future entries 0), S_n[:, 0] = 0 if protect_bos, S_n[i, i] = 0 unless allow_self_mask;
 F_n[i, j] = sum_{k < i} S_n[k, j]; attending head h outputs softmax_{j <= i}(L_h - F_{mask(h)}) v_{kv(h)}.
-Supported variants (the same as dba_jax.selective.selective_attention with impl="reference"):
+Supported variants (the same as dba_jax.ops.selective.selective_attention with impl="reference"):
   default          one mask (M = 1) from head `selection_head`, which also attends; all H heads attend.
   selection_heads  m > 0: heads 0..m-1 only select (M = m masks, mask n from head n; their values are unused
                    and their dv is 0); the H - m heads m..H-1 attend, attending head a (0-based among them) with
-                   mask dba_jax.selective.mask_assignment(m, H - m)[a] (blocks of (H - m) // m heads per mask,
+                   mask dba_jax.ops.selective.mask_assignment(m, H - m)[a] (blocks of (H - m) // m heads per mask,
                    the remainder wrapping to the first masks). m = 1 "none_with_no_head", 2 "two_masks",
                    H / 2 "one_mask_per_head". Needs K = H.
   GQA              k, v with K kv heads, H % K == 0: q head h (attending or selecting) reads kv head h // (H / K).
@@ -56,7 +56,7 @@ inputs); the output is in the input dtype. Products of input-dtype operands use 
 bf16 (probabilities and dZ are cast to bf16 for their matmuls, as flash attention does). The triangular
 matmuls always run in float32 at HIGHEST precision.
 
-Not supported here (use dba_jax.selective): leaky ReLU, relu_after_cumsum, protection, selection slices, combos
+Not supported here (use dba_jax.ops.selective): leaky ReLU, relu_after_cumsum, protection, selection slices, combos
 and latent masks, residual masks, disable_selection, return_mask, segment ids or non-causal attention, GQA
 together with selection_heads. On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the
 whole sequence in VMEM, which bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
@@ -115,7 +115,7 @@ def _kv(cfg: _Cfg, h):
 
 
 def _mask_of(cfg: _Cfg, a):
-  """Mask used by attending head a, as dba_jax.selective.mask_assignment (int32 arithmetic: block index maps)."""
+  """Mask used by attending head a, as dba_jax.ops.selective.mask_assignment (int32 arithmetic: block index maps)."""
   if cfg.n_masks == 1:
     return 0
   block = jax.lax.div(a, _i32(cfg.per))
@@ -568,8 +568,8 @@ def selective_flash_attention(q_BTHD, k_BTKD, v_BTKE, *, scale=None, protect_bos
   any T >= 1 and head dims (padded internally to a power of two >= 16); bf16, f32 or f64 with at least float32
   accumulation. selection_heads=0: one mask from head `selection_head`, which also attends; the output is
   [B, T, H, E]. selection_heads=m > 0 (needs K = H): heads 0..m-1 only select, one mask each, assigned to the
-  other heads by dba_jax.selective.mask_assignment; the output is [B, T, H - m, E] (selection_head is unused).
-  The output is in q's dtype. Matches dba_jax.selective.selective_attention (impl="reference", with k and v
+  other heads by dba_jax.ops.selective.mask_assignment; the output is [B, T, H - m, E] (selection_head is unused).
+  The output is in q's dtype. Matches dba_jax.ops.selective.selective_attention (impl="reference", with k and v
   repeated to H heads under GQA). Differentiable in q, k and v (custom VJP, including the path through F into
   the source heads' q and k)."""
   B, T, H, D = q_BTHD.shape
