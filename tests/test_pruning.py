@@ -8,7 +8,7 @@ from flax import nnx
 from dba_jax import model as model_lib, pruning
 from dba_jax.ops import selective
 from dba_jax.config import validate
-from helpers import layer, tiny
+from helpers import layer as nth_block, tiny
 
 T = 16
 
@@ -60,7 +60,7 @@ def test_budget_at_least_T_equals_full_sequence_loss(setup):
 def _full_f_layer0(model, windows):
   """Layer 0's full-sequence F [B, T, T]: its inputs do not depend on eviction in later positions."""
   decoder = nnx.merge(model.graphdef, model.params)
-  block = layer(decoder, 0)
+  block = nth_block(decoder, 0)
   positions = jnp.arange(T)
   q, k, v = block.attn.project(block.attn_norm(decoder.embed_tokens(jnp.asarray(windows[:, :-1]), positions)),
                                positions)

@@ -9,8 +9,11 @@ Each module has a float64-capable `reference`, an `xla` path, the kernel path, a
 resolves `impl` once through `base.dispatch` ('auto': pallas on GPU/TPU, xla on CPU; a kernel request the kernel
 cannot serve runs on XLA and logs why once). Masks (`causal_mask`, `positions_mask`) and RoPE live in `base`.
 """
-from dba_jax.ops.base import (ACT_HEADS, IMPLS, _warned, apply_rope, causal_mask, causal_zero, fallback,  # noqa: F401
+from dba_jax.ops.base import (ACT_HEADS, IMPLS, _warned, apply_rope, causal_mask, causal_zero, fallback,
                               positions_mask, resolve_impl, rope_angles)
-from dba_jax.ops.dba import dba_attention  # noqa: F401
-from dba_jax.ops.selective import SelectiveSpec, selective_attention  # noqa: F401
-from dba_jax.ops.standard import attention  # noqa: F401
+from dba_jax.ops.dba import dba_attention
+from dba_jax.ops.selective import SelectiveSpec, selective_attention
+from dba_jax.ops.standard import attention
+
+__all__ = ["ACT_HEADS", "IMPLS", "apply_rope", "attention", "causal_mask", "causal_zero", "dba_attention", "fallback",
+           "positions_mask", "resolve_impl", "rope_angles", "SelectiveSpec", "selective_attention"]
