@@ -184,8 +184,8 @@ def convert_main(argv) -> int:
   from dba_jax import model as model_lib, torch_io
   from dba_jax.config import validate
   from dba_jax.formats import caramba
-  from dba_jax.cli import parse_flags
-  c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  from dba_jax.cli import load_config
+  c = load_config("dba-bench", args.config, overrides, validate)
   work = args.dir or tempfile.mkdtemp(prefix="dba-bench-convert-")
   os.makedirs(work, exist_ok=True)
   src, wd, back = (os.path.join(work, n) for n in ("synthetic.pt", "converted", "back.pt"))
@@ -347,8 +347,8 @@ def addition_main(argv) -> int:
   from dba_jax.addition import config as config_lib, data, torch_ref
   from dba_jax.addition import train as add_train
   from dba_jax.addition.model import Arch, count_params
-  from dba_jax.cli import parse_flags
-  c = config_lib.validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  from dba_jax.cli import load_config
+  c = load_config("dba-bench", args.config, overrides, config_lib.validate)
   a, o, t = Arch.from_config(c.model), c.optim, c.train
   phases = data.parse_curriculum(t.curriculum)
   B, s0 = t.batch_size, args.start_step
@@ -444,8 +444,8 @@ def main(argv=None) -> int:
   import jax
 
   from dba_jax.config import validate
-  from dba_jax.cli import parse_flags
-  c = validate(parse_flags(["dba-bench", f"--config={args.config}", *overrides]).config)
+  from dba_jax.cli import load_config
+  c = load_config("dba-bench", args.config, overrides, validate)
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
   fpt = flops_per_token(c.model, c.data.seq_len)

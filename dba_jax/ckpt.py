@@ -33,6 +33,10 @@ class CheckpointMismatch(ValueError):
   """The checkpoint was written by a different model; the message lists the paths and shapes."""
 
 
+class CheckpointDamaged(ValueError):
+  """A checkpoint's files are missing, truncated or unreadable; the message names the file or the step."""
+
+
 def _host_handler(compress: bool):
   """Orbax's pytree handler (the on-disk format StandardCheckpointHandler reads back) whose numpy arrays are
   written without the defensive deep copy; jax arrays (the counts) and scalars as usual."""
@@ -114,7 +118,13 @@ class Checkpointer:
 
   def check_shapes(self, step: int, abstract_params) -> None:
     """Raise CheckpointMismatch listing every parameter whose path or shape differs from the model's."""
-    stored = self._mngr.item_metadata(step)["params"]
+    try:
+      stored = self._mngr.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001 - whatever Orbax raises on unreadable metadata
+      raise CheckpointDamaged(f"{self.step_dir(step)}/params: metadata unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not stored:
+      raise CheckpointDamaged(f"{self.step_dir(step)}/params: no metadata (its _METADATA file is missing or empty)")
     # Orbax stores dict keys as strings: unrolled layers' int keys (blocks[0]) come back as '0'.
     flat = lambda tree: {"".join(f"[{str(getattr(k, 'key', k))!r}]" for k in p): tuple(x.shape) for p, x in
                          jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -134,20 +144,40 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return out["params"], out.get("opt") if abstract_opt is not None else None, out["meta"]
 
+  def try_restore(self, step: int, abstract_params, abstract_opt=None):
+    """(params, opt, meta), or raise CheckpointDamaged naming what is broken (CheckpointMismatch for another
+    model's checkpoint)."""
+    problem = self.verify(step)
+    if problem is not None:
+      raise CheckpointDamaged(problem)
+    try:
+      return self.restore(step, abstract_params, abstract_opt)
+    except (CheckpointMismatch, CheckpointDamaged):
+      raise
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is damaged the same way
+      msg = str(e).splitlines()[0][:200] if str(e) else ""
+      raise CheckpointDamaged(f"{self.step_dir(step)} unreadable ({type(e).__name__}: {msg})") from None
+
+  def restore_first_good(self, abstract_params, abstract_opt=None, step: int | None = None, on_damaged=None):
+    """(step, params, opt, meta) of `step`, or of the newest checkpoint that restores; each damaged one tried first
+    goes to on_damaged(step, problem). Raises CheckpointDamaged (every problem, one line) when none restores."""
+    damaged = []
+    for s in [step] if step is not None else reversed(self.all_steps()):
+      try:
+        return (s,) + self.try_restore(s, abstract_params, abstract_opt)
+      except CheckpointDamaged as e:
+        damaged.append(str(e))
+        if on_damaged is not None:
+          on_damaged(s, str(e))
+    raise CheckpointDamaged("; ".join(damaged) or f"{self.directory}: no checkpoint")
+
   def restore_latest_good(self, abstract_params, abstract_opt=None):
-    """Restore the newest checkpoint that is complete, warning about (and skipping) broken newer ones.
-    Returns (step, params, opt, meta) or None when there is nothing usable."""
-    for step in reversed(self.all_steps()):
-      problem = self.verify(step)
-      if problem is None:
-        try:
-          return (step,) + self.restore(step, abstract_params, abstract_opt)
-        except CheckpointMismatch:
-          raise
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-          problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-      self._set_aside(step, problem)
-    return None
+    """Training's resume: the newest complete checkpoint, broken newer ones set aside with a warning; None when
+    there is nothing usable."""
+    try:
+      return self.restore_first_good(abstract_params, abstract_opt, on_damaged=self._set_aside)
+    except CheckpointDamaged:
+      return None
 
   def _set_aside(self, step: int, problem: str):
     """Move a broken checkpoint out of the manager's directory (kept for inspection, never deleted), so the

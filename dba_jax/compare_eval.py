@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dba_jax import behavior, data, evaluate, generate, losses, model as model_lib, plots
+from dba_jax.cli import refuse_existing
 from dba_jax.loading import load_model
 
 PROG = "dba-eval compare"
@@ -338,6 +339,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog=PROG, description="Compare several checkpoints (see dba_jax/compare_eval.py).")
   p.add_argument("--manifest", required=True, help="Python file with get_config() (configs/compare/*.py)")
   p.add_argument("--out", default="", help="output directory (default runs/compare/<manifest name>)")
+  p.add_argument("--force", action="store_true", help="replace the results an existing output directory holds")
   args = p.parse_args(argv)
   try:
     man = load_manifest(args.manifest)
@@ -345,6 +347,7 @@ def main(argv=None) -> int:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   out_dir = args.out or os.path.join("runs", "compare", man["name"])
+  refuse_existing(PROG, os.path.join(out_dir, "results.json"), args.force, "comparison")
   try:
     result = run(man, out_dir)
   except (FileNotFoundError, data.DataError) as e:

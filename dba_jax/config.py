@@ -117,6 +117,7 @@ def base_config() -> Config:
   t.surgery = "none"  # none | add_head_start | add_head_end (applied to init_from's params)
   t.surgery_init = "ko_zero"  # normal | zero | k_zero | ko_zero | o_zero | o_rescaled
   t.nonfinite = "stop"  # on a NaN/inf loss or gradient: stop (last good checkpoint kept) | skip the batch
+  t.on_no_good_checkpoint = "stop"  # every checkpoint broken: stop (say so) | restart from step 0
 
   c.mesh = Config()
   c.mesh.shape = (-1, 1, 1)  # over (data, fsdp, tensor); -1 takes the remaining devices
@@ -232,6 +233,7 @@ def validate(c: Config) -> Config:
   for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     _need(t[key] > 0, f"train.{key}={t[key]} must be positive")
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+  _one_of("train.on_no_good_checkpoint", t.on_no_good_checkpoint, ("stop", "restart"))
   _one_of("train.surgery", t.surgery, ("none", "add_head_start", "add_head_end"))
   _one_of("train.surgery_init", t.surgery_init, ("normal", "zero", "k_zero", "ko_zero", "o_zero", "o_rescaled"))
   _need(t.surgery == "none" or bool(t.init_from), "train.surgery needs train.init_from (the model to operate on)")

@@ -36,6 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dba_jax import conversion, formats, torch_io
+from dba_jax.cli import HELP, check_config_file
 from dba_jax.config import ConfigError, base_config, lock, validate
 from dba_jax.conversion import ConversionError
 
@@ -178,11 +179,12 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
 
 
 def _refuse_existing(out: str):
-  taken = [f for f in ("config.json", "checkpoints", RECORD) if os.path.exists(os.path.join(out, f))]
-  if taken:
-    raise ConversionError(f"--out {out} already holds {taken}; refusing to overwrite, choose a new directory")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConversionError(f"--out {out} exists and is not a directory")
+  taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if taken:
+    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to write into it, choose a new "
+                          "or empty directory")
 
 
 def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: bool = True):
@@ -229,6 +231,16 @@ def _saved_record(workdir: str) -> dict:
     return json.load(f)
 
 
+def _native_format(workdir: str) -> str:
+  """The PyTorch family a dba-train run's model belongs to: nanoGPT for GPT-2-shaped models (learned positions,
+  LayerNorm, GELU), the caramba/DBA format otherwise."""
+  from dba_jax import loading
+  m = loading.read_config(loading._locate(workdir)[0]).model
+  name = "nanogpt" if (m.positions, m.norm, m.mlp) == ("learned", "layernorm", "gelu") else "caramba"
+  say(f"{workdir}: a dba-train run; exporting in the {name} format (--format overrides)")
+  return name
+
+
 def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
   import jax
 
@@ -238,9 +250,7 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
   if os.path.exists(out):
     raise ConversionError(f"--out {out} exists; refusing to overwrite it")
   record = _saved_record(workdir)
-  name = fmt_name if fmt_name != "auto" else record.get("format")
-  if name is None:
-    raise ConversionError(f"{workdir} records no source format (not written by dba-convert); pass --format")
+  name = fmt_name if fmt_name != "auto" else record.get("format") or _native_format(workdir)
   fmt = formats.get(name)
   if fmt is None:
     raise ConversionError(f"--format={name}: that format is not implemented yet")
@@ -282,15 +292,21 @@ def _restore_all(workdir: str):
   root, step = loading._locate(workdir)
   c = loading.read_config(root)
   ckpts = ckpt.Checkpointer(os.path.join(root, "checkpoints"), read_only=True)
-  step = ckpts.latest_step() if step is None else step
-  if step is None:
-    raise ConversionError(f"{root}/checkpoints holds no checkpoint")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
-  abstract = jax.tree.map(sds, nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
-  tx = train.make_optimizer(c, model_lib.param_axes(c.model))
-  params, opt, meta = ckpts.restore(step, abstract, jax.tree.map(sds, jax.eval_shape(tx.init, abstract)))
-  ckpts.close()
+  try:
+    if not ckpts.all_steps():
+      raise ConversionError(f"{root}/checkpoints holds no checkpoint")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+    abstract = jax.tree.map(sds, nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
+    tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+    skipped = []
+    step, params, opt, meta = ckpts.restore_first_good(
+        abstract, jax.tree.map(sds, jax.eval_shape(tx.init, abstract)), step,
+        on_damaged=lambda s, why: skipped.append(why))
+    if skipped:
+      say(f"skipped damaged checkpoint(s): {'; '.join(skipped)}; exporting step {step}")
+  finally:
+    ckpts.close()
   return jax.tree.map(np.asarray, params), c, jax.tree.map(np.asarray, opt), meta
 
 
@@ -337,6 +353,10 @@ def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   flags.DEFINE_enum("format", "auto", ["auto", *formats.NAMES], "Checkpoint format (auto: from the keys)",
                     flag_values=fv)
   flags.DEFINE_string("to_torch", None, "Export this dba_jax workdir to PyTorch", flag_values=fv)
+  if any(a in HELP for a in argv[1:]):
+    print(USAGE + "\n\n" + (__doc__ or "").strip() + "\n\n" + fv.get_help())
+    raise SystemExit(0)
+  check_config_file(argv)
   rest = fv(list(argv))
   return fv, rest[1:]
 

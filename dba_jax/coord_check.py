@@ -128,7 +128,7 @@ def _flags(fv):
 def main(argv) -> int:
   from dba_jax.cli import flag_error, parse_flags
   try:
-    fv = parse_flags(argv, _flags)
+    fv = parse_flags(argv, _flags, doc=__doc__)
     if fv.config is None:
       raise ConfigError("--config=configs/NAME.py[:variant] is required")
     heads = [int(h) for h in fv.heads]

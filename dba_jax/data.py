@@ -202,6 +202,8 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
     else:
       with open(path, encoding="utf-8", errors="replace") as f:
         arr = tokenizer.encode(f.read())
+    if len(arr) == 0:
+      raise DataError(f"data.{key}: {path} holds no tokens")
     check_vocab(path, arr, vocab_size)
     shards.append(arr)
   return shards

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from dba_jax.cli import refuse_existing, write_json
 
 PROG = "dba-eval"
 
@@ -97,7 +98,8 @@ def _parser():
   q.add_argument("--vocab-limit", type=int, default=0, help="softmax over the first N logits (default vocab_size)")
   q.add_argument("--max-windows", type=int, default=0, help="at most N windows, spread evenly (0: all)")
   q.add_argument("--batch-size", type=int, default=8)
-  q.add_argument("--out", default="")
+  q.add_argument("--out", default="", help="also write the JSON here")
+  q.add_argument("--force", action="store_true", help="replace an existing --out file")
   g = sub.add_parser("generate", help="KV-cache generation from a text prompt")
   g.add_argument("--checkpoint", required=True)
   g.add_argument("--prompt", required=True)
@@ -108,7 +110,8 @@ def _parser():
   g.add_argument("--window", type=int, default=0, help="keep the W most recent tokens in float32")
   g.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids (none by default)")
   g.add_argument("--max-len", type=int, default=0, help="cache length (default prompt + max-new)")
-  g.add_argument("--out", default="")
+  g.add_argument("--out", default="", help="also write the JSON here")
+  g.add_argument("--force", action="store_true", help="replace an existing --out file")
   r = sub.add_parser("prune", help="selective-attention context pruning: keep ratios and per-layer KV budgets")
   r.add_argument("--checkpoint", required=True)
   r.add_argument("--split", default="val", choices=("val", "train"))
@@ -120,7 +123,8 @@ def _parser():
   r.add_argument("--per-layer", action="store_true", help="refine the shared budget layer by layer")
   r.add_argument("--max-windows", type=int, default=8)
   r.add_argument("--batch-size", type=int, default=8)
-  r.add_argument("--out", default="")
+  r.add_argument("--out", default="", help="also write the JSON here")
+  r.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
   sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/compare_eval.py)", add_help=False)
   return p
@@ -145,16 +149,13 @@ def main(argv=None) -> int:
     if bad:
       print(f"{PROG}: error: {msg}", file=sys.stderr)
       return 2
+  refuse_existing(PROG, args.out, args.force)
   try:
     result = {"ppl": ppl_main, "generate": generate_main, "prune": prune_main}[args.command](args)
   except _Fail as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  text = json.dumps(result, indent=2)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  print(write_json(args.out, result))
   return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -9,6 +10,8 @@ from flax import nnx
 
 from dba_jax import ckpt, model as model_lib
 from dba_jax.config import Config, base_config
+
+log = logging.getLogger("dba_jax")
 
 
 def read_config(workdir: str) -> Config:
@@ -40,18 +43,25 @@ def _locate(path: str) -> tuple[str, int | None]:
 
 
 def load_model(path: str, step: int | None = None) -> tuple[model_lib.Model, Config]:
-  """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab]. Latest step unless `step` given."""
+  """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab]. The latest good step unless `step`
+  (or a checkpoints/<step> path) names one: a damaged latest checkpoint is skipped with a warning naming it and
+  the step used; a damaged named one, or none usable, raises ckpt.CheckpointDamaged in one line."""
   workdir, path_step = _locate(path)
   step = step if step is not None else path_step
   c = read_config(workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  step = ckpts.latest_step() if step is None else step
-  if step is None or step not in ckpts.all_steps():
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {ckpts.all_steps()})")
-  graphdef, state = model_lib.abstract(c.model)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          nnx.to_pure_dict(state))
-  params, _, _ = ckpts.restore(step, abstract)
-  ckpts.close()
-  return model_lib.Model(c.model, graphdef, params), c
+  try:
+    steps = ckpts.all_steps()
+    if step is not None and step not in steps or not steps:
+      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {steps})")
+    graphdef, state = model_lib.abstract(c.model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            nnx.to_pure_dict(state))
+    skipped = []
+    step, params, _, _ = ckpts.restore_first_good(abstract, step=step, on_damaged=lambda s, why: skipped.append(why))
+    if skipped:
+      log.warning("skipped damaged checkpoint(s): %s; loaded step %d instead", "; ".join(skipped), step)
+    return model_lib.Model(c.model, graphdef, params), c
+  finally:
+    ckpts.close()

@@ -1,13 +1,21 @@
-"""`dba-train --config=configs/NAME.py[:variant] [--config.a.b=value ...] --workdir=DIR [--dry-run]`."""
+"""`dba-train --config=configs/NAME.py[:variant] [--config.a.b=value ...] --workdir=DIR [--dry-run]`.
+
+Trains the config's model into DIR, or resumes the run DIR holds. SIGTERM or Ctrl-C saves at the current step and
+exits 0 (a second Ctrl-C aborts at once); the same command then resumes."""
 from __future__ import annotations
 
-import math
-import sys
+# Stop signals first: a SIGTERM or Ctrl-C during the imports below is then a clean stop, not a kill.
+from dba_jax.signals import StopSignals
 
-from absl import flags
+STOP = StopSignals().install()  # dba_jax.main is imported only to run dba-train
 
-from dba_jax.cli import flag_error, parse_flags
-from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
+import math  # noqa: E402
+import sys  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from dba_jax.cli import flag_error, parse_flags  # noqa: E402
+from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate  # noqa: E402
 
 
 def _train_flags(fv: flags.FlagValues):
@@ -73,10 +81,10 @@ def init_distributed(fv: flags.FlagValues) -> None:
   jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=int(pid))
 
 
-def main(argv) -> int:
+def main(argv, stop: StopSignals | None = None) -> int:
   argv = [a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv]
   try:
-    fv = parse_flags(argv, _train_flags)
+    fv = parse_flags(argv, _train_flags, doc=__doc__)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"dba-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
     return 2
@@ -94,8 +102,8 @@ def main(argv) -> int:
     init_distributed(fv)
     from dba_jax import ckpt, data, train
     try:
-      summary = train.train(c, fv.workdir)
-    except (data.DataError, ckpt.CheckpointMismatch) as e:
+      summary = train.train(c, fv.workdir, stop=stop)
+    except (data.DataError, ckpt.CheckpointMismatch, OSError) as e:
       raise ConfigError(str(e)) from None
     except train.TrainingStopped as e:
       print(f"dba-train: stopped: {e}", file=sys.stderr)
@@ -106,13 +114,19 @@ def main(argv) -> int:
   import jax
   if jax.process_index() == 0:
     loss = summary["eval_loss"]
-    print(f"done: {summary['steps']} steps, eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
-          f"{summary['tokens_per_s']:,.0f} tok/s -> {summary['workdir']}")
+    evaluated = f"eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})" if loss == loss else "not evaluated"
+    if summary.get("stopped"):
+      print(f"stopped by {summary['stopped']} after {summary['steps']} steps ({evaluated}) -> {summary['workdir']}; "
+            "the same command resumes")
+    else:
+      print(f"done: {summary['steps']} steps, {evaluated}, {summary['tokens_per_s']:,.0f} tok/s -> "
+            f"{summary['workdir']}")
   return 0
 
 
 def cli():
-  sys.exit(main(sys.argv))
+  with STOP:
+    sys.exit(main(sys.argv, STOP))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -18,6 +17,7 @@ from flax import nnx
 
 from dba_jax import ckpt, data, losses, mesh as mesh_lib, model as model_lib
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
+from dba_jax.signals import StopSignals
 
 # ------------------------------------------------------------------------------------------------- optimizer
 
@@ -203,34 +203,66 @@ def git_revision() -> str:
   return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "tb")
+OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "checkpoints_broken", "tb")
+
+
+def _empty_trace(path: str) -> bool:
+  """An empty file or a directory holding nothing but empty directories: what an interrupted start leaves."""
+  if os.path.isdir(path):
+    return all(_empty_trace(os.path.join(path, f)) for f in os.listdir(path))
+  return os.path.getsize(path) == 0
 
 
 def check_workdir(c: Config, workdir: str) -> bool:
-  """True when the workdir holds an earlier run of this model to resume; raises before anything is written
-  if it holds a different model or files dba_jax did not write there."""
+  """True when the workdir holds an earlier run of this model to resume. Raises ConfigError before anything is
+  written when it is a file, cannot be written, holds a different model, or (without config.json) holds anything
+  but dba_jax's own empty start-up traces. A missing workdir is a fresh start."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+  _check_writable(workdir)
+  if not os.path.isdir(workdir):
+    return False
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      saved = json.load(f)["model"]
+    try:
+      with open(cfg_path) as f:
+        saved = json.load(f)["model"]
+    except (ValueError, KeyError) as e:
+      raise ConfigError(f"{cfg_path} is unreadable ({e}); it was not written by dba_jax") from None
     now = json.loads(c.model.to_json())
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
       details = ", ".join(f"model.{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
       raise ConfigError(f"{workdir} holds a run of a different model ({details}); use another --workdir")
     return True
-  stray = [f for f in OWN_FILES if os.path.exists(os.path.join(workdir, f))]
-  if stray:
-    raise ConfigError(f"{workdir} has {stray} but no config.json: not a dba_jax workdir, refusing to write there")
+  foreign = sorted(f for f in os.listdir(workdir)
+                   if f != "config.json.tmp" and (f not in OWN_FILES or not _empty_trace(os.path.join(workdir, f))))
+  if foreign:
+    raise ConfigError(f"{workdir} holds {foreign} but no config.json: not a dba_jax workdir, refusing to write "
+                      "there (use a new or empty directory)")
   return False
 
 
-def record_start(c: Config, workdir: str, resumed_from: int | None):
+def _check_writable(workdir: str):
+  """The workdir (or the nearest existing parent it would be made in) must accept new files."""
+  probe = workdir
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe) or "."
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir}: {probe} is not writable")
+
+
+def write_config(c: Config, workdir: str):
+  """config.json, atomically (temporary file, then rename): the first file a run writes."""
   os.makedirs(workdir, exist_ok=True)
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
-    with open(cfg_path, "w") as f:
+    with open(cfg_path + ".tmp", "w") as f:
       f.write(c.to_json(indent=2))
+    os.replace(cfg_path + ".tmp", cfg_path)
+
+
+def record_start(c: Config, workdir: str, resumed_from: int | None):
   rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
          "host": socket.gethostname(), "devices": jax.device_count(), "resumed_from": resumed_from,
          "config": json.loads(c.to_json())}
@@ -272,30 +304,12 @@ class TrainingStopped(RuntimeError):
   """The run stopped on purpose (non-finite loss under nonfinite='stop'); the message says why and where."""
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the current step and exits 0. With several processes, JAX's
-  preemption sync point makes every process agree on the step."""
-
-  def __init__(self):
-    self.flag = False
-    self._old = None
-
-  def __enter__(self):
-    import signal
-    if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
-    return self
-
-  def __exit__(self, *exc):
-    import signal
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.flag
+def _stop_requested(stop: StopSignals, step: int) -> bool:
+  """SIGTERM / SIGINT seen; with several processes, JAX's preemption sync point makes every process agree."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
+  return stop.received is not None
 
 
 def initial_params(c: Config, trainer: Trainer):
@@ -317,26 +331,53 @@ def initial_params(c: Config, trainer: Trainer):
   return jax.device_put(params, trainer.param_shardings)
 
 
-def train(c: Config, workdir: str, quiet: bool = False) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s)."""
+def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s, and `stopped`:
+  the signal that ended it early, if one did). `stop`: the command's StopSignals (installed here if not given)."""
   validate(c)
+  stop = stop if stop is not None else StopSignals()
+  with stop:
+    return _train(c, workdir, quiet, stop)
+
+
+def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   t = c.train
   workdir = os.path.abspath(workdir)
-  resuming = check_workdir(c, workdir) if os.path.isdir(workdir) else False
-  splits = data.load_splits(c.data, c.model.vocab_size)  # data errors surface before the workdir is touched
+  # Everything is validated (workdir, data, mesh, model) before the first file is written.
+  resuming = check_workdir(c, workdir)
+  splits = data.load_splits(c.data, c.model.vocab_size)
   mesh = mesh_lib.make_mesh(c.mesh.shape)
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   if t.batch_size % (t.grad_accum * n_batch) or t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
                       f"divisible by the {n_batch} data-parallel shards and by {jax.process_count()} processes")
   trainer = Trainer(c, mesh)
-  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
   it = data.train_iterator(splits, c.data, t.batch_size, jax.process_index(), jax.process_count())
   local_batch = t.batch_size // jax.process_count()
   evals = data.eval_batches(splits, c.data.seq_len, t.batch_size, t.eval_batches)
   evals = evals[:, jax.process_index() * local_batch:(jax.process_index() + 1) * local_batch]
+  lead = jax.process_index() == 0
+  say = (lambda msg: None) if quiet or not lead else (lambda msg: print(msg, file=sys.stderr, flush=True))
+  summary = {"workdir": workdir, "eval_loss": float("nan"), "tokens_per_s": float("nan"),
+             "padded_vocab": padded_vocab(c.model)}
+  if stop.received:
+    say(f"{stop.received} during start-up: nothing was written; start again with the same command")
+    return {**summary, "params": None, "steps": 0, "stopped": stop.received}
+  if lead:
+    write_config(c, workdir)
+  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
+  broken_dir = os.path.join(workdir, "checkpoints_broken")
+  had_checkpoints = resuming and (bool(ckpts.all_steps()) or os.path.isdir(broken_dir))
 
   restored = ckpts.restore_latest_good(trainer.abstract_params_sharded(), trainer.abstract_opt) if resuming else None
+  if restored is None and had_checkpoints:
+    if t.on_no_good_checkpoint == "stop":
+      ckpts.close()
+      raise TrainingStopped(f"no usable checkpoint in {workdir}/checkpoints: every one is broken (kept in "
+                            f"{broken_dir}). Set --config.train.on_no_good_checkpoint=restart to train again from "
+                            "step 0, discarding what they held")
+    say(f"warning: every checkpoint is broken (kept in {broken_dir}); restarting from step 0 "
+        "(train.on_no_good_checkpoint=restart)")
   if restored is not None:
     latest, params, opt, meta = restored
     state = {"params": params, "opt": opt, **trainer.counters(meta["step"], meta["rng"], meta["nonfinite"])}
@@ -359,7 +400,6 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   tokens_per_step = t.batch_size * c.data.seq_len
   progress = Progress(t.steps, open(os.devnull, "w") if quiet or not lead else sys.stderr)
-  say = (lambda msg: None) if quiet or not lead else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
   def save(step):
     meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "data": it.get_state(),
@@ -393,38 +433,38 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   seen_nonfinite, last_check = int(jax.device_get(state["nonfinite"])), start
   done = start
   try:
-    with _Preemption() as preempt:
-      for step in range(start, t.steps):
-        local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
-        state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, 1))
-        done = step + 1
-        if t_mark is None:  # the first step includes compilation: time from its end
-          jax.block_until_ready(metrics)
-          t_mark, step_mark = time.perf_counter(), done
-        if done % t.log_every == 0 or done == t.steps:
-          check_finite(done)
-          last_check = done
-          metrics = jax.device_get(metrics)
-          now = time.perf_counter()
-          tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
-          if done > step_mark:
-            tok_s_hist.append(tok_s)
-          rec = {"step": done, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tok_s}
-          log("metrics.jsonl", rec)
-          eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
-          progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if last_eval == last_eval else "")
-          t_mark, step_mark = now, done
-        if done % t.eval_every == 0 or done == t.steps:
-          last_eval = trainer.evaluate(state["params"], evals)
-          log("eval.jsonl", {"step": done, "eval_loss": last_eval})
-        preempted = preempt.reached(done)
-        if done % t.ckpt_every == 0 or done == t.steps or preempted:
-          check_finite(done)
-          last_check = done
-          save(done)
-        if preempted:
-          say(f"\nSIGTERM: saved a checkpoint at step {done}; exiting. Start again with the same command to resume.")
-          break
+    for step in range(start, t.steps):
+      local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
+      state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, 1))
+      done = step + 1
+      if t_mark is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(metrics)
+        t_mark, step_mark = time.perf_counter(), done
+      if done % t.log_every == 0 or done == t.steps:
+        check_finite(done)
+        last_check = done
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
+        if done > step_mark:
+          tok_s_hist.append(tok_s)
+        rec = {"step": done, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tok_s}
+        log("metrics.jsonl", rec)
+        eta = (t.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
+        progress.update(done, rec["loss"], tok_s, eta, f" | eval {last_eval:.4f}" if last_eval == last_eval else "")
+        t_mark, step_mark = now, done
+      if done % t.eval_every == 0 or done == t.steps:
+        last_eval = trainer.evaluate(state["params"], evals)
+        log("eval.jsonl", {"step": done, "eval_loss": last_eval})
+      preempted = _stop_requested(stop, done)
+      if done % t.ckpt_every == 0 or done == t.steps or preempted:
+        check_finite(done)
+        last_check = done
+        save(done)
+      if preempted:
+        say(f"\n{stop.received or 'SIGTERM'}: saved a checkpoint at step {done}; exiting. Start again with the "
+            "same command to resume.")
+        break
   finally:
     progress.close()
     ckpts.close()
@@ -432,6 +472,6 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
       writer.close()
   if start >= t.steps and last_eval != last_eval:
     last_eval = trainer.evaluate(state["params"], evals)
-  return {"workdir": workdir, "params": n_params, "eval_loss": last_eval, "steps": done,
+  return {**summary, "params": n_params, "eval_loss": last_eval, "steps": done,
           "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else float("nan"),
-          "padded_vocab": padded_vocab(c.model)}
+          "stopped": stop.received if done < t.steps else None}

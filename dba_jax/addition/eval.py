@@ -11,7 +11,6 @@ ignores the 12th token (as the original does); strict also requires it to be EOS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dba_jax.addition import data
+from dba_jax.cli import refuse_existing, write_json
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode
 
 
@@ -110,11 +110,13 @@ def main(argv=None) -> int:
   p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of a run/model dir")
   p.add_argument("--strict", action="store_true", help="exact match also requires EOS as the 12th token")
   p.add_argument("--out", default="", help="write the JSON here (always printed)")
+  p.add_argument("--force", action="store_true", help="replace an existing --out file")
   p.add_argument("--batch-size", type=int, default=2000)
   p.add_argument("--limit", type=int, default=0, help="first N problems of each seed's split (0: all 10,000)")
   p.add_argument("--seeds", default=",".join(map(str, data.EVAL_SEEDS)), help="comma-separated split seeds")
   p.add_argument("--failures", type=int, default=20, help="failure samples to keep")
   args = p.parse_args(argv)
+  refuse_existing("dba-addition-eval", args.out, args.force)
   from dba_jax.addition import checkpoint
   try:
     models = checkpoint.load(args.checkpoint, args.which)
@@ -130,11 +132,7 @@ def main(argv=None) -> int:
           f"({v['aggregate_errors']} errors / {v['total_examples']}{', strict' if args.strict else ''}), "
           f"digit acc {v['digit_accuracy']:.6f}", file=sys.stderr)
   out = results[0] if len(results) == 1 else {"models": results}
-  text = json.dumps(out, indent=2)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  print(write_json(args.out, out))
   return 0
 
 

@@ -152,7 +152,7 @@ def main(argv) -> int:
   from dba_jax.addition.config import validate
   from dba_jax.cli import flag_error, parse_flags
   try:
-    fv = parse_flags(argv, _flags)
+    fv = parse_flags(argv, _flags, doc=__doc__)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"dba-addition-shrink: error: bad flag or override: {flag_error(e)}", file=sys.stderr)
     return 2

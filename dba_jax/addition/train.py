@@ -247,7 +247,7 @@ def main(argv) -> int:
   from dba_jax.cli import flag_error, parse_flags
   argv = [s.replace("--dry-run", "--dry_run", 1) if s.startswith("--dry-run") else s for s in argv]
   try:
-    fv = parse_flags(argv, _flags)
+    fv = parse_flags(argv, _flags, doc=__doc__)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"dba-addition-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
     return 2

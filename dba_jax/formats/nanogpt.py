@@ -250,8 +250,10 @@ def config_from(tensors: dict, c):
   rows = shape(qkv)[0]
   A = shape(proj)[1] if proj in t else rows // 3
   if not given(c, "model.n_heads"):
+    fits = [f"{A // D} (heads of {D})" for D in (64, 128, 32, 16, 8) if A % D == 0][:3]
     raise ConversionError(f"{qkv} has shape {shape(qkv)}: {A} attention features, but the head count cannot be "
-                          "read from shapes; give --config.model.n_heads (e.g. 12 or 13 for heads of 64)")
+                          "read from shapes; give --config.model.n_heads"
+                          + (f", e.g. {' or '.join(fits)}" if fits else ""))
   H = m.n_heads
   if rows % 3 or A % H:
     raise ConversionError(f"{qkv} has shape {shape(qkv)} and {proj} {shape(proj) if proj in t else 'is absent'}: "
