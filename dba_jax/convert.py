@@ -183,7 +183,7 @@ def _refuse_existing(out: str):
     raise ConversionError(f"--out {out} exists and is not a directory")
   taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
   if taken:
-    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to write into it, choose a new "
+    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, choose a new "
                           "or empty directory")
 
 

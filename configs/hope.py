@@ -1,0 +1,41 @@
+"""HOPE (Nested Learning) models: post-norm attention + continuum memory levels, no positions, tied head.
+
+  dba-train --config=configs/hope.py:cpu --workdir=runs/hope_cpu             # bytes, d 128, 2 layers, T 128
+  dba-train --config=configs/hope.py:cpu --config.model.block=hope_transformer --workdir=runs/hope_tf
+  dba-train --config=configs/hope.py:attention --workdir=runs/hope           # the original's pilot shapes
+
+Variants built so far: attention (hope_attention at the pilot's shapes), transformer (its baseline block), cpu.
+The memory learns during each sequence: `hope.online_chunk` tokens at a time, two passes per chunk (read, then the
+teach-signal update of the CMS fast weights), one fast state per batch row (dba_jax/hope/step.py).
+"""
+from dba_jax.config import base_config, lock
+
+BUILT = ("attention", "transformer", "cpu")
+PLANNED = ("selfmod", "hybrid", "titans_mac", "titans_mag", "titans_mal")
+
+
+def get_config(variant: str = "cpu"):
+  if variant not in BUILT:
+    extra = f" ({variant} is planned, not built yet)" if variant in PLANNED else ""
+    raise ValueError(f"unknown variant {variant!r} of hope{extra}; choose one of {', '.join(BUILT)}")
+  c = base_config()
+  m, h = c.model, c.model.hope
+  m.block = "hope_transformer" if variant == "transformer" else "hope_attention"
+  m.positions, m.norm, m.tie_embeddings, m.bias = "none", "layernorm", True, False
+  m.scale_residual_init = False
+  o, t = c.optim, c.train
+  if variant == "cpu":  # others.md B.9: byte vocabulary, CMS 4/16/64, AdamW 3e-4 outer, 1-2k steps
+    m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 256, 128, 128, 2, 4, 128
+    h.cms_periods, h.online_chunk = (4, 16, 64), 32
+    c.data.seq_len = 128
+    o.lr, o.warmup_steps, o.weight_decay = 3e-4, 50, 0.0
+    t.steps, t.batch_size, t.log_every, t.eval_every, t.eval_batches, t.ckpt_every = 1000, 8, 25, 250, 8, 250
+  else:  # configs/pilot.yaml shapes (dim 512, 12 layers, 8 heads, T 2048) with a byte vocabulary here
+    m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 256, 128, 512, 12, 8, 2048
+    h.cms_periods, h.online_chunk = (1, 4, 32, 128), 256
+    c.data.seq_len = 2048
+    o.lr, o.warmup_steps, o.weight_decay = 2.5e-4, 0, 0.02
+    t.steps, t.batch_size = 246_667, 6
+  h.teach_scale, h.teach_clip, h.surprise_threshold = 0.1, 5.0, 0.0  # no surprise gate (it silenced the original)
+  h.inner_opt, h.inner_lr = "nl_l2_precond", 3e-4
+  return lock(c)

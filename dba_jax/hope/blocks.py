@@ -1,0 +1,132 @@
+"""HOPE's blocks (others.md B.2) as Decoder blocks (model.block = hope_attention | hope_transformer).
+
+  attention  post-norm: LN(x + W_o·attn(x)); fused W_qkv [d, 3, d], no biases, causal, no positions; optional
+             q/k L2 norm and a causal depthwise conv before W_qkv.
+  hope_attention    attention → CMS levels (dba_jax.hope.cms), fast state per batch row
+  hope_transformer  attention → x + W2·GELU(W1·LN(x)) (hidden 4d, no biases): the original's baseline
+
+The fast state travels in LayerIO.state (the cache extension point of the one forward pass), per layer:
+  {"cms": [per level, leading batch axis]}                    read with meta + fast deltas
+  + {"teach": [B, T, d], "gate": [B]}                         the update pass: returns the updated "cms"
+  + {"probe": [B, T, d]}                                      added to the block output (per-layer teach signal)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba_jax import ops
+from dba_jax.hope import cms
+from dba_jax.layers import ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
+from dba_jax.mesh import constrain
+
+
+def _ln(x, scale, bias, eps):
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu = xf.mean(-1, keepdims=True)
+  var = ((xf - mu) ** 2).mean(-1, keepdims=True)
+  return ((xf - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class PostNormAttention(nnx.Module):
+  def __init__(self, m, rngs: nnx.Rngs):
+    d, H = m.d_model, m.n_heads
+    self.m, self.H, self.D = m, H, d // H
+    self.qkv = nnx.Param(normal_init(rngs, (d, 3, d), m.init_std), axes=("embed", None, "heads"))
+    self.out = nnx.Param(normal_init(rngs, (d, d), m.init_std), axes=("heads", "embed"))
+    self.norm_scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("embed",))
+    self.norm_bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",))
+    w = m.hope.local_conv
+    # torch Conv1d(d, d, w, groups=d) init: U(-1/sqrt(w), 1/sqrt(w)); stored [w, d].
+    self.conv = nnx.Param(jax.random.uniform(rngs.params(), (w, d), jnp.float32, -w ** -0.5, w ** -0.5),
+                          axes=(None, "embed")) if w else None
+
+  def __call__(self, x_BTd, hooks: Hooks = NO_HOOKS):
+    B, T, d = x_BTd.shape
+    h = x_BTd
+    if self.conv is not None:  # causal depthwise: output t sees inputs t - w + 1 .. t
+      w = self.conv.shape[0]
+      padded = jnp.pad(h, ((0, 0), (w - 1, 0), (0, 0)))
+      kern = self.conv[...].astype(h.dtype)
+      h = sum(padded[:, i:i + T] * kern[i] for i in range(w))
+    qkv = jnp.einsum("btd,dkf->btkf", h, self.qkv[...].astype(h.dtype))
+    q, k, v = (constrain(qkv[:, :, i].reshape(B, T, self.H, self.D), ACT_HEADS) for i in range(3))
+    if self.m.hope.qk_l2_norm:  # torch F.normalize: x / max(‖x‖, eps)
+      q, k = (t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-6) for t in (q, k))
+    o = ops.attention(q, k, v, scale=self.D ** -0.5, return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    probs = None
+    if hooks.return_probs:
+      o, probs = o
+    y = jnp.einsum("btf,fd->btd", o.reshape(B, T, d), self.out[...].astype(x_BTd.dtype))
+    return _ln(x_BTd + y, self.norm_scale[...], self.norm_bias[...], self.m.norm_eps), probs
+
+
+class CMSLevel(nnx.Module):
+  """One CMS level's meta parameters (cms.py names them)."""
+
+  def __init__(self, d: int, hidden: int, std: float, bias: bool, rngs: nnx.Rngs):
+    self.norm_scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("embed",))
+    self.norm_bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",))
+    self.w1 = nnx.Param(normal_init(rngs, (d, hidden), std), axes=("embed", "mlp"))
+    self.w2 = nnx.Param(normal_init(rngs, (hidden, d), std), axes=("mlp", "embed"))
+    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), axes=("mlp",)) if bias else None
+    self.b2 = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",)) if bias else None
+
+  def params(self) -> dict:
+    names = ("norm_scale", "norm_bias", "w1", "b1", "w2", "b2")
+    return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+
+
+class HopeBlock(nnx.Module):
+  """Post-norm attention, then CMS levels (hope_attention) or one static MLP level (hope_transformer)."""
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    h = m.hope
+    self.m = m
+    self.attn = PostNormAttention(m, rngs)
+    hidden = h.cms_hidden_mult * m.d_model
+    if m.block == "hope_attention":
+      self.levels = nnx.List([CMSLevel(m.d_model, hidden, m.init_std, True, rngs) for _ in h.cms_periods])
+    else:
+      self.levels = nnx.List([CMSLevel(m.d_model, hidden, m.init_std, False, rngs)])
+
+  def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
+    if hooks.cache is not None or hooks.keep_fn is not None:
+      raise NotImplementedError("HOPE blocks take no KV cache or key keep hook (their memory is LayerIO.state)")
+    h = self.m.hope
+    a, probs = self.attn(constrain(x, ("batch", "seq", "act_embed")), hooks)
+    meta = [lv.params() for lv in self.levels]
+    clip = self.m.block == "hope_attention"  # the transformer baseline's MLP is a plain residual MLP
+    state = io.state
+    if state is None or "cms" not in state:
+      y = cms.apply_levels(meta, None, a, clip)
+    elif "teach" in state:
+      valid = jnp.ones(a.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
+      run = lambda fast, a_, t_, g_: cms.online(meta, fast, a_, t_, valid, tuple(h.cms_periods), h.inner_lr,
+                                                h.inner_opt, g_, clip, h.flush_partial, h.inner_beta)
+      y, fast = jax.vmap(run)(state["cms"], a, state["teach"], state["gate"])
+      state = {**state, "cms": fast}
+    else:
+      y = jax.vmap(lambda fast, a_: cms.apply_levels(meta, fast, a_, clip))(state["cms"], a)
+    if state is not None and "probe" in state:
+      y = y + state["probe"].astype(y.dtype)
+    return y, dataclasses.replace(io, state=state, probs=probs)
+
+
+def init_fast_state(m, decoder, batch: int) -> dict:
+  """Zero fast state for every layer and batch row: {"cms": [per level, leading [L, B]]}."""
+  blocks = decoder.blocks
+  if m.scan_layers:
+    graphdef, stacked = nnx.split(blocks)
+    meta = [jax.tree.map(lambda a: a[0], lv) for lv in _level_params(nnx.merge(graphdef, stacked))]
+  else:
+    meta = [lv.params() for lv in blocks[0].levels]
+  one = cms.init_fast_state(meta, m.hope.inner_opt)
+  return {"cms": jax.tree.map(lambda a: jnp.zeros((m.n_layers, batch) + a.shape, a.dtype), one)}
+
+
+def _level_params(block) -> list:
+  return [lv.params() for lv in block.levels]

@@ -1,0 +1,82 @@
+"""HOPE's training loss: two passes per online chunk inside the one jitted step (others.md B.6, fixed).
+
+For each batch row (context) the fast state starts at zero and is carried through a lax.scan over the sequence's
+online chunks. Per chunk:
+  read    logits with meta + fast weights (differentiable in the meta weights; the fast state is stop-gradient);
+          CE of the chunk's next tokens → the outer loss;
+  teach   δ: "global" = the closed form ((softmax − onehot) · mask / N) · W_head at the final-norm output, pushed back
+          through the final norm (every layer gets it); "per_layer" = ∂CE/∂(block ℓ output) by autograd;
+          scaled by the schedule, clipped per token; a row whose surprise (mean ‖s‖) is below the threshold skips;
+  update  the same forward with the teach signal: every CMS level steps when its period has passed → new fast
+          state for the next chunk (stop-gradient).
+Attention sees only its own chunk, so information crosses chunks only through the memory. No host syncs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba_jax import losses
+from dba_jax.hope import blocks, teach as teach_lib
+from dba_jax.layers import NO_HOOKS
+
+
+def chunks_of(c) -> int:
+  T, C = c.data.seq_len, c.model.hope.online_chunk or c.data.seq_len
+  if T % C:
+    raise ValueError(f"hope.online_chunk={C} must divide data.seq_len={T}")
+  return T // C
+
+
+def memory_forward(decoder, tokens_BT1, step, h, vocab: int):
+  """(mean CE over chunks, per-chunk CE [n], CMS updates fired per layer and level [n, L, levels] summed over rows)
+  of one batch, two-pass over online chunks."""
+  m = decoder.m
+  B, T1 = tokens_BT1.shape
+  n = (T1 - 1) // (h.online_chunk or T1 - 1)
+  C = (T1 - 1) // n
+  inputs = tokens_BT1[:, :-1].reshape(B, n, C).swapaxes(0, 1)
+  targets = tokens_BT1[:, 1:].reshape(B, n, C).swapaxes(0, 1)
+  scale = teach_lib.schedule(step, h.teach_scale, h.teach_warmup, h.teach_decay_start, h.teach_decay_duration)
+  head = decoder.embed[...] if decoder.head is None else decoder.head.kernel[...].T
+
+  def chunk(fast, xs):
+    x_BC, y_BC = xs
+    state = {"cms": jax.lax.stop_gradient(fast)}
+    mask = jnp.ones(y_BC.shape, bool)
+    if h.teach == "per_layer":
+      def ce_of(probe):
+        out = decoder.forward(x_BC, hooks=NO_HOOKS, cache_state={**state, "probe": probe})
+        return losses.nll(out.logits, y_BC, vocab).mean()
+      probe = jnp.zeros((m.n_layers, B, C, m.d_model), jnp.float32)
+      ce, delta = jax.value_and_grad(ce_of)(probe)
+    else:
+      out = decoder.forward(x_BC, cache_state=state)
+      ce = losses.nll(out.logits, y_BC, vocab).mean()
+      d_out = teach_lib.closed_form(out.logits, y_BC, mask, head, vocab)
+      _, pull = jax.vjp(decoder.final_norm, out.hidden)
+      delta = jnp.broadcast_to(pull(d_out.astype(out.hidden.dtype))[0], (m.n_layers,) + out.hidden.shape)
+    s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
+    gate = teach_lib.surprise(s, mask[None]) >= h.surprise_threshold  # [L, B]
+    upd = decoder.forward(x_BC, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
+    fired = jnp.stack([lv["updates"].sum(1) for lv in upd], axis=-1) - \
+        jnp.stack([lv["updates"].sum(1) for lv in fast], axis=-1)
+    return jax.lax.stop_gradient(upd), (ce, fired)
+
+  fast0 = blocks.init_fast_state(m, decoder, B)["cms"]
+  _, (ce_n, fired) = jax.lax.scan(chunk, fast0, (inputs, targets))
+  return ce_n.mean(), ce_n, fired
+
+
+def make_loss(c, graphdef):
+  """loss_fn(params, tokens [B, T + 1], key, step) -> (loss, parts) for train.Trainer."""
+  h, vocab = c.model.hope, c.model.vocab_size
+
+  def loss_fn(params, tokens_BT1, key, step=0):
+    del key  # no dropout in HOPE blocks
+    ce, _, _ = memory_forward(nnx.merge(graphdef, params), tokens_BT1, step, h, vocab)
+    zero = jnp.zeros((), jnp.float32)
+    return ce, {"ce": ce, "memory_paper": zero, "memory_repo": zero}
+
+  return loss_fn

@@ -1,0 +1,54 @@
+"""What every block shares: the extension-point types of the one forward pass, the activation axes, the init.
+
+Kept apart from model.py so that blocks defined elsewhere (dba_jax/hope/) build on them without importing the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba_jax.ops import ACT_HEADS  # noqa: F401  (logical axes of [B, T, H, D] activations)
+
+ACT_EMBED = ("batch", "seq", "act_embed")
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float):
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ extension points
+#
+# Every caller runs the model's own forward; what differs is passed in, never re-implemented:
+#   Hooks.cache     a cache implementation (generate.KVCache, pruning.SlotCache, ...) with
+#                   update(state, new, q_pos_T, valid_T) -> (state, streams, k_pos_BS): it stores the chunk's
+#                   streams `new` ({name: [B, T, K, D]}, what model.stream_names(m) lists) in this layer's `state`
+#                   and returns every stream it holds [B, S, K, D] with their absolute positions (-1: empty slot).
+#                   Selective layers keep their F carry in state["colsum"] [B, S].
+#   Hooks.valid_T   [T] bool: real rows of a padded chunk (padding rows add nothing to carried state).
+#   Hooks.keep_fn   key keep hook (context pruning): F_heads [B, A|1, T, S] -> bool keep mask.
+#   Hooks.return_probs  every layer also returns its attention probabilities [B, H, T, S] (probes).
+# Per-layer values travel in a LayerIO: the residual logits of selective residual masks, the layer's state (a
+# cache's, or a memory block's fast weights), its memory-penalty aux and its probabilities.
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  cache: Any = None
+  valid_T: Any = None
+  keep_fn: Callable | None = None
+  return_probs: bool = False
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerIO:
+  res: Any = None
+  state: Any = None
+  aux: Any = None  # [paper, repo] memory penalties; None: not computed
+  probs: Any = None

@@ -1,0 +1,210 @@
+"""HOPE (issue 14): CMS levels, the inner optimiser, the teach signal and the two-pass online step, against float64
+references written here from others.md B.2–B.4 and against the original package's parameter counts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dba_jax import losses, model as model_lib, train
+from dba_jax.config import validate
+from dba_jax.hope import blocks, cms, step as hope_step, teach
+from helpers import load_preset
+
+
+def hope_config(block="hope_attention", periods=(1, 4), vocab=97, d=32, layers=2, heads=4, **hope):
+  c = load_preset("hope.py", "cpu")
+  m = c.model
+  m.block, m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads = block, vocab, 1, d, layers, heads
+  c.model.hope.cms_periods = periods
+  for k, v in hope.items():
+    c.model.hope[k] = v
+  c.data.seq_len, c.train.batch_size = 16, 4
+  return validate(c)
+
+
+@pytest.mark.parametrize("block,periods,vocab,d,want", [
+    ("hope_attention", (1, 4), 97, 32, 45_152), ("hope_transformer", (1, 4), 97, 32, 28_000),  # measured (package)
+    ("hope_attention", (4, 16, 64), 256, 128, 956_416), ("hope_transformer", (4, 16, 64), 256, 128, 427_264),
+])
+def test_parameter_counts_match_the_original(block, periods, vocab, d, want):
+  c = hope_config(block, periods, vocab, d, heads=4)
+  assert model_lib.count_params(c.model) == want
+
+
+def _level(key, d=6, mult=2):
+  p = cms.init_level(key, d, mult, std=0.5, dtype=jnp.float64)
+  k = jax.random.split(key, 4)
+  p["norm_scale"] = 1 + 0.1 * jax.random.normal(k[0], (d,), jnp.float64)
+  p["b1"] = 0.1 * jax.random.normal(k[1], p["b1"].shape, jnp.float64)
+  p["b2"] = 0.1 * jax.random.normal(k[2], p["b2"].shape, jnp.float64)
+  return p
+
+
+def test_inner_loss_gradient_is_two_delta_on_active_tokens():
+  """∂L/∂pred = 2δ·mask for L = Σ_active ‖pred − sg(pred − δ)‖², and level_grad is that pulled back."""
+  with jax.enable_x64(True):
+    key = jax.random.key(0)
+    p = _level(key)
+    x, t = jax.random.normal(key, (5, 6), jnp.float64), jax.random.normal(jax.random.key(1), (5, 6), jnp.float64)
+    active = jnp.array([True, False, True, True, False])
+    loss = lambda pred: (((pred - jax.lax.stop_gradient(pred - t)) ** 2).sum(-1) * active).sum()
+    pred = cms.level_apply(p, x)
+    np.testing.assert_allclose(jax.grad(loss)(pred), 2 * t * active[:, None], rtol=0, atol=1e-14)
+    want = jax.grad(lambda q: loss(cms.level_apply(q, x)))(p)
+    got = cms.level_grad(p, x, t, active)
+    for k in p:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+def test_teach_signal_closed_form_equals_autograd_at_the_final_norm():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    B, T, d, V, vocab = 2, 5, 8, 13, 11  # two padded vocab columns
+    h = jnp.asarray(rng.normal(size=(B, T, d)))
+    W = jnp.asarray(rng.normal(size=(V, d)))
+    y = jnp.asarray(rng.integers(0, vocab, (B, T)))
+    mask = jnp.asarray(rng.random((B, T)) < 0.7)
+    ce = lambda h_: (losses.nll(jnp.einsum("btd,vd->btv", h_, W), y, vocab) * mask).sum() / mask.sum()
+    want = jax.grad(ce)(h)
+    got = teach.closed_form(jnp.einsum("btd,vd->btv", h, W), y, mask, W, vocab)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-14)
+
+
+def test_teach_schedule_and_clip():
+  vals = [float(teach.schedule(s, 0.1, 2000, 120_000, 20_000)) for s in (0, 1999, 130_000, 139_999, 200_000)]
+  np.testing.assert_allclose(vals, [5e-5, 0.1, 0.05, 0.0, 0.0], rtol=1e-5, atol=1e-12)
+  s = teach.scale_and_clip(jnp.array([[[3.0, 4.0], [0.3, 0.4]]]), 1.0, 2.0)
+  np.testing.assert_allclose(np.asarray(s), [[[1.2, 1.6], [0.3, 0.4]]], rtol=1e-6)
+
+
+def _online(periods, T, flush=False, variant="nl_l2_precond", d=6, lr=0.05):
+  key = jax.random.key(3)
+  levels = [_level(k, d) for k in jax.random.split(key, len(periods))]
+  x = jax.random.normal(jax.random.key(4), (T, d), jnp.float64)
+  t = jax.random.normal(jax.random.key(5), (T, d), jnp.float64)
+  t = t.at[2].set(0.0)  # an inactive token (zero teach)
+  fast = cms.init_fast_state(levels, variant)
+  y, fast = cms.online(levels, fast, x, t, jnp.ones(T, bool), periods, lr, variant, flush=flush)
+  return levels, x, t, y, fast
+
+
+def test_cms_cadence():
+  """T = 9, periods 2 and 4: 4 and 2 updates (the partial tail waits); with the flush 5 and 3."""
+  with jax.enable_x64(True):
+    assert [int(f["updates"]) for f in _online((2, 4), 9)[4]] == [4, 2]
+    assert [int(f["updates"]) for f in _online((2, 4), 9, flush=True)[4]] == [5, 3]
+
+
+def _reference_online(levels, x, t, periods, lr, variant, beta=0.9, beta2=0.999, eps=1e-8):
+  """The original's buffered form, token lists and all, in float64: sub-chunks of min(periods); each level
+  buffers (input, teach, active) and when it holds p tokens pops p and takes one DeepMomentum step."""
+  c = min(periods)
+  params = [dict(p) for p in levels]
+  mom = [{k: np.zeros(v.shape) for k, v in p.items()} for p in levels]
+  sq = [{k: np.zeros(v.shape) for k, v in p.items()} for p in levels]
+  buf = [[] for _ in levels]
+  outs = []
+  for s in range(0, x.shape[0], c):
+    cur = x[s:s + c]
+    for i, p in enumerate(params):
+      inp = cur
+      cur = cms.level_apply(p, cur)
+      buf[i] += [(inp[j], t[s + j]) for j in range(inp.shape[0])]
+      while len(buf[i]) >= periods[i]:
+        chunk, buf[i] = buf[i][:periods[i]], buf[i][periods[i]:]
+        xs, ts = jnp.stack([a for a, _ in chunk]), jnp.stack([b for _, b in chunk])
+        act = jnp.abs(ts).sum(-1) > 0
+        loss = lambda q: ((((lambda pr: pr - jax.lax.stop_gradient(pr - ts))(cms.level_apply(q, xs))) ** 2).sum(-1)
+                          * act).sum()
+        g = jax.grad(loss)(p)
+        ctx = np.asarray(xs).mean(0)
+        unit = ctx / (np.linalg.norm(ctx) + eps)
+        for k in p:
+          gk = np.asarray(g[k])
+          if variant == "nl_l2_precond" and k in ("norm_scale", "norm_bias", "b2"):
+            u = gk - (gk @ unit) * unit
+          elif variant == "nl_l2_precond" and k == "w1":  # torch W1 [h, d]: project its rows off the context
+            u = (gk.T - np.outer(gk.T @ unit, unit)).T
+          elif variant in ("preconditioned", "muon"):
+            sq[i][k] = beta2 * sq[i][k] + (1 - beta2) * gk * gk
+            u = gk / (np.sqrt(sq[i][k]) + eps)
+            u = np.tanh(u) if variant == "muon" else u
+          elif variant == "dmgd":
+            u = np.tanh(gk)
+          else:
+            u = gk
+          mom[i][k] = beta * mom[i][k] + (1 - beta) * u
+          p[k] = p[k] - lr * mom[i][k]
+        params[i] = p
+    outs.append(cur)
+  return params, mom, np.concatenate(outs)
+
+
+@pytest.mark.parametrize("variant", ["nl_l2_precond", "preconditioned", "dmgd", "muon"])
+def test_inner_loop_trajectory_equals_the_buffered_float64_reference(variant):
+  """Params, momenta and outputs after one update pass (periods 1, 2, 4 over 10 tokens) equal the original's
+  buffer-then-pop form written from the spec: the summed per-sub-chunk gradients are the buffered gradient."""
+  periods, T, lr = (1, 2, 4), 10, 0.05
+  with jax.enable_x64(True):
+    levels, x, t, y, fast = _online(periods, T, variant=variant, lr=lr)
+    want_p, want_m, want_y = _reference_online(levels, x, t, periods, lr, variant)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-10, atol=1e-12)
+    for i, lv in enumerate(levels):
+      for k in lv:
+        np.testing.assert_allclose(np.asarray(lv[k] + fast[i]["delta"][k]), np.asarray(want_p[i][k]), rtol=1e-10,
+                                   atol=1e-12, err_msg=f"level {i} {k}")
+        np.testing.assert_allclose(np.asarray(fast[i]["m"][k]), want_m[i][k], rtol=1e-10, atol=1e-12)
+    assert [int(f["updates"]) for f in fast] == [10, 5, 2]
+
+
+def test_newton_schulz_orthogonalises():
+  g = jax.random.normal(jax.random.key(0), (8, 5))
+  o = cms.newton_schulz(g, steps=10)
+  s = np.linalg.svd(np.asarray(o), compute_uv=False)
+  assert np.all((s > 0.6) & (s < 1.25)), s  # Muon's quintic iteration lands near (not at) 1
+
+
+@pytest.fixture(scope="module")
+def tiny_hope():
+  c = hope_config(periods=(2, 4), online_chunk=8, teach_scale=1.0, inner_lr=0.05)
+  decoder = model_lib.Decoder(c.model, nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, 97, (3, 17)).astype(np.int32)
+  return c, decoder, tokens
+
+
+def test_memory_fires_and_rows_are_independent(tiny_hope):
+  c, decoder, tokens = tiny_hope
+  ce, ce_n, fired = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  assert ce_n.shape == (2,) and np.isfinite(float(ce))
+  # Chunk 0: 8 tokens -> 4 and 2 updates per row for periods 2 and 4, in every layer, 3 rows.
+  np.testing.assert_array_equal(np.asarray(fired[0]), [[12, 6], [12, 6]])
+  # Row 0's second-chunk loss does not depend on row 2's tokens.
+  other = tokens.copy()
+  other[2] = (other[2] + 5) % 97
+  fwd = jax.jit(lambda t: hope_step.memory_forward(decoder, t, 0, c.model.hope, 97))
+  per_row = lambda toks: np.asarray(jax.vmap(lambda r: fwd(r[None])[1])(jnp.asarray(toks)))
+  a, b = per_row(tokens), per_row(other)
+  np.testing.assert_array_equal(a[:2], b[:2])
+  assert np.abs(a[2] - b[2]).max() > 0
+
+
+def test_memory_changes_later_chunks_and_leaves_meta_params(tiny_hope):
+  c, decoder, tokens = tiny_hope
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(decoder)))
+  _, with_mem, _ = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  off = c.model.hope.copy_and_resolve_references()
+  off.teach_scale = 0.0  # no teach signal: no memory
+  _, without, _ = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, off, 97)
+  assert float(with_mem[0]) == float(without[0])  # the first chunk reads the empty memory either way
+  assert abs(float(with_mem[1]) - float(without[1])) > 1e-6
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(decoder)))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_per_layer_and_global_teach_both_train(tmp_path):
+  for mode in ("per_layer", "global"):
+    c = hope_config(periods=(2, 4), online_chunk=8, teach=mode)
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 3, 1, 3, 3, 1
+    summary = train.train(c, str(tmp_path / mode), quiet=True)
+    assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
