@@ -21,7 +21,8 @@ def get_config(variant: str = "cpu"):
   c = base_config()
   m, h = c.model, c.model.hope
   m.block = "hope_transformer" if variant == "transformer" else "hope_attention"
-  m.positions, m.norm, m.tie_embeddings, m.bias = "none", "layernorm", True, False
+  # model.bias only reaches the final LayerNorm here (HOPE blocks set their own biases): torch LN has one.
+  m.positions, m.norm, m.tie_embeddings, m.bias = "none", "layernorm", True, True
   m.scale_residual_init = False
   o, t = c.optim, c.train
   if variant == "cpu":  # others.md B.9: byte vocabulary, CMS 4/16/64, AdamW 3e-4 outer, 1-2k steps

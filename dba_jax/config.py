@@ -74,6 +74,25 @@ def base_config() -> Config:
   m.init_std = 0.02
   m.scale_residual_init = True  # GPT-2: out/down projections get std / sqrt(2 * n_layers)
   m.scan_layers = True
+  m.block = "pre_norm"  # pre_norm (x + attn(norm x), x + mlp(norm x)) | hope_attention | hope_transformer (model.hope)
+  # HOPE / nested learning (model.block = hope_*; dba_jax/hope/, others.md part B)
+  m.hope = h = Config()
+  h.cms_periods = (4, 16, 64)  # CMS levels, fastest first: tokens between a level's inner updates
+  h.cms_hidden_mult = 4
+  h.inner_opt = "nl_l2_precond"  # nl_l2_precond | preconditioned | dmgd | muon (tanh, as the original) | muon_ns
+  h.inner_lr = 3e-4
+  h.inner_beta = 0.9  # DeepMomentum's EMA
+  h.teach = "per_layer"  # per_layer (autograd at every block output) | global (closed form at the final norm)
+  h.teach_scale = 0.1
+  h.teach_clip = 5.0  # per-token norm clip of the scaled teach signal (0: none)
+  h.teach_warmup = 0  # steps; 0: full scale from step 0
+  h.teach_decay_start = 0
+  h.teach_decay_duration = 0  # 0: no decay (the original decayed to exactly 0 from step 140k)
+  h.surprise_threshold = 0.0  # rows whose mean ‖scaled δ‖ is below it skip the update (0: no gate)
+  h.online_chunk = 0  # tokens per online chunk (attention sees only its chunk); 0: the whole sequence
+  h.flush_partial = False  # also update on a partial buffer at the end of a chunk
+  h.qk_l2_norm = False
+  h.local_conv = 0  # causal depthwise conv window before W_qkv (0: none)
   # muP (selective.md §7): base widths and the multipliers they imply; off by default
   m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
   m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
@@ -238,4 +257,28 @@ def validate(c: Config) -> Config:
   _one_of("train.surgery_init", t.surgery_init, ("normal", "zero", "k_zero", "ko_zero", "o_zero", "o_rescaled"))
   _need(t.surgery == "none" or bool(t.init_from), "train.surgery needs train.init_from (the model to operate on)")
   _need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
+  _one_of("model.block", m.block, ("pre_norm", "hope_attention", "hope_transformer"))
+  if m.block != "pre_norm":
+    _validate_hope(c)
   return c
+
+
+def _validate_hope(c: Config):
+  m, h = c.model, c.model.hope
+  _need(m.attn_kind == "standard" and kv_heads(m) == m.n_heads and attn_dim(m) == m.d_model,
+        f"model.block={m.block!r} has its own attention (standard, all heads, width d_model); got model.attn_kind="
+        f"{m.attn_kind!r}, n_kv_heads={m.n_kv_heads}, attn_dim={m.attn_dim}")
+  _need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+  _need(m.norm == "layernorm", f"model.block={m.block!r} uses LayerNorm: set model.norm='layernorm'")
+  _need(m.positions != "learned", f"model.block={m.block!r} has no learned positions (model.positions='none')")
+  periods = tuple(h.cms_periods)
+  _need(len(periods) > 0 and all(p > 0 for p in periods), f"model.hope.cms_periods={periods} must be positive")
+  _need(all(p % min(periods) == 0 for p in periods),
+        f"model.hope.cms_periods={periods} must be multiples of the smallest period")
+  _one_of("model.hope.inner_opt", h.inner_opt, ("nl_l2_precond", "preconditioned", "dmgd", "muon", "muon_ns"))
+  _one_of("model.hope.teach", h.teach, ("per_layer", "global"))
+  chunk = h.online_chunk or c.data.seq_len
+  _need(c.data.seq_len % chunk == 0,
+        f"model.hope.online_chunk={h.online_chunk} must divide data.seq_len={c.data.seq_len}")
+  _need(h.local_conv >= 0 and h.cms_hidden_mult > 0,
+        "model.hope.local_conv must be >= 0 and model.hope.cms_hidden_mult > 0")

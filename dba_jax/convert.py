@@ -183,8 +183,8 @@ def _refuse_existing(out: str):
     raise ConversionError(f"--out {out} exists and is not a directory")
   taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
   if taken:
-    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, choose a new "
-                          "or empty directory")
+    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, "
+                          "choose a new or empty directory")
 
 
 def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: bool = True):

@@ -20,11 +20,17 @@ def read_config(workdir: str) -> Config:
   with open(path) as f:
     saved = json.load(f)
   c = base_config()
-  for section, values in saved.items():
+
+  def merge(dst, values: dict, where: str):
     for key, value in values.items():
-      if key not in c[section]:
-        raise ValueError(f"{path}: unknown config key {section}.{key}")
-      c[section][key] = tuple(value) if isinstance(value, list) else value
+      if key not in dst:
+        raise ValueError(f"{path}: unknown config key {where}{key}")
+      if isinstance(value, dict):
+        merge(dst[key], value, f"{where}{key}.")
+      else:
+        dst[key] = tuple(value) if isinstance(value, list) else value
+
+  merge(c, saved, "")
   return c
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +17,13 @@ import ml_collections
 from flax import nnx
 
 from dba_jax import ops
+from dba_jax.hope.blocks import HopeBlock
+from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, normal_init
 from dba_jax.ops import selective
 from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
 
 ACT_HEADS = ops.ACT_HEADS
-ACT_EMBED = ("batch", "seq", "act_embed")
 NO_AUX = jnp.zeros((2,), jnp.float32)  # a layer's (paper, repo) memory penalties when none is computed
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -32,8 +33,7 @@ def _lead(v, x):
   return v.reshape((1,) * (x.ndim - 1) + v.shape).astype(x.dtype)
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float):
-  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+_normal = normal_init
 
 
 class Linear(nnx.Module):
@@ -89,40 +89,6 @@ class MLP(nnx.Module):
     else:
       h = jax.nn.gelu(constrain(self.w_in(x), ("batch", "seq", "act_mlp")), approximate=True)
     return self.w_out(h)
-
-
-# ------------------------------------------------------------------------------------------ extension points
-#
-# Every caller runs the model's own forward; what differs is passed in, never re-implemented:
-#   Hooks.cache     a cache implementation (generate.KVCache, pruning.SlotCache, ...) with
-#                   update(state, new, q_pos_T, valid_T) -> (state, streams, k_pos_BS): it stores the chunk's
-#                   streams `new` ({name: [B, T, K, D]}, what stream_names(m) lists) in this layer's `state`
-#                   and returns every stream it holds [B, S, K, D] with their absolute positions (-1: empty slot).
-#                   Selective layers keep their F carry in state["colsum"] [B, S].
-#   Hooks.valid_T   [T] bool: real rows of a padded chunk (padding rows add nothing to carried state).
-#   Hooks.keep_fn   key keep hook (context pruning): F_heads [B, A|1, T, S] -> bool keep mask.
-#   Hooks.return_probs  every layer also returns its attention probabilities [B, H, T, S] (probes).
-# Per-layer values travel in a LayerIO: the residual logits of selective residual masks, the layer's cache
-# state, its memory-penalty aux and its probabilities.
-
-
-@dataclasses.dataclass(frozen=True)
-class Hooks:
-  cache: Any = None
-  valid_T: Any = None
-  keep_fn: Callable | None = None
-  return_probs: bool = False
-
-
-NO_HOOKS = Hooks()
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerIO:
-  res: Any = None
-  state: Any = None
-  aux: Any = None  # [paper, repo] memory penalties; None: not computed
-  probs: Any = None
 
 
 def stream_names(m: Config) -> tuple[str, ...]:
@@ -376,6 +342,9 @@ class Block(nnx.Module):
     return x + _dropout(tap("mlp", self.mlp(self.mlp_norm(x))), self.dropout, keys[1]), io
 
 
+BLOCKS = {"pre_norm": Block, "hope_attention": HopeBlock, "hope_transformer": HopeBlock}
+
+
 # Logical axes that grow with model width (muP's "infinite" dimensions); head_dim stays fixed.
 WIDTH_AXES = ("embed", "heads", "kv_heads", "mlp")
 
@@ -432,6 +401,7 @@ class Output(NamedTuple):
   aux: dict
   cache_state: Any = None
   probs: Any = None
+  hidden: Any = None  # the last block's output (the final norm's input) [B, T, d]
 
 
 class Decoder(nnx.Module):
@@ -448,11 +418,12 @@ class Decoder(nnx.Module):
     if m.scan_layers:
       # Build one Block per key under vmap: every parameter gets a leading "layers" axis.
       keys = jax.random.split(rngs.params(), m.n_layers)
-      graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
-      stacked = jax.vmap(lambda k: nnx.state(Block(m, nnx.Rngs(k))))(keys)
+      block = BLOCKS[m.block]
+      graphdef = nnx.graphdef(nnx.eval_shape(lambda: block(m, nnx.Rngs(0))))
+      stacked = jax.vmap(lambda k: nnx.state(block(m, nnx.Rngs(k))))(keys)
       self.blocks = nnx.merge(graphdef, stacked)
     else:
-      self.blocks = nnx.List([Block(m, rngs) for _ in range(m.n_layers)])
+      self.blocks = nnx.List([BLOCKS[m.block](m, rngs) for _ in range(m.n_layers)])
     self.final_norm = Norm(m.d_model, m.norm, m.norm_eps, m.bias)
     self.head = None if m.tie_embeddings else Linear(m.d_model, V, ("embed", "vocab"), bias=False,
                                                      std=m.init_std, rngs=rngs)
@@ -511,9 +482,9 @@ class Decoder(nnx.Module):
     aux = {"memory_paper": aux[0] / m.n_layers, "memory_repo": aux[1]}
     if logits_at is not None:
       return Output(self.readout(jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1))[:, 0], aux, cache_state,
-                    probs)
+                    probs, x)
     logits = self.readout(constrain(x, ACT_EMBED))
-    return Output(constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux, cache_state, probs)
+    return Output(constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux, cache_state, probs, x)
 
   def embed_tokens(self, tokens_BT, positions_T):
     """Token (+ learned position) embeddings in the compute dtype; positions_T are absolute positions."""

@@ -112,13 +112,18 @@ class Trainer:
                             "nonfinite": rep}
     vocab = m.vocab_size
 
-    def loss_fn(params, tokens_BT1, key):
+    def loss_fn(params, tokens_BT1, key, step=0):
       """(training loss, {"ce", "memory_paper", "memory_repo"}) of one (micro-)batch; the loss adds the configured
       memory penalty, and both forms are logged."""
+      del step  # (the HOPE loss's teach schedule reads it)
       logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)[:2]
       ce = losses.nll(logits, tokens_BT1[:, 1:], vocab).mean()
       loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
       return loss, {"ce": ce, **aux}
+
+    if m.block == "hope_attention":  # two passes per online chunk, fast state per row (dba_jax/hope/step.py)
+      from dba_jax.hope import step as hope_step
+      loss_fn = hope_step.make_loss(c, self.graphdef)
 
     def train_step(state, tokens_ABT1):
       params = state["params"]
@@ -126,7 +131,8 @@ class Trainer:
 
       def micro(carry, xs):
         tokens, i = xs
-        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, jax.random.fold_in(key, i))
+        (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, jax.random.fold_in(key, i),
+                                                                     state["step"])
         return jax.tree.map(jnp.add, carry, (g, loss, parts)), None
 
       zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),

@@ -28,7 +28,8 @@ def _ln(x, scale, bias, eps):
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mu = xf.mean(-1, keepdims=True)
   var = ((xf - mu) ** 2).mean(-1, keepdims=True)
-  return ((xf - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale.astype(x.dtype) + bias.astype(x.dtype)
+  y = ((xf - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return y * cms.lead(scale.astype(x.dtype), y) + cms.lead(bias.astype(x.dtype), y)
 
 
 class PostNormAttention(nnx.Module):
@@ -51,7 +52,7 @@ class PostNormAttention(nnx.Module):
       w = self.conv.shape[0]
       padded = jnp.pad(h, ((0, 0), (w - 1, 0), (0, 0)))
       kern = self.conv[...].astype(h.dtype)
-      h = sum(padded[:, i:i + T] * kern[i] for i in range(w))
+      h = sum(padded[:, i:i + T] * cms.lead(kern[i], h) for i in range(w))
     qkv = jnp.einsum("btd,dkf->btkf", h, self.qkv[...].astype(h.dtype))
     q, k, v = (constrain(qkv[:, :, i].reshape(B, T, self.H, self.D), ACT_HEADS) for i in range(3))
     if self.m.hope.qk_l2_norm:  # torch F.normalize: x / max(‖x‖, eps)

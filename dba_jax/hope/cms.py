@@ -38,19 +38,24 @@ def init_level(key, d: int, hidden_mult: int, std: float = 0.02, bias: bool = Tr
   return p
 
 
+def lead(v, x):
+  """v [F] shaped to broadcast against x [..., F] explicitly (rank promotion is an error in the tests)."""
+  return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+
 def _layernorm(x, scale, bias, eps=1e-5):
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + eps) * scale + bias
+  return (x - mu) * jax.lax.rsqrt(var + eps) * lead(scale, x) + lead(bias, x)
 
 
 def level_delta(p: dict, x_Td):
   """δ = W2·GELU(W1·LN(x) + b1) + b2 (exact GELU, as torch's nn.GELU)."""
   h = _layernorm(x_Td, p["norm_scale"], p["norm_bias"]) @ p["w1"]
   if "b1" in p:
-    h = h + p["b1"]
+    h = h + lead(p["b1"], h)
   y = jax.nn.gelu(h, approximate=False) @ p["w2"]
-  return y + p["b2"] if "b2" in p else y
+  return y + lead(p["b2"], y) if "b2" in p else y
 
 
 def level_apply(p: dict, x_Td, clip: bool = True):
@@ -112,7 +117,7 @@ def deep_momentum(grads: dict, opt: dict, context_d, variant: str, beta: float =
       if axis is None or g.shape[axis] != unit.shape[0]:
         return g
       gm = jnp.moveaxis(g, axis, -1)
-      gm = gm - (gm @ unit)[..., None] * unit
+      gm = gm - (gm @ unit)[..., None] * lead(unit, gm)
       return jnp.where(norm > 0, jnp.moveaxis(gm, -1, axis), g)
 
     u = {name: project(name, g) for name, g in grads.items()}

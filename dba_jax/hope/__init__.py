@@ -1,0 +1,7 @@
+"""HOPE / nested learning (others.md part B): CMS memory levels with a teach-signal inner loop, as Decoder blocks.
+
+  blocks.py  HopeBlock (model.block = hope_attention | hope_transformer): post-norm attention, CMS levels
+  cms.py     a level's math, DeepMomentum, the online (sub-chunked) update pass for one context
+  teach.py   the teach signal: closed form, scale / clip / schedule, surprise
+  step.py    the training loss: two passes per online chunk, fast state per batch row, in one jitted step
+"""
