@@ -83,6 +83,7 @@ def base_config() -> Config:
   h.inner_lr = 3e-4
   h.inner_beta = 0.9  # DeepMomentum's EMA
   h.teach = "per_layer"  # per_layer (autograd at every block output) | global (closed form at the final norm)
+  h.teach_norm = "row"  # row: δ of each row's mean CE (fast state is per row) | batch: of the batch mean (original)
   h.teach_scale = 0.1
   h.teach_clip = 5.0  # per-token norm clip of the scaled teach signal (0: none)
   h.teach_warmup = 0  # steps; 0: full scale from step 0
@@ -277,6 +278,7 @@ def _validate_hope(c: Config):
         f"model.hope.cms_periods={periods} must be multiples of the smallest period")
   _one_of("model.hope.inner_opt", h.inner_opt, ("nl_l2_precond", "preconditioned", "dmgd", "muon", "muon_ns"))
   _one_of("model.hope.teach", h.teach, ("per_layer", "global"))
+  _one_of("model.hope.teach_norm", h.teach_norm, ("row", "batch"))
   chunk = h.online_chunk or c.data.seq_len
   _need(c.data.seq_len % chunk == 0,
         f"model.hope.online_chunk={h.online_chunk} must divide data.seq_len={c.data.seq_len}")

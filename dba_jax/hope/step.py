@@ -4,9 +4,10 @@ For each batch row (context) the fast state starts at zero and is carried throug
 online chunks. Per chunk:
   read    logits with meta + fast weights (differentiable in the meta weights; the fast state is stop-gradient);
           CE of the chunk's next tokens → the outer loss;
-  teach   δ: "global" = the closed form ((softmax − onehot) · mask / N) · W_head at the final-norm output, pushed back
-          through the final norm (every layer gets it); "per_layer" = ∂CE/∂(block ℓ output) by autograd;
-          scaled by the schedule, clipped per token; a row whose surprise (mean ‖s‖) is below the threshold skips;
+  teach   δ (teach_norm "row": of each row's mean CE; "batch": of the batch mean, as the original): "global" =
+          the closed form ((softmax − onehot) · mask / N) · W_head at the final-norm output, pushed back through
+          the final norm (every layer gets it); "per_layer" = ∂CE/∂(block ℓ output) by autograd; scaled by the
+          schedule, clipped per token; a row whose surprise (mean ‖s‖) is below the threshold skips;
   update  the same forward with the teach signal: every CMS level steps when its period has passed → new fast
           state for the next chunk (stop-gradient).
 Attention sees only its own chunk, so information crosses chunks only through the memory. No host syncs.
@@ -57,6 +58,8 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int):
       d_out = teach_lib.closed_form(out.logits, y_BC, mask, head, vocab)
       _, pull = jax.vjp(decoder.final_norm, out.hidden)
       delta = jnp.broadcast_to(pull(d_out.astype(out.hidden.dtype))[0], (m.n_layers,) + out.hidden.shape)
+    if h.teach_norm == "row":  # each row's memory learns from its own mean CE, not 1/B of it
+      delta = delta * B
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
     gate = teach_lib.surprise(s, mask[None]) >= h.surprise_threshold  # [L, B]
     upd = decoder.forward(x_BC, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
