@@ -6,6 +6,7 @@
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (dba_jax.generate)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X] [--per-layer]
                  [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
+  dba-eval hope passkey --checkpoint DIR [--samples N] [--filler N]     (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
 """
@@ -86,6 +87,18 @@ def prune_main(args) -> dict:
     raise _Fail(str(e)) from None
 
 
+def hope_main(args) -> dict:
+  from dba_jax.hope import evals
+  model, c = _load(args.checkpoint)
+  if c.model.block != "hope_attention":
+    raise _Fail(f"{args.checkpoint}: model.block={c.model.block!r}; the memory evals need a hope_attention model")
+  r = evals.passkey(model, c, samples=args.samples, n_filler=args.filler, seed=args.seed)
+  print(f"passkey ({r['tokens']} tokens, chunks of {r['chunk']}): baseline {r['baseline_acc']:.3f}, with memory "
+        f"{r['memory_acc']:.3f} (delta {r['delta']:+.3f}), {r['updates_fired_per_sample']:.0f} CMS updates per "
+        "sample", file=sys.stderr)
+  return {"checkpoint": args.checkpoint, **r}
+
+
 def _parser():
   p = argparse.ArgumentParser(prog=PROG, description="Evaluate dba_jax checkpoints: perplexity and generation.")
   sub = p.add_subparsers(dest="command", required=True)
@@ -125,6 +138,14 @@ def _parser():
   r.add_argument("--batch-size", type=int, default=8)
   r.add_argument("--out", default="", help="also write the JSON here")
   r.add_argument("--force", action="store_true", help="replace an existing --out file")
+  o = sub.add_parser("hope", help="HOPE memory evals: passkey with and without memory")
+  o.add_argument("task", choices=("passkey",))
+  o.add_argument("--checkpoint", required=True)
+  o.add_argument("--samples", type=int, default=32)
+  o.add_argument("--filler", type=int, default=12, help="filler sentences between the key and the question")
+  o.add_argument("--seed", type=int, default=0)
+  o.add_argument("--out", default="", help="also write the JSON here")
+  o.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
   sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/compare_eval.py)", add_help=False)
   return p
@@ -151,7 +172,7 @@ def main(argv=None) -> int:
       return 2
   refuse_existing(PROG, args.out, args.force)
   try:
-    result = {"ppl": ppl_main, "generate": generate_main, "prune": prune_main}[args.command](args)
+    result = {"ppl": ppl_main, "generate": generate_main, "prune": prune_main, "hope": hope_main}[args.command](args)
   except _Fail as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2

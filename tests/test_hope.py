@@ -1,12 +1,14 @@
 """HOPE (issue 14): CMS levels, the inner optimiser, the teach signal and the two-pass online step, against float64
 references written here from others.md B.2–B.4 and against the original package's parameter counts."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import losses, model as model_lib, train
+from dba_jax import eval_cli, losses, model as model_lib, train
 from dba_jax.config import validate
 from dba_jax.hope import blocks, cms, step as hope_step, teach
 from helpers import load_preset
@@ -175,7 +177,8 @@ def tiny_hope():
 
 def test_memory_fires_and_rows_are_independent(tiny_hope):
   c, decoder, tokens = tiny_hope
-  ce, ce_n, fired = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  ce, ce_n, fired, nll = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  np.testing.assert_allclose(np.asarray(nll).reshape(3, 2, 8).mean((0, 2)), np.asarray(ce_n), rtol=1e-6)
   assert ce_n.shape == (2,) and np.isfinite(float(ce))
   # Chunk 0: 8 tokens -> 4 and 2 updates per row for periods 2 and 4, in every layer, 3 rows.
   np.testing.assert_array_equal(np.asarray(fired[0]), [[12, 6], [12, 6]])
@@ -192,20 +195,39 @@ def test_memory_fires_and_rows_are_independent(tiny_hope):
 def test_memory_changes_later_chunks_and_leaves_meta_params(tiny_hope):
   c, decoder, tokens = tiny_hope
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(decoder)))
-  _, with_mem, _ = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  with_mem = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97).ce_chunks
   off = c.model.hope.copy_and_resolve_references()
   off.teach_scale = 0.0  # no teach signal: no memory
-  _, without, _ = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, off, 97)
+  without, fired = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, off, 97)[1:3]
+  assert int(np.asarray(fired).sum()) == 0  # no teach signal: no update counts as fired
   assert float(with_mem[0]) == float(without[0])  # the first chunk reads the empty memory either way
   assert abs(float(with_mem[1]) - float(without[1])) > 1e-6
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(decoder)))
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
-def test_per_layer_and_global_teach_both_train(tmp_path):
+def test_per_layer_and_global_teach_both_train_and_passkey_runs(tmp_path, capsys):
   for mode in ("per_layer", "global"):
     c = hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach=mode)
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 3, 1, 3, 3, 1
     c.train.batch_size = 8  # one row per simulated device: rows keep their own memory under the mesh
     summary = train.train(c, str(tmp_path / mode), quiet=True)
     assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
+  out = tmp_path / "passkey.json"
+  assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--filler", "3",
+                        "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r["samples"] == 2 and 0 <= r["memory_acc"] <= 1 and 0 <= r["baseline_acc"] <= 1
+  assert (r["tokens"] - 1) % r["chunk"] == 0 and r["updates_fired_per_sample"] > 0
+
+
+def test_passkey_prompt_puts_the_key_out_of_the_question_chunk():
+  from dba_jax import data
+  from dba_jax.hope import evals
+  tok = data.get_tokenizer("byte")
+  (true_ids, other_ids), k = evals.passkey_sample(np.random.default_rng(0), 12, 32, tok)
+  text = tok.decode(list(true_ids))
+  assert len(true_ids) == len(other_ids) and (len(true_ids) - 1) % 32 == 0 and k == 4
+  key = text.split("KEY-")[1][:4]
+  assert text.endswith("KEY-" + key) and tok.decode(list(other_ids[-4:])) != key
+  assert text.index("KEY-") < len(true_ids) - 32  # the needle is chunks before the question

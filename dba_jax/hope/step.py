@@ -14,6 +14,8 @@ Attention sees only its own chunk, so information crosses chunks only through th
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,9 +32,15 @@ def chunks_of(c) -> int:
   return T // C
 
 
-def memory_forward(decoder, tokens_BT1, step, h, vocab: int):
-  """(mean CE over chunks, per-chunk CE [n], CMS updates fired per layer and level [n, L, levels] summed over rows)
-  of one batch, two-pass over online chunks."""
+class MemoryPass(NamedTuple):
+  ce: jax.Array           # mean CE over the chunks (the outer loss)
+  ce_chunks: jax.Array    # [n] mean CE per chunk
+  fired: jax.Array        # [n, L, levels]: CMS updates applied, summed over rows
+  token_nll: jax.Array    # [B, T] NLL of every next token, read before that chunk's own update
+
+
+def memory_forward(decoder, tokens_BT1, step, h, vocab: int) -> MemoryPass:
+  """One batch through the two-pass online loop (the module docstring)."""
   m = decoder.m
   B, T1 = tokens_BT1.shape
   n = (T1 - 1) // (h.online_chunk or T1 - 1)
@@ -49,27 +57,30 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int):
     if h.teach == "per_layer":
       def ce_of(probe):
         out = decoder.forward(x_BC, hooks=NO_HOOKS, cache_state={**state, "probe": probe})
-        return losses.nll(out.logits, y_BC, vocab).mean()
+        nll = losses.nll(out.logits, y_BC, vocab)
+        return nll.mean(), nll
       probe = jnp.zeros((m.n_layers, B, C, m.d_model), jnp.float32)
-      ce, delta = jax.value_and_grad(ce_of)(probe)
+      (ce, nll), delta = jax.value_and_grad(ce_of, has_aux=True)(probe)
     else:
       out = decoder.forward(x_BC, cache_state=state)
-      ce = losses.nll(out.logits, y_BC, vocab).mean()
+      nll = losses.nll(out.logits, y_BC, vocab)
+      ce = nll.mean()
       d_out = teach_lib.closed_form(out.logits, y_BC, mask, head, vocab)
       _, pull = jax.vjp(decoder.final_norm, out.hidden)
       delta = jnp.broadcast_to(pull(d_out.astype(out.hidden.dtype))[0], (m.n_layers,) + out.hidden.shape)
     if h.teach_norm == "row":  # each row's memory learns from its own mean CE, not 1/B of it
       delta = delta * B
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
-    gate = teach_lib.surprise(s, mask[None]) >= h.surprise_threshold  # [L, B]
+    surprise = teach_lib.surprise(s, mask[None])  # [L, B]; a row with no teach signal updates nothing
+    gate = (surprise >= h.surprise_threshold) & (surprise > 0)
     upd = decoder.forward(x_BC, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
     fired = jnp.stack([lv["updates"].sum(1) for lv in upd], axis=-1) - \
         jnp.stack([lv["updates"].sum(1) for lv in fast], axis=-1)
-    return jax.lax.stop_gradient(upd), (ce, fired)
+    return jax.lax.stop_gradient(upd), (ce, fired, nll)
 
   fast0 = blocks.init_fast_state(m, decoder, B)["cms"]
-  _, (ce_n, fired) = jax.lax.scan(chunk, fast0, (inputs, targets))
-  return ce_n.mean(), ce_n, fired
+  _, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
+  return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C))
 
 
 def make_loss(c, graphdef):
@@ -78,7 +89,7 @@ def make_loss(c, graphdef):
 
   def loss_fn(params, tokens_BT1, key, step=0):
     del key  # no dropout in HOPE blocks
-    ce, _, _ = memory_forward(nnx.merge(graphdef, params), tokens_BT1, step, h, vocab)
+    ce = memory_forward(nnx.merge(graphdef, params), tokens_BT1, step, h, vocab).ce
     zero = jnp.zeros((), jnp.float32)
     return ce, {"ce": ce, "memory_paper": zero, "memory_repo": zero}
 
