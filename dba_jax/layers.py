@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dba_jax.ops import ACT_HEADS  # noqa: F401  (logical axes of [B, T, H, D] activations)
+from dba_jax.ops import ACT_HEADS
+
+__all__ = ["ACT_EMBED", "ACT_HEADS", "Hooks", "LayerIO", "NO_HOOKS", "normal_init"]
 
 ACT_EMBED = ("batch", "seq", "act_embed")
 

@@ -112,7 +112,7 @@ class Trainer:
                             "nonfinite": rep}
     vocab = m.vocab_size
 
-    def loss_fn(params, tokens_BT1, key, step=0):
+    def decoder_loss(params, tokens_BT1, key, step=0):
       """(training loss, {"ce", "memory_paper", "memory_repo"}) of one (micro-)batch; the loss adds the configured
       memory penalty, and both forms are logged."""
       del step  # (the HOPE loss's teach schedule reads it)
@@ -121,6 +121,7 @@ class Trainer:
       loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
       return loss, {"ce": ce, **aux}
 
+    loss_fn = decoder_loss
     if m.block == "hope_attention":  # two passes per online chunk, fast state per row (dba_jax/hope/step.py)
       from dba_jax.hope import step as hope_step
       loss_fn = hope_step.make_loss(c, self.graphdef)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from dba_jax import eval_cli, losses, model as model_lib, train
 from dba_jax.config import validate
-from dba_jax.hope import blocks, cms, step as hope_step, teach
+from dba_jax.hope import cms, step as hope_step, teach
 from helpers import load_preset
 
 
