@@ -4,4 +4,6 @@
   cms.py     a level's math, DeepMomentum, the online (sub-chunked) update pass for one context
   teach.py   the teach signal: closed form, scale / clip / schedule, surprise
   step.py    the training loss: two passes per online chunk, fast state per batch row, in one jitted step
+  evals.py   passkey with and without memory
+  titans.py  the Titans paper's neural memory: per-token recurrence and the chunked parallel form (no block yet)
 """
