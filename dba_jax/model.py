@@ -3,7 +3,8 @@
 Parameters carry logical axis names in their `axes` metadata (mapped to mesh axes by `mesh.LOGICAL_RULES`).
 Training is pure-functional: `graphdef, params = split(model)` once, then `nnx.merge(graphdef, params)` inside
 the jitted step, with `params` a plain nested dict of arrays. `Decoder.forward` is the only forward pass: decoding,
-pruning and attention probes reach into it through the extension points below (Hooks, LayerIO).
+pruning, attention probes and memory blocks reach into it through the extension points of dba_jax/layers.py
+(Hooks, LayerIO).
 """
 from __future__ import annotations
 
@@ -33,14 +34,11 @@ def _lead(v, x):
   return v.reshape((1,) * (x.ndim - 1) + v.shape).astype(x.dtype)
 
 
-_normal = normal_init
-
-
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel stored [in, out] (PyTorch weights transpose on conversion)."""
 
   def __init__(self, d_in: int, d_out: int, axes: tuple, *, bias: bool, std: float, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), std), axes=axes)
+    self.kernel = nnx.Param(normal_init(rngs, (d_in, d_out), std), axes=axes)
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32), axes=axes[1:]) if bias else None
 
   def __call__(self, x):
@@ -73,7 +71,7 @@ class MLP(nnx.Module):
   def __init__(self, m: Config, out_std: float, rngs: nnx.Rngs):
     self.kind = m.mlp
     if m.mlp == "swiglu":
-      self.w_in = nnx.Param(_normal(rngs, (m.d_model, 2, m.d_ff), m.init_std), axes=("embed", None, "mlp"))
+      self.w_in = nnx.Param(normal_init(rngs, (m.d_model, 2, m.d_ff), m.init_std), axes=("embed", None, "mlp"))
       self.b_in = nnx.Param(jnp.zeros((2, m.d_ff), jnp.float32), axes=(None, "mlp")) if m.bias else None
     else:
       self.w_in = Linear(m.d_model, m.d_ff, ("embed", "mlp"), bias=m.bias, std=m.init_std, rngs=rngs)
@@ -190,7 +188,7 @@ class SelectiveAttention(StandardAttention):
     self.sel_combo_b = nnx.Param(bias, axes=()) if combo else None
     combo_w = combo_b = None
     if m.sel_protection == "linear_combo":  # Linear(heads -> 1): N(0, 0.02) weights, zero bias
-      combo_w, combo_b = _normal(rngs, (H,), 0.02), jnp.zeros((), jnp.float32)
+      combo_w, combo_b = normal_init(rngs, (H,), 0.02), jnp.zeros((), jnp.float32)
     elif m.sel_protection == "linear_combo_head_two":  # one-hot on head 1; PyTorch's default-uniform bias
       combo_w = jnp.zeros((H,), jnp.float32).at[1].set(1.0)
       combo_b = jax.random.uniform(rngs.params(), (), jnp.float32, -H ** -0.5, H ** -0.5)
@@ -199,12 +197,12 @@ class SelectiveAttention(StandardAttention):
     # "n_latent_masks": Linear(n latents -> attending heads) with bias, in the selection-head lr group.
     n, A = m.sel_latent_masks, m.n_heads
     if n:
-      w = {"normal": lambda: _normal(rngs, (n, A), 0.02), "identity": lambda: jnp.ones((n, A), jnp.float32),
+      w = {"normal": lambda: normal_init(rngs, (n, A), 0.02), "identity": lambda: jnp.ones((n, A), jnp.float32),
            "inverse": lambda: jnp.full((n, A), 1.0 / n, jnp.float32)}[m.sel_latent_init]()
     self.sel_latent_w = nnx.Param(w, axes=(None, None)) if n else None
     self.sel_latent_b = nnx.Param(jnp.zeros((A,), jnp.float32), axes=(None,)) if n else None
     # "residual_attention_masks": Linear(heads -> heads), no bias, over the previous layer's logits.
-    self.res_mix = nnx.Param(_normal(rngs, (H, H), 0.02), axes=(None, None)) if m.sel_residual_masks else None
+    self.res_mix = nnx.Param(normal_init(rngs, (H, H), 0.02), axes=(None, None)) if m.sel_residual_masks else None
 
   def weights(self) -> selective.Weights:
     pair = lambda w, b: None if w is None else (w[...], b[...])
@@ -259,9 +257,9 @@ class DBAAttention(nnx.Module):
     self.gate_logit = nnx.Param(jnp.zeros((H,), jnp.float32), axes=("heads",)) if m.dba_gate else None
     self.gate_proj = lin(H, ("embed", "heads"), std=0.0) if m.dba_gate_dynamic else None
     if m.null_attn:
-      self.k_sem_null = nnx.Param(_normal(rngs, (K, self.ds), m.init_std), axes=("kv_heads", None))
-      self.k_geo_null = nnx.Param(_normal(rngs, (K, self.dg), m.init_std), axes=("kv_heads", None))
-      self.v_null = nnx.Param(_normal(rngs, (K, self.dv), m.init_std), axes=("kv_heads", None))
+      self.k_sem_null = nnx.Param(normal_init(rngs, (K, self.ds), m.init_std), axes=("kv_heads", None))
+      self.k_geo_null = nnx.Param(normal_init(rngs, (K, self.dg), m.init_std), axes=("kv_heads", None))
+      self.v_null = nnx.Param(normal_init(rngs, (K, self.dv), m.init_std), axes=("kv_heads", None))
 
   def streams(self, x_BTd, positions_T):
     """q_sem, k_sem, q_geo, k_geo (RoPE'd), v per head, before any scaling."""
@@ -411,9 +409,9 @@ class Decoder(nnx.Module):
     m = ml_collections.FrozenConfigDict(m)  # hashable, so it can live in the (static) graphdef
     self.m = m
     V = padded_vocab(m)
-    self.embed = nnx.Param(_normal(rngs, (V, m.d_model), m.init_std), axes=("vocab", "embed"))
+    self.embed = nnx.Param(normal_init(rngs, (V, m.d_model), m.init_std), axes=("vocab", "embed"))
     learned = m.positions == "learned"
-    self.pos_embed = nnx.Param(_normal(rngs, (m.max_seq_len, m.d_model), m.init_std), axes=(None, "embed")) \
+    self.pos_embed = nnx.Param(normal_init(rngs, (m.max_seq_len, m.d_model), m.init_std), axes=(None, "embed")) \
         if learned else None
     if m.scan_layers:
       # Build one Block per key under vmap: every parameter gets a leading "layers" axis.
