@@ -232,11 +232,14 @@ def _saved_record(workdir: str) -> dict:
 
 
 def _native_format(workdir: str) -> str:
-  """The PyTorch family a dba-train run's model belongs to: nanoGPT for GPT-2-shaped models (learned positions,
-  LayerNorm, GELU), the caramba/DBA format otherwise."""
+  """The PyTorch family a dba-train run's model belongs to: nested_learning for HOPE blocks, nanoGPT for GPT-2-shaped
+  models (learned positions, LayerNorm, GELU), the caramba/DBA format otherwise."""
   from dba_jax import loading
   m = loading.read_config(loading._locate(workdir)[0]).model
-  name = "nanogpt" if (m.positions, m.norm, m.mlp) == ("learned", "layernorm", "gelu") else "caramba"
+  if m.block != "pre_norm":
+    name = "hope"
+  else:
+    name = "nanogpt" if (m.positions, m.norm, m.mlp) == ("learned", "layernorm", "gelu") else "caramba"
   say(f"{workdir}: a dba-train run; exporting in the {name} format (--format overrides)")
   return name
 

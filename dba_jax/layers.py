@@ -33,6 +33,7 @@ def normal_init(rngs: nnx.Rngs, shape, std: float):
 #   Hooks.valid_T   [T] bool: real rows of a padded chunk (padding rows add nothing to carried state).
 #   Hooks.keep_fn   key keep hook (context pruning): F_heads [B, A|1, T, S] -> bool keep mask.
 #   Hooks.return_probs  every layer also returns its attention probabilities [B, H, T, S] (probes).
+#   Hooks.training  training-mode behaviour where a block has one (HOPE's CMS clips δ only in training).
 # Per-layer values travel in a LayerIO: the residual logits of selective residual masks, the layer's state (a
 # cache's, or a memory block's fast weights), its memory-penalty aux and its probabilities.
 
@@ -43,6 +44,7 @@ class Hooks:
   valid_T: Any = None
   keep_fn: Callable | None = None
   return_probs: bool = False
+  training: bool = False
 
 
 NO_HOOKS = Hooks()

@@ -100,7 +100,8 @@ class HopeBlock(nnx.Module):
     h = self.m.hope
     a, probs = self.attn(constrain(x, ("batch", "seq", "act_embed")), hooks)
     meta = [lv.params() for lv in self.levels]
-    clip = self.m.block == "hope_attention"  # the transformer baseline's MLP is a plain residual MLP
+    # δ is norm-clipped in training mode only, as the original; the transformer baseline's MLP never clips.
+    clip = self.m.block == "hope_attention" and hooks.training
     state = io.state
     if state is None or "cms" not in state:
       y = cms.apply_levels(meta, None, a, clip)

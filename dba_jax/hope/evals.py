@@ -43,7 +43,7 @@ def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0)
   off.teach_scale = 0.0
   # The teach schedule at the end of its warmup: the full teach scale (before any decay).
   run = {name: jax.jit(lambda p, t, hh=hh: hope_step.memory_forward(nnx.merge(model.graphdef, p), t, h.teach_warmup,
-                                                                   hh, m.vocab_size))
+                                                                   hh, m.vocab_size, training=False))
          for name, hh in (("memory", h), ("baseline", off))}
   rng = np.random.default_rng(seed)
   right = {"memory": 0, "baseline": 0}

@@ -22,7 +22,7 @@ from flax import nnx
 
 from dba_jax import losses
 from dba_jax.hope import blocks, teach as teach_lib
-from dba_jax.layers import NO_HOOKS
+from dba_jax.layers import Hooks
 
 
 def chunks_of(c) -> int:
@@ -39,8 +39,9 @@ class MemoryPass(NamedTuple):
   token_nll: jax.Array    # [B, T] NLL of every next token, read before that chunk's own update
 
 
-def memory_forward(decoder, tokens_BT1, step, h, vocab: int) -> MemoryPass:
-  """One batch through the two-pass online loop (the module docstring)."""
+def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = True) -> MemoryPass:
+  """One batch through the two-pass online loop (the module docstring); `training` False: the original's eval mode
+  (CMS outputs unclipped), as its memorise-then-score evals run."""
   m = decoder.m
   B, T1 = tokens_BT1.shape
   n = (T1 - 1) // (h.online_chunk or T1 - 1)
@@ -49,6 +50,7 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int) -> MemoryPass:
   targets = tokens_BT1[:, 1:].reshape(B, n, C).swapaxes(0, 1)
   scale = teach_lib.schedule(step, h.teach_scale, h.teach_warmup, h.teach_decay_start, h.teach_decay_duration)
   head = decoder.embed[...] if decoder.head is None else decoder.head.kernel[...].T
+  hooks = Hooks(training=training)
 
   def chunk(fast, xs):
     x_BC, y_BC = xs
@@ -56,13 +58,13 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int) -> MemoryPass:
     mask = jnp.ones(y_BC.shape, bool)
     if h.teach == "per_layer":
       def ce_of(probe):
-        out = decoder.forward(x_BC, hooks=NO_HOOKS, cache_state={**state, "probe": probe})
+        out = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "probe": probe})
         nll = losses.nll(out.logits, y_BC, vocab)
         return nll.mean(), nll
       probe = jnp.zeros((m.n_layers, B, C, m.d_model), jnp.float32)
       (ce, nll), delta = jax.value_and_grad(ce_of, has_aux=True)(probe)
     else:
-      out = decoder.forward(x_BC, cache_state=state)
+      out = decoder.forward(x_BC, hooks=hooks, cache_state=state)
       nll = losses.nll(out.logits, y_BC, vocab)
       ce = nll.mean()
       d_out = teach_lib.closed_form(out.logits, y_BC, mask, head, vocab)
@@ -73,7 +75,7 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int) -> MemoryPass:
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
     surprise = teach_lib.surprise(s, mask[None])  # [L, B]; a row with no teach signal updates nothing
     gate = (surprise >= h.surprise_threshold) & (surprise > 0)
-    upd = decoder.forward(x_BC, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
+    upd = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
     fired = jnp.stack([lv["updates"].sum(1) for lv in upd], axis=-1) - \
         jnp.stack([lv["updates"].sum(1) for lv in fast], axis=-1)
     return jax.lax.stop_gradient(upd), (ce, fired, nll)
