@@ -24,14 +24,6 @@ from dba_jax.layers import ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
 from dba_jax.mesh import constrain
 
 
-def _ln(x, scale, bias, eps):
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mu = xf.mean(-1, keepdims=True)
-  var = ((xf - mu) ** 2).mean(-1, keepdims=True)
-  y = ((xf - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  return y * cms.lead(scale.astype(x.dtype), y) + cms.lead(bias.astype(x.dtype), y)
-
-
 class PostNormAttention(nnx.Module):
   def __init__(self, m, rngs: nnx.Rngs):
     d, H = m.d_model, m.n_heads
@@ -62,7 +54,7 @@ class PostNormAttention(nnx.Module):
     if hooks.return_probs:
       o, probs = o
     y = jnp.einsum("btf,fd->btd", o.reshape(B, T, d), self.out[...].astype(x_BTd.dtype))
-    return _ln(x_BTd + y, self.norm_scale[...], self.norm_bias[...], self.m.norm_eps), probs
+    return cms.layernorm(x_BTd + y, self.norm_scale[...], self.norm_bias[...], self.m.norm_eps), probs
 
 
 class CMSLevel(nnx.Module):

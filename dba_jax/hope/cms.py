@@ -43,15 +43,18 @@ def lead(v, x):
   return v.reshape((1,) * (x.ndim - 1) + v.shape)
 
 
-def _layernorm(x, scale, bias, eps=1e-5):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + eps) * lead(scale, x) + lead(bias, x)
+def layernorm(x, scale, bias, eps=1e-5):
+  """torch LayerNorm: statistics in (at least) float32, cast back, then the affine (every HOPE norm)."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu = xf.mean(-1, keepdims=True)
+  var = ((xf - mu) ** 2).mean(-1, keepdims=True)
+  y = ((xf - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return y * lead(scale.astype(x.dtype), y) + lead(bias.astype(x.dtype), y)
 
 
 def level_delta(p: dict, x_Td):
   """δ = W2·GELU(W1·LN(x) + b1) + b2 (exact GELU, as torch's nn.GELU)."""
-  h = _layernorm(x_Td, p["norm_scale"], p["norm_bias"]) @ p["w1"]
+  h = layernorm(x_Td, p["norm_scale"], p["norm_bias"]) @ p["w1"]
   if "b1" in p:
     h = h + lead(p["b1"], h)
   y = jax.nn.gelu(h, approximate=False) @ p["w2"]

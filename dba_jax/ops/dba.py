@@ -23,15 +23,18 @@ def fold_queries(q_sem, q_geo, *, sem_scale, geo_scale, sem_weight=1.0, geo_weig
   return jnp.concatenate([q_sem * (sem_weight * sem_scale), q_geo * (geo_weight * geo_scale)], axis=-1)
 
 
+def _null_visible(mask):
+  """A visibility mask grown by the always-visible null column in front (None stays None)."""
+  return None if mask is None else jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
+
+
 def _prefix_null(k_BSKD, v_BSKE, mask, null):
   """Keys/values with the null token as column 0 (always visible); the mask, if any, grows the same column."""
   B = k_BSKD.shape[0]
   null_k, null_v = null
   k = jnp.concatenate([jnp.broadcast_to(null_k.astype(k_BSKD.dtype), (B, 1) + null_k.shape), k_BSKD], axis=1)
   v = jnp.concatenate([jnp.broadcast_to(null_v.astype(v_BSKE.dtype), (B, 1) + null_v.shape), v_BSKE], axis=1)
-  if mask is not None:
-    mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
-  return k, v, mask
+  return k, v, _null_visible(mask)
 
 
 def reference(q_sem, k_sem, q_geo, k_geo, v, *, sem_scale, geo_scale, sem_weight=1.0, geo_weight=1.0, null=None,
@@ -45,8 +48,7 @@ def reference(q_sem, k_sem, q_geo, k_geo, v, *, sem_scale, geo_scale, sem_weight
     k_sem = jnp.concatenate([jnp.broadcast_to(null_k[:, :ds], (B, 1, K, ds)), k_sem], axis=1)
     k_geo = jnp.concatenate([jnp.broadcast_to(null_k[:, ds:], (B, 1) + k_geo.shape[2:]), k_geo], axis=1)
     v = jnp.concatenate([jnp.broadcast_to(null_v.astype(v.dtype), (B, 1) + null_v.shape), v], axis=1)
-    if mask is not None:
-      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
+    mask = _null_visible(mask)
   rep = lambda x: jnp.repeat(x, H // K, axis=2)
   w = lambda x: x if jnp.ndim(x) == 0 else jnp.moveaxis(x, 2, 1)  # [B, T, H, 1] -> [B, H, T, 1]
   sem = jnp.einsum("bthd,bshd->bhts", q_sem, rep(k_sem), precision=hi) * sem_scale
