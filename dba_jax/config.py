@@ -74,7 +74,9 @@ def base_config() -> Config:
   m.init_std = 0.02
   m.scale_residual_init = True  # GPT-2: out/down projections get std / sqrt(2 * n_layers)
   m.scan_layers = True
-  m.block = "pre_norm"  # pre_norm (x + attn(norm x), x + mlp(norm x)) | hope_attention | hope_transformer (model.hope)
+  # pre_norm (x + attn(norm x), x + mlp(norm x)) | hope_attention | hope_selfmod | hope_hybrid | hope_transformer
+  # (model.hope; others.md B) | titans_mac | titans_mag | titans_mal (the Titans paper's memory; model.hope.titans_*)
+  m.block = "pre_norm"
   # HOPE / nested learning (model.block = hope_*; dba_jax/hope/, others.md part B)
   m.hope = h = Config()
   h.cms_periods = (4, 16, 64)  # CMS levels, fastest first: tokens between a level's inner updates
@@ -94,6 +96,9 @@ def base_config() -> Config:
   h.flush_partial = False  # also update on a partial buffer at the end of a chunk
   h.qk_l2_norm = False
   h.local_conv = 0  # causal depthwise conv window before W_qkv (0: none)
+  h.memory = True  # False: no fast weight ever moves (every memory block's "without memory" baseline)
+  # [selfmod / hybrid fields (dba_jax/hope/selfmod.py) go here]
+  # [titans fields (dba_jax/hope/titans_blocks.py) go here]
   # muP (selective.md §7): base widths and the multipliers they imply; off by default
   m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
   m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
@@ -258,10 +263,20 @@ def validate(c: Config) -> Config:
   _one_of("train.surgery_init", t.surgery_init, ("normal", "zero", "k_zero", "ko_zero", "o_zero", "o_rescaled"))
   _need(t.surgery == "none" or bool(t.init_from), "train.surgery needs train.init_from (the model to operate on)")
   _need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
-  _one_of("model.block", m.block, ("pre_norm", "hope_attention", "hope_transformer"))
-  if m.block != "pre_norm":
+  _one_of("model.block", m.block, BLOCK_NAMES)
+  if m.block.startswith("hope_"):
     _validate_hope(c)
+  if m.block.startswith("titans_"):
+    _validate_titans(c)
   return c
+
+
+BLOCK_NAMES = ("pre_norm", "hope_attention", "hope_selfmod", "hope_hybrid", "hope_transformer",
+               "titans_mac", "titans_mag", "titans_mal")
+
+
+def _validate_titans(c: Config):
+  pass  # [titans checks go here]
 
 
 def _validate_hope(c: Config):

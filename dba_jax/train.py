@@ -122,8 +122,8 @@ class Trainer:
       return loss, {"ce": ce, **aux}
 
     loss_fn = decoder_loss
-    if m.block == "hope_attention":  # two passes per online chunk, fast state per row (dba_jax/hope/step.py)
-      from dba_jax.hope import step as hope_step
+    from dba_jax.hope import step as hope_step
+    if m.block in hope_step.TWO_PASS_BLOCKS:  # two passes per online chunk, fast state per row
       loss_fn = hope_step.make_loss(c, self.graphdef)
 
     def train_step(state, tokens_ABT1):

@@ -2,7 +2,8 @@
 
   attention  post-norm: LN(x + W_o·attn(x)); fused W_qkv [d, 3, d], no biases, causal, no positions; optional
              q/k L2 norm and a causal depthwise conv before W_qkv.
-  hope_attention    attention → CMS levels (dba_jax.hope.cms), fast state per batch row
+  hope_attention    attention → CMS levels (dba_jax.hope.cms), fast state per batch row (`HopeBlock.cms`, reused
+                    by the blocks in dba_jax.hope.selfmod)
   hope_transformer  attention → x + W2·GELU(W1·LN(x)) (hidden 4d, no biases): the original's baseline
 
 The fast state travels in LayerIO.state (the cache extension point of the one forward pass), per layer:
@@ -81,7 +82,7 @@ class HopeBlock(nnx.Module):
     self.m = m
     self.attn = PostNormAttention(m, rngs)
     hidden = h.cms_hidden_mult * m.d_model
-    if m.block == "hope_attention":
+    if m.block != "hope_transformer":
       self.levels = nnx.List([CMSLevel(m.d_model, hidden, m.init_std, True, rngs) for _ in h.cms_periods])
     else:
       self.levels = nnx.List([CMSLevel(m.d_model, hidden, m.init_std, False, rngs)])
@@ -89,38 +90,46 @@ class HopeBlock(nnx.Module):
   def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
     if hooks.cache is not None or hooks.keep_fn is not None:
       raise NotImplementedError("HOPE blocks take no KV cache or key keep hook (their memory is LayerIO.state)")
-    h = self.m.hope
     a, probs = self.attn(constrain(x, ("batch", "seq", "act_embed")), hooks)
+    y, state = self.cms(a, io.state, hooks)
+    return y, dataclasses.replace(io, state=state, probs=probs)
+
+  def cms(self, a_BTd, state, hooks: Hooks):
+    """The CMS chain on a block's mixer output: (y, state). The state's "cms" entry is read (meta + fast deltas),
+    updated when the state carries "teach" (the update pass), and "probe" is added to the output (per-layer teach
+    signal). Blocks that put other memories before the CMS (selfmod, hybrid) call this last."""
+    h = self.m.hope
     meta = [lv.params() for lv in self.levels]
     # δ is norm-clipped in training mode only, as the original; the transformer baseline's MLP never clips.
-    clip = self.m.block == "hope_attention" and hooks.training
-    state = io.state
+    clip = self.m.block != "hope_transformer" and hooks.training
     if state is None or "cms" not in state:
-      y = cms.apply_levels(meta, None, a, clip)
+      y = cms.apply_levels(meta, None, a_BTd, clip)
     elif "teach" in state:
-      valid = jnp.ones(a.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
+      valid = jnp.ones(a_BTd.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
+      gate = state["gate"] & h.memory  # model.hope.memory=False: the fast weights never move (the baseline)
       run = lambda fast, a_, t_, g_: cms.online(meta, fast, a_, t_, valid, tuple(h.cms_periods), h.inner_lr,
                                                 h.inner_opt, g_, clip, h.flush_partial, h.inner_beta)
-      y, fast = jax.vmap(run)(state["cms"], a, state["teach"], state["gate"])
+      y, fast = jax.vmap(run)(state["cms"], a_BTd, state["teach"], gate)
       state = {**state, "cms": fast}
     else:
-      y = jax.vmap(lambda fast, a_: cms.apply_levels(meta, fast, a_, clip))(state["cms"], a)
+      y = jax.vmap(lambda fast, a_: cms.apply_levels(meta, fast, a_, clip))(state["cms"], a_BTd)
     if state is not None and "probe" in state:
       y = y + state["probe"].astype(y.dtype)
-    return y, dataclasses.replace(io, state=state, probs=probs)
+    return y, state
+
+  def fast_state(self) -> dict:
+    """One layer's zero fast state for one context (unbatched leaves). A block with more memories adds its keys."""
+    return {"cms": cms.init_fast_state([lv.params() for lv in self.levels], self.m.hope.inner_opt)}
 
 
 def init_fast_state(m, decoder, batch: int) -> dict:
-  """Zero fast state for every layer and batch row: {"cms": [per level, leading [L, B]]}."""
+  """Zero fast state for every layer and batch row: each block's `fast_state()` with leading [L, B] axes. Every
+  layer starts at zero (fast weights are stored as deltas from the meta weights), so layer 0's template serves."""
   blocks = decoder.blocks
   if m.scan_layers:
     graphdef, stacked = nnx.split(blocks)
-    meta = [jax.tree.map(lambda a: a[0], lv) for lv in _level_params(nnx.merge(graphdef, stacked))]
+    first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
   else:
-    meta = [lv.params() for lv in blocks[0].levels]
-  one = cms.init_fast_state(meta, m.hope.inner_opt)
-  return {"cms": jax.tree.map(lambda a: jnp.zeros((m.n_layers, batch) + a.shape, a.dtype), one)}
-
-
-def _level_params(block) -> list:
-  return [lv.params() for lv in block.levels]
+    first = blocks[0]
+  one = jax.eval_shape(first.fast_state)
+  return jax.tree.map(lambda a: jnp.zeros((m.n_layers, batch) + a.shape, a.dtype), one)

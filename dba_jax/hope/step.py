@@ -54,7 +54,7 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
 
   def chunk(fast, xs):
     x_BC, y_BC = xs
-    state = {"cms": jax.lax.stop_gradient(fast)}
+    state = jax.lax.stop_gradient(fast)
     mask = jnp.ones(y_BC.shape, bool)
     if h.teach == "per_layer":
       def ce_of(probe):
@@ -75,14 +75,20 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
     surprise = teach_lib.surprise(s, mask[None])  # [L, B]; a row with no teach signal updates nothing
     gate = (surprise >= h.surprise_threshold) & (surprise > 0)
-    upd = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "teach": s, "gate": gate}).cache_state["cms"]
-    fired = jnp.stack([lv["updates"].sum(1) for lv in upd], axis=-1) - \
-        jnp.stack([lv["updates"].sum(1) for lv in fast], axis=-1)
+    upd = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "teach": s, "gate": gate}).cache_state
+    upd = {k: upd[k] for k in fast}  # drop the pass's inputs (teach, gate)
+    fired = jnp.stack([lv["updates"].sum(1) for lv in upd["cms"]], axis=-1) - \
+        jnp.stack([lv["updates"].sum(1) for lv in fast["cms"]], axis=-1)
     return jax.lax.stop_gradient(upd), (ce, fired, nll)
 
-  fast0 = blocks.init_fast_state(m, decoder, B)["cms"]
+  fast0 = blocks.init_fast_state(m, decoder, B)
   _, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
   return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C))
+
+
+# Blocks whose memory learns from the teach signal: trained by this two-pass loop. (Titans blocks learn inside their
+# own forward and train with the plain next-token loss.)
+TWO_PASS_BLOCKS = ("hope_attention", "hope_selfmod", "hope_hybrid")
 
 
 def make_loss(c, graphdef):
