@@ -107,11 +107,14 @@ def base_config() -> Config:
   m.compute_dtype = "float32"  # float32 | bfloat16; parameters and optimizer state are always float32
 
   c.data = d = Config()
-  d.source = "stdlib"  # stdlib | npy | bin | text
+  d.source = "stdlib"  # stdlib | npy | bin | text | synthetic (made from data.seed by data.generator)
+  d.generator = ""  # synthetic: a registered generator (dba_jax.data.GENERATORS), e.g. "passkey"
+  d.synthetic_chars = 2_000_000  # synthetic: train split size in characters
+  d.mix_stdlib = 0.0  # synthetic: fraction of the train/val tokens taken from the stdlib corpus
   d.train_path = ""  # file or glob for npy / bin / text
   d.val_path = ""  # empty: hold out `val_fraction` of the train tokens (stdlib splits by file hash)
   d.val_fraction = 0.05
-  d.tokenizer = "byte"  # byte | gpt2 (tiktoken, only from files already on this machine)
+  d.tokenizer = "byte"  # byte | gpt2 (tiktoken, only from files already on this machine) | bpe_qa (in-process BPE)
   d.sampling = "random"  # random windows (DBA runs) | contiguous windows (nanoGPT runs)
   d.seq_len = 128
   d.seed = 0
@@ -236,13 +239,17 @@ def validate(c: Config) -> Config:
   _need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
 
   d = c.data
-  _one_of("data.source", d.source, ("stdlib", "npy", "bin", "text"))
-  _one_of("data.tokenizer", d.tokenizer, ("byte", "gpt2"))
+  _one_of("data.source", d.source, ("stdlib", "npy", "bin", "text", "synthetic"))
+  _one_of("data.tokenizer", d.tokenizer, ("byte", "gpt2", "bpe_qa"))
   _one_of("data.sampling", d.sampling, ("random", "contiguous"))
   _need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
   if m.positions == "learned":
     _need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  if d.source != "stdlib":
+  if d.source == "synthetic":
+    _need(bool(d.generator), "data.source='synthetic' needs data.generator (a registered generator name)")
+    _need(d.synthetic_chars > 0 and 0.0 <= d.mix_stdlib < 1.0,
+          f"data.synthetic_chars={d.synthetic_chars} must be > 0 and data.mix_stdlib={d.mix_stdlib} in [0, 1)")
+  elif d.source != "stdlib":
     _need(bool(d.train_path), f"data.train_path is empty but data.source={d.source!r} needs a file")
   _need(0.0 < d.val_fraction < 1.0 or bool(d.val_path), f"data.val_fraction={d.val_fraction} must be in (0, 1)")
 

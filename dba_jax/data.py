@@ -117,6 +117,9 @@ def gpt2_tokenizer():
 
 
 def get_tokenizer(name: str):
+  if name == "bpe_qa":  # LatentWire's tiny in-process BPE (dba_jax/latentwire/tokenizer.py)
+    from dba_jax.latentwire.tokenizer import bpe_qa
+    return bpe_qa()
   return ByteTokenizer() if name == "byte" else gpt2_tokenizer()
 
 
@@ -209,13 +212,56 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
   return shards
 
 
+# ---------------------------------------------------------------------------------------------- synthetic
+
+# data.source = "synthetic": text made in-process from data.seed, so nothing is downloaded. A generator is
+# fn(n_chars: int, seed: int) -> str (about n_chars characters, deterministic in seed); modules register theirs with
+# @synthetic("name") and config names it in data.generator. data.synthetic_chars sizes the train split (val: a
+# val_fraction share, from another seed); data.mix_stdlib > 0 appends that fraction of the stdlib corpus.
+GENERATORS: dict = {}
+
+
+def synthetic(name: str):
+  def register(fn):
+    GENERATORS[name] = fn
+    return fn
+  return register
+
+
+def _generators():
+  import dba_jax.hope.synthetic  # noqa: F401  (registers its generators)
+  try:
+    import dba_jax.latentwire.synthetic  # noqa: F401
+  except ImportError:
+    pass
+  return GENERATORS
+
+
+def synthetic_corpus(d, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  gens = _generators()
+  if d.generator not in gens:
+    raise DataError(f"data.generator={d.generator!r} is not a synthetic generator; choose one of {sorted(gens)}")
+  fn = gens[d.generator]
+  n_val = max(1, int(d.synthetic_chars * d.val_fraction))
+  train, val = (tokenizer.encode(fn(n, seed)) for n, seed in ((d.synthetic_chars, d.seed), (n_val, d.seed + 10_000)))
+  if d.mix_stdlib > 0:
+    st_train, st_val = stdlib_corpus(d.val_fraction)
+    take = lambda a, frac_of: a[:int(len(frac_of) * d.mix_stdlib / (1 - d.mix_stdlib))]
+    train, val = np.concatenate([train, take(st_train, train)]), np.concatenate([val, take(st_val, val)])
+  return np.asarray(train, np.int32), np.asarray(val, np.int32)
+
+
 def load_splits(d, vocab_size: int) -> Splits:
   """Train/val shards for config.data `d`; every token id is checked against the model's vocab."""
-  tokenizer = get_tokenizer(d.tokenizer) if d.source in ("text", "stdlib") else None
+  tokenizer = get_tokenizer(d.tokenizer) if d.source in ("text", "stdlib", "synthetic") else None
   if tokenizer is not None and tokenizer.vocab_size > vocab_size:
     raise DataError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size={vocab_size}")
   if d.source == "stdlib":
     train, val = stdlib_corpus(d.val_fraction)
+    return Splits([train], [val])
+  if d.source == "synthetic":
+    train, val = synthetic_corpus(d, tokenizer)
+    check_vocab(f"data.generator={d.generator}", train, vocab_size)
     return Splits([train], [val])
   train = _read_split(d.train_path, "train_path", d.source, tokenizer, vocab_size)
   if d.val_path:

@@ -6,7 +6,8 @@
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (dba_jax.generate)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X] [--per-layer]
                  [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
-  dba-eval hope passkey --checkpoint DIR [--samples N] [--filler N]     (dba_jax.hope.evals)
+  dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
+                                                                        (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
 """
@@ -89,13 +90,31 @@ def prune_main(args) -> dict:
 
 def hope_main(args) -> dict:
   from dba_jax.hope import evals
+  from dba_jax.hope.step import TWO_PASS_BLOCKS
   model, c = _load(args.checkpoint)
-  if c.model.block != "hope_attention":
-    raise _Fail(f"{args.checkpoint}: model.block={c.model.block!r}; the memory evals need a hope_attention model")
-  r = evals.passkey(model, c, samples=args.samples, n_filler=args.filler, seed=args.seed)
-  print(f"passkey ({r['tokens']} tokens, chunks of {r['chunk']}): baseline {r['baseline_acc']:.3f}, with memory "
-        f"{r['memory_acc']:.3f} (delta {r['delta']:+.3f}), {r['updates_fired_per_sample']:.0f} CMS updates per "
-        "sample", file=sys.stderr)
+  if c.model.block not in TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
+    raise _Fail(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
+                f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
+  try:
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+  except ValueError:
+    raise _Fail(f"--lengths={args.lengths!r} must be comma-separated token counts") from None
+  if args.task == "continual":
+    r = evals.continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
+    for name in ("baseline", "memory"):
+      x = r[name]
+      print(f"continual {name:8s}: first read " + ", ".join(f"{k} {v:.3f}" for k, v in x["first_read"].items()) +
+            f"; A again at once {x['reread_after_itself']:.3f}, after B and C {x['reread_after_others']:.3f} "
+            f"({x['updates_fired_per_sample']:.0f} updates)", file=sys.stderr)
+  else:
+    r = evals.needle_task(model, c, args.task, lengths or (c.data.seq_len,), args.samples, args.seed)
+    for row in r["by_length"]:
+      print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): baseline "
+            f"{row['baseline_acc']:.3f}, with memory {row['memory_acc']:.3f} (delta {row['delta']:+.3f}), "
+            f"{row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
+    if args.plot:
+      from dba_jax import plots
+      plots.memory_accuracy(r, args.plot)
   return {"checkpoint": args.checkpoint, **r}
 
 
@@ -138,12 +157,14 @@ def _parser():
   r.add_argument("--batch-size", type=int, default=8)
   r.add_argument("--out", default="", help="also write the JSON here")
   r.add_argument("--force", action="store_true", help="replace an existing --out file")
-  o = sub.add_parser("hope", help="HOPE memory evals: passkey with and without memory")
-  o.add_argument("task", choices=("passkey",))
+  o = sub.add_parser("hope", help="memory evals (HOPE, Titans): passkey, NIAH, continual, with and without memory")
+  o.add_argument("task", choices=("passkey", "niah", "continual"))
   o.add_argument("--checkpoint", required=True)
+  o.add_argument("--lengths", default="", help="prompt lengths in tokens, comma-separated (default: the training "
+                 "length); continual: the segment length")
   o.add_argument("--samples", type=int, default=32)
-  o.add_argument("--filler", type=int, default=12, help="filler sentences between the key and the question")
   o.add_argument("--seed", type=int, default=0)
+  o.add_argument("--plot", default="", help="passkey/niah: also plot accuracy against length (PNG)")
   o.add_argument("--out", default="", help="also write the JSON here")
   o.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)

@@ -284,3 +284,23 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
   fig.suptitle(title)
   fig.savefig(out_path, dpi=DPI)
   return out_path
+
+
+def memory_accuracy(results, out_path: str) -> str:
+  """Needle accuracy against prompt length, with and without memory (95% Wilson bands), one panel per result
+  (dba_jax.hope.evals.needle_task); chance and the training length marked."""
+  results = results if isinstance(results, list) else [results]
+  fig = _new_figure((5.0 * len(results), 3.6))
+  for ax, r in zip(np.atleast_1d(fig.subplots(1, len(results))), results):
+    x = [row["tokens"] for row in r["by_length"]]
+    for i, name in enumerate(("baseline", "memory")):
+      lo, hi = zip(*[row[f"{name}_ci95"] for row in r["by_length"]])
+      ax.plot(x, [row[f"{name}_acc"] for row in r["by_length"]], "o-", color=colour(i), label=name)
+      ax.fill_between(x, lo, hi, color=colour(i), alpha=0.15)
+    ax.axhline(r["chance"], color="grey", ls=":", lw=1, label="chance")
+    ax.axvline(r["train_len"], color="black", ls="--", lw=0.8, label="training length")
+    ax.set(title=r.get("title", r["task"]), xlabel="prompt tokens", ylabel="accuracy", ylim=(-0.02, 1.02), xscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.savefig(out_path, dpi=DPI)
+  return out_path

@@ -214,20 +214,38 @@ def test_per_layer_and_global_teach_both_train_and_passkey_runs(tmp_path, capsys
     summary = train.train(c, str(tmp_path / mode), quiet=True)
     assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
   out = tmp_path / "passkey.json"
-  assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--filler", "3",
-                        "--out", str(out)]) == 0
+  png = tmp_path / "passkey.png"
+  assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--lengths",
+                        "60,100", "--out", str(out), "--plot", str(png)]) == 0
   r = json.loads(out.read_text())
-  assert r["samples"] == 2 and 0 <= r["memory_acc"] <= 1 and 0 <= r["baseline_acc"] <= 1
-  assert (r["tokens"] - 1) % r["chunk"] == 0 and r["updates_fired_per_sample"] > 0
+  assert [row["length"] for row in r["by_length"]] == [60, 100] and png.stat().st_size > 0
+  for row in r["by_length"]:
+    assert row["samples"] == 2 and 0 <= row["memory_acc"] <= 1 and 0 <= row["baseline_acc"] <= 1
+    assert row["tokens"] >= row["length"] and row["updates_fired_per_sample"] > 0
+  out = tmp_path / "continual.json"
+  assert eval_cli.main(["hope", "continual", "--checkpoint", str(tmp_path / "global"), "--samples", "1", "--lengths",
+                        "16", "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r["segment_tokens"] == 16 and r["baseline"]["updates_fired_per_sample"] == 0
+  assert r["memory"]["updates_fired_per_sample"] > 0
+  # The first segment's first chunk reads the empty memory either way; memory changes the re-read.
+  assert r["memory"]["reread_after_others"] != r["baseline"]["reread_after_others"]
 
 
-def test_passkey_prompt_puts_the_key_out_of_the_question_chunk():
+def test_needle_prompts_have_their_length_the_key_and_a_distractor():
   from dba_jax import data
   from dba_jax.hope import evals
   tok = data.get_tokenizer("byte")
-  (true_ids, other_ids), k = evals.passkey_sample(np.random.default_rng(0), 12, 32, tok)
-  text = tok.decode(list(true_ids))
-  assert len(true_ids) == len(other_ids) and (len(true_ids) - 1) % 32 == 0 and k == 4
-  key = text.split("KEY-")[1][:4]
-  assert text.endswith("KEY-" + key) and tok.decode(list(other_ids[-4:])) != key
-  assert text.index("KEY-") < len(true_ids) - 32  # the needle is chunks before the question
+  for task, at_start in (("passkey", True), ("niah", False)):
+    true_text, other_text, key = evals.needle_prompt(np.random.default_rng(1), task, 400, tok, depth=0.5)
+    assert len(tok.encode(true_text)) >= 400 and true_text.endswith(f"KEY-{key}")
+    assert true_text[:-4] == other_text[:-4] and other_text[-4:] != str(key)
+    assert true_text.count(str(key)) == 2 and (true_text.index("KEY-") == 16) == at_start
+    assert true_text.index("KEY-") < len(true_text) - 200  # the needle is far from the question
+
+
+def test_wilson_interval():
+  from dba_jax.hope import evals
+  lo, hi = evals.wilson(16, 32)
+  assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-12 and abs(hi - lo - 0.3272) < 1e-3
+  assert evals.wilson(0, 10)[0] == 0.0 and evals.wilson(10, 10)[1] == 1.0

@@ -1,65 +1,196 @@
-"""Passkey retrieval with and without memory (`dba-eval hope passkey --checkpoint DIR`; others.md B.7, short filler).
+"""Memory evals for every memory block (`dba-eval hope passkey|niah|continual --checkpoint DIR`; others.md B.7).
 
-A prompt hides "The pass key is KEY-dddd. Remember it." among filler sentences ("This is filler sentence number
-i.") and ends with "What is the pass key? The pass key is KEY-". The model reads it (with the answer) through the
-two-pass online loop (dba_jax.hope.step): every answer token is scored in its chunk's read pass, before that chunk's
-own update, so the memory holds only what came before. A sample is right when log p(true key) > log p(distractor);
-chance is 0.5. "memory" uses the run's teach settings; "baseline" the same model with the teach scale at 0 (the fast
-weights never move). The needle sits in the first chunk and the question in the last, so attention (chunk-local)
-cannot see the key: only the memory can carry it.
+Every number comes twice: "memory" runs the model as trained; "baseline" is the same weights with model.hope.memory
+off (no fast weight moves: CMS levels, self-modifying and Titans memories stay at their meta weights). Scoring:
+  two-pass blocks (hope_attention / selfmod / hybrid)  the online loop of dba_jax.hope.step in chunks of the training
+                                                       chunk (hope.online_chunk, else data.seq_len): each token is
+                                                       scored in its chunk's read pass, before that chunk's update;
+                                                       attention sees only its own chunk
+  titans_* blocks                                      one forward; the memory updates inside it every titans chunk
+Prompts are left-padded with spaces to whole chunks, and can be longer than the training length: beyond it only the
+memory carries information across chunks.
+
+  passkey    "The pass key is KEY-dddd. Remember it." first, filler sentences, "What is the pass key? The pass key is
+             KEY-": right when log p(true key) > log p(a distractor key); chance 0.5
+  niah       the same 2-way choice, "Remember that the secret key is KEY-dddd." at a random depth among filler
+  continual  segments from three domains A, B, C read as [A B C A]: the CE of each on first reading, and of A read
+             again after B and C (memorise, interfere, rescore); [A A] gives the rescore without interference
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+FILLER = "This is filler sentence number {}. "
+TASKS = {  # needle, question (the answer's digits follow the question)
+    "passkey": ("The pass key is KEY-{}. Remember it. ", "What is the pass key? The pass key is KEY-"),
+    "niah": ("Remember that the secret key is KEY-{}. ", "What is the secret key? The secret key is KEY-"),
+}
 
-def passkey_sample(rng, n_filler: int, chunk: int, tokenizer):
-  """(tokens of prompt + true key, tokens of prompt + distractor, key length in tokens), left-padded with spaces to
-  a whole number of chunks."""
-  key, other = rng.choice(9000, size=2, replace=False) + 1000
-  filler = [f"This is filler sentence number {i}. " for i in range(n_filler)]
-  needle = f"The pass key is KEY-{key}. Remember it. "
-  text = needle + "".join(filler) + "What is the pass key? The pass key is KEY-"
-  ids = [tokenizer.encode(text + str(k)) for k in (key, other)]
-  n = len(ids[0])
-  pad = (-(n - 1)) % chunk  # inputs (all but the last token) fill whole chunks
-  space = tokenizer.encode(" ")[0]
-  return [np.asarray([space] * pad + list(x), np.int32) for x in ids], len(tokenizer.encode(str(key)))
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """95% Wilson score interval of k successes in n trials."""
+  if n == 0:
+    return 0.0, 1.0
+  p = k / n
+  mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
+
+
+class Scorer:
+  """score(ids) -> (NLL of every next token [len(ids) - 1], memory updates fired) for one memory setting."""
+
+  def __init__(self, model, config, memory: bool):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dba_jax import losses, model as model_lib
+    from dba_jax.hope import step as hope_step
+    m = config.model.copy_and_resolve_references()
+    m.hope.memory = memory and m.hope.memory
+    graphdef = model_lib.abstract(m)[0]
+    self.params, vocab, L = model.params, m.vocab_size, m.n_layers
+    if m.block in hope_step.TWO_PASS_BLOCKS:
+      h = m.hope
+      h.online_chunk = self.chunk = h.online_chunk or config.data.seq_len
+      # The teach schedule at the end of its warmup: the full teach scale (before any decay).
+      run = lambda p, t: hope_step.memory_forward(nnx.merge(graphdef, p), t, h.teach_warmup, h, vocab, training=False)
+      self._fn = jax.jit(lambda p, t: (lambda r: (r.token_nll[0], r.fired.sum()))(run(p, t)))
+    else:
+      self.chunk = int(m.hope.get("titans_chunk", 1)) if m.block.startswith("titans_") else 1
+      per_call = L if m.block.startswith("titans_") and m.hope.memory else 0
+
+      def fn(p, t):
+        logits = nnx.merge(graphdef, p)(t[:, :-1])
+        T = t.shape[1] - 1
+        return losses.nll(logits, t[:, 1:], vocab)[0], jnp.asarray(per_call * -(-T // self.chunk))
+
+      self._fn = jax.jit(fn)
+
+  def pad(self, ids, pad_id: int) -> np.ndarray:
+    """Left-pad so that the inputs (all but the last token) fill whole chunks."""
+    n = (-(len(ids) - 1)) % self.chunk
+    return np.concatenate([np.full(n, pad_id, np.int32), np.asarray(ids, np.int32)])
+
+  def __call__(self, ids) -> tuple[np.ndarray, int]:
+    import jax.numpy as jnp
+    nll, fired = self._fn(self.params, jnp.asarray(ids, jnp.int32)[None])
+    return np.asarray(nll, np.float64), int(fired)
+
+
+def scorers(model, config) -> dict:
+  return {"memory": Scorer(model, config, True), "baseline": Scorer(model, config, False)}
+
+
+def needle_prompt(rng, task: str, n_tokens: int, tokenizer, depth: float | None = None):
+  """(true text, distractor text, key): a prompt of about n_tokens tokens (at least the needle and the question).
+  passkey puts the needle first; niah at `depth` (a fraction; random when None) among shuffled filler."""
+  needle, question = TASKS[task]
+  key, other = (int(x) for x in rng.choice(9000, size=2, replace=False) + 1000)
+  fixed = len(tokenizer.encode(needle.format(key) + question))
+  filler, size = [], fixed
+  while size < n_tokens:
+    filler.append(FILLER.format(len(filler)))
+    size += len(tokenizer.encode(filler[-1]))
+  if task == "niah":
+    rng.shuffle(filler)
+  at = 0 if task == "passkey" else int(round((rng.random() if depth is None else depth) * len(filler)))
+  text = "".join(filler[:at]) + needle.format(key) + "".join(filler[at:]) + question
+  return text + str(key), text + str(other), key
+
+
+def needle_task(model, config, task: str = "passkey", lengths=(256, 512), samples: int = 32, seed: int = 0,
+                runs: dict | None = None) -> dict:
+  """Accuracy of the 2-way key choice per prompt length, with memory and without."""
+  from dba_jax import data
+  tok = data.get_tokenizer(config.data.tokenizer)
+  runs = runs or scorers(model, config)
+  space = int(tok.encode(" ")[0])
+  rows = []
+  for n_tokens in lengths:
+    rng = np.random.default_rng([seed, n_tokens])
+    right = {name: 0 for name in runs}
+    fired, real = [], 0
+    for _ in range(samples):
+      true_text, other_text, key = needle_prompt(rng, task, n_tokens, tok)
+      k = len(tok.encode(str(key)))
+      ids = [tok.encode(t) for t in (true_text, other_text)]
+      real = len(ids[0])
+      for name, score in runs.items():
+        lp = []
+        for x in ids:
+          nll, n_fired = score(score.pad(x, space))
+          lp.append(-nll[-k:].sum())
+          if name == "memory" and x is ids[0]:
+            fired.append(n_fired)
+        right[name] += lp[0] > lp[1]
+    row = {"length": n_tokens, "tokens": real, "samples": samples}
+    for name in runs:
+      row[f"{name}_acc"] = right[name] / samples
+      row[f"{name}_ci95"] = wilson(right[name], samples)
+    row["delta"] = row["memory_acc"] - row["baseline_acc"]
+    row["updates_fired_per_sample"] = float(np.mean(fired))
+    rows.append(row)
+  some = next(iter(runs.values()))
+  return {"task": task, "chance": 0.5, "chunk": some.chunk, "train_len": config.data.seq_len, "by_length": rows}
+
+
+def continual_segments(config, n_tokens: int, samples: int, seed: int) -> dict:
+  """Three domains, `samples` segments of n_tokens tokens each: {"code": stdlib val windows, "prose": filler and
+  keys, "arith": arithmetic lines}."""
+  from dba_jax import data
+  from dba_jax.hope import synthetic
+  tok = data.get_tokenizer(config.data.tokenizer)
+  rng = np.random.default_rng(seed)
+  code = data.stdlib_corpus(config.data.val_fraction)[1] if config.data.tokenizer == "byte" else \
+      tok.encode(synthetic.passkey_text(200 * n_tokens, seed + 1))
+  out = {"code": [], "prose": [], "arith": []}
+  for _ in range(samples):
+    at = int(rng.integers(0, len(code) - n_tokens))
+    out["code"].append(np.asarray(code[at:at + n_tokens], np.int32))
+    prose = tok.encode(synthetic.passkey_text(4 * n_tokens, int(rng.integers(1 << 30))))
+    out["prose"].append(np.asarray(prose[:n_tokens], np.int32))
+    lines = "".join(f"{a} + {b} = {a + b}\n" for a, b in rng.integers(0, 1000, size=(n_tokens, 2)))
+    out["arith"].append(np.asarray(tok.encode(lines)[:n_tokens], np.int32))
+  return out
+
+
+def continual(model, config, n_tokens: int = 0, samples: int = 8, seed: int = 0, runs: dict | None = None) -> dict:
+  """Mean CE per segment on first reading, and of segment A re-read right after itself ([A A]) and after B and C
+  ([A B C A]), with memory and without. n_tokens defaults to the training length."""
+  runs = runs or scorers(model, config)
+  chunk = next(iter(runs.values())).chunk
+  S = n_tokens or config.data.seq_len
+  S = max(chunk, S // chunk * chunk)  # whole chunks, so every segment starts its own chunk
+  segs = continual_segments(config, S + 1, samples, seed)
+  names = list(segs)
+  out = {"task": "continual", "segment_tokens": S, "samples": samples, "chunk": chunk, "order": names + [names[0]]}
+  for run_name, score in runs.items():
+    first = {n: [] for n in names}
+    again, again_now, fired = [], [], []
+    for i in range(samples):
+      a, b, cc = (segs[n][i] for n in names)
+      # [A B C A]: positions are segment-aligned; the first token of each segment is predicted from the previous one.
+      seq = np.concatenate([a[:S], b[:S], cc[:S], a[:S + 1]])
+      nll, n_fired = score(seq)
+      for j, n in enumerate(names):
+        first[n].append(nll[j * S:(j + 1) * S].mean())
+      again.append(nll[3 * S:4 * S].mean())
+      again_now.append(score(np.concatenate([a[:S], a[:S + 1]]))[0][S:2 * S].mean())
+      fired.append(n_fired)
+    out[run_name] = {"first_read": {n: float(np.mean(v)) for n, v in first.items()},
+                     "reread_after_itself": float(np.mean(again_now)),
+                     "reread_after_others": float(np.mean(again)), "updates_fired_per_sample": float(np.mean(fired))}
+  out["delta"] = {k: out["memory"][k] - out["baseline"][k] for k in ("reread_after_itself", "reread_after_others")}
+  return out
 
 
 def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0) -> dict:
-  """Accuracy of the 2-way choice with memory and without, and the CMS updates that fired per sample."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
+  """The previous single-length passkey report (kept for its CLI flags): n_filler sentences after the needle."""
   from dba_jax import data
-  from dba_jax.hope import step as hope_step
-  m = config.model
-  h = m.hope
-  chunk = h.online_chunk or config.data.seq_len
   tok = data.get_tokenizer(config.data.tokenizer)
-  off = h.copy_and_resolve_references()
-  off.teach_scale = 0.0
-  # The teach schedule at the end of its warmup: the full teach scale (before any decay).
-  run = {name: jax.jit(lambda p, t, hh=hh: hope_step.memory_forward(nnx.merge(model.graphdef, p), t, h.teach_warmup,
-                                                                   hh, m.vocab_size, training=False))
-         for name, hh in (("memory", h), ("baseline", off))}
-  rng = np.random.default_rng(seed)
-  right = {"memory": 0, "baseline": 0}
-  fired, length = [], 0
-  for _ in range(samples):
-    (true_ids, other_ids), k = passkey_sample(rng, n_filler, chunk, tok)
-    length = len(true_ids)
-    for name, fn in run.items():
-      lp = []
-      for ids in (true_ids, other_ids):
-        out = fn(model.params, jnp.asarray(ids)[None])
-        lp.append(-float(out.token_nll[0, -k:].sum()))
-        if name == "memory" and ids is true_ids:
-          fired.append(int(out.fired.sum()))
-      right[name] += lp[0] > lp[1]
-  acc = {name: right[name] / samples for name in right}
-  return {"task": "passkey", "samples": samples, "tokens": length, "chunk": chunk, "chance": 0.5,
-          "baseline_acc": acc["baseline"], "memory_acc": acc["memory"], "delta": acc["memory"] - acc["baseline"],
-          "updates_fired_per_sample": float(np.mean(fired))}
+  needle, question = TASKS["passkey"]
+  n_tokens = len(tok.encode(needle.format(1000) + question)) + n_filler * len(tok.encode(FILLER.format(10)))
+  return needle_task(model, config, "passkey", (n_tokens,), samples, seed)
