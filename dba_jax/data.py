@@ -245,9 +245,13 @@ def synthetic_corpus(d, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   n_val = max(1, int(d.synthetic_chars * d.val_fraction))
   train, val = (tokenizer.encode(fn(n, seed)) for n, seed in ((d.synthetic_chars, d.seed), (n_val, d.seed + 10_000)))
   if d.mix_stdlib > 0:
-    st_train, st_val = stdlib_corpus(d.val_fraction)
-    take = lambda a, frac_of: a[:int(len(frac_of) * d.mix_stdlib / (1 - d.mix_stdlib))]
-    train, val = np.concatenate([train, take(st_train, train)]), np.concatenate([val, take(st_val, val)])
+    def mix(part, stdlib_bytes):
+      want = int(len(part) * d.mix_stdlib / (1 - d.mix_stdlib))  # tokens, so that stdlib is mix_stdlib of the whole
+      if d.tokenizer != "byte":  # the corpus comes as bytes: other tokenizers get its text (>= 1 byte per token)
+        text = bytes(stdlib_bytes[:4 * want].astype(np.uint8)).decode("utf-8", "replace")
+        stdlib_bytes = np.asarray(tokenizer.encode(text))
+      return np.concatenate([part, stdlib_bytes[:want]])
+    train, val = (mix(a, b) for a, b in zip((train, val), stdlib_corpus(d.val_fraction)))
   return np.asarray(train, np.int32), np.asarray(val, np.int32)
 
 

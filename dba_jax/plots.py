@@ -290,8 +290,10 @@ def memory_accuracy(results, out_path: str) -> str:
   """Needle accuracy against prompt length, with and without memory (95% Wilson bands), one panel per result
   (dba_jax.hope.evals.needle_task); chance and the training length marked."""
   results = results if isinstance(results, list) else [results]
-  fig = _new_figure((5.0 * len(results), 3.6))
-  for ax, r in zip(np.atleast_1d(fig.subplots(1, len(results))), results):
+  cols = min(4, len(results))
+  rows = -(-len(results) // cols)
+  fig = _new_figure((4.5 * cols, 3.4 * rows))
+  for ax, r in zip(np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel()), results):
     x = [row["tokens"] for row in r["by_length"]]
     for i, name in enumerate(("baseline", "memory")):
       lo, hi = zip(*[row[f"{name}_ci95"] for row in r["by_length"]])

@@ -231,9 +231,10 @@ def check_workdir(c: Config, workdir: str) -> bool:
     return False
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(cfg_path):
+    from dba_jax import loading
     try:
-      with open(cfg_path) as f:
-        saved = json.load(f)["model"]
+      # Over today's defaults: a field added since the run started takes its default, so the run still resumes.
+      saved = json.loads(loading.read_config(workdir).model.to_json())
     except (ValueError, KeyError) as e:
       raise ConfigError(f"{cfg_path} is unreadable ({e}); it was not written by dba_jax") from None
     now = json.loads(c.model.to_json())

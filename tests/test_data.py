@@ -99,3 +99,23 @@ def test_windows_and_resumable_order():
   assert first[0].shape == (4, 10) and first[0].dtype == np.int32
   c.seed = 4  # and the seed matters
   assert not np.array_equal(next(data.train_iterator(splits, c, 4)), first[0])
+
+
+def test_synthetic_source_is_seeded_and_mixes_stdlib_in_the_tokenizer_asked():
+  c = base_config()
+  c.data.source, c.data.generator, c.data.synthetic_chars, c.data.mix_stdlib = "synthetic", "passkey", 4000, 0.25
+  a, b = data.load_splits(c.data, 256), data.load_splits(c.data, 256)
+  np.testing.assert_array_equal(a.train[0], b.train[0])
+  text = bytes(a.train[0].astype(np.uint8)).decode()
+  c.data.mix_stdlib = 0.0
+  alone = data.load_splits(c.data, 256).train[0]
+  np.testing.assert_array_equal(a.train[0][:len(alone)], alone)  # the documents, then stdlib: a quarter of the whole
+  assert "KEY-" in text and len(a.train[0]) == len(alone) + int(len(alone) * 0.25 / 0.75)
+  stdlib = data.stdlib_corpus(c.data.val_fraction)[0]
+  np.testing.assert_array_equal(a.train[0][len(alone):], stdlib[:len(a.train[0]) - len(alone)])
+  c.data.mix_stdlib = 0.25
+  c.data.seed = 1
+  assert not np.array_equal(data.load_splits(c.data, 256).train[0][:500], a.train[0][:500])
+  c.data.generator = "nope"
+  with pytest.raises(data.DataError, match="data.generator='nope'"):
+    data.load_splits(c.data, 256)

@@ -215,3 +215,19 @@ def test_missing_metadata_is_damage_not_a_different_model(run_dir, tmp_path, cap
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
   assert convert.main(["dba-convert", "--to-torch", w, "--out", str(tmp_path / "b.pt")]) == 2
+
+
+def test_a_run_saved_before_a_config_field_was_added_still_resumes(run_dir, tmp_path):
+  w = _copy(run_dir, tmp_path)
+  path = os.path.join(w, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["model"]["hope"]["memory"], saved["model"]["block"]  # as written by an older dba_jax
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  c = tiny("gpt2")
+  c.train.steps = 6
+  assert train.train(c, w, quiet=True)["steps"] == 6
+  c.model.d_model *= 2  # a real difference is still refused
+  with pytest.raises(ConfigError, match="model.d_model: saved"):
+    train.train(c, w, quiet=True)

@@ -55,8 +55,10 @@ class Scorer:
     if m.block in hope_step.TWO_PASS_BLOCKS:
       h = m.hope
       h.online_chunk = self.chunk = h.online_chunk or config.data.seq_len
-      # The teach schedule at the end of its warmup: the full teach scale (before any decay).
-      run = lambda p, t: hope_step.memory_forward(nnx.merge(graphdef, p), t, h.teach_warmup, h, vocab, training=False)
+      # The teach schedule at the end of its warmup: the full teach scale (before any decay). CMS outputs clipped
+      # as in training: the original's evals ran its eval mode (no clip), a different function from the one trained
+      # (a hope_attention model trained 200 steps reads CE 3.55 unclipped vs 0.99 clipped on its own data).
+      run = lambda p, t: hope_step.memory_forward(nnx.merge(graphdef, p), t, h.teach_warmup, h, vocab, training=True)
       self._fn = jax.jit(lambda p, t: (lambda r: (r.token_nll[0], r.fired.sum()))(run(p, t)))
     else:
       self.chunk = int(m.hope.get("titans_chunk", 1)) if m.block.startswith("titans_") else 1

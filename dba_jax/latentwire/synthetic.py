@@ -1,4 +1,4 @@
-"""Arithmetic word problems with checkable answers: "Q: Tom has 37 apples and gets 48 more. ...\nA: 37 + 48 = 85 #### 85".
+"""Arithmetic word problems with checkable answers ("Q: Tom has 37 apples, gets 48 more. ...\nA: 37 + 48 = 85 #### 85").
 
 Problems are (template, name, item, a, b); a hash of that tuple puts each one in the train or the held-out ("test")
 split, so no held-out question ever appears in the LM corpus or the bridge's training set, whatever the seeds. A seed

@@ -1,0 +1,346 @@
+"""`dba-latentwire-train --config=configs/latentwire.py:bridge_k8 --source DIR --target DIR --workdir DIR`.
+
+Trains the translator between two frozen dba_jax LMs (dba_jax/latentwire/bridge.py) on train-split arithmetic
+problems: target input [soft tokens ; stub ; answer], loss = answer NLL + kl_weight·KL (after warmup) +
+nce_weight·InfoNCE (after warmup / 2) (dba_jax/latentwire/losses.py). AdamW (0.9, 0.98) in three groups: matrices
+and queries with weight decay, biases and norms without, the tanh gates at gate_lr_mult x lr without; linear warmup
+then linear decay to 0; global-norm clipping; float32 weights and compute. The workdir works as dba-train's: a new
+or empty directory starts a run, one holding this bridge resumes from its latest good checkpoint, anything else is
+refused (exit 2). Logs step, losses, gates and tokens/s to stderr and metrics.jsonl; dev exact match to eval.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dba_jax import ckpt
+from dba_jax.config import Config, ConfigError, lock
+from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, synthetic
+
+# ------------------------------------------------------------------------------------------------- config
+
+SHAPES = {"bridge_k4": 4, "bridge_k8": 8, "bridge_k16": 16, "cpu": 4}
+
+
+def bridge_config(variant: str = "bridge_k8") -> Config:
+  c = Config()
+  c.model = m = Config()  # the translator (the workdir guard compares this section)
+  m.K = SHAPES[variant]  # soft tokens
+  m.b = 64  # bottleneck width
+  m.depth = 2
+  m.heads = 4
+  m.ffn_mult = 4
+  m.dropout = 0.1  # on the cross-attention output and the FFN hidden layer, as the original
+  m.source_state = "final_norm"  # final_norm (HF hidden_states[-1], what the original read) | pre_norm
+  m.rms_clamp = (0.25, 4.0)
+  c.loss = ls = Config()
+  ls.kl_weight = 0.03
+  ls.kl_direction = "student_teacher"  # KL(bridged ‖ text teacher), the original's stated intent | teacher_student
+  ls.nce_weight = 0.05
+  ls.tau = 0.07
+  c.optim = o = Config()
+  o.lr = 1e-3
+  o.b1, o.b2, o.eps = 0.9, 0.98, 1e-8
+  o.weight_decay = 0.01
+  o.gate_lr_mult = 3.0
+  o.warmup_steps = 100
+  o.clip_norm = 1.0
+  c.data = d = Config()
+  d.train_seed = 0  # draws of train-split problems (synthetic.qa_pairs)
+  d.train_pairs = 20_000  # pool size
+  d.dev_seed = 1  # dev questions: held-out split, another seed than the harness's
+  d.dev_questions = 32
+  d.src_len, d.tgt_len, d.prompt_len = 128, 32, 64  # padded lengths (source prompt, stub + answer, target prompt)
+  d.max_new = 24  # dev decoding budget (target tokens)
+  c.train = t = Config()
+  t.steps = 1500
+  t.batch_size = 32
+  t.seed = 0
+  t.log_every = 25
+  t.eval_every = 250
+  t.ckpt_every = 250
+  t.keep_ckpts = 2
+  c.source = ""  # set from --source / --target (recorded in config.json)
+  c.target = ""
+  if variant == "cpu":  # tests and smoke runs
+    m.b, m.depth, m.heads, m.dropout = 16, 1, 2, 0.0
+    o.warmup_steps = 2
+    t.steps, t.batch_size, t.log_every, t.eval_every, t.ckpt_every = 4, 4, 1, 2, 2
+    d.train_pairs, d.dev_questions, d.max_new = 64, 2, 8
+  return lock(c)
+
+
+def validate(c: Config) -> Config:
+  m, ls, o, d, t = c.model, c.loss, c.optim, c.data, c.train
+
+  def need(ok, msg):
+    if not ok:
+      raise ConfigError(msg)
+
+  for key in ("K", "b", "depth", "heads", "ffn_mult"):
+    need(m[key] > 0, f"model.{key}={m[key]} must be positive")
+  need(m.b % m.heads == 0, f"model.b={m.b} is not divisible by model.heads={m.heads}")
+  need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+  need(m.source_state in ("final_norm", "pre_norm"), f"model.source_state={m.source_state!r} is not one of "
+       "['final_norm', 'pre_norm']")
+  need(len(m.rms_clamp) == 2 and 0 < m.rms_clamp[0] <= m.rms_clamp[1],
+       f"model.rms_clamp={tuple(m.rms_clamp)} must be (lo, hi) with 0 < lo <= hi")
+  need(ls.kl_direction in lw_losses.KL_DIRECTIONS, f"loss.kl_direction={ls.kl_direction!r} is not one of "
+       f"{list(lw_losses.KL_DIRECTIONS)}")
+  need(ls.kl_weight >= 0 and ls.nce_weight >= 0 and ls.tau > 0, "loss.kl_weight, loss.nce_weight must be >= 0 and "
+       f"loss.tau > 0 (got {ls.kl_weight}, {ls.nce_weight}, {ls.tau})")
+  need(o.lr > 0 and o.gate_lr_mult > 0, f"optim.lr={o.lr} and optim.gate_lr_mult={o.gate_lr_mult} must be positive")
+  for key in ("train_pairs", "src_len", "tgt_len", "prompt_len", "max_new"):
+    need(d[key] > 0, f"data.{key}={d[key]} must be positive")
+  need(d.dev_questions >= 0, f"data.dev_questions={d.dev_questions} must be >= 0")
+  for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+    need(t[key] > 0, f"train.{key}={t[key]} must be positive")
+  need(t.batch_size >= 2 or ls.nce_weight == 0, "InfoNCE needs train.batch_size >= 2 (in-batch negatives)")
+  return c
+
+
+# ---------------------------------------------------------------------------------------------- the bridge
+
+class Bridge:
+  """Source, target, translator and the jitted steps for one bridge config."""
+
+  def __init__(self, c: Config, src: sides.LM, tgt: sides.LM):
+    self.c, self.src, self.tgt = c, src, tgt
+    m = c.model
+    build = lambda key: bridge_lib.Translator(src.width, tgt.width, m.b, m.K, m.depth, m.heads, m.ffn_mult,
+                                              m.dropout, rngs=nnx.Rngs(key))
+    self.build = build
+    self.graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(0)))
+    self.abstract_params = nnx.to_pure_dict(abstract)
+    self.target_rms = bridge_lib.target_rms(tgt.model.params["embed"], tgt.vocab)
+    self.frozen = {"src": src.model.params, "tgt": tgt.model.params}
+    self.tx = make_optimizer(c, self.abstract_params)
+    self._soft = jax.jit(self.soft_tokens)
+    self.train_step = jax.jit(self._train_step, donate_argnums=0)
+
+  def init_state(self, seed: int) -> dict:
+    params = nnx.to_pure_dict(nnx.state(self.build(seed)))
+    return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def soft_tokens(self, params, frozen, src_ids, src_mask, rng=None):
+    """Soft tokens [B, K, target width] after RMS matching; the source runs without gradient."""
+    src = nnx.merge(self.src.model.graphdef, frozen["src"])
+    h = jax.lax.stop_gradient(bridge_lib.source_states(src, src_ids, self.c.model.source_state))
+    soft = nnx.merge(self.graphdef, params)(h, src_mask, rng)
+    return bridge_lib.rms_match(soft, self.target_rms, tuple(self.c.model.rms_clamp))
+
+  def loss(self, params, frozen, batch, rng, step):
+    c, V = self.c, self.tgt.vocab
+    soft = self.soft_tokens(params, frozen, batch["src_ids"], batch["src_mask"], rng)
+    tgt = nnx.merge(self.tgt.model.graphdef, frozen["tgt"])
+    K, T = soft.shape[1], batch["tgt_ids"].shape[1]
+    student = tgt.forward(batch["tgt_ids"], embeds_BPd=soft).logits[:, K - 1:K - 1 + T]
+    teacher_all = jax.lax.stop_gradient(tgt.forward(batch["teacher_ids"]).logits)
+    idx_BT = batch["teacher_off"][:, None] + jnp.arange(T)[None, :] - 1
+    teacher = jnp.take_along_axis(teacher_all, idx_BT[:, :, None], axis=1)
+    mask = batch["label_mask"]
+    nll = lw_losses.answer_nll(student, batch["tgt_ids"], mask, V)
+    kl = lw_losses.answer_kl(student, teacher, mask, V, c.loss.kl_direction)
+    prompt_emb = jnp.take(frozen["tgt"]["embed"], batch["teacher_ids"], axis=0)
+    nce = lw_losses.info_nce(soft, jnp.ones(soft.shape[:2], bool), prompt_emb, batch["prompt_mask"], c.loss.tau)
+    warm = c.optim.warmup_steps
+    w_kl = jnp.where(step > warm, c.loss.kl_weight, 0.0)
+    w_nce = jnp.where(step > warm // 2, c.loss.nce_weight, 0.0)
+    parts = {"nll": nll, "kl": kl, "nce": nce, "teacher_nll": lw_losses.answer_nll(teacher, batch["tgt_ids"], mask, V)}
+    return nll + w_kl * kl + w_nce * nce, parts
+
+  def _train_step(self, state, frozen, batch, key):
+    rng = jax.random.fold_in(key, state["step"]) if self.c.model.dropout > 0 else None
+    (loss, parts), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], frozen, batch, rng,
+                                                                       state["step"])
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    gates = [jnp.tanh(b[g]).reshape(()) for b in state["params"]["blocks"].values() for g in ("cross_gate", "ffn_gate")]
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+               "gate_abs": jnp.mean(jnp.abs(jnp.stack(gates)))}
+    new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}
+    return new, metrics
+
+
+def _group(path, _):
+  name = str(getattr(path[-1], "key", path[-1]))
+  if name in ("cross_gate", "ffn_gate"):
+    return "gate"
+  return "decay" if name in ("kernel", "query_tokens") else "no_decay"
+
+
+def make_optimizer(c: Config, params):
+  """clip -> AdamW per group (gates at gate_lr_mult x lr, no decay on biases, norms and gates)."""
+  o, steps = c.optim, c.train.steps
+  sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+                                optax.linear_schedule(o.lr, 0.0, max(steps - o.warmup_steps, 1))], [o.warmup_steps])
+  adamw = lambda lr, wd: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
+  labels = jax.tree_util.tree_map_with_path(_group, params)
+  groups = {"decay": adamw(sched, o.weight_decay), "no_decay": adamw(sched, 0.0),
+            "gate": adamw(lambda s: o.gate_lr_mult * sched(s), 0.0)}
+  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+  return optax.chain(*parts, optax.multi_transform(groups, labels))
+
+
+def batch_at(br: Bridge, pool, step: int) -> dict:
+  """The training batch of `step`: drawn from (train.seed, step), so a resumed run sees the same batches."""
+  c = br.c
+  rng = np.random.default_rng([c.train.seed, step])
+  pairs = [pool[i] for i in rng.integers(len(pool), size=c.train.batch_size)]
+  d = c.data
+  return sides.bridge_batch(br.src, br.tgt, pairs, d.src_len, d.tgt_len, d.prompt_len)
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None = None):
+  """(Bridge, params, config) of a trained bridge workdir. Its source and target are those its config.json names;
+  already loaded ones may be passed in, and must be those."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise sides.SideError(f"bridge {workdir}: no config.json (not a dba-latentwire-train workdir)")
+  c = bridge_config("bridge_k8")
+  with open(path) as f:
+    saved = json.load(f)
+
+  def merge(dst, values: dict, where: str):
+    for key, value in values.items():
+      if key not in dst:
+        raise sides.SideError(f"{path}: unknown bridge config key {where}{key}")
+      if isinstance(value, dict):
+        merge(dst[key], value, f"{where}{key}.")
+      else:
+        dst[key] = tuple(value) if isinstance(value, list) else value
+
+  merge(c, saved, "")
+  for role, lm in (("source", src), ("target", tgt)):
+    if lm is not None and os.path.abspath(lm.path) != os.path.abspath(c[role]):
+      raise sides.SideError(f"bridge {workdir} was trained with {role} {c[role]}, not {lm.path}")
+  br = Bridge(validate(c), src or sides.load_lm(c.source, "source"), tgt or sides.load_lm(c.target, "target"))
+  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    _, params, _, _ = ckpts.restore_first_good(_placed(br.abstract_params))
+  except ckpt.CheckpointDamaged as e:
+    raise sides.SideError(f"bridge {workdir}: {e}") from None
+  finally:
+    ckpts.close()
+  return br, params, c
+
+
+def _placed(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
+def train(c: Config, workdir: str, quiet: bool = False) -> dict:
+  from dba_jax import train as dba_train
+  from dba_jax.latentwire import harness
+  validate(c)
+  workdir = os.path.abspath(workdir)
+  resuming = dba_train.check_workdir(c, workdir)
+  if resuming:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    moved = [k for k in ("source", "target") if os.path.abspath(saved[k]) != os.path.abspath(c[k])]
+    if moved:
+      raise ConfigError(f"{workdir} holds a bridge for " + ", ".join(f"{k} {saved[k]}" for k in moved)
+                        + "; use another --workdir")
+  br = Bridge(c, sides.load_lm(c.source, "source"), sides.load_lm(c.target, "target"))
+  pool = synthetic.qa_pairs(c.data.train_pairs, c.data.train_seed, "train")
+  dev = synthetic.qa_pairs(c.data.dev_questions, c.data.dev_seed, "test")
+  batch_at(br, pool, 0)  # every length checked before anything is written
+  say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+  dba_train.write_config(c, workdir)
+  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_ckpts, async_save=False)
+  state = br.init_state(c.train.seed)
+  restored = ckpts.restore_latest_good(_placed(state["params"]), _placed(state["opt"])) if resuming else None
+  start = 0
+  if restored is not None:
+    start, params, opt, _ = restored
+    state = {"params": params, "opt": opt, "step": jnp.asarray(start, jnp.int32)}
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    dba_train.truncate_jsonl(os.path.join(workdir, name), start)
+  dba_train.record_start(c, workdir, start or None)
+  say(f"bridge K={c.model.K} b={c.model.b} depth={c.model.depth}: "
+      f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} params; source {c.source} "
+      f"(width {br.src.width}), target {c.target} (width {br.tgt.width}, embedding RMS {br.target_rms:.4f})"
+      + (f"; resumed at step {start}" if start else ""))
+  key = jax.random.key(c.train.seed)
+  log = lambda name, rec: open(os.path.join(workdir, name), "a").write(json.dumps(rec) + "\n")
+  d = c.data  # tokens run per step: the source prompt, the student [soft ; stub ; answer], the teacher
+  tokens_per_step = c.train.batch_size * (d.src_len + c.model.K + d.tgt_len + d.prompt_len + d.tgt_len)
+  progress = dba_train.Progress(c.train.steps, open(os.devnull, "w") if quiet else sys.stderr)
+  t_mark, step_mark, last = None, start, {}
+  try:
+    for step in range(start, c.train.steps):
+      state, metrics = br.train_step(state, br.frozen, batch_at(br, pool, step), key)
+      done = step + 1
+      if t_mark is None:
+        jax.block_until_ready(metrics)
+        t_mark, step_mark = time.perf_counter(), done
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        now = time.perf_counter()
+        tok_s = (done - step_mark) * tokens_per_step / (now - t_mark) if done > step_mark else float("nan")
+        last = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}, "tokens_per_s": tok_s}
+        log("metrics.jsonl", last)
+        eta = (c.train.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
+        progress.update(done, last["loss"], tok_s, eta, f" | nll {last['nll']:.3f} (text {last['teacher_nll']:.3f})"
+                        f" kl {last['kl']:.3f} nce {last['nce']:.3f} | gates {last['gate_abs']:.3f}")
+        t_mark, step_mark = now, done
+      if dev and (done % c.train.eval_every == 0 or done == c.train.steps):
+        em = harness.bridged_exact_match(br, state["params"], dev, c.data.max_new)
+        log("eval.jsonl", {"step": done, "dev_exact_match": em, "dev_questions": len(dev)})
+        say(f"\nstep {done}: dev exact match {em:.3f} over {len(dev)} held-out questions")
+      if done % c.train.ckpt_every == 0 or done == c.train.steps:
+        ckpts.save(done, state["params"], state["opt"], {"step": done})
+  finally:
+    progress.close()
+    ckpts.close()
+  return {"workdir": workdir, "steps": c.train.steps, **last}
+
+
+def main(argv: list[str]) -> int:
+  from absl import flags
+  from dba_jax.cli import flag_error, parse_flags
+
+  def extra(fv):
+    flags.DEFINE_string("source", None, "the source LM's dba-train workdir", flag_values=fv)
+    flags.DEFINE_string("target", None, "the target LM's dba-train workdir", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "the bridge's run directory (config, metrics, checkpoints)", flag_values=fv)
+
+  prog = "dba-latentwire-train"
+  try:
+    fv = parse_flags(argv, extra, doc=__doc__)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"{prog}: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
+    return 2
+  missing = [f"--{k}" for k in ("config", "source", "target", "workdir") if not getattr(fv, k)]
+  if missing:
+    print(f"{prog}: error: {', '.join(missing)} required (see --help)", file=sys.stderr)
+    return 2
+  c = fv.config
+  c.unlock()
+  c.source, c.target = fv.source, fv.target
+  c.lock()
+  try:
+    summary = train(c, fv.workdir)
+  except (ConfigError, sides.SideError, ckpt.CheckpointMismatch, OSError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary))
+  return 0
+
+
+def cli():
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()
