@@ -4,14 +4,17 @@
   dba-train --config=configs/hope.py:cpu --config.model.block=hope_transformer --workdir=runs/hope_tf
   dba-train --config=configs/hope.py:attention --workdir=runs/hope           # the original's pilot shapes
 
-Variants built so far: attention (hope_attention at the pilot's shapes), transformer (its baseline block), cpu.
+Variants built so far: attention (hope_attention at the pilot's shapes), selfmod (hope_selfmod: self-modifying Titans
+→ CMS), hybrid (hope_hybrid: attention → Titan level → CMS, the original's default), transformer (its baseline
+block), cpu (any block via --config.model.block); titans_mac / titans_mag / titans_mal (the Titans paper's memory
+as context / gate / layer at the cpu sizes, trained with the plain next-token loss; dba_jax/hope/titans_blocks.py).
 The memory learns during each sequence: `hope.online_chunk` tokens at a time, two passes per chunk (read, then the
 teach-signal update of the CMS fast weights), one fast state per batch row (dba_jax/hope/step.py).
 """
 from dba_jax.config import base_config, lock
 
-BUILT = ("attention", "transformer", "cpu")
-PLANNED = ("selfmod", "hybrid", "titans_mac", "titans_mag", "titans_mal")
+BUILT = ("attention", "selfmod", "hybrid", "transformer", "cpu", "titans_mac", "titans_mag", "titans_mal")
+PLANNED = ()
 
 
 def get_config(variant: str = "cpu"):
@@ -20,12 +23,13 @@ def get_config(variant: str = "cpu"):
     raise ValueError(f"unknown variant {variant!r} of hope{extra}; choose one of {', '.join(BUILT)}")
   c = base_config()
   m, h = c.model, c.model.hope
-  m.block = "hope_transformer" if variant == "transformer" else "hope_attention"
+  blocks = {"transformer": "hope_transformer", "selfmod": "hope_selfmod", "hybrid": "hope_hybrid"}
+  m.block = blocks.get(variant, "hope_attention")
   # model.bias only reaches the final LayerNorm here (HOPE blocks set their own biases): torch LN has one.
   m.positions, m.norm, m.tie_embeddings, m.bias = "none", "layernorm", True, True
   m.scale_residual_init = False
   o, t = c.optim, c.train
-  if variant == "cpu":  # others.md B.9: byte vocabulary, CMS 4/16/64, AdamW 3e-4 outer, 1-2k steps
+  if variant == "cpu" or variant.startswith("titans_"):  # others.md B.9: bytes, CMS 4/16/64, AdamW 3e-4, 1-2k steps
     m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 256, 128, 128, 2, 4, 128
     h.cms_periods, h.online_chunk = (4, 16, 64), 32
     c.data.seq_len = 128
@@ -39,4 +43,14 @@ def get_config(variant: str = "cpu"):
     t.steps, t.batch_size = 246_667, 6
   h.teach_scale, h.teach_clip, h.surprise_threshold = 0.1, 5.0, 0.0  # no surprise gate (it silenced the original)
   h.inner_opt, h.inner_lr = "nl_l2_precond", 3e-4
+  # selfmod: configs/hope/pilot_selfmod.yaml (chunks 8 / 64, η scale 1e-3; B.9: 8 / 32 on CPU), no W_skip (the paper
+  # preset); hybrid: the pilot's Titan level (period 8, DeepMomentum lr 6e-4), on the token clock.
+  h.selfmod_lr, h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_skip = 1e-3, 8, 32 if variant == "cpu" else 64, False
+  h.titan_period, h.titan_lr, h.titan_clock = 8, 6e-4, "tokens"
+  if variant.startswith("titans_"):  # the Titans paper's memory blocks (dba_jax/hope/titans_blocks.py), plain LM loss
+    # RoPE: attention is local (segment / window), so relative distances never outgrow training; GELU MLP 4d and no
+    # biases like the transformer baseline.
+    m.block, m.positions, m.mlp, m.d_ff, m.bias = variant, "rope", "gelu", 4 * m.d_model, False
+    h.titans_chunk, h.titans_window, h.titans_persistent, h.titans_memory_depth = 32, 32, 8, 2
+    o.lr = 1e-3
   return lock(c)

@@ -97,8 +97,39 @@ def base_config() -> Config:
   h.qk_l2_norm = False
   h.local_conv = 0  # causal depthwise conv window before W_qkv (0: none)
   h.memory = True  # False: no fast weight ever moves (every memory block's "without memory" baseline)
+  # True: the fast state carried between online chunks stays differentiable, so a later chunk's CE trains what
+  # shaped the write (the hybrid's SelfModifier, which the original never trained); costs the update passes' memory
+  h.grad_through_write = False
   # [selfmod / hybrid fields (dba_jax/hope/selfmod.py) go here]
+  # hope_selfmod: self-modifying Titans (others.md B.5), memories M(x) = x + W1·GELU(W2·x) for k, v, q, memory, η, α
+  h.selfmod_lr = 1e-3  # η_t = softplus(M_η(x))·selfmod_lr (the original's self_mod_lr); 0: the memories never move
+  h.selfmod_chunk = 8  # tokens between updates of M_k, M_v, M_η, M_α (and M_q when adaptive)
+  h.selfmod_chunk_memory = 64  # tokens between updates of M_memory
+  h.selfmod_objective = "l2"  # l2: ‖M(k) − M(v)‖² | dot: −⟨M(k), M(v)⟩
+  h.selfmod_stopgrad_vhat = True  # the self-generated target M(v) is a constant of the inner loss
+  h.selfmod_rank1 = True  # DGD: W2 ← W2(α I − η k kᵀ) − η G2; False: α W2 − η G2
+  h.selfmod_alpha = True  # α_t = σ(M_α(x)); False: α_t = 1 (no forgetting)
+  h.selfmod_skip = False  # M_η, M_α (d → 1) add W_skip·x (the package's default; the paper preset has none)
+  h.selfmod_momentum = 0.0  # heavy-ball buffer b ← β b + G on the inner gradients (0: none)
+  h.selfmod_adaptive_q = False  # q = M_q(x) (learned in context) instead of the fixed W_q·x
+  h.selfmod_conv = 4  # causal depthwise conv window before the memories (0: none)
+  h.selfmod_learn = "always"  # always: every forward learns within the sequence | update_pass: the original's
+  h.selfmod_write_grad = False  # True: outer gradients through the in-sequence write (M_k, M_v, M_η, M_α learn too)
+  # hope_hybrid: attention → Titan level M(a) = LN(c(W2·GELU(W1 a + b1) + b2)) → CMS(a + M(a)), SelfModifier target
+  h.titan_period = 8  # the Titan level's inner-update period
+  h.titan_clock = "tokens"  # tokens: every titan_period tokens of the update pass | calls: the original's block calls
+  h.titan_lr = 6e-4  # its DeepMomentum step (model.hope.inner_opt, inner_beta)
+  h.titan_hidden_mult = 4
+  h.self_mod_hidden = 4  # SelfModifier MLP 3d → h·d → h·d → d
   # [titans fields (dba_jax/hope/titans_blocks.py) go here]
+  # titans_mac | titans_mag | titans_mal: the Titans paper's neural memory (dba_jax/hope/titans_blocks.py)
+  h.titans_chunk = 32  # memory chunk: gradients at chunk-start weights, momentum and decay scanned inside it
+  h.titans_window = 32  # MAC: segment length (divisible by titans_chunk); MAG / MAL: sliding-window width
+  h.titans_persistent = 8  # learnable persistent tokens, always-visible leading attention keys (0: none)
+  h.titans_memory_depth = 2  # layers of the memory MLP M (hidden width d_model; 1: a linear map)
+  h.titans_lr = 0.05  # largest inner step: θ_t = titans_lr·σ(x·w_θ + b_θ) (0.2 diverged at init, d 128, chunk 32)
+  h.titans_conv = 4  # causal depthwise conv taps after the memory's q/k/v projections (0: none)
+  h.titans_store_first = True  # token t reads M_t (its own write included); False: the memory at its chunk start
   # muP (selective.md §7): base widths and the multipliers they imply; off by default
   m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
   m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
@@ -108,7 +139,7 @@ def base_config() -> Config:
 
   c.data = d = Config()
   d.source = "stdlib"  # stdlib | npy | bin | text | synthetic (made from data.seed by data.generator)
-  d.generator = ""  # synthetic: a registered generator (dba_jax.data.GENERATORS), e.g. "passkey"
+  d.generator = ""  # synthetic: passkey | arith_qa (dba_jax.data.GENERATORS) | module:function
   d.synthetic_chars = 2_000_000  # synthetic: train split size in characters
   d.mix_stdlib = 0.0  # synthetic: fraction of the train/val tokens taken from the stdlib corpus
   d.train_path = ""  # file or glob for npy / bin / text
@@ -283,7 +314,17 @@ BLOCK_NAMES = ("pre_norm", "hope_attention", "hope_selfmod", "hope_hybrid", "hop
 
 
 def _validate_titans(c: Config):
-  pass  # [titans checks go here]
+  m, h = c.model, c.model.hope
+  _need(m.attn_kind == "standard", f"model.block={m.block!r} has its own softmax attention: set "
+        f"model.attn_kind='standard' (got {m.attn_kind!r})")
+  for key in ("titans_chunk", "titans_window", "titans_memory_depth"):
+    _need(h[key] > 0, f"model.hope.{key}={h[key]} must be positive")
+  for key in ("titans_persistent", "titans_conv"):
+    _need(h[key] >= 0, f"model.hope.{key}={h[key]} must be >= 0")
+  _need(h.titans_lr > 0, f"model.hope.titans_lr={h.titans_lr} must be positive")
+  if m.block == "titans_mac":
+    _need(h.titans_window % h.titans_chunk == 0, f"model.hope.titans_window={h.titans_window} (the MAC segment) "
+          f"is not a multiple of model.hope.titans_chunk={h.titans_chunk}")
 
 
 def _validate_hope(c: Config):
@@ -306,3 +347,18 @@ def _validate_hope(c: Config):
         f"model.hope.online_chunk={h.online_chunk} must divide data.seq_len={c.data.seq_len}")
   _need(h.local_conv >= 0 and h.cms_hidden_mult > 0,
         "model.hope.local_conv must be >= 0 and model.hope.cms_hidden_mult > 0")
+  if m.block == "hope_selfmod":
+    for key in ("selfmod_chunk", "selfmod_chunk_memory"):
+      _need(h[key] > 0, f"model.hope.{key}={h[key]} must be a positive token count")
+    _need(h.selfmod_lr >= 0, f"model.hope.selfmod_lr={h.selfmod_lr} must be >= 0 (0: the memories never move)")
+    _need(0 <= h.selfmod_momentum < 1, f"model.hope.selfmod_momentum={h.selfmod_momentum} must be in [0, 1)")
+    _need(h.selfmod_conv >= 0, f"model.hope.selfmod_conv={h.selfmod_conv} must be >= 0 (0: no conv)")
+    _one_of("model.hope.selfmod_objective", h.selfmod_objective, ("l2", "dot"))
+    _one_of("model.hope.selfmod_learn", h.selfmod_learn, ("always", "update_pass"))
+  if m.block == "hope_hybrid":
+    _need(h.titan_period > 0, f"model.hope.titan_period={h.titan_period} must be positive")
+    _need(h.titan_lr >= 0, f"model.hope.titan_lr={h.titan_lr} must be >= 0")
+    _need(h.titan_hidden_mult > 0 and h.self_mod_hidden > 0,
+          f"model.hope.titan_hidden_mult={h.titan_hidden_mult} and model.hope.self_mod_hidden={h.self_mod_hidden} "
+          "must be positive")
+    _one_of("model.hope.titan_clock", h.titan_clock, ("tokens", "calls"))

@@ -215,33 +215,26 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
 # ---------------------------------------------------------------------------------------------- synthetic
 
 # data.source = "synthetic": text made in-process from data.seed, so nothing is downloaded. A generator is
-# fn(n_chars: int, seed: int) -> str (about n_chars characters, deterministic in seed); modules register theirs with
-# @synthetic("name") and config names it in data.generator. data.synthetic_chars sizes the train split (val: a
-# val_fraction share, from another seed); data.mix_stdlib > 0 appends that fraction of the stdlib corpus.
-GENERATORS: dict = {}
+# fn(n_chars: int, seed: int) -> str (about n_chars characters, deterministic in seed), named in data.generator: one of
+# GENERATORS or any "module:function". data.synthetic_chars sizes the train split (val: a val_fraction share, from
+# another seed); data.mix_stdlib > 0 appends stdlib text as that fraction of the tokens. The generators live with
+# their research code and are imported by name, so this module depends on none of them.
+GENERATORS = {"passkey": "dba_jax.hope.synthetic:passkey_text", "arith_qa": "dba_jax.latentwire.synthetic:arith_qa_text"}
 
 
-def synthetic(name: str):
-  def register(fn):
-    GENERATORS[name] = fn
-    return fn
-  return register
-
-
-def _generators():
-  import dba_jax.hope.synthetic  # noqa: F401  (registers its generators)
+def generator(name: str):
+  import importlib
+  path = GENERATORS.get(name, name)
+  module, _, fn = path.partition(":")
   try:
-    import dba_jax.latentwire.synthetic  # noqa: F401
-  except ImportError:
-    pass
-  return GENERATORS
+    return getattr(importlib.import_module(module), fn)
+  except (ImportError, AttributeError, ValueError):
+    raise DataError(f"data.generator={name!r} is not a synthetic generator; choose one of {sorted(GENERATORS)} or "
+                    "give module:function") from None
 
 
 def synthetic_corpus(d, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  gens = _generators()
-  if d.generator not in gens:
-    raise DataError(f"data.generator={d.generator!r} is not a synthetic generator; choose one of {sorted(gens)}")
-  fn = gens[d.generator]
+  fn = generator(d.generator)
   n_val = max(1, int(d.synthetic_chars * d.val_fraction))
   train, val = (tokenizer.encode(fn(n, seed)) for n, seed in ((d.synthetic_chars, d.seed), (n_val, d.seed + 10_000)))
   if d.mix_stdlib > 0:

@@ -10,6 +10,7 @@
                                                                         (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
+  dba-eval latentwire --manifest FILE.json [--out X.json]   (dba_jax/latentwire/harness.py)
 """
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ def _parser():
   o.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
   sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/compare_eval.py)", add_help=False)
+  sub.add_parser("latentwire", help="LatentWire bridge vs baselines (dba_jax/latentwire/harness.py)", add_help=False)
   return p
 
 
@@ -177,6 +179,9 @@ def main(argv=None) -> int:
   if argv and argv[0] == "compare":
     from dba_jax import compare_eval
     return compare_eval.main(argv[1:])
+  if argv and argv[0] == "latentwire":
+    from dba_jax.latentwire import harness
+    return harness.main(argv[1:])
   if argv and argv[0] == "addition":
     from dba_jax.addition import eval as addition_eval
     return addition_eval.main(argv[1:])

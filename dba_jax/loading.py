@@ -19,18 +19,19 @@ def read_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
   with open(path) as f:
     saved = json.load(f)
-  c = base_config()
+  return merge_saved(base_config(), saved, path)
 
-  def merge(dst, values: dict, where: str):
-    for key, value in values.items():
-      if key not in dst:
-        raise ValueError(f"{path}: unknown config key {where}{key}")
-      if isinstance(value, dict):
-        merge(dst[key], value, f"{where}{key}.")
-      else:
-        dst[key] = tuple(value) if isinstance(value, list) else value
 
-  merge(c, saved, "")
+def merge_saved(c: Config, saved: dict, path: str, error=ValueError, where: str = "") -> Config:
+  """`saved` (a config.json's dict) written over `c` in place (lists back to tuples); a key `c` lacks is an error
+  naming the file."""
+  for key, value in saved.items():
+    if key not in c:
+      raise error(f"{path}: unknown config key {where}{key}")
+    if isinstance(value, dict):
+      merge_saved(c[key], value, path, error, f"{where}{key}.")
+    else:
+      c[key] = tuple(value) if isinstance(value, list) else value
   return c
 
 

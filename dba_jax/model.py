@@ -19,6 +19,8 @@ from flax import nnx
 
 from dba_jax import ops
 from dba_jax.hope.blocks import HopeBlock
+from dba_jax.hope.selfmod import HybridBlock, SelfModBlock
+from dba_jax.hope import titans_blocks
 from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, normal_init
 from dba_jax.ops import selective
 from dba_jax.mesh import constrain
@@ -340,7 +342,10 @@ class Block(nnx.Module):
     return x + _dropout(tap("mlp", self.mlp(self.mlp_norm(x))), self.dropout, keys[1]), io
 
 
-BLOCKS = {"pre_norm": Block, "hope_attention": HopeBlock, "hope_transformer": HopeBlock}
+BLOCKS = {"pre_norm": Block, "hope_attention": HopeBlock, "hope_transformer": HopeBlock,
+          "hope_selfmod": SelfModBlock, "hope_hybrid": HybridBlock,
+          # the Titans blocks build on this module's layers, handed in (dba_jax.hope never imports the model)
+          **titans_blocks.registry(Norm, MLP, Linear, lambda x, rate, key: _dropout(x, rate, key))}
 
 
 # Logical axes that grow with model width (muP's "infinite" dimensions); head_dim stays fixed.
@@ -432,20 +437,22 @@ class Decoder(nnx.Module):
     return self.forward(tokens_BT, rng).logits
 
   def forward(self, tokens_BT, rng=None, *, positions_T=None, hooks: Hooks = NO_HOOKS, cache_state=None,
-              logits_at=None) -> "Output":
+              logits_at=None, embeds_BPd=None) -> "Output":
     """The forward pass, the one every caller runs (training, evaluation, decoding, pruning, probes).
 
     positions_T: absolute positions of the tokens (default 0..T-1; a decoding chunk starts later).
     hooks, cache_state: the extension points above; cache_state is every layer's state stacked [L, ...].
     logits_at: read out only this position (a traced index): logits [B, padded vocab].
+    embeds_BPd: input embeddings placed before the tokens' (LatentWire's soft tokens); positions_T, logits and
+    hidden then cover P + T positions.
     Returns Output(logits, aux, cache_state, probs [L, B, H, T, S] with hooks.return_probs); aux holds both
     memory-penalty forms, {"memory_paper": mean over layers, "memory_repo": sum over layers} (zeros unless
     model.memory_penalty is set)."""
     m = self.m
     dtype = DTYPES[m.compute_dtype]
-    T = tokens_BT.shape[1]
+    T = tokens_BT.shape[1] + (0 if embeds_BPd is None else embeds_BPd.shape[1])
     positions_T = jnp.arange(T) if positions_T is None else positions_T
-    x = self.embed_tokens(tokens_BT, positions_T)
+    x = self.embed_tokens(tokens_BT, positions_T, embeds_BPd)
     use_rng = rng is not None and m.dropout > 0
     if use_rng:
       rng, k = jax.random.split(rng)
@@ -484,10 +491,13 @@ class Decoder(nnx.Module):
     logits = self.readout(constrain(x, ACT_EMBED))
     return Output(constrain(tap("logits", logits), ("batch", "seq", "act_vocab")), aux, cache_state, probs, x)
 
-  def embed_tokens(self, tokens_BT, positions_T):
-    """Token (+ learned position) embeddings in the compute dtype; positions_T are absolute positions."""
+  def embed_tokens(self, tokens_BT, positions_T, embeds_BPd=None):
+    """Token (+ learned position) embeddings in the compute dtype, after `embeds_BPd` if given; positions_T are
+    absolute positions."""
     dtype = DTYPES[self.m.compute_dtype]
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    if embeds_BPd is not None:
+      x = jnp.concatenate([embeds_BPd.astype(dtype), x], axis=1)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions_T, axis=0)[None].astype(dtype)
     return x

@@ -242,10 +242,3 @@ def test_needle_prompts_have_their_length_the_key_and_a_distractor():
     assert true_text[:-4] == other_text[:-4] and other_text[-4:] != str(key)
     assert true_text.count(str(key)) == 2 and (true_text.index("KEY-") == 16) == at_start
     assert true_text.index("KEY-") < len(true_text) - 200  # the needle is far from the question
-
-
-def test_wilson_interval():
-  from dba_jax.hope import evals
-  lo, hi = evals.wilson(16, 32)
-  assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-12 and abs(hi - lo - 0.3272) < 1e-3
-  assert evals.wilson(0, 10)[0] == 0.0 and evals.wilson(10, 10)[1] == 1.0

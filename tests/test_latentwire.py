@@ -67,7 +67,7 @@ def test_synthetic_splits_are_disjoint_deterministic_and_strictly_scored():
   assert synthetic.extract(a) == synthetic.gold(a) and a.endswith("#### " + synthetic.gold(a))
   assert synthetic.extract("12 + 3 = 15") is None  # no "####": wrong, no last-number fallback
   assert synthetic.extract("#### 1,234\n#### 9") == "1234"
-  assert "arith_qa" in data._generators()
+  assert data.generator("arith_qa") is synthetic.arith_qa_text
 
 
 def test_bpe_qa_round_trip_and_lm_presets():

@@ -1,10 +1,15 @@
-"""The Titans memory's parallel chunked form (dba_jax/hope/titans.py) against the per-token recurrence, float64."""
+"""The Titans memory's parallel chunked form (dba_jax/hope/titans.py) against the per-token recurrence and a per-token
+loop with chunk-start gradients, float64: final memory, surprise, every token's read, masked tokens."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dba_jax.hope import titans
+
+# jitted once: eager per-token loops dominate these tests otherwise
+recurrence, token_grads, memory_apply, linear_scan = map(jax.jit, (titans.recurrence, titans.token_grads,
+                                                                   titans.memory_apply, titans.linear_scan))
 
 
 def _inputs(T=12, d=5, depth=2, seed=0):
@@ -29,28 +34,39 @@ def test_chunks_of_one_token_are_the_recurrence(depth):
   with jax.enable_x64(True):
     W, S, k, v, eta, theta, alpha = _inputs(depth=depth)
     got_W, got_S, _ = titans.chunked_update(W, S, k, v, eta, theta, alpha, chunk=1)
-    want_W, want_S = titans.recurrence(W, S, k, v, eta, theta, alpha)
+    want_W, want_S = recurrence(W, S, k, v, eta, theta, alpha)
     _close(got_W, want_W)
     _close(got_S, want_S)
 
 
-def test_chunk_gradients_at_chunk_start_then_scanned_momentum_and_decay():
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunk_gradients_at_chunk_start_then_scanned_momentum_and_decay(masked):
   """Chunks of 4: the same as a loop that takes each chunk's gradients at its start weights and then runs both
-  recurrences token by token; and different from the per-token recurrence (the approximation is real)."""
+  recurrences token by token (masked tokens skipped), with every token's read of its own M_t (store first) and of
+  its chunk-start memory (retrieve first); and different from the per-token recurrence (the approximation is real)."""
   with jax.enable_x64(True):
     W, S, k, v, eta, theta, alpha = _inputs()
-    got_W, got_S, starts = titans.chunked_update(W, S, k, v, eta, theta, alpha, chunk=4)
-    Wl, Sl = W, S
+    keep = jnp.asarray([t % 5 != 3 for t in range(12)]) if masked else None
+    q = jnp.roll(k, 1, axis=0)
+    got_W, got_S, starts = titans.chunked_update(W, S, k, v, eta, theta, alpha, chunk=4) if not masked else \
+        titans.scan_chunks(W, S, k, v, eta, theta, alpha, 4, keep)[:3]
+    reads = {sf: titans.scan_chunks(W, S, k, v, eta, theta, alpha, 4, keep, q, sf)[3] for sf in (True, False)}
+    Wl, Sl, want = W, S, {True: [], False: []}
     for c in range(3):
       sl = slice(4 * c, 4 * c + 4)
       _close(jax.tree.map(lambda x: x[c], starts), Wl)
-      g = titans.token_grads(Wl, k[sl], v[sl])
+      W_start, g = Wl, token_grads(Wl, k[sl], v[sl])
       for j, t in enumerate(range(4 * c, 4 * c + 4)):
-        Sl = jax.tree.map(lambda s, g_: eta[t] * s - theta[t] * g_[j], Sl, g)
-        Wl = jax.tree.map(lambda w, s: (1 - alpha[t]) * w + s, Wl, Sl)
+        if keep is None or keep[t]:
+          Sl = jax.tree.map(lambda s, g_: eta[t] * s - theta[t] * g_[j], Sl, g)
+          Wl = jax.tree.map(lambda w, s: (1 - alpha[t]) * w + s, Wl, Sl)
+        want[True].append(memory_apply(Wl, q[t]))
+        want[False].append(memory_apply(W_start, q[t]))
     _close(got_W, Wl)
     _close(got_S, Sl)
-    exact = titans.recurrence(W, S, k, v, eta, theta, alpha)[0]
+    for sf in (True, False):
+      _close(reads[sf], jnp.stack(want[sf]))
+    exact = recurrence(W, S, k, v, eta, theta, alpha)[0]
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got_W), jax.tree.leaves(exact))) > 1e-6
 
 
@@ -58,7 +74,7 @@ def test_linear_scan_equals_the_loop():
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
     a, b, x0 = rng.uniform(0.3, 1.1, 9), rng.normal(size=(9, 2, 3)), rng.normal(size=(2, 3))
-    got = titans.linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0))
+    got = linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0))
     x, want = x0, []
     for t in range(9):
       x = a[t] * x + b[t]

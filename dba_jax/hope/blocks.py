@@ -25,6 +25,20 @@ from dba_jax.layers import ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
 from dba_jax.mesh import constrain
 
 
+def conv_param(rngs: nnx.Rngs, w: int, d: int):
+  """A causal depthwise conv's kernel [w, d] (torch Conv1d(d, d, w, groups=d) init U(±1/sqrt(w))); None if w = 0."""
+  return nnx.Param(jax.random.uniform(rngs.params(), (w, d), jnp.float32, -w ** -0.5, w ** -0.5),
+                   axes=(None, "embed")) if w else None
+
+
+def causal_conv(x_BTd, kern_wd):
+  """Causal depthwise conv: output t sees inputs t - w + 1 .. t (torch's left-padded Conv1d, groups=d)."""
+  w, T = kern_wd.shape[0], x_BTd.shape[1]
+  padded = jnp.pad(x_BTd, ((0, 0), (w - 1, 0), (0, 0)))
+  kern = kern_wd.astype(x_BTd.dtype)
+  return sum(padded[:, i:i + T] * cms.lead(kern[i], x_BTd) for i in range(w))
+
+
 class PostNormAttention(nnx.Module):
   def __init__(self, m, rngs: nnx.Rngs):
     d, H = m.d_model, m.n_heads
@@ -33,19 +47,13 @@ class PostNormAttention(nnx.Module):
     self.out = nnx.Param(normal_init(rngs, (d, d), m.init_std), axes=("heads", "embed"))
     self.norm_scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("embed",))
     self.norm_bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",))
-    w = m.hope.local_conv
-    # torch Conv1d(d, d, w, groups=d) init: U(-1/sqrt(w), 1/sqrt(w)); stored [w, d].
-    self.conv = nnx.Param(jax.random.uniform(rngs.params(), (w, d), jnp.float32, -w ** -0.5, w ** -0.5),
-                          axes=(None, "embed")) if w else None
+    self.conv = conv_param(rngs, m.hope.local_conv, d)
 
   def __call__(self, x_BTd, hooks: Hooks = NO_HOOKS):
     B, T, d = x_BTd.shape
     h = x_BTd
-    if self.conv is not None:  # causal depthwise: output t sees inputs t - w + 1 .. t
-      w = self.conv.shape[0]
-      padded = jnp.pad(h, ((0, 0), (w - 1, 0), (0, 0)))
-      kern = self.conv[...].astype(h.dtype)
-      h = sum(padded[:, i:i + T] * cms.lead(kern[i], h) for i in range(w))
+    if self.conv is not None:
+      h = causal_conv(h, self.conv[...])
     qkv = jnp.einsum("btd,dkf->btkf", h, self.qkv[...].astype(h.dtype))
     q, k, v = (constrain(qkv[:, :, i].reshape(B, T, self.H, self.D), ACT_HEADS) for i in range(3))
     if self.m.hope.qk_l2_norm:  # torch F.normalize: x / max(‖x‖, eps)

@@ -18,24 +18,15 @@ memory carries information across chunks.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from dba_jax.behavior import wilson_interval
 
 FILLER = "This is filler sentence number {}. "
 TASKS = {  # needle, question (the answer's digits follow the question)
     "passkey": ("The pass key is KEY-{}. Remember it. ", "What is the pass key? The pass key is KEY-"),
     "niah": ("Remember that the secret key is KEY-{}. ", "What is the secret key? The secret key is KEY-"),
 }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-  """95% Wilson score interval of k successes in n trials."""
-  if n == 0:
-    return 0.0, 1.0
-  p = k / n
-  mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
 
 
 class Scorer:
@@ -131,7 +122,7 @@ def needle_task(model, config, task: str = "passkey", lengths=(256, 512), sample
     row = {"length": n_tokens, "tokens": real, "samples": samples}
     for name in runs:
       row[f"{name}_acc"] = right[name] / samples
-      row[f"{name}_ci95"] = wilson(right[name], samples)
+      row[f"{name}_ci95"] = wilson_interval(right[name], samples)
     row["delta"] = row["memory_acc"] - row["baseline_acc"]
     row["updates_fired_per_sample"] = float(np.mean(fired))
     rows.append(row)

@@ -9,7 +9,8 @@ online chunks. Per chunk:
           the final norm (every layer gets it); "per_layer" = ∂CE/∂(block ℓ output) by autograd; scaled by the
           schedule, clipped per token; a row whose surprise (mean ‖s‖) is below the threshold skips;
   update  the same forward with the teach signal: every CMS level steps when its period has passed → new fast
-          state for the next chunk (stop-gradient).
+          state for the next chunk (stop-gradient, unless hope.grad_through_write: then the next chunks' CE reaches
+          whatever shaped the write that is not cut inside a block, e.g. the hybrid's SelfModifier).
 Attention sees only its own chunk, so information crosses chunks only through the memory. No host syncs.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def chunks_of(c) -> int:
 class MemoryPass(NamedTuple):
   ce: jax.Array           # mean CE over the chunks (the outer loss)
   ce_chunks: jax.Array    # [n] mean CE per chunk
-  fired: jax.Array        # [n, L, levels]: CMS updates applied, summed over rows
+  fired: jax.Array        # [n, L, memories]: updates applied per CMS level (then the Titan level), summed over rows
   token_nll: jax.Array    # [B, T] NLL of every next token, read before that chunk's own update
 
 
@@ -54,7 +55,7 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
 
   def chunk(fast, xs):
     x_BC, y_BC = xs
-    state = jax.lax.stop_gradient(fast)
+    state = fast if h.grad_through_write else jax.lax.stop_gradient(fast)
     mask = jnp.ones(y_BC.shape, bool)
     if h.teach == "per_layer":
       def ce_of(probe):
@@ -77,13 +78,18 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
     gate = (surprise >= h.surprise_threshold) & (surprise > 0)
     upd = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "teach": s, "gate": gate}).cache_state
     upd = {k: upd[k] for k in fast}  # drop the pass's inputs (teach, gate)
-    fired = jnp.stack([lv["updates"].sum(1) for lv in upd["cms"]], axis=-1) - \
-        jnp.stack([lv["updates"].sum(1) for lv in fast["cms"]], axis=-1)
-    return jax.lax.stop_gradient(upd), (ce, fired, nll)
+    fired = _updates(upd) - _updates(fast)
+    return (upd if h.grad_through_write else jax.lax.stop_gradient(upd)), (ce, fired, nll)
 
   fast0 = blocks.init_fast_state(m, decoder, B)
   _, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
   return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C))
+
+
+def _updates(state) -> jax.Array:
+  """[L, memories] update counts summed over rows: each CMS level, then the hybrid's Titan level if present."""
+  counts = [lv["updates"] for lv in state["cms"]] + ([state["titan"]["updates"]] if "titan" in state else [])
+  return jnp.stack([c.sum(1) for c in counts], axis=-1)
 
 
 # Blocks whose memory learns from the teach signal: trained by this two-pass loop. (Titans blocks learn inside their

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from dba_jax.data import synthetic
-
 FILLER = "This is filler sentence number {}. "
 
 
@@ -22,7 +20,6 @@ def passkey_document(rng, n_filler: int, needle: str = "The pass key is KEY-{}. 
   return "".join(filler[:at]) + needle.format(key) + "".join(filler[at:]) + question.format(key)
 
 
-@synthetic("passkey")
 def passkey_text(n_chars: int, seed: int, max_filler: int = 12) -> str:
   rng = np.random.default_rng(seed)
   out, size = [], 0

@@ -4,10 +4,14 @@ The memory M is a small MLP from keys to values (`init_memory`: depth 1 is a mat
 ℓ(M; k_t, v_t) = ‖M(k_t) − v_t‖²:
   S_t = η_t S_{t−1} − θ_t ∇ℓ(M_{t−1}; k_t, v_t)          (surprise with momentum η, step θ)
   M_t = (1 − α_t) M_{t−1} + S_t                           (forgetting α)
-The chunked parallel form takes every gradient of a chunk at the chunk-start weights M_{t0} (one vmap over the
-chunk's tokens), then both linear recurrences by associative scans over the chunk: x_t = a_t x_{t−1} + b_t composes
-as (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2). With chunks of one token it is exactly the per-token recurrence.
-Reads inside a chunk use the memory as of the chunk start (as the original's self-modifying Titans do).
+The chunked parallel form takes every gradient of a chunk at the chunk-start weights M_{t0} (one backward pass over
+the chunk's tokens), then both linear recurrences, unrolled over the chunk by associative scans (x_t = a_t x_{t−1} +
+b_t composes as (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2)) into [C, C] coefficients, so that every update and
+per-token read is a matmul over the chunk's outer products a ⊗ δ: no per-token weight copy is materialised
+(`token_grads` does that, for tests). With chunks of one token it is exactly the per-token recurrence.
+Reads (`chunk_step`'s q) use the memory as of the chunk start (retrieve before store, as the original's
+self-modifying Titans do) or each token's own M_t (store then retrieve). `scan_chunks` runs any length (the tail
+padded with masked tokens that write nothing); dba_jax/hope/titans_blocks.py builds the MAC / MAG / MAL blocks on it.
 """
 from __future__ import annotations
 
@@ -25,12 +29,18 @@ def init_memory(key, d_in: int, d_out: int, depth: int = 2, hidden: int | None =
 
 
 def memory_apply(W: dict, k_d):
-  x = k_d
+  return _layers(W, k_d)[0]
+
+
+def _layers(W: dict, x, offsets=None):
+  """(M(x), each layer's input); offsets[i] is added to layer i's pre-activation (zeros: ∂ℓ/∂offset = δ_i)."""
+  inputs = []
   for i in range(len(W)):
-    x = x @ W[f"w{i}"]
+    inputs.append(x)
+    x = x @ W[f"w{i}"] + (0 if offsets is None else offsets[i])
     if i < len(W) - 1:
       x = jax.nn.gelu(x)
-  return x
+  return x, inputs
 
 
 def token_loss(W: dict, k_d, v_d):
@@ -57,26 +67,98 @@ def _bcast(a, like):
   return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
 
 
+def token_errors(W: dict, k_Cd, v_Cd):
+  """(each layer's input a_i [C, d_i], its error δ_i = ∂ℓ_t/∂(a_i W_i) [C, d_{i+1}]) for every token at the same
+  weights: token t's gradient for W_i is the outer product a_i[t] ⊗ δ_i[t] (never materialised per token)."""
+  def loss(offsets):
+    out, inputs = _layers(W, k_Cd, offsets)
+    return ((out - v_Cd) ** 2).sum(), inputs
+
+  zeros = [jnp.zeros((k_Cd.shape[0], W[f"w{i}"].shape[1]), k_Cd.dtype) for i in range(len(W))]
+  _, vjp, inputs = jax.vjp(loss, zeros, has_aux=True)
+  return inputs, vjp(jnp.ones((), k_Cd.dtype))[0]
+
+
+def unrolled(a_C):
+  """The recurrence x_t = a_t x_{t−1} + b_t unrolled over a chunk, by an associative scan: [C, C + 1] whose column
+  i < C is the weight Π_{l=i+1..t} a_l of b_i in x_t (0 for i > t) and whose last column is Π_{l<=t} a_l (x_0's)."""
+  C = a_C.shape[0]
+  b = jnp.concatenate([jnp.eye(C, dtype=a_C.dtype), jnp.zeros((C, 1), a_C.dtype)], axis=1)
+  return linear_scan(a_C, b, jnp.zeros((C + 1,), a_C.dtype).at[C].set(1))
+
+
+def chunk_step(W: dict, S: dict, k_Cd, v_Cd, eta_C, theta_C, alpha_C, keep_C=None, q_Cd=None,
+               store_first: bool = False):
+  """One chunk of the parallel form from (W, S): (W and S after its last token, reads of q_Cd [C, d_out] or None).
+
+  Every token's gradient ∇_i is taken at the chunk-start M (`token_errors`) and both recurrences are linear in
+  them: with H = unrolled(η) and D = unrolled(1 − α) (by associative scans),
+    S_t = H[t, C] S_0 − Σ_i H[t, i] θ_i ∇_i,    M_t = D[t, C] M_0 + Σ_j D[t, j] S_j
+        = D[t, C] M_0 + (DH)[t, C] S_0 − Σ_i (DH)[t, i] θ_i ∇_i,
+  and a sum over tokens of outer products a_i ⊗ δ_i is one matmul. keep_C [C] bool masks tokens out: a masked token
+  has θ = 0, η = 1, α = 0 and adds nothing to M, so it leaves M and S as they were (padding, the memory switched
+  off). Reads take the memory as of the chunk start (retrieve before store) or, with store_first, token t's own
+  M_t (its write included), per layer z M_t = D[t, C] z M + (DH)[t, C] z S − Σ_{i<=t} (DH)[t, i] θ_i (z·a_i) δ_i."""
+  C = k_Cd.shape[0]
+  if keep_C is not None:
+    eta_C, theta_C, alpha_C = (jnp.where(keep_C, a, fill) for a, fill in ((eta_C, 1), (theta_C, 0), (alpha_C, 0)))
+  inputs, errors = token_errors(W, k_Cd, v_Cd)
+  H, D = unrolled(eta_C), unrolled(1.0 - alpha_C)
+  if keep_C is not None:
+    D = D * jnp.concatenate([keep_C, jnp.ones((1,), bool)]).astype(D.dtype)[None]
+  DH = D[:, :C] @ H  # [C, C + 1]: M_t's weight of −θ_i ∇_i (columns < C) and of S_0 (last)
+  coef = DH[:, :C] * theta_C[None]
+  s0, gamma = DH[:, C], D[:, C]
+  grads = lambda c: {f"w{i}": jnp.einsum("ca,cb->ab", inputs[i] * c[:, None], errors[i]) for i in range(len(W))}
+  dW, dS = grads(coef[-1]), grads(H[-1, :C] * theta_C)
+  W_next = {n: gamma[-1] * W[n] + s0[-1] * S[n] - dW[n] for n in W}
+  S_next = {n: H[-1, C] * S[n] - dS[n] for n in S}
+  reads = None
+  if q_Cd is not None and not store_first:
+    reads = memory_apply(W, q_Cd)
+  elif q_Cd is not None:
+    x = q_Cd
+    for i in range(len(W)):
+      n = f"w{i}"
+      x = gamma[:, None] * (x @ W[n]) + s0[:, None] * (x @ S[n]) - ((x @ inputs[i].T) * coef) @ errors[i]
+      x = jax.nn.gelu(x) if i < len(W) - 1 else x
+    reads = x
+  return W_next, S_next, reads
+
+
+def scan_chunks(W0: dict, S0: dict, k_Td, v_Td, eta_T, theta_T, alpha_T, chunk: int, keep_T=None, q_Td=None,
+                store_first: bool = False):
+  """The parallel form over T tokens, one `chunk_step` per chunk in a lax.scan (T is padded up to a multiple of
+  `chunk` with masked tokens): (W, S after the last token, the chunk-start memories [n_chunks, ...], reads of
+  q_Td [T, d_out] or None)."""
+  T = k_Td.shape[0]
+  pad = -T % chunk
+  n = (T + pad) // chunk
+  if pad:
+    keep_T = jnp.ones((T,), bool) if keep_T is None else keep_T
+
+  def split(x):
+    if x is None:
+      return None
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n, chunk) + x.shape[1:])
+
+  def one_chunk(carry, xs):
+    W, S = carry
+    W_next, S_next, reads = chunk_step(W, S, *xs, store_first=store_first)
+    return (W_next, S_next), (W, reads)
+
+  xs = tuple(map(split, (k_Td, v_Td, eta_T, theta_T, alpha_T, keep_T, q_Td)))
+  (W, S), (starts, reads) = jax.lax.scan(one_chunk, (W0, S0), xs)
+  return W, S, starts, None if reads is None else reads.reshape((n * chunk,) + reads.shape[2:])[:T]
+
+
 def chunked_update(W0: dict, S0: dict, k_Td, v_Td, eta_T, theta_T, alpha_T, chunk: int):
   """(memory after the last token, surprise after it, the chunk-start memories [n_chunks, ...]) of the parallel
   form over T tokens (T a multiple of `chunk`)."""
   T = k_Td.shape[0]
   if T % chunk:
     raise ValueError(f"{T} tokens do not split into chunks of {chunk}")
-  n = T // chunk
-  split = lambda x: x.reshape((n, chunk) + x.shape[1:])
-
-  def one_chunk(carry, xs):
-    W, S = carry
-    k, v, eta, theta, alpha = xs
-    g = token_grads(W, k, v)
-    S_all = jax.tree.map(lambda s0, g_: linear_scan(eta, -_bcast(theta, g_) * g_, s0), S, g)
-    W_all = jax.tree.map(lambda w0, s: linear_scan(1.0 - alpha, s, w0), W, S_all)
-    last = lambda tree: jax.tree.map(lambda x: x[-1], tree)
-    return (last(W_all), last(S_all)), W
-
-  (W, S), starts = jax.lax.scan(one_chunk, (W0, S0), tuple(map(split, (k_Td, v_Td, eta_T, theta_T, alpha_T))))
-  return W, S, starts
+  return scan_chunks(W0, S0, k_Td, v_Td, eta_T, theta_T, alpha_T, chunk)[:3]
 
 
 def recurrence(W0: dict, S0: dict, k_Td, v_Td, eta_T, theta_T, alpha_T):

@@ -55,7 +55,7 @@ class Attention(nnx.Module):
     self.heads = heads
     std = (2 * b) ** -0.5  # torch's xavier-uniform in_proj variance
     self.q, self.k, self.v = _linear(b, b, rngs, std), _linear(d_kv, b, rngs, std), _linear(d_kv, b, rngs, std)
-    self.out = _linear(b, b, rngs)
+    self.o_proj = _linear(b, b, rngs)
 
   def __call__(self, x_BKb, kv_BSd, mask_BS=None):
     B, K, b = x_BKb.shape
@@ -63,7 +63,7 @@ class Attention(nnx.Module):
     q = self.q(x_BKb).reshape(B, K, H, b // H)
     k, v = self.k(kv_BSd).reshape(B, S, H, b // H), self.v(kv_BSd).reshape(B, S, H, b // H)
     mask = None if mask_BS is None else jnp.broadcast_to(mask_BS[:, None, :], (B, K, S))
-    return self.out(ops.attention(q, k, v, causal=False, mask=mask, impl="xla").reshape(B, K, b))
+    return self.o_proj(ops.attention(q, k, v, causal=False, mask=mask, impl="xla").reshape(B, K, b))
 
 
 class CrossBlock(nnx.Module):

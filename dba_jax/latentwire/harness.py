@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,22 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dba_jax import generate
+from dba_jax.behavior import wilson_interval as wilson
 from dba_jax.latentwire import sides, synthetic
+from dba_jax.latentwire.sides import correct, soft_tokens, target_speaker
 
 PROG = "dba-eval latentwire"
-MAX_LEN = 256
 DEFAULTS = {"bridges": [], "questions": 500, "seed": 12345, "max_new": 24, "source_max_new": 40, "cache": "float32",
             "wire_formats": ["fp32", "fp16", "q8", "q4"]}
 WIRE = {"fp32": "float32", "fp16": "float16", "q8": "q8_0", "q4": "q4_0"}
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """Wilson score interval of k successes in n trials."""
-  if n == 0:
-    return 0.0, 1.0
-  p = k / n
-  mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
 
 
 def on_wire(soft_Kd, fmt: str) -> tuple[int, np.ndarray]:
@@ -60,40 +51,8 @@ def on_wire(soft_Kd, fmt: str) -> tuple[int, np.ndarray]:
   return int(sum(a.nbytes for a in store.values())), np.asarray(generate.dequantize(store, kind, x.shape[-1]))
 
 
-def correct(text: str, answer: str) -> bool:
-  got = synthetic.extract(text)
-  return got is not None and got == synthetic.gold(answer)
-
-
 def utf8(text: str) -> int:
   return len(text.encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------- the bridge
-
-def _target_speaker(br):
-  if getattr(br, "_speaker", None) is None:
-    br._speaker = sides.Speaker(br.tgt, MAX_LEN)
-  return br._speaker
-
-
-def soft_tokens(br, params, questions) -> np.ndarray:
-  """Soft tokens [N, K, target width] from the source's reading of each question's text prompt (and nothing else)."""
-  src_rows = [br.src.encode(synthetic.PROMPT.format(q=q)) for q in questions]
-  ids, n = sides.pad(src_rows, br.c.data.src_len, "data.src_len (source prompt)")
-  mask = np.arange(ids.shape[1])[None] < n[:, None]
-  out = [br._soft(params, br.frozen, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))
-         for i in range(0, len(ids), 64)]
-  return np.concatenate([np.asarray(o) for o in out])
-
-
-def bridged_exact_match(br, params, pairs, max_new: int) -> float:
-  """Exact match of [soft ; stub] decoding on (question, answer) pairs (the training loop's dev metric)."""
-  spk = _target_speaker(br)
-  stub = br.tgt.encode(synthetic.STUB)
-  soft = soft_tokens(br, params, [q for q, _ in pairs])
-  hits = [correct(spk.greedy(stub, max_new, soft[i][None])["text"], a) for i, (_, a) in enumerate(pairs)]
-  return float(np.mean(hits)) if hits else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -153,7 +112,7 @@ def evaluate(man: dict, progress: bool = True) -> dict:
   from dba_jax.latentwire.train import load_bridge
   src, tgt = sides.load_lm(man["source"], "source"), sides.load_lm(man["target"], "target")
   bridges = [load_bridge(d, src, tgt) for d in man["bridges"]]
-  s_spk, t_spk = sides.Speaker(src, MAX_LEN, man["cache"]), sides.Speaker(tgt, MAX_LEN, man["cache"])
+  s_spk, t_spk = sides.Speaker(src, sides.SPEAKER_LEN, man["cache"]), sides.Speaker(tgt, sides.SPEAKER_LEN, man["cache"])
   pairs = synthetic.qa_pairs(man["questions"], man["seed"], "test")
   questions = [q for q, _ in pairs]
   softs = [soft_tokens(br, params, questions) for br, params, _ in bridges]

@@ -149,3 +149,37 @@ class Speaker:
       _, state, nxt = self.gen.decode(state, np.array([tok], np.int32))
       tok = int(nxt[0])
     return {"ids": out, "text": self.lm.tok.decode(out), "cached": state[1]}
+
+
+def correct(text: str, answer: str) -> bool:
+  got = synthetic.extract(text)
+  return got is not None and got == synthetic.gold(answer)
+
+
+# ------------------------------------------------------------- the bridge's soft tokens, decoded by the target
+
+SPEAKER_LEN = 256  # KV-cache length of the decoders (soft tokens + prompt + answer)
+
+def target_speaker(br):
+  if getattr(br, "_speaker", None) is None:
+    br._speaker = Speaker(br.tgt, SPEAKER_LEN)
+  return br._speaker
+
+
+def soft_tokens(br, params, questions) -> np.ndarray:
+  """Soft tokens [N, K, target width] from the source's reading of each question's text prompt (and nothing else)."""
+  src_rows = [br.src.encode(synthetic.PROMPT.format(q=q)) for q in questions]
+  ids, n = pad(src_rows, br.c.data.src_len, "data.src_len (source prompt)")
+  mask = np.arange(ids.shape[1])[None] < n[:, None]
+  out = [br._soft(params, br.frozen, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))
+         for i in range(0, len(ids), 64)]
+  return np.concatenate([np.asarray(o) for o in out])
+
+
+def bridged_exact_match(br, params, pairs, max_new: int) -> float:
+  """Exact match of [soft ; stub] decoding on (question, answer) pairs (the training loop's dev metric)."""
+  spk = target_speaker(br)
+  stub = br.tgt.encode(synthetic.STUB)
+  soft = soft_tokens(br, params, [q for q, _ in pairs])
+  hits = [correct(spk.greedy(stub, max_new, soft[i][None])["text"], a) for i, (_, a) in enumerate(pairs)]
+  return float(np.mean(hits)) if hits else float("nan")

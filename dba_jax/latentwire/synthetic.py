@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 
-from dba_jax.data import synthetic
 
 NAMES = ("Tom", "Ann", "Ben", "Mia", "Sam", "Lea", "Max", "Zoe")
 ITEMS = ("apples", "books", "coins", "cards", "shells", "pens", "stamps", "marbles")
@@ -79,7 +78,6 @@ def document(question: str, answer: str) -> str:
   return PROMPT.format(q=question) + answer + "\n\n"
 
 
-@synthetic("arith_qa")
 def arith_qa_text(n_chars: int, seed: int) -> str:
   """Train-split documents, about n_chars characters (the held-out problems never appear)."""
   rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dba_jax import ckpt
+from dba_jax import ckpt, loading
 from dba_jax.config import Config, ConfigError, lock
 from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, synthetic
 
@@ -206,20 +206,8 @@ def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise sides.SideError(f"bridge {workdir}: no config.json (not a dba-latentwire-train workdir)")
-  c = bridge_config("bridge_k8")
   with open(path) as f:
-    saved = json.load(f)
-
-  def merge(dst, values: dict, where: str):
-    for key, value in values.items():
-      if key not in dst:
-        raise sides.SideError(f"{path}: unknown bridge config key {where}{key}")
-      if isinstance(value, dict):
-        merge(dst[key], value, f"{where}{key}.")
-      else:
-        dst[key] = tuple(value) if isinstance(value, list) else value
-
-  merge(c, saved, "")
+    c = loading.merge_saved(bridge_config("bridge_k8"), json.load(f), path, sides.SideError)
   for role, lm in (("source", src), ("target", tgt)):
     if lm is not None and os.path.abspath(lm.path) != os.path.abspath(c[role]):
       raise sides.SideError(f"bridge {workdir} was trained with {role} {c[role]}, not {lm.path}")
@@ -241,7 +229,6 @@ def _placed(tree):
 
 def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   from dba_jax import train as dba_train
-  from dba_jax.latentwire import harness
   validate(c)
   workdir = os.path.abspath(workdir)
   resuming = dba_train.check_workdir(c, workdir)
@@ -295,7 +282,7 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
                         f" kl {last['kl']:.3f} nce {last['nce']:.3f} | gates {last['gate_abs']:.3f}")
         t_mark, step_mark = now, done
       if dev and (done % c.train.eval_every == 0 or done == c.train.steps):
-        em = harness.bridged_exact_match(br, state["params"], dev, c.data.max_new)
+        em = sides.bridged_exact_match(br, state["params"], dev, c.data.max_new)
         log("eval.jsonl", {"step": done, "dev_exact_match": em, "dev_questions": len(dev)})
         say(f"\nstep {done}: dev exact match {em:.3f} over {len(dev)} held-out questions")
       if done % c.train.ckpt_every == 0 or done == c.train.steps:
