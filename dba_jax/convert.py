@@ -236,7 +236,10 @@ def _native_format(workdir: str) -> str:
   models (learned positions, LayerNorm, GELU), the caramba/DBA format otherwise."""
   from dba_jax import loading
   m = loading.read_config(loading._locate(workdir)[0]).model
-  if m.block != "pre_norm":
+  if m.block.startswith("titans_"):
+    raise ConversionError(f"{workdir}: model.block={m.block!r} (the Titans paper's memory) has no PyTorch original "
+                          "to export to")
+  if m.block.startswith("hope_"):
     name = "hope"
   else:
     name = "nanogpt" if (m.positions, m.norm, m.mlp) == ("learned", "layernorm", "gelu") else "caramba"
