@@ -441,9 +441,15 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   seen_nonfinite, last_check = int(jax.device_get(state["nonfinite"])), start
   done = start
   try:
+    in_flight = None
     for step in range(start, t.steps):
       local = next(it).reshape(t.grad_accum, -1, c.data.seq_len + 1)
+      if in_flight is not None:
+        # At most two steps queued: without this the host runs up to log_every steps ahead of the device, and a
+        # SIGTERM / Ctrl-C then waits for all of them before it can save (minutes on a CPU; a preempted VM has ~30 s).
+        jax.block_until_ready(in_flight)
       state, metrics = trainer.train_step(state, mesh_lib.global_batch(local, trainer.accum_sharding, 1))
+      in_flight = metrics["loss"]
       done = step + 1
       if t_mark is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
