@@ -35,6 +35,7 @@ from flax import nnx
 from dba_jax import ops
 from dba_jax.config import attn_dim, kv_heads
 from dba_jax.hope import titans
+from dba_jax.hope.blocks import causal_conv
 from dba_jax.layers import ACT_EMBED, ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
 from dba_jax.mesh import constrain
 
@@ -63,13 +64,6 @@ def _norm(m, parts: Parts):
 def _l2(x):
   """x / ‖x‖ over the last axis, 0 at 0 (with a finite gradient there: padding rows are zeros)."""
   return x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
-
-
-def causal_conv(x_BTF, kern_wF):
-  """Depthwise causal conv: output t sees inputs t − w + 1 .. t (zeros before the first)."""
-  w, T = kern_wF.shape[0], x_BTF.shape[1]
-  padded = jnp.pad(x_BTF, ((0, 0), (w - 1, 0), (0, 0)))
-  return sum(padded[:, i:i + T] * kern_wF[i].astype(x_BTF.dtype)[None, None] for i in range(w))
 
 
 def window_mask(T: int, window: int, n_persistent: int):
