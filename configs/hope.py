@@ -48,9 +48,11 @@ def get_config(variant: str = "cpu"):
   h.selfmod_lr, h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_skip = 1e-3, 8, 32 if variant == "cpu" else 64, False
   h.titan_period, h.titan_lr, h.titan_clock = 8, 6e-4, "tokens"
   if variant.startswith("titans_"):  # the Titans paper's memory blocks (dba_jax/hope/titans_blocks.py), plain LM loss
-    # RoPE: attention is local (segment / window), so relative distances never outgrow training; GELU MLP 4d and no
-    # biases like the transformer baseline.
+    # RoPE: attention is local (segment / window), so relative distances never outgrow training; MAC restarts the
+    # positions every segment (the position-free persistent keys would otherwise tie every score to the query's
+    # absolute position, unseen beyond the training length). GELU MLP 4d and no biases like the transformer baseline.
     m.block, m.positions, m.mlp, m.d_ff, m.bias = variant, "rope", "gelu", 4 * m.d_model, False
     h.titans_chunk, h.titans_window, h.titans_persistent, h.titans_memory_depth = 32, 32, 8, 2
+    h.titans_positions = "segment" if variant == "titans_mac" else "absolute"
     o.lr = 1e-3
   return lock(c)

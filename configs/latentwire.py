@@ -9,11 +9,14 @@
 Both LMs train on arithmetic word problems (data.generator="arith_qa", train split only) mixed with stdlib text.
 Bridge variants: bridge_k4, bridge_k8, bridge_k16 (b 64, depth 2, 4 heads: others.md C.7's CPU size) and cpu (tiny,
 for tests and smoke runs). Every field of a bridge config is described in dba_jax/latentwire/train.py.
+Interlingua (dba_jax/latentwire/interlingua.py, same trainer): interlingua (M 8, d_z 64, 2 encoder layers, both LMs
+receive) and interlingua_cpu (tiny).
 """
 from dba_jax.config import base_config, lock
 
 LMS = ("source_lm", "target_lm")
 BRIDGES = ("bridge_k4", "bridge_k8", "bridge_k16", "cpu")
+INTERLINGUAS = ("interlingua", "interlingua_cpu")
 
 
 def lm_config(variant: str):
@@ -41,4 +44,8 @@ def get_config(variant: str = "bridge_k8"):
   if variant in BRIDGES:
     from dba_jax.latentwire.train import bridge_config
     return bridge_config(variant)
-  raise ValueError(f"unknown variant {variant!r} of latentwire; choose one of {', '.join(LMS + BRIDGES)}")
+  if variant in INTERLINGUAS:
+    from dba_jax.latentwire import interlingua
+    return interlingua.interlingua_config() if variant == "interlingua" else interlingua.cpu_config()
+  raise ValueError(f"unknown variant {variant!r} of latentwire; choose one of "
+                   f"{', '.join(LMS + BRIDGES + INTERLINGUAS)}")

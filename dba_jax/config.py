@@ -74,6 +74,7 @@ def base_config() -> Config:
   m.init_std = 0.02
   m.scale_residual_init = True  # GPT-2: out/down projections get std / sqrt(2 * n_layers)
   m.scan_layers = True
+  m.scan_unroll = 1  # layers per iteration of the layer scan; 0: fully unrolled (same parameters, same math)
   # pre_norm (x + attn(norm x), x + mlp(norm x)) | hope_attention | hope_selfmod | hope_hybrid | hope_transformer
   # (model.hope; others.md B) | titans_mac | titans_mag | titans_mal (the Titans paper's memory; model.hope.titans_*)
   m.block = "pre_norm"
@@ -130,6 +131,10 @@ def base_config() -> Config:
   h.titans_lr = 0.05  # largest inner step: θ_t = titans_lr·σ(x·w_θ + b_θ) (0.2 diverged at init, d 128, chunk 32)
   h.titans_conv = 4  # causal depthwise conv taps after the memory's q/k/v projections (0: none)
   h.titans_store_first = True  # token t reads M_t (its own write included); False: the memory at its chunk start
+  # MAC rotary positions: "segment" restarts them every segment (attention is segment-local, so nothing is lost and
+  # no query ever sits at a position training did not reach); "absolute" counts from the sequence start, where the
+  # position-free persistent keys make every score depend on the query's absolute position (runs before 2026-12-06)
+  h.titans_positions = "absolute"
   # muP (selective.md §7): base widths and the multipliers they imply; off by default
   m.mup = False  # attn scale 1/d_head, readout x 1/width_mult, matrix init / sqrt(width_mult), MuAdamW lr and wd
   m.mup_base_d_model = 768  # width_mult = d_model / mup_base_d_model
@@ -165,6 +170,9 @@ def base_config() -> Config:
   t.steps = 1000
   t.batch_size = 16  # sequences per optimizer step (global), split into grad_accum micro-batches
   t.grad_accum = 1
+  # > 0: vocab projection + cross-entropy fused over chunks of this many tokens (losses.fused_head_nll_mean:
+  # no [B, T, V] logits kept for backward); must divide batch_size / grad_accum x seq_len. 0: logits, then nll
+  t.ce_chunk = 0
   t.seed = 0
   t.log_every = 10
   t.eval_every = 200
@@ -216,6 +224,7 @@ def validate(c: Config) -> Config:
   _one_of("model.positions", m.positions, ("rope", "learned", "none"))
   _one_of("model.norm", m.norm, ("rmsnorm", "layernorm"))
   _one_of("model.mlp", m.mlp, ("swiglu", "gelu"))
+  _need(m.scan_unroll >= 0, f"model.scan_unroll={m.scan_unroll} must be >= 0 (0: fully unrolled)")
   _one_of("model.attn_impl", m.attn_impl, ("reference", "xla", "pallas", "auto"))
   _one_of("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16", "float64"))
   for key in ("vocab_size", "pad_vocab_to", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -296,6 +305,11 @@ def validate(c: Config) -> Config:
   for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     _need(t[key] > 0, f"train.{key}={t[key]} must be positive")
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+  micro_tokens = t.batch_size // max(t.grad_accum, 1) * c.data.seq_len
+  _need(t.ce_chunk >= 0 and (t.ce_chunk == 0 or micro_tokens % t.ce_chunk == 0),
+        f"train.ce_chunk={t.ce_chunk} must be 0 or divide the {micro_tokens} tokens of a micro-batch")
+  _need(not (t.ce_chunk and (m.mup or m.block != "pre_norm")),
+        f"train.ce_chunk={t.ce_chunk} needs model.mup=False and model.block='pre_norm' (the plain readout)")
   _one_of("train.on_no_good_checkpoint", t.on_no_good_checkpoint, ("stop", "restart"))
   _one_of("train.surgery", t.surgery, ("none", "add_head_start", "add_head_end"))
   _one_of("train.surgery_init", t.surgery_init, ("normal", "zero", "k_zero", "ko_zero", "o_zero", "o_rescaled"))
@@ -322,6 +336,10 @@ def _validate_titans(c: Config):
   for key in ("titans_persistent", "titans_conv"):
     _need(h[key] >= 0, f"model.hope.{key}={h[key]} must be >= 0")
   _need(h.titans_lr > 0, f"model.hope.titans_lr={h.titans_lr} must be positive")
+  _need(h.titans_positions in ("absolute", "segment"),
+        f"model.hope.titans_positions={h.titans_positions!r} must be absolute or segment")
+  _need(h.titans_positions == "absolute" or m.block == "titans_mac",
+        f"model.hope.titans_positions={h.titans_positions!r} is for titans_mac (MAG / MAL attend over a sliding window)")
   if m.block == "titans_mac":
     _need(h.titans_window % h.titans_chunk == 0, f"model.hope.titans_window={h.titans_window} (the MAC segment) "
           f"is not a multiple of model.hope.titans_chunk={h.titans_chunk}")

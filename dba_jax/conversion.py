@@ -2,6 +2,8 @@
 type, strict key accounting, and which config fields the user chose."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -58,3 +60,46 @@ def given(c, field: str) -> bool:
   from dba_jax.config import base_config
   section, key = field.split(".", 1)
   return field in GIVEN or c[section][key] != base_config()[section][key]
+
+
+CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model", "model_state")
+PREFIXES = ("_orig_mod.", "module.")
+
+
+def _is_tensor(x) -> bool:
+  return isinstance(x, np.ndarray)
+
+
+def unwrap(obj, source: str) -> tuple[dict, dict]:
+  """(state dict with prefixes stripped, the container's other entries, e.g. "config" and "step")."""
+  extras: dict = {}
+  while isinstance(obj, dict) and not all(_is_tensor(v) for v in obj.values()):
+    inner = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
+    if inner is None:
+      bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not _is_tensor(v)][:8]
+      raise ConversionError(f"{source}: not a state dict and no {'/'.join(CONTAINERS)} entry in it; "
+                            f"non-tensor entries: {', '.join(bad)}")
+    extras = {**{k: v for k, v in obj.items() if k != inner}, **extras}
+    obj = obj[inner]
+  if not isinstance(obj, dict) or not obj:
+    raise ConversionError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
+  tensors = {}
+  for key, x in obj.items():
+    name = str(key)
+    for prefix in PREFIXES:  # torch.compile / DataParallel wrappers, in either nesting
+      name = name.removeprefix(prefix)
+    name = name.removeprefix(PREFIXES[0])
+    if name in tensors:
+      raise ConversionError(f"{source}: {key} and another key both become {name} without their prefixes")
+    tensors[name] = x
+  return tensors, extras
+
+
+def refuse_existing_dir(out: str):
+  """An --out that is a file or a non-empty directory is refused: a conversion never overwrites or adds to it."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConversionError(f"--out {out} exists and is not a directory")
+  taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if taken:
+    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, "
+                          "choose a new or empty directory")

@@ -1,7 +1,7 @@
 """`dba-convert`: PyTorch checkpoints <-> dba_jax workdirs.
 
-  dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition] [--config configs/X.py[:variant]]
-              [--config.a.b=value ...]
+  dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire]
+              [--config configs/X.py[:variant]] [--config.a.b=value ...]
   dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]
 
 Import: INPUT (.pt zip or legacy, or .safetensors; read by dba_jax.torch_io, torch never needed to read) is
@@ -40,8 +40,6 @@ from dba_jax.cli import HELP, check_config_file
 from dba_jax.config import ConfigError, base_config, lock, validate
 from dba_jax.conversion import ConversionError
 
-CONTAINERS = ("system_state_dict", "model_state_dict", "state_dict", "model", "model_state")
-PREFIXES = ("_orig_mod.", "module.")
 SAVE_WRAPPER = {"caramba": "system_state_dict"}  # how the original code wraps its state dict; others save it raw
 LARGE = 256 * 2**20  # bytes from which progress lines are printed
 RECORD = "converted_from.json"  # in the workdir: source file and format (kept when dba-train continues the run)
@@ -52,35 +50,6 @@ def say(msg: str):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
-def _is_tensor(x) -> bool:
-  return isinstance(x, np.ndarray)
-
-
-def unwrap(obj, source: str) -> tuple[dict, dict]:
-  """(state dict with prefixes stripped, the container's other entries, e.g. "config" and "step")."""
-  extras: dict = {}
-  while isinstance(obj, dict) and not all(_is_tensor(v) for v in obj.values()):
-    inner = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
-    if inner is None:
-      bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not _is_tensor(v)][:8]
-      raise ConversionError(f"{source}: not a state dict and no {'/'.join(CONTAINERS)} entry in it; "
-                            f"non-tensor entries: {', '.join(bad)}")
-    extras = {**{k: v for k, v in obj.items() if k != inner}, **extras}
-    obj = obj[inner]
-  if not isinstance(obj, dict) or not obj:
-    raise ConversionError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
-  tensors = {}
-  for key, x in obj.items():
-    name = str(key)
-    for prefix in PREFIXES:  # torch.compile / DataParallel wrappers, in either nesting
-      name = name.removeprefix(prefix)
-    name = name.removeprefix(PREFIXES[0])
-    if name in tensors:
-      raise ConversionError(f"{source}: {key} and another key both become {name} without their prefixes")
-    tensors[name] = x
-  return tensors, extras
 
 
 def pick_format(name: str, tensors: dict, source: str):
@@ -140,15 +109,15 @@ def _nbytes(tensors: dict) -> int:
 
 def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   """Convert `src` into a new workdir `out`; returns a summary."""
-  _refuse_existing(out)
+  conversion.refuse_existing_dir(out)
   size = os.path.getsize(src) if os.path.isfile(src) else 0
   if size > LARGE:
     say(f"reading {src} ({size / 2**20:,.0f} MiB, memory-mapped)")
-  tensors, extras = unwrap(torch_io.load(src), src)
+  tensors, extras = conversion.unwrap(torch_io.load(src), src)
   name, fmt = pick_format(fmt_name, tensors, src)
   say(f"{src}: {len(tensors)} tensors, {_nbytes(tensors) / 2**20:,.1f} MiB, format {name}")
-  if hasattr(fmt, "import_file"):  # a model family of its own (the addition models), converted file to file
-    summary = fmt.import_file(src, out)
+  if hasattr(fmt, "import_file"):  # a model family of its own (addition models, bridges), converted file to file
+    summary = fmt.import_file(src, out, c) if getattr(fmt, "IMPORT_WITH_CONFIG", False) else fmt.import_file(src, out)
     say(f"wrote {out} ({name} model)")
     return summary
   torch_step = extras.get("step")
@@ -178,15 +147,6 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   return {"workdir": out, "format": name, "step": step, "config": c}
 
 
-def _refuse_existing(out: str):
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ConversionError(f"--out {out} exists and is not a directory")
-  taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
-  if taken:
-    raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, "
-                          "choose a new or empty directory")
-
-
 def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: bool = True):
   """Everything goes to a temporary sibling first and is moved into `out` at the end, so a failure leaves no
   half-written workdir behind. The numpy trees are written as they are (no copy in Orbax; see ckpt.py): the
@@ -205,7 +165,7 @@ def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: b
                               compress_opt=fresh_opt)
     ckpts.save(step, params, opt, meta)
     ckpts.close()
-    _refuse_existing(out)  # nothing appeared meanwhile
+    conversion.refuse_existing_dir(out)  # nothing appeared meanwhile
     if not os.path.exists(out):
       os.rename(tmp, out)
       return
@@ -235,6 +195,10 @@ def _native_format(workdir: str) -> str:
   """The PyTorch family a dba-train run's model belongs to: nested_learning for HOPE blocks, nanoGPT for GPT-2-shaped
   models (learned positions, LayerNorm, GELU), the caramba/DBA format otherwise."""
   from dba_jax import loading
+  from dba_jax.formats import latentwire
+  if latentwire.is_bridge_dir(loading._locate(workdir)[0]):  # a dba-latentwire-train bridge, not an LM
+    say(f"{workdir}: a LatentWire bridge; exporting its translator state dict")
+    return "latentwire"
   m = loading.read_config(loading._locate(workdir)[0]).model
   if m.block.startswith("titans_"):
     raise ConversionError(f"{workdir}: model.block={m.block!r} (the Titans paper's memory) has no PyTorch original "
@@ -262,7 +226,8 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
     raise ConversionError(f"--format={name}: that format is not implemented yet")
   if hasattr(fmt, "export_dir"):
     obj = fmt.export_dir(workdir, out)
-    torch_io.save(out, obj if out.endswith(".pt") else obj[fmt.CONTAINER])
+    bare = out.endswith(".pt") or fmt.CONTAINER is None  # a bare state dict is the same in either file
+    torch_io.save(out, obj if bare else obj[fmt.CONTAINER])
     say(f"wrote {out}: format {name}")
     return out
   layout = record.get("layout") if record.get("format") == name else None
@@ -367,8 +332,9 @@ def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   return fv, rest[1:]
 
 
-USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition] [--config FILE.py[:variant]] "
-         "[--config.a.b=value ...]\n       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
+USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire] "
+         "[--config FILE.py[:variant]] [--config.a.b=value ...]\n"
+         "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
 
 
 def main(argv: list[str]) -> int:

@@ -219,7 +219,9 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
 # GENERATORS or any "module:function". data.synthetic_chars sizes the train split (val: a val_fraction share, from
 # another seed); data.mix_stdlib > 0 appends stdlib text as that fraction of the tokens. The generators live with
 # their research code and are imported by name, so this module depends on none of them.
-GENERATORS = {"passkey": "dba_jax.hope.synthetic:passkey_text", "arith_qa": "dba_jax.latentwire.synthetic:arith_qa_text"}
+GENERATORS = {"passkey": "dba_jax.hope.synthetic:passkey_text",
+              "passkey_long": "dba_jax.hope.synthetic:passkey_long_text",
+              "arith_qa": "dba_jax.latentwire.synthetic:arith_qa_text"}
 
 
 def generator(name: str):

@@ -7,7 +7,7 @@
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X] [--per-layer]
                  [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
   dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
-                                                                        (dba_jax.hope.evals)
+  dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
   dba-eval latentwire --manifest FILE.json [--out X.json]   (dba_jax/latentwire/harness.py)
@@ -100,6 +100,25 @@ def hope_main(args) -> dict:
     lengths = [int(x) for x in args.lengths.split(",") if x]
   except ValueError:
     raise _Fail(f"--lengths={args.lengths!r} must be comma-separated token counts") from None
+  if args.task == "read":
+    from dba_jax.hope import memstate
+    if not args.text:
+      raise _Fail("hope read needs --text FILE (the text the memory reads)")
+    try:
+      with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise _Fail(f"--text {args.text}: cannot read it ({e})") from None
+    try:
+      r = evals.read(model, c, text, args.state, args.save_state, args.checkpoint)
+    except (memstate.MemStateError, ValueError) as e:
+      raise _Fail(str(e)) from None
+    print(f"read {r['tokens']} tokens ({r['tokens_before']} read before): CE with memory {r['memory_ce']:.4f}, "
+          f"without {r['baseline_ce']:.4f} (delta {r['delta']:+.4f}), {r['updates_fired']} memory updates"
+          + (f"; memory state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
+    return {"checkpoint": args.checkpoint, **r}
+  if args.state or args.save_state or args.text:
+    raise _Fail("--text, --state and --save-state belong to `dba-eval hope read`")
   if args.task == "continual":
     r = evals.continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
     for name in ("baseline", "memory"):
@@ -159,13 +178,16 @@ def _parser():
   r.add_argument("--out", default="", help="also write the JSON here")
   r.add_argument("--force", action="store_true", help="replace an existing --out file")
   o = sub.add_parser("hope", help="memory evals (HOPE, Titans): passkey, NIAH, continual, with and without memory")
-  o.add_argument("task", choices=("passkey", "niah", "continual"))
+  o.add_argument("task", choices=("passkey", "niah", "continual", "read"))
   o.add_argument("--checkpoint", required=True)
   o.add_argument("--lengths", default="", help="prompt lengths in tokens, comma-separated (default: the training "
                  "length); continual: the segment length")
   o.add_argument("--samples", type=int, default=32)
   o.add_argument("--seed", type=int, default=0)
   o.add_argument("--plot", default="", help="passkey/niah: also plot accuracy against length (PNG)")
+  o.add_argument("--text", default="", help="read: the text file the memory reads (and is scored on)")
+  o.add_argument("--state", default="", help="read: start from this saved memory state (a --save-state directory)")
+  o.add_argument("--save-state", default="", help="read: save the memory state after reading to this new directory")
   o.add_argument("--out", default="", help="also write the JSON here")
   o.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)

@@ -115,6 +115,12 @@ def _through_cache(hooks: Hooks, io: LayerIO, new: dict, positions_T):
   return streams, (k_pos_BS, ops.positions_mask(positions_T, k_pos_BS)), dataclasses.replace(io, state=state)
 
 
+def _unroll(m: Config):
+  """lax.scan's unroll for the layer scan: model.scan_unroll layers per loop iteration (0: all of them)."""
+  u = int(m.get("scan_unroll", 1))
+  return True if u == 0 or u >= m.n_layers else u
+
+
 def _aux(io: LayerIO):
   return NO_AUX if io.aux is None else io.aux
 
@@ -470,7 +476,10 @@ class Decoder(nnx.Module):
         h, io = nnx.merge(graphdef, params)(h, positions_T, key, LayerIO(res=r, state=state), hooks)
         return (h, io.res), (_aux(io), io.state, io.probs)
 
-      (x, _), (aux_L, cache_state, probs) = jax.lax.scan(body, (x, res), (stacked, layer_keys, cache_state))
+      # scan_unroll: the same stacked parameters, the loop unrolled in the program (XLA CPU runs a rolled
+      # loop's backward far slower: issue 16)
+      (x, _), (aux_L, cache_state, probs) = jax.lax.scan(body, (x, res), (stacked, layer_keys, cache_state),
+                                                         unroll=_unroll(m))
       aux = aux_L.sum(0)
     else:
       aux, states, probs = NO_AUX, [], []

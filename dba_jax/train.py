@@ -111,13 +111,22 @@ class Trainer:
     self.state_shardings = {"params": self.param_shardings, "opt": self.opt_shardings, "step": rep, "rng": rep,
                             "nonfinite": rep}
     vocab = m.vocab_size
+    ce_chunk = int(c.train.get("ce_chunk", 0))
 
     def decoder_loss(params, tokens_BT1, key, step=0):
       """(training loss, {"ce", "memory_paper", "memory_repo"}) of one (micro-)batch; the loss adds the configured
       memory penalty, and both forms are logged."""
       del step  # (the HOPE loss's teach schedule reads it)
-      logits, aux = nnx.merge(self.graphdef, params).forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)[:2]
-      ce = losses.nll(logits, tokens_BT1[:, 1:], vocab).mean()
+      model = nnx.merge(self.graphdef, params)
+      out = model.forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
+      aux = out.aux
+      if ce_chunk:  # the forward's logits go unused and XLA drops them
+        h_BTd = model.final_norm(out.hidden)
+        w_Vd = model.embed[...] if model.head is None else model.head.kernel[...].T
+        ce = losses.fused_head_nll_mean(h_BTd.reshape(-1, h_BTd.shape[-1]), w_Vd, tokens_BT1[:, 1:].reshape(-1), vocab,
+                                        ce_chunk)
+      else:
+        ce = losses.nll(out.logits, tokens_BT1[:, 1:], vocab).mean()
       loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
       return loss, {"ce": ce, **aux}
 

@@ -8,4 +8,4 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q torch==2.13.0 ||
     echo "warning: could not install torch==2.13.0; the PyTorch conversion tests will be skipped" >&2
 fi
-exec python -m pytest -n "${TEST_WORKERS:-2}" "$@"
+exec python -m pytest -n "${TEST_WORKERS:-2}" --durations=25 "$@"

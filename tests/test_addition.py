@@ -465,3 +465,90 @@ def test_init_from_checkpoint_trains(tmp_path):
   c.model.d_model = 8
   with pytest.raises(ConfigError, match="model.d_model"):
     train_lib.train(c, str(tmp_path / "bad"), quiet=True)
+
+
+@pytest.mark.parametrize("variant,sdpa", [("456p", False), ("1128p", True)])
+def test_torch_batched_step_equals_single_model_steps(variant, sdpa):
+  """torch_ref's N-model trainer (the original's HEAD layout: stacked params, one AdamW, per-model clip) takes
+  the same 3 steps as N separate single-model torch_ref loops, to 1e-5 in losses and params. 456p covers RMSNorm,
+  shareA_tieKV and low-rank linears; 1128p LayerNorm and full-rank linears. The clip is set low enough to act,
+  and (explicit softmax) model 1 gets 2x larger weights, so a clip shared across models would fail. With SDPA
+  the weights stay as drawn, and only 1128p is checked (the benchmarked model): its rounding differs from the
+  explicit softmax's, which 456p's low-rank attention amplifies to 3e-5 in the params after 3 steps."""
+  torch = pytest.importorskip("torch")
+  from dba_jax import bench
+  from dba_jax.addition import torch_ref
+  c = _configs().get_config(variant)
+  a, o = M.Arch.from_config(c.model), c.optim
+  o.warmup_steps = 2
+  # Adam's step g/(|g| + eps) turns 1e-7 rounding noise in near-zero gradient elements into ~lr-sized moves at
+  # eps 1e-8 (1e-4 apart after 3 steps here); at eps 1e-3 it is smooth, and a wrong clip or gradient still shows
+  o.eps = 1e-3
+  N, steps = 3, 3
+  params = bench.addition_params(a, [1, 2, 3])
+  scale = np.array([1.0, 1.0 if sdpa else 2.0, 1.0], np.float32)
+  params = jax.tree.map(lambda p: p * scale.reshape((N,) + (1,) * (p.ndim - 1))
+                        if p.ndim > 1 else p, params)
+  rng = np.random.default_rng(0)
+  xs = [[data.Sampler(32, int(rng.integers(1 << 30)), np.zeros(0, np.uint64)).batch(7000) for _ in range(N)]
+        for _ in range(steps)]
+  big = torch_ref.load_params_batched(torch_ref.BatchedTinyDecoderLM(a, N, sdpa), params)
+  bopt, bsched = torch_ref.make_optimizer(big, o, 10)
+  singles = [torch_ref.load_params(torch_ref.TinyDecoderLM(a), jax.tree.map(lambda p: np.asarray(p)[i], params))
+             for i in range(N)]
+  sopts = [torch_ref.make_optimizer(m, o, 10) for m in singles]
+  clip = 0.3
+  for s in range(steps):
+    x = torch.from_numpy(np.stack([b[0] for b in xs[s]])).long()
+    y = torch.from_numpy(np.stack([b[1] for b in xs[s]])).long()
+    loss_N = torch_ref.batched_train_step(big, bopt, bsched, x, y, clip)
+    want = [float(torch_ref.train_step(m, *so, x[i], y[i], clip)) for i, (m, so) in enumerate(zip(singles, sopts))]
+    np.testing.assert_allclose(loss_N.numpy(), want, atol=1e-5, rtol=0)
+  got = torch_ref.to_params_batched(big)
+  for i in range(N):
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5, rtol=0), got[i],
+                 torch_ref.to_params(singles[i]))
+  moved = max(float(np.abs(np.asarray(p) - np.asarray(q)[1]).max())
+              for p, q in zip(jax.tree.leaves(got[1]), jax.tree.leaves(params)))
+  assert moved > 1e-3  # the steps did move the parameters
+
+
+def test_scanned_steps_equal_single_steps(tmp_path):
+  """train.steps_per_call K > 1 runs K steps in one lax.scan call, stopping at log and eval steps. It only
+  changes dispatch: same data order, same metrics rows, and the same final params as K = 1 (1e-6)."""
+  runs = {}
+  for K in (1, 3):
+    c = _tiny(2, 5, "map")
+    c.train.steps_per_call = K
+    runs[K] = train_lib.train(c, str(tmp_path / f"k{K}"), quiet=True)
+  for i in range(2):
+    p1 = checkpoint.load(str(tmp_path / "k1" / f"model_{i}"), "last")[0].params
+    p3 = checkpoint.load(str(tmp_path / "k3" / f"model_{i}"), "last")[0].params
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)):
+      np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    rows = {K: [json.loads(ln) for ln in open(tmp_path / f"k{K}" / f"model_{i}" / "metrics.jsonl")] for K in (1, 3)}
+    assert [(r["step"], sorted(r)) for r in rows[1]] == [(r["step"], sorted(r)) for r in rows[3]]
+    for r1, r3 in zip(rows[1], rows[3]):
+      for k in ("loss", "grad_norm", "val/exact_match"):
+        if k in r1:
+          assert r1[k] == pytest.approx(r3[k], abs=1e-6)
+  assert train_lib._next_stop(1, _tiny(1, 0).train) == 4  # log after step 4 (5 steps), before eval at 10
+
+
+def test_loss_from_first_label_equals_full_loss():
+  """loss_fn(label_start=21) skips the positions whose labels are all IGNORE: the same loss and gradients as
+  the loss over all 33 positions (1e-6), for a low-rank shareA model, the full-rank 1128p, and 1128p with two
+  layers (only the last one is cut)."""
+  import dataclasses
+  import functools
+  for variant, layers in (("456p", 1), ("1128p", 1), ("1128p", 2)):
+    a = dataclasses.replace(M.Arch.from_config(_configs().get_config(variant).model), n_layer=layers)
+    params = M.init_params(a, jax.random.key(3))
+    x, y = data.Sampler(64, 1, np.zeros(0, np.uint64)).batch(7000)
+    assert (y[:, :data.PROMPT_LEN - 1] == data.IGNORE).all()
+    full = jax.jit(jax.value_and_grad(functools.partial(M.loss_fn, a)))(params, x, y)
+    cut = jax.jit(jax.value_and_grad(functools.partial(M.loss_fn, a, label_start=data.PROMPT_LEN - 1)))(params, x, y)
+    assert float(full[0]) == pytest.approx(float(cut[0]), abs=1e-6)
+    jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, atol=1e-6, rtol=0), full[1], cut[1])
+    logits = M.forward(a, params, x)
+    np.testing.assert_allclose(M.forward(a, params, x, 21), logits[:, 21:], atol=1e-6, rtol=0)

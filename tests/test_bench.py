@@ -132,11 +132,108 @@ def test_addition_bench_times_jax_and_torch(tmp_path):
   assert bench.main(["addition", "--config=configs/addition.py:456p", "--config.train.batch_size=16",
                      "--config.train.val_size=8", "--config.train.test_size=8", "--steps", "4", "--warmup", "1",
                      "--chunk", "2", "--num-models", "2", "--batching", "map", "--torch-threads", "1",
-                     "--out", str(out)]) == 0
+                     "--steps-per-call", "1", "2", "--full-positions", "--torch-batched", "--out", str(out)]) == 0
   r = json.loads(out.read_text())
-  assert r["params"] == 456 and r["torch_num_threads"] >= 1 and r["jax_devices"]
-  assert [(x["impl"], x["sampler"], x["num_models"], x["batching"], x["threads"]) for x in r["rows"]] == [
-      ("jax", "numpy", 2, "map", None), ("torch", "loop", 1, "-", 1), ("torch", "vectorised", 1, "-", 1)]
+  assert r["params"] == 456 and r["torch_num_threads"] >= 1 and r["jax_devices"] and r["interleaved"]
+  assert [(x["impl"], x["sampler"], x["num_models"], x["batching"], x["threads"], x["steps_per_call"],
+           x["loss_from"]) for x in r["rows"]] == [
+      ("jax", "numpy", 2, "map", None, 1, 21), ("jax", "numpy", 2, "map", None, 2, 21),
+      ("jax", "numpy", 2, "map", None, 1, 0), ("torch", "loop", 1, "-", 1, 1, 0),
+      ("torch", "vectorised", 1, "-", 1, 1, 0), ("torch", "vectorised", 2, "batched", 1, 1, 0)]
   for x in r["rows"]:
     assert x["steps_per_s"] > 0 and x["model_steps_per_s"] == x["num_models"] * x["steps_per_s"]
     assert x["sampler_ms"] > 0 and np.isfinite(x["final_loss"])
+
+
+# ---------------------------------------------------------------------------------- dba-bench gpt --torch
+
+TINY_GPT = (2, 32, 2, 16, 2, 64)  # L, d, H, T, B, V
+# Larger init and lr than GPT-2's: O(1) attention logits make F matter, and two steps move the loss visibly.
+TINY_GPT_OVERRIDES = ["--config.model.init_std=0.3", "--config.optim.lr=1e-2"]
+
+
+@pytest.mark.parametrize("attn", ["standard", "selective"])
+def test_torch_gpt_matches_dba_jax_through_two_adamw_steps(attn):
+  import torch
+
+  from dba_jax import mesh as mesh_lib, torch_gpt, train
+  c = bench.gpt_config(attn, TINY_GPT, TINY_GPT_OVERRIDES)
+  trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = trainer.init_state(3)
+  tm = torch_gpt.from_jax(state["params"], c)
+  n_jax = sum(int(np.size(x)) for x in jax.tree.leaves(state["params"]))
+  assert sum(p.numel() for p in tm.parameters()) == n_jax  # tied head counted once in both
+  topt = torch_gpt.make_optimizer(tm, c.optim)
+  tokens = np.random.default_rng(1).integers(0, 64, (2, 17)).astype(np.int32)
+  batch = mesh_lib.global_batch(tokens[None], trainer.accum_sharding, 1)
+  if attn == "selective":  # the test can see F: the same weights without it give another loss
+    plain = torch_gpt.GPT(bench.gpt_config("standard", TINY_GPT, TINY_GPT_OVERRIDES).model)
+    plain.load_state_dict(tm.state_dict())
+    with torch.no_grad():
+      no_f, with_f = float(plain.loss(torch.as_tensor(tokens).long())), float(tm.loss(torch.as_tensor(tokens).long()))
+    assert abs(no_f - with_f) > 1e-3 * with_f
+  jax_losses, torch_losses = [], []
+  for i in range(3):  # losses before step 1, after 1 and after 2 AdamW steps
+    state, metrics = trainer.train_step(state, batch)
+    jax_losses.append(float(metrics["loss"]))
+    torch_losses.append(torch_gpt.train_step(tm, topt, torch.as_tensor(tokens).long(), float(trainer.schedule(i)),
+                                             c.optim.clip_norm))
+  np.testing.assert_allclose(torch_losses[0], jax_losses[0], rtol=1e-5)
+  np.testing.assert_allclose(torch_losses[1:], jax_losses[1:], rtol=1e-4)
+  assert jax_losses[2] < jax_losses[0] - 0.05  # the steps did move the parameters
+
+
+def test_gpt_torch_bench_writes_both_rates(tmp_path):
+  out = tmp_path / "gpt.json"
+  assert bench.main(["gpt", "--torch", "--attn", "standard", "--shapes", ":".join(map(str, TINY_GPT)), "--steps", "1",
+                     "--rounds", "1", "--warmup", "1", "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  (row,) = r["rows"]
+  assert row["jax_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and r["torch_num_threads"] >= 1
+  assert row["ratio_jax_over_torch"] == pytest.approx(row["jax_tokens_per_s"] / row["torch_tokens_per_s"])
+  assert (row["layers"], row["d_model"], row["heads"], row["seq_len"], row["batch"], row["vocab"]) == TINY_GPT
+  assert row["first_loss"]["jax"] == pytest.approx(row["first_loss"]["torch"], rel=1e-5)
+
+
+def test_gpt_bench_refuses_bad_shapes_and_layouts(capsys):
+  with pytest.raises(SystemExit, match="neither a preset"):
+    bench.main(["gpt", "--torch", "--shapes", "4:128"])
+  with pytest.raises(SystemExit):
+    bench.main(["gpt", "--torch", "--shapes", "2:32:2:16:2:64", "--config.model.mlp=swiglu"])
+  assert "model.mlp='swiglu'" in capsys.readouterr().err
+
+
+def test_fused_head_cross_entropy_matches_logits_then_nll():
+  """losses.fused_head_nll_mean against losses.nll of the full logits: value and both gradients, with padded
+  vocab columns (60 real of 64) masked out of the normaliser."""
+  from dba_jax import losses
+  k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+  h_Nd, w_Vd = jax.random.normal(k1, (48, 16)), 0.5 * jax.random.normal(k2, (64, 16))
+  t_N = jax.random.randint(k3, (48,), 0, 60)
+  ref = lambda h, w: 2.5 * losses.nll(jax.numpy.einsum("nd,vd->nv", h, w), t_N, 60).mean()
+  fused = lambda h, w: 2.5 * losses.fused_head_nll_mean(h, w, t_N, 60, 16)
+  np.testing.assert_allclose(fused(h_Nd, w_Vd), ref(h_Nd, w_Vd), rtol=1e-6)
+  for a, b in zip(jax.grad(fused, (0, 1))(h_Nd, w_Vd), jax.grad(ref, (0, 1))(h_Nd, w_Vd)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="not a multiple"):
+    losses.fused_head_nll_mean(h_Nd, w_Vd, t_N, 60, 20)
+
+
+def test_fused_cross_entropy_and_unrolled_layers_match_the_default_step():
+  """train.ce_chunk (fused vocab projection + CE) and model.scan_unroll=0 change the program, not the math: the
+  training loss and every gradient (the tied table gets both its uses) agree with the default step."""
+  from dba_jax import mesh as mesh_lib, train
+  shape = (2, 32, 2, 16, 2, 60)
+  tokens = jax.numpy.asarray(np.random.default_rng(2).integers(0, 60, (2, 17)).astype(np.int32))
+  results = []
+  for extra in ([], ["--config.train.ce_chunk=8", "--config.model.scan_unroll=0"]):
+    c = bench.gpt_config("selective", shape, ["--config.model.init_std=0.3"] + extra)
+    trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+    params = trainer.init_state(5)["params"]
+    (loss, _), grads = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))(params, tokens, jax.random.key(0))
+    results.append((float(loss), grads))
+  (ref_loss, ref_grads), (loss, grads) = results
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads)
+  with pytest.raises(SystemExit):  # a chunk that does not divide the micro-batch's 32 tokens is refused up front
+    bench.gpt_config("selective", shape, ["--config.train.ce_chunk=12"])

@@ -177,7 +177,7 @@ def tiny_hope():
 
 def test_memory_fires_and_rows_are_independent(tiny_hope):
   c, decoder, tokens = tiny_hope
-  ce, ce_n, fired, nll = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
+  ce, ce_n, fired, nll, _ = hope_step.memory_forward(decoder, jnp.asarray(tokens), 0, c.model.hope, 97)
   np.testing.assert_allclose(np.asarray(nll).reshape(3, 2, 8).mean((0, 2)), np.asarray(ce_n), rtol=1e-6)
   assert ce_n.shape == (2,) and np.isfinite(float(ce))
   # Chunk 0: 8 tokens -> 4 and 2 updates per row for periods 2 and 4, in every layer, 3 rows.
@@ -206,13 +206,21 @@ def test_memory_changes_later_chunks_and_leaves_meta_params(tiny_hope):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
-def test_per_layer_and_global_teach_both_train_and_passkey_runs(tmp_path, capsys):
-  for mode in ("per_layer", "global"):
-    c = hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach=mode)
-    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 3, 1, 3, 3, 1
-    c.train.batch_size = 8  # one row per simulated device: rows keep their own memory under the mesh
-    summary = train.train(c, str(tmp_path / mode), quiet=True)
-    assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
+def _train_three_steps(tmp_path, mode):
+  c = hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach=mode)
+  c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 3, 1, 3, 3, 1
+  c.train.batch_size = 8  # one row per simulated device: rows keep their own memory under the mesh
+  summary = train.train(c, str(tmp_path / mode), quiet=True)
+  assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
+
+
+@pytest.mark.slow
+def test_per_layer_teach_trains(tmp_path):
+  _train_three_steps(tmp_path, "per_layer")
+
+
+def test_global_teach_trains_and_the_memory_evals_run(tmp_path, capsys):
+  _train_three_steps(tmp_path, "global")
   out = tmp_path / "passkey.json"
   png = tmp_path / "passkey.png"
   assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--lengths",
@@ -230,6 +238,20 @@ def test_per_layer_and_global_teach_both_train_and_passkey_runs(tmp_path, capsys
   assert r["memory"]["updates_fired_per_sample"] > 0
   # The first segment's first chunk reads the empty memory either way; memory changes the re-read.
   assert r["memory"]["reread_after_others"] != r["baseline"]["reread_after_others"]
+  # A memory state saved after reading a text, then read again from it; an existing directory is never replaced.
+  ckpt, doc, saved = str(tmp_path / "global"), tmp_path / "doc.txt", tmp_path / "memory"
+  doc.write_text("The pass key is KEY-4821. Remember it. " * 3)
+  assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(doc), "--save-state", str(saved)]) == 0
+  before = (saved / "state.npz").read_bytes()
+  out = tmp_path / "read.json"
+  assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(doc), "--state", str(saved),
+                        "--out", str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r["tokens_before"] == r["tokens"] > 100 and r["updates_fired"] > 0 and r["memory_ce"] != r["baseline_ce"]
+  assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(doc), "--save-state", str(saved)]) == 2
+  assert eval_cli.main(["hope", "passkey", "--checkpoint", ckpt, "--state", str(saved)]) == 2
+  assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(tmp_path / "none.txt")]) == 2
+  assert (saved / "state.npz").read_bytes() == before
 
 
 def test_needle_prompts_have_their_length_the_key_and_a_distractor():

@@ -216,3 +216,20 @@ def test_config_errors_name_the_key():
     c = titans_config("titans_mal")
     c.model.attn_kind = "selective"
     validate(c)
+  with pytest.raises(ConfigError, match=r"titans_positions='segment' is for titans_mac"):
+    titans_config("titans_mag", titans_positions="segment")
+  with pytest.raises(ConfigError, match=r"titans_positions='relative' must be"):
+    titans_config(titans_positions="relative")
+
+
+def test_segment_positions_make_mac_the_same_at_every_offset():
+  """The persistent keys carry no rotary position, so with absolute positions a query's scores against them depend
+  on where it sits; segment positions (the preset) make the block shift-invariant."""
+  tok = jax.random.randint(jax.random.key(3), (1, 16), 0, 256)
+  shifts = {}
+  for mode in ("segment", "absolute"):
+    graphdef = model_lib.abstract(titans_config(titans_positions=mode).model)[0]
+    f = jax.jit(lambda p, t, pos, g=graphdef: nnx.merge(g, p).forward(t, positions_T=pos).logits)
+    a, b = f(_params("titans_mac"), tok, jnp.arange(16)), f(_params("titans_mac"), tok, 100 + jnp.arange(16))
+    shifts[mode] = float(jnp.abs(a - b).max())
+  assert shifts["segment"] == 0.0 and shifts["absolute"] > 1e-4

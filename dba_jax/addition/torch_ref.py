@@ -12,6 +12,8 @@ inside its addition mode, and the tests load it after importorskip. It has:
   * LoopSampler: the original's data path. A torch.Generator draws n, then A, then B, for one example at a time
     in a Python loop, redraws held-out pairs through a Python set, and encodes with string formatting.
     VectorSampler draws the same distribution with batched torch ops. It is a second baseline.
+  * BatchedTinyDecoderLM / batched_train_step: the original HEAD's N-seed trainer (stacked params with a leading
+    model axis, one AdamW, per-model clipping), the baseline of `dba-bench addition --torch-batched`.
 """
 from __future__ import annotations
 
@@ -256,3 +258,136 @@ class VectorSampler:
     y_BT = full_BL[:, 1:].clone()
     y_BT[:, :data.PROMPT_LEN - 1] = data.IGNORE
     return full_BL[:, :-1], y_BT
+
+
+# ------------------------------------------------------------------------------- N models in one step (batched)
+
+
+class BatchedTinyDecoderLM(nn.Module):
+  """N TinyDecoderLMs in one module, the layout of the original's HEAD trainer (others.md A.1: a leading model
+  axis, `--num-models` seeds in one vectorised run). Every parameter is the single model's tensor with a leading
+  axis of N, under the same state-dict name ('.' -> '__', which ParameterDict needs). Matmuls are batched over
+  the model axis (torch.matmul on (N, B·T, in) x (N, in, out) is one bmm), attention runs on N·B sequences with
+  SDPA, and norms take per-model weights. One AdamW over the stacked tensors is N AdamWs (the update is
+  elementwise); `batched_train_step` clips each model's gradient norm separately and sums the per-model mean
+  losses, so model i's gradient is exactly its own. `sdpa=False` writes the masked softmax out as TinyDecoderLM
+  does (bitwise the same gradients); SDPA rounds differently, which sharp attention can amplify to 1e-5."""
+
+  def __init__(self, a: Arch, num_models: int, sdpa: bool = True):
+    super().__init__()
+    self.arch, self.N, self.sdpa = a, num_models, sdpa
+    one = TinyDecoderLM(a)
+    self._qkv_mode = one.blocks[0].attn.mode
+    self.p = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach()[None].repeat(num_models, *([1] * v.ndim)))
+                               for k, v in one.state_dict().items()})
+
+  def _w(self, name: str):
+    return self.p[name.replace(".", "__")]
+
+  def _has(self, name: str) -> bool:
+    return name.replace(".", "__") in self.p
+
+  def _mm(self, x, w_NIO):  # x (N, ..., in) @ per-model (N, in, out): one batched matmul over the model axis
+    lead = x.shape[:-1]
+    return torch.matmul(x.reshape(self.N, -1, x.shape[-1]), w_NIO).reshape(*lead, w_NIO.shape[-1])
+
+  def _linear(self, name: str, x):
+    if self._has(name + ".A"):
+      return self._mm(self._mm(x, self._w(name + ".A")), self._w(name + ".B"))
+    return self._mm(x, self._w(name + ".weight").transpose(1, 2))  # torch Linear weights are (out, in)
+
+  def _norm(self, name: str, x_NBTD):
+    w = self._w(name + ".weight")[:, None, None, :]
+    if self.arch.norm == "rmsnorm":
+      return x_NBTD / torch.sqrt(x_NBTD.pow(2).mean(-1, keepdim=True) + RMS_EPS) * w
+    y = F.layer_norm(x_NBTD, x_NBTD.shape[-1:], eps=LN_EPS)  # normalise only; the affine part is per model
+    return y * w + self._w(name + ".bias")[:, None, None, :]
+
+  def _qkv(self, pre: str, x):
+    mode = self._qkv_mode
+    if mode == "none":
+      return self._linear(pre + "qkv", x).chunk(3, dim=-1)
+    h = self._mm(x, self._w(pre + "qkv_A"))
+    B = lambda n: self._mm(h, self._w(pre + "qkv_" + n))
+    if mode == "shareA":
+      return B("Bq"), B("Bk"), B("Bv")
+    if mode == "shareA_tieKV":
+      kv = B("Bkv")
+      return B("Bq"), kv, kv
+    qk = B("Bqk")
+    return qk, qk, B("Bv")
+
+  def forward(self, ids_NBT):
+    a, (N, Bsz, T) = self.arch, ids_NBT.shape
+    V, D, H = a.vocab_size, a.d_model, a.n_head
+    emb_NVD = self._w("token_emb.weight")
+    # one embedding lookup for all models: model n's rows sit at n·V in the flattened (N·V, D) table
+    offs = (torch.arange(N, device=ids_NBT.device) * V).view(N, 1, 1)
+    pos_NTD = (torch.matmul(self._w("pos_emb.A"), self._w("pos_emb.B")) if self._has("pos_emb.A")
+               else self._w("pos_emb.weight"))
+    x = F.embedding(ids_NBT + offs, emb_NVD.reshape(N * V, D)) + pos_NTD[:, None, :T]
+    for i in range(a.n_layer):
+      pre = f"blocks.{i}."
+      q, k, v = (t.reshape(N * Bsz, T, H, D // H).transpose(1, 2)
+                 for t in self._qkv(pre + "attn.", self._norm(pre + "ln1", x)))
+      if self.sdpa:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(D/H), as the explicit form
+      else:
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)
+        y = F.softmax(s.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=s.device)), float("-inf")),
+                      dim=-1) @ v
+      x = x + self._linear(pre + "attn.proj", y.transpose(1, 2).reshape(N, Bsz, T, D))
+      x = x + self._linear(pre + "mlp.fc2", F.gelu(self._linear(pre + "mlp.fc1", self._norm(pre + "ln2", x))))
+    return self._mm(self._norm("ln_f", x), emb_NVD.transpose(1, 2))  # tied head, per model
+
+
+def load_params_batched(model: BatchedTinyDecoderLM, params_N: dict) -> BatchedTinyDecoderLM:
+  """Copies our stacked (N, ...) params into `model` (every name must match, as load_params)."""
+  per = []
+  for i in range(model.N):
+    sd = checkpoint.from_params(jax_tree_index(params_N, i))
+    sd.pop("lm_head.weight")
+    per.append(sd)
+  with torch.no_grad():
+    for k in per[0]:
+      model._w(k).copy_(torch.from_numpy(np.stack([np.asarray(sd[k], np.float32) for sd in per])))
+  return model
+
+
+def to_params_batched(model: BatchedTinyDecoderLM) -> list[dict]:
+  """Model i's parameters in our nested layout, for i < N."""
+  out = []
+  for i in range(model.N):
+    sd = {k.replace("__", "."): v.detach()[i].numpy() for k, v in model.p.items()}
+    sd["lm_head.weight"] = sd["token_emb.weight"]
+    out.append(checkpoint.to_params(sd, model.arch, "torch_ref"))
+  return out
+
+
+def jax_tree_index(tree, i: int):
+  """tree[..][i] on every leaf (numpy; nested dicts only, so no JAX import is needed)."""
+  if isinstance(tree, dict):
+    return {k: jax_tree_index(v, i) for k, v in tree.items()}
+  return np.asarray(tree)[i]
+
+
+def batched_train_step(model: BatchedTinyDecoderLM, opt, sched, x_NBT, y_NBT, clip_norm: float = 1.0):
+  """One step for all N models: loss = Σ_n mean CE of model n; each model's gradient clipped to its own global
+  norm (what clip_grad_norm_ does to one model: coef = clip / (norm + 1e-6), at most 1). Returns (N,) losses."""
+  logits = model(x_NBT)
+  N = x_NBT.shape[0]
+  nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_NBT.reshape(-1), ignore_index=data.IGNORE,
+                        reduction="none").view(N, -1)
+  valid = (y_NBT != data.IGNORE).view(N, -1)
+  loss_N = nll.sum(1) / valid.sum(1).clamp_min(1)
+  opt.zero_grad(set_to_none=True)
+  loss_N.sum().backward()
+  if clip_norm > 0:
+    grads = [p.grad for p in model.parameters()]
+    norm_N = torch.sqrt(sum(g.reshape(N, -1).pow(2).sum(1) for g in grads))
+    coef_N = (clip_norm / (norm_N + 1e-6)).clamp(max=1.0)
+    for g in grads:
+      g.mul_(coef_N.view(N, *([1] * (g.ndim - 1))))
+  opt.step()
+  sched.step()
+  return loss_N.detach()

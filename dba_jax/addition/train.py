@@ -3,12 +3,13 @@
   python -m dba_jax.addition.train --config=configs/addition.py:456p --workdir=DIR [--config.train.num_models=8]
 
 `train.num_models=N` stacks N models on a leading axis and runs one jitted AdamW step over all of them
-(`train.model_batching`: vmap, or map, a loop inside the program, which is faster on CPU; auto picks). Model i
-uses seed `train.seed + i` for its initialisation, its held-out splits and (seed + i + 1337) its training stream,
-so model i of a sweep is the same run as a single-model run with that seed. Each model gets its own directory
-`DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest validation exact match, strictly improving,
-as the original) and last/. DIR/summary.json has every model's best/last validation and its test-split result;
-DIR/curves.png plots every model's training loss and validation exact match.
+(`train.model_batching`: vmap, or map, a loop inside the program, which is faster on CPU; auto picks;
+`train.steps_per_call` K > 1 scans K steps per call). The loss is computed from the first labelled position only:
+the same loss, with ~2.3x less work. Model i uses seed `train.seed + i` for its initialisation, its held-out splits
+and (seed + i + 1337) its training stream, so model i of a sweep is the same run as a single-model run with that
+seed. Each model gets its own directory `DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest
+validation exact match, strictly improving, as the original) and last/. DIR/summary.json has every model's best/last
+validation and its test-split result; DIR/curves.png plots every model's training loss and validation exact match.
 """
 from __future__ import annotations
 
@@ -65,15 +66,34 @@ def resolve_batching(batching: str) -> str:
   return ("map" if jax.default_backend() == "cpu" else "vmap") if batching == "auto" else batching
 
 
-def make_train_step(a: Arch, opt, batching: str = "vmap"):
-  """jit of the step over N models: (params_N, opt_N, x (N, B, 33), y (N, B, 33)) -> (params_N, opt_N, metrics_N)."""
+def make_train_step(a: Arch, opt, batching: str = "vmap", steps_per_call: int = 1,
+                    loss_from: int = data.PROMPT_LEN - 1):
+  """jit of the step over N models: (params_N, opt_N, x (N, B, 33), y (N, B, 33)) -> (params_N, opt_N, metrics_N).
+
+  steps_per_call K > 1: x and y are (K, N, B, 33), the K steps run in one lax.scan (one dispatch, one host
+  round trip per K steps) and metrics are (K, N). Each scanned step is the single step's computation.
+  The loss is computed from position `loss_from` = PROMPT_LEN - 1 on (loss_fn's label_start): the training
+  labels before it are always IGNORE, so this is the same loss and gradient with ~2.3x less work (0: every
+  position, the step as it was before; dba-bench times both)."""
+  start = loss_from
 
   def one(params, opt_state, x_BT, y_BT):
-    loss, grads = jax.value_and_grad(functools.partial(loss_fn, a))(params, x_BT, y_BT)
+    loss, grads = jax.value_and_grad(functools.partial(loss_fn, a, label_start=start))(params, x_BT, y_BT)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(_over_models(one, batching), donate_argnums=(0, 1))
+  step = _over_models(one, batching)
+  if steps_per_call == 1:
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  def scanned(params, opt_state, x_KNBT, y_KNBT):
+    def body(carry, xy):
+      p, s, m = step(*carry, *xy)
+      return (p, s), m
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), (x_KNBT, y_KNBT))
+    return params, opt_state, metrics
+
+  return jax.jit(scanned, donate_argnums=(0, 1))
 
 
 def make_batched_decoder(a: Arch, batching: str = "vmap"):
@@ -100,10 +120,19 @@ def exact_match_all(decode, params, a_NM: np.ndarray, b_NM: np.ndarray, batch_si
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(a: Arch, optim_items: tuple, steps: int, batching: str):
-  """(optimizer, train step, batched decoder), cached so runs of one shape share compilations."""
+def _compiled(a: Arch, optim_items: tuple, steps: int, batching: str, steps_per_call: int):
+  """(optimizer, train step, K-step scanned train step or None, batched decoder), cached so runs of one shape
+  share compilations."""
   opt = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), steps)
-  return opt, make_train_step(a, opt, batching), make_batched_decoder(a, batching)
+  multi = make_train_step(a, opt, batching, steps_per_call) if steps_per_call > 1 else None
+  return opt, make_train_step(a, opt, batching), multi, make_batched_decoder(a, batching)
+
+
+def _next_stop(step: int, t) -> int:
+  """The first step >= `step` after which the host has work (log, eval or the end): a scanned call stops there."""
+  ev = -(-step // t.eval_interval) * t.eval_interval  # eval after steps with step % eval_interval == 0
+  lg = -(-(step + 1) // t.log_every) * t.log_every - 1  # log after steps with (step + 1) % log_every == 0
+  return min(ev, lg, t.steps - 1)
 
 
 class Progress:
@@ -141,7 +170,9 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   samplers = [data.Sampler(t.batch_size, s + 1337, data.reserved_hashes(sp), phases) for s, sp in zip(seeds, splits)]
   val_a, val_b = np.stack([sp["val_a"] for sp in splits]), np.stack([sp["val_b"] for sp in splits])
 
-  opt, step_fn, decode = _compiled(a, tuple(sorted(o.items())), t.steps, resolve_batching(t.model_batching))
+  K = int(t.get("steps_per_call", 1))
+  opt, step_fn, multi_fn, decode = _compiled(a, tuple(sorted(o.items())), t.steps, resolve_batching(t.model_batching),
+                                             K)
   sched = lr_schedule(o, t.steps)
   params, opt_state = init_models(a, opt, seeds, t.init_from)
 
@@ -171,16 +202,25 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   t_mark, step_mark, train_s, speeds = None, 0, 0.0, []
   loss_N = np.zeros(N)
   try:
-    for step in range(t.steps):  # 0-based like the original: eval at step % interval == 0 and the last step
-      xy = [s.batch(step) for s in samplers]
-      x, y = np.stack([b[0] for b in xy]), np.stack([b[1] for b in xy])
-      params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(x), jnp.asarray(y))
-      if t_mark is None:  # the first step includes compilation
+    step = 0
+    while step < t.steps:  # 0-based like the original: eval at step % interval == 0 and the last step
+      # K steps in one scanned call where no log or eval falls inside them, else one step
+      n = K if multi_fn is not None and _next_stop(step, t) - step + 1 >= K else 1
+      xy = [[s.batch(step + k) for s in samplers] for k in range(n)]
+      x, y = (np.stack([np.stack([b[j] for b in st]) for st in xy]) for j in (0, 1))
+      if n == 1:
+        params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(x[0]), jnp.asarray(y[0]))
+      else:
+        params, opt_state, metrics = multi_fn(params, opt_state, jnp.asarray(x), jnp.asarray(y))
+      scanned, step = n > 1, step + n - 1  # `step`: the last step this call ran
+      if t_mark is None:  # the first call includes compilation
         jax.block_until_ready(metrics)
         t_mark, step_mark = time.perf_counter(), step + 1
       done = step + 1
       if done % t.log_every == 0 or done == t.steps:
         m = jax.device_get(metrics)
+        if scanned:  # (K, N): the last step's
+          m = {k: v[-1] for k, v in m.items()}
         loss_N = np.asarray(m["loss"])
         now = time.perf_counter()
         train_s += now - t_mark
@@ -207,6 +247,7 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
             save("best", i, step, float(exact_N[i]))
         if t_mark is not None:  # keep evaluation time out of steps/s
           t_mark += time.perf_counter() - t_eval
+      step += 1
   finally:
     progress.close()
     for f in files:

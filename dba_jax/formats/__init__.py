@@ -35,7 +35,7 @@ import importlib
 from dba_jax.conversion import GIVEN, ConversionError, Keys, given, is_float  # noqa: F401
 
 # Every format dba-convert knows, in detection order; a module not written yet is skipped.
-NAMES = ("caramba", "nanogpt", "addition", "hope")
+NAMES = ("caramba", "nanogpt", "addition", "hope", "latentwire")
 
 
 def get(name: str):

@@ -18,6 +18,9 @@ memory carries information across chunks.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
 from dba_jax.behavior import wilson_interval
@@ -30,7 +33,8 @@ TASKS = {  # needle, question (the answer's digits follow the question)
 
 
 class Scorer:
-  """score(ids) -> (NLL of every next token [len(ids) - 1], memory updates fired) for one memory setting."""
+  """score(ids) -> (NLL of every next token [len(ids) - 1], memory updates fired) for one memory setting;
+  read(ids, state) also starts from and returns the memory state (blocks that carry one, dba_jax.hope.memstate)."""
 
   def __init__(self, model, config, memory: bool):
     import jax
@@ -38,39 +42,53 @@ class Scorer:
     from flax import nnx
 
     from dba_jax import losses, model as model_lib
-    from dba_jax.hope import step as hope_step
+    from dba_jax.hope import blocks, memstate, step as hope_step
     m = config.model.copy_and_resolve_references()
     m.hope.memory = memory and m.hope.memory
     graphdef = model_lib.abstract(m)[0]
-    self.params, vocab, L = model.params, m.vocab_size, m.n_layers
+    self.m, self.params, vocab, L = m, model.params, m.vocab_size, m.n_layers
+    self.zero_state = (lambda: blocks.init_fast_state(m, nnx.merge(graphdef, self.params), 1)) \
+        if memstate.carries_state(m) else (lambda: None)
     if m.block in hope_step.TWO_PASS_BLOCKS:
       h = m.hope
       h.online_chunk = self.chunk = h.online_chunk or config.data.seq_len
       # The teach schedule at the end of its warmup: the full teach scale (before any decay). CMS outputs clipped
       # as in training: the original's evals ran its eval mode (no clip), a different function from the one trained
       # (a hope_attention model trained 200 steps reads CE 3.55 unclipped vs 0.99 clipped on its own data).
-      run = lambda p, t: hope_step.memory_forward(nnx.merge(graphdef, p), t, h.teach_warmup, h, vocab, training=True)
-      self._fn = jax.jit(lambda p, t: (lambda r: (r.token_nll[0], r.fired.sum()))(run(p, t)))
+      def fn(p, t, fast, start):
+        del start  # HOPE blocks have no positions
+        r = hope_step.memory_forward(nnx.merge(graphdef, p), t, h.teach_warmup, h, vocab, training=True, fast0=fast)
+        return r.token_nll[0], r.fired.sum(), r.fast
     else:
       self.chunk = int(m.hope.get("titans_chunk", 1)) if m.block.startswith("titans_") else 1
+      if m.block == "titans_mac":  # a call continues the previous one's memory at a whole segment
+        self.chunk = math.lcm(self.chunk, int(m.hope.titans_window))
       per_call = L if m.block.startswith("titans_") and m.hope.memory else 0
 
-      def fn(p, t):
-        logits = nnx.merge(graphdef, p)(t[:, :-1])
+      def fn(p, t, fast, start):
         T = t.shape[1] - 1
-        return losses.nll(logits, t[:, 1:], vocab)[0], jnp.asarray(per_call * -(-T // self.chunk))
+        out = nnx.merge(graphdef, p).forward(t[:, :-1], positions_T=start + jnp.arange(T), cache_state=fast)
+        return losses.nll(out.logits, t[:, 1:], vocab)[0], jnp.asarray(per_call * -(-T // self.chunk)), \
+            out.cache_state
 
-      self._fn = jax.jit(fn)
+    self._fn = jax.jit(fn)
 
   def pad(self, ids, pad_id: int) -> np.ndarray:
     """Left-pad so that the inputs (all but the last token) fill whole chunks."""
     n = (-(len(ids) - 1)) % self.chunk
     return np.concatenate([np.full(n, pad_id, np.int32), np.asarray(ids, np.int32)])
 
-  def __call__(self, ids) -> tuple[np.ndarray, int]:
+  def read(self, ids, state=None, start: int = 0):
+    """(NLL [len(ids) - 1], updates fired, memory state after): the memory starts from `state` (default: the meta
+    weights), the inputs at position `start` (the inputs read before). The inputs must fill whole chunks (see pad)
+    for a later call to continue exactly."""
     import jax.numpy as jnp
-    nll, fired = self._fn(self.params, jnp.asarray(ids, jnp.int32)[None])
-    return np.asarray(nll, np.float64), int(fired)
+    state = self.zero_state() if state is None else state
+    nll, fired, state = self._fn(self.params, jnp.asarray(ids, jnp.int32)[None], state, start)
+    return np.asarray(nll, np.float64), int(fired), state
+
+  def __call__(self, ids) -> tuple[np.ndarray, int]:
+    return self.read(ids)[:2]
 
 
 def scorers(model, config) -> dict:
@@ -187,3 +205,40 @@ def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0)
   needle, question = TASKS["passkey"]
   n_tokens = len(tok.encode(needle.format(1000) + question)) + n_filler * len(tok.encode(FILLER.format(10)))
   return needle_task(model, config, "passkey", (n_tokens,), samples, seed)
+
+
+def read(model, config, text: str, state_dir: str = "", save_dir: str = "", source: str = "") -> dict:
+  """CE of `text` read with memory (starting from the memory state in state_dir, else the meta weights) and without;
+  save_dir: write the memory state after reading (dba_jax.hope.memstate; `source` names the checkpoint in it)."""
+  import hashlib
+
+  from dba_jax import data
+  from dba_jax.hope import memstate
+  if (state_dir or save_dir) and not memstate.carries_state(config.model):
+    raise memstate.MemStateError(f"model.block={config.model.block!r} carries no memory state between calls "
+                                 "(hope_attention / hope_selfmod / hope_hybrid / titans_mac do)")
+  if save_dir and os.path.exists(save_dir):  # before any compute: nothing a user has is overwritten
+    raise memstate.MemStateError(f"{save_dir}: exists; the memory state goes to a new directory")
+  tok = data.get_tokenizer(config.data.tokenizer)
+  ids = tok.encode(text)
+  if len(ids) < 2:
+    raise ValueError(f"the text has {len(ids)} token(s); reading needs at least 2")
+  runs = scorers(model, config)
+  mem = runs["memory"]
+  ids = mem.pad(ids, int(tok.encode(" ")[0]))
+  state, info = None, {}
+  if state_dir:
+    state, info = memstate.load(state_dir, mem.zero_state(), config.model)
+  start = int(info.get("positions_read", 0))
+  nll, fired, after = mem.read(ids, state, start)
+  base = runs["baseline"].read(ids, None, start)[0]
+  out = {"task": "read", "tokens": len(ids), "chunk": mem.chunk, "memory_ce": float(nll.mean()),
+         "baseline_ce": float(base.mean()), "delta": float(nll.mean() - base.mean()), "updates_fired": fired,
+         "state_in": state_dir or None, "tokens_before": int(info.get("tokens_read", 0))}
+  if save_dir:
+    memstate.save(save_dir, after, config.model, {
+        "checkpoint": source, "tokens_read": out["tokens_before"] + len(ids), "positions_read": start + len(ids) - 1,
+        "continued_from": state_dir or None,
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    out["state_out"] = save_dir
+  return out

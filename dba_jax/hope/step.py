@@ -38,11 +38,13 @@ class MemoryPass(NamedTuple):
   ce_chunks: jax.Array    # [n] mean CE per chunk
   fired: jax.Array        # [n, L, memories]: updates applied per CMS level (then the Titan level), summed over rows
   token_nll: jax.Array    # [B, T] NLL of every next token, read before that chunk's own update
+  fast: dict              # the fast state after the last chunk's update (what a later call can start from)
 
 
-def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = True) -> MemoryPass:
+def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = True, fast0=None) -> MemoryPass:
   """One batch through the two-pass online loop (the module docstring); `training` False: the original's eval mode
-  (CMS outputs unclipped), as its memorise-then-score evals run."""
+  (CMS outputs unclipped), as its memorise-then-score evals run. fast0: the fast state to start from (default zero:
+  the meta weights), e.g. one saved after reading an earlier text (dba_jax.hope.memstate)."""
   m = decoder.m
   B, T1 = tokens_BT1.shape
   n = (T1 - 1) // (h.online_chunk or T1 - 1)
@@ -81,9 +83,9 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
     fired = _updates(upd) - _updates(fast)
     return (upd if h.grad_through_write else jax.lax.stop_gradient(upd)), (ce, fired, nll)
 
-  fast0 = blocks.init_fast_state(m, decoder, B)
-  _, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
-  return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C))
+  fast0 = blocks.init_fast_state(m, decoder, B) if fast0 is None else fast0
+  fast, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
+  return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C), fast)
 
 
 def _updates(state) -> jax.Array:

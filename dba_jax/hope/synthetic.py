@@ -28,3 +28,9 @@ def passkey_text(n_chars: int, seed: int, max_filler: int = 12) -> str:
     out.append(doc)
     size += len(doc)
   return "".join(out)
+
+
+def passkey_long_text(n_chars: int, seed: int) -> str:
+  """passkey documents with up to 48 filler sentences (about 1,700 bytes): needle-to-question distances up to the
+  T 1024-2048 windows that teach the memory to hold a key over many more writes."""
+  return passkey_text(n_chars, seed, max_filler=48)

@@ -109,6 +109,21 @@ class NeuralMemory(nnx.Module):
     W = {f"w{i}": jnp.broadcast_to(p[...].astype(dtype)[None], (B,) + p.shape) for i, p in enumerate(self.m0)}
     return W, jax.tree.map(jnp.zeros_like, W)
 
+  def fast_state(self) -> dict:
+    """One context's carried state at the start, unbatched: (M − M_0, S) = zeros (blocks.init_fast_state stacks
+    it over layers and rows; deltas, so that every layer's zero is its own M_0)."""
+    z = {f"w{i}": jnp.zeros(p.shape, jnp.float32) for i, p in enumerate(self.m0)}
+    return {"dW": z, "S": dict(z)}
+
+  def resume(self, state: dict, dtype) -> tuple[dict, dict]:
+    """(W, S) per row from a carried state (leaves [B, ...])."""
+    W = {k: (self.m0[int(k[1:])][...][None] + d).astype(dtype) for k, d in state["dW"].items()}
+    return W, jax.tree.map(lambda a: a.astype(dtype), state["S"])
+
+  def carried(self, W_B: dict, S_B: dict) -> dict:
+    return {"dW": {k: (w - self.m0[int(k[1:])][...][None]).astype(jnp.float32) for k, w in W_B.items()},
+            "S": jax.tree.map(lambda a: a.astype(jnp.float32), S_B)}
+
   def read(self, W_B: dict, q_BTd):
     """M(q) per row, no update."""
     return jax.vmap(titans.memory_apply)(W_B, q_BTd)
@@ -202,10 +217,18 @@ class TitansBlock(nnx.Module):
                                 "attention's F)")
     keys = jax.random.split(rng, 3) if rng is not None else (None,) * 3
     x = constrain(x, ACT_EMBED)
+    if io.state is not None and not isinstance(self, MAC):
+      raise NotImplementedError(f"model.block={self.m.block!r} carries no memory state from one forward to the next "
+                                "(its sliding-window attention and convs would need the previous call's tokens); "
+                                "titans_mac does (everything but its memory is segment-local)")
     keep_T = jnp.ones(x.shape[1:2], bool) if hooks.valid_T is None else hooks.valid_T
-    x, probs = self.mix(x, positions_T, keep_T, hooks, keys[:2])
+    x, probs, state = self.mix(x, positions_T, keep_T, hooks, keys[:2], io.state)
     x = x + self.drop(self.ffn(self.norm_ffn(x)), self.m.dropout, keys[2])
-    return x, dataclasses.replace(io, probs=probs)
+    return x, dataclasses.replace(io, probs=probs, state=state)
+
+  def fast_state(self) -> dict:
+    """One context's carried memory state (titans_mac; dba_jax.hope.memstate saves and loads it)."""
+    return {"titans": self.memory.fast_state()}
 
   def window_attention(self, u_BTd, positions_T, hooks):
     """Sliding-window attention of the normed u over [persistent ; u] (MAG, MAL)."""
@@ -220,10 +243,10 @@ class MAG(TitansBlock):
     super().__init__(m, rngs, parts)
     self.gate = OutputGate(m, parts, self.out_std, rngs)
 
-  def mix(self, x, positions_T, keep_T, hooks, keys):
+  def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
     u = self.norm_attn(x)
     y, probs = self.window_attention(u, positions_T, hooks)
-    return x + self.drop(self.gate(y, self.memory(u, keep_T)), self.m.dropout, keys[0]), probs
+    return x + self.drop(self.gate(y, self.memory(u, keep_T)), self.m.dropout, keys[0]), probs, None
 
 
 class MAL(TitansBlock):
@@ -234,10 +257,10 @@ class MAL(TitansBlock):
     self.norm_mem = _norm(m, parts)
     self.wo_mem = parts.linear(m.d_model, m.d_model, ("heads", "embed"), bias=m.bias, std=self.out_std, rngs=rngs)
 
-  def mix(self, x, positions_T, keep_T, hooks, keys):
+  def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
     x = x + self.drop(self.wo_mem(self.memory(self.norm_mem(x), keep_T)), self.m.dropout, keys[0])
     y, probs = self.window_attention(self.norm_attn(x), positions_T, hooks)
-    return x + self.drop(y, self.m.dropout, keys[1]), probs
+    return x + self.drop(y, self.m.dropout, keys[1]), probs, None
 
 
 class MAC(TitansBlock):
@@ -250,7 +273,9 @@ class MAC(TitansBlock):
     self.norm_h = _norm(m, parts)
     self.gate = OutputGate(m, parts, self.out_std, rngs)
 
-  def mix(self, x, positions_T, keep_T, hooks, keys):
+  def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
+    """state: {"titans": carried memory} to continue from (and return) instead of starting at M_0; one call then
+    continues another exactly when the earlier call's length is a whole number of segments."""
     B, T, d = x.shape
     Ws, P = self.m.hope.titans_window, self.m.hope.titans_persistent
     n = -(-T // Ws)
@@ -259,7 +284,10 @@ class MAC(TitansBlock):
     # Segments lead: [n, B, Ws, ...]; the padded tail is masked out of the memory and never visible to a real query.
     u_NBWd = jnp.pad(u, ((0, 0), (0, pad), (0, 0))).reshape(B, n, Ws, d).swapaxes(0, 1)
     q_NBWd = self.memory.qkv(u_NBWd.reshape(n * B, Ws, d), slice(0, 1))["q"].reshape(n, B, Ws, d)
-    pos_NW = jnp.concatenate([positions_T, positions_T[-1] + 1 + jnp.arange(pad)]).reshape(n, Ws)
+    if self.m.hope.titans_positions == "segment":
+      pos_NW = jnp.broadcast_to(jnp.arange(Ws), (n, Ws))
+    else:
+      pos_NW = jnp.concatenate([positions_T, positions_T[-1] + 1 + jnp.arange(pad)]).reshape(n, Ws)
     keep_NW = jnp.pad(keep_T, (0, pad)).reshape(n, Ws)
     causal = jnp.tril(jnp.ones((Ws, Ws), bool))
     visible = jnp.concatenate([jnp.ones((Ws, P), bool), causal, causal], axis=1)[None]
@@ -272,9 +300,12 @@ class MAC(TitansBlock):
       r, W, S = self.memory.write(W, S, y, keep_s)
       return (W, S), (self.gate(y, r), probs)
 
-    carry = self.memory.initial(B, jnp.promote_types(x.dtype, jnp.float32))
-    _, (o_NBWd, probs) = jax.lax.scan(segment, carry, (u_NBWd, q_NBWd, pos_NW, keep_NW))
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    carry = self.memory.initial(B, dtype) if state is None else self.memory.resume(state["titans"], dtype)
+    carry, (o_NBWd, probs) = jax.lax.scan(segment, carry, (u_NBWd, q_NBWd, pos_NW, keep_NW))
+    if state is not None:
+      state = {**state, "titans": self.memory.carried(*carry)}
     o = o_NBWd.swapaxes(0, 1).reshape(B, n * Ws, d)[:, :T]
     if probs is not None:
       probs = probs.transpose(1, 2, 0, 3, 4).reshape(B, self.m.n_heads, n * Ws, -1)[:, :, :T]
-    return x + self.drop(o, self.m.dropout, keys[0]), probs
+    return x + self.drop(o, self.m.dropout, keys[0]), probs, state

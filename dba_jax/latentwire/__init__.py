@@ -4,6 +4,7 @@
   tokenizer.py  "bpe512": a tiny byte-level BPE trained in-process, so source and target tokenise differently
   bridge.py     the translator (K learned queries, gated cross-attention to the source) and RMS matching
   losses.py     answer NLL, KL to the text-prompted teacher on answer positions, InfoNCE over the K soft tokens
-  train.py      dba-latentwire-train: the bridge's training loop (source and target frozen)
+  interlingua.py  the interlingua variant: byte encoder -> M latents Z -> one adapter per receiving LM
+  train.py      dba-latentwire-train: the training loop of a bridge or an interlingua (the LMs frozen)
   harness.py    dba-eval latentwire: every baseline on the same held-out questions, exact match and byte accounting
 """

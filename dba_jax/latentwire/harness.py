@@ -9,6 +9,11 @@ Methods (greedy decoding with a KV cache, the answer read strictly after "####";
                     only through the soft tokens); fmt = the soft tokens as sent: fp32, fp16, q8 (q8_0), q4 (q4_0)
   budget_k{K}       token budget: the target's prompt cut to its first K tokens, then the stub
   text_soft_k{K}    [soft tokens ; full text prompt]
+                    (two bridges with the same K: k{K}-<directory name> in these names)
+  interlingua_m{M}_{lm}_{fmt}  an interlingua (a "bridges" entry trained with configs/latentwire.py:interlingua): Z
+                    [M, d_z] from the question's bytes is what is sent (fmt as above); the receiving LM (source or
+                    target) decodes [adapter(Z) ; stub]. No source LM runs (source KV bytes 0); its "target KV bytes"
+                    are the receiving LM's.
 Per method: exact match with a Wilson 95% interval, and per question the bytes of the source's KV cache (prefill and
 any decoding), the bytes sent to the target (text as UTF-8; soft tokens counted from the arrays, q8/q4 with their
 float16 block scales) and the bytes of the target's KV cache (soft + prompt + generated tokens). KV bytes per token
@@ -115,7 +120,9 @@ def evaluate(man: dict, progress: bool = True) -> dict:
   s_spk, t_spk = sides.Speaker(src, sides.SPEAKER_LEN, man["cache"]), sides.Speaker(tgt, sides.SPEAKER_LEN, man["cache"])
   pairs = synthetic.qa_pairs(man["questions"], man["seed"], "test")
   questions = [q for q, _ in pairs]
-  softs = [soft_tokens(br, params, questions) for br, params, _ in bridges]
+  softs = [soft_tokens(br, params, questions) if bc.model.kind == "bridge" else br.z_of(params, questions)
+           for br, params, bc in bridges]
+  tags = method_tags(man["bridges"], [bc for _, _, bc in bridges])
   stub = tgt.encode(synthetic.STUB)
   sb, tb = s_spk.kv_bytes_per_token, t_spk.kv_bytes_per_token
   tally, t0 = Tally(), time.perf_counter()
@@ -133,21 +140,24 @@ def evaluate(man: dict, progress: bool = True) -> dict:
     tally.add("cascade", correct(r["text"], a), sb * s["cached"], utf8(prompt) + utf8(working), tb * r["cached"],
               len(c_ids), working + "|" + r["text"])
     src_prefill = sb * len(src.encode(prompt))
-    for (br, _, bc), soft in zip(bridges, softs):
+    for (br, params, bc), soft, tag in zip(bridges, softs, tags):
+      if bc.model.kind == "interlingua":
+        interlingua_rows(tally, br, params, bc, soft[i], a, man, {"source": s_spk, "target": t_spk}, tag)
+        continue
       K = bc.model.K
       for fmt in man["wire_formats"]:
         nbytes, received = on_wire(soft[i], fmt)
         r = t_spk.greedy(stub, max_new, received[None])
-        tally.add(f"bridge_k{K}_{fmt}", correct(r["text"], a), src_prefill, nbytes, tb * r["cached"], K + len(stub),
+        tally.add(f"bridge_{tag}_{fmt}", correct(r["text"], a), src_prefill, nbytes, tb * r["cached"], K + len(stub),
                   r["text"])
       cut = tgt.encode("Q: " + q)[:K]
       ids = np.concatenate([cut, stub])
       r = t_spk.greedy(ids, max_new)
-      tally.add(f"budget_k{K}", correct(r["text"], a), 0, utf8(tgt.tok.decode(cut) + synthetic.STUB), tb * r["cached"],
+      tally.add(f"budget_{tag}", correct(r["text"], a), 0, utf8(tgt.tok.decode(cut) + synthetic.STUB), tb * r["cached"],
                 len(ids), r["text"])
       nbytes, _ = on_wire(soft[i], "fp32")
       r = t_spk.greedy(t_prompt, max_new, soft[i][None])
-      tally.add(f"text_soft_k{K}", correct(r["text"], a), src_prefill, nbytes + utf8(prompt), tb * r["cached"],
+      tally.add(f"text_soft_{tag}", correct(r["text"], a), src_prefill, nbytes + utf8(prompt), tb * r["cached"],
                 K + len(t_prompt), r["text"])
     if progress and (i + 1) % 50 == 0:
       print(f"  {i + 1}/{len(pairs)} questions, {(i + 1) / (time.perf_counter() - t0):.1f} q/s", file=sys.stderr,
@@ -163,8 +173,30 @@ def evaluate(man: dict, progress: bool = True) -> dict:
                                  "source_formula": kv_formula(src) * itemsize,
                                  "target_formula": kv_formula(tgt) * itemsize},
           "bridges": [{"dir": d, "K": bc.model.K, "b": bc.model.b, "depth": bc.model.depth}
-                      for d, (_, _, bc) in zip(man["bridges"], bridges)],
+                      if bc.model.kind == "bridge" else
+                      {"dir": d, "kind": "interlingua", "M": bc.model.M, "d_z": bc.model.d_z,
+                       "receivers": list(bc.model.receivers)} for d, (_, _, bc) in zip(man["bridges"], bridges)],
           "methods": tally.summary()}
+
+
+def method_tags(dirs, configs) -> list[str]:
+  """k{K} per bridge, m{M} per interlingua; two entries with the same tag get their directory's name appended, so
+  no two systems share a method name."""
+  base = [f"k{c.model.K}" if c.model.kind == "bridge" else f"m{c.model.M}" for c in configs]
+  return [t if base.count(t) == 1 else f"{t}-{os.path.basename(os.path.normpath(d))}" for t, d in zip(base, dirs)]
+
+
+def interlingua_rows(tally, il, params, c, z_Mz, answer, man, speakers, tag):
+  """One question through an interlingua: Z on the wire in each format, decoded by each receiving LM."""
+  M = c.model.M
+  for r in c.model.receivers:
+    spk, stub = speakers[r], il.lms[r].encode(synthetic.STUB)
+    for fmt in man["wire_formats"]:
+      nbytes, received_Mz = on_wire(z_Mz, fmt)
+      prefix = np.asarray(il._prefix(params, jnp.asarray(received_Mz)[None], r))
+      out = spk.greedy(stub, man["max_new"], prefix)
+      tally.add(f"interlingua_{tag}_{r}_{fmt}", correct(out["text"], answer), 0, nbytes,
+                spk.kv_bytes_per_token * out["cached"], M + len(stub), out["text"])
 
 
 def markdown(result: dict) -> str:

@@ -7,6 +7,9 @@
                reverse, on soft-token positions); "teacher_student" = KL(text ‖ bridged), forward distillation.
   info_nce     masked means: the K soft tokens (after RMS matching) against the target's input embeddings of the
                literal prompt without padding; cosine / tau, cross-entropy against the diagonal (in-batch negatives).
+  first_k_ce   the interlingua's first-token (k = 1) and K-token CE: answer NLL over each row's first k answer tokens.
+  kd_first_k   the interlingua's distillation: tau²·KL(text teacher ‖ student) at temperature tau, first k answer
+               tokens.
 """
 from __future__ import annotations
 
@@ -54,3 +57,24 @@ def info_nce(soft_BKd, soft_mask_BK, prompt_BTd, prompt_mask_BT, tau: float = 0.
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
   logits_BB = jnp.einsum("id,jd->ij", unit(s), unit(t)) / tau
   return (jax.nn.logsumexp(logits_BB, -1) - jnp.diagonal(logits_BB)).mean()
+
+
+# ----------------------------------------------------- the interlingua's early-token terms (hope_latentwire.md B)
+
+def first_k(mask_BT, k: int):
+  """The first k positions of each row's mask (its first k answer tokens)."""
+  return mask_BT & (jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) <= k)
+
+
+def first_k_ce(logits_BTV, targets_BT, mask_BT, k: int, vocab: int):
+  """Mean CE over the first k answer tokens of each row (k = 1: the first-token CE). Teacher-forced logits at those
+  positions are what the original's step-by-step loop computes, one decoding step at a time."""
+  return answer_nll(logits_BTV, targets_BT, first_k(mask_BT, k), vocab)
+
+
+def kd_first_k(student_BTV, teacher_BTV, mask_BT, k: int, vocab: int, tau: float):
+  """tau² · KL(softmax(teacher/tau) ‖ softmax(student/tau)) over the first k answer positions, averaged over them
+  (the original's kd_first_k_prefix_vs_text: forward KL to the text-prompted teacher, temperature tau)."""
+  ls = _log_probs(student_BTV / tau, vocab)
+  lt = jax.lax.stop_gradient(_log_probs(teacher_BTV / tau, vocab))
+  return tau * tau * masked_mean((jnp.exp(lt) * (lt - ls)).sum(-1), first_k(mask_BT, k))

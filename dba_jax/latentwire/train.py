@@ -7,6 +7,10 @@ and queries with weight decay, biases and norms without, the tanh gates at gate_
 then linear decay to 0; global-norm clipping; float32 weights and compute. The workdir works as dba-train's: a new
 or empty directory starts a run, one holding this bridge resumes from its latest good checkpoint, anything else is
 refused (exit 2). Logs step, losses, gates and tokens/s to stderr and metrics.jsonl; dev exact match to eval.jsonl.
+
+With --config=configs/latentwire.py:interlingua (model.kind="interlingua") the same loop trains the interlingua
+instead: byte encoder -> M latents -> one adapter per receiving LM (dba_jax/latentwire/interlingua.py); --source and
+--target still name the two LMs, which both receive.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from flax import nnx
 from dba_jax import ckpt, loading
 from dba_jax.config import Config, ConfigError, lock
 from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, synthetic
+from dba_jax.latentwire.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -33,6 +38,7 @@ SHAPES = {"bridge_k4": 4, "bridge_k8": 8, "bridge_k16": 16, "cpu": 4}
 def bridge_config(variant: str = "bridge_k8") -> Config:
   c = Config()
   c.model = m = Config()  # the translator (the workdir guard compares this section)
+  m.kind = "bridge"  # bridge | interlingua (dba_jax/latentwire/interlingua.py, its own config)
   m.K = SHAPES[variant]  # soft tokens
   m.b = 64  # bottleneck width
   m.depth = 2
@@ -78,8 +84,29 @@ def bridge_config(variant: str = "bridge_k8") -> Config:
   return lock(c)
 
 
+def config_for(saved: dict) -> Config:
+  """The default config of the kind of run a config.json holds (bridge or interlingua), to merge it over."""
+  if saved.get("model", {}).get("kind") == "interlingua":
+    from dba_jax.latentwire.interlingua import interlingua_config
+    return interlingua_config()
+  return bridge_config("bridge_k8")
+
+
+def make_system(c: Config, src: sides.LM, tgt: sides.LM):
+  """A Bridge or an Interlingua (the same interface to the training loop and the harness)."""
+  if c.model.kind == "interlingua":
+    from dba_jax.latentwire.interlingua import Interlingua
+    return Interlingua(c, src, tgt)
+  return Bridge(c, src, tgt)
+
+
 def validate(c: Config) -> Config:
+  if c.model.get("kind") == "interlingua":
+    from dba_jax.latentwire import interlingua
+    return interlingua.validate(c)
   m, ls, o, d, t = c.model, c.loss, c.optim, c.data, c.train
+  if m.kind != "bridge":
+    raise ConfigError(f"model.kind={m.kind!r} is not one of ['bridge', 'interlingua']")
 
   def need(ok, msg):
     if not ok:
@@ -157,6 +184,27 @@ class Bridge:
     parts = {"nll": nll, "kl": kl, "nce": nce, "teacher_nll": lw_losses.answer_nll(teacher, batch["tgt_ids"], mask, V)}
     return nll + w_kl * kl + w_nce * nce, parts
 
+  def batch(self, pairs) -> dict:
+    d = self.c.data
+    return sides.bridge_batch(self.src, self.tgt, pairs, d.src_len, d.tgt_len, d.prompt_len)
+
+  def describe(self, n_params: int) -> str:
+    m = self.c.model
+    return (f"bridge K={m.K} b={m.b} depth={m.depth}: {n_params:,} params; source {self.c.source} (width "
+            f"{self.src.width}), target {self.c.target} (width {self.tgt.width}, embedding RMS {self.target_rms:.4f})")
+
+  @property
+  def tokens_per_step(self) -> int:
+    d = self.c.data  # the source prompt, the student [soft ; stub ; answer], the teacher
+    return self.c.train.batch_size * (d.src_len + self.c.model.K + d.tgt_len + d.prompt_len + d.tgt_len)
+
+  def progress(self, last: dict) -> str:
+    return (f" | nll {last['nll']:.3f} (text {last['teacher_nll']:.3f}) kl {last['kl']:.3f} nce {last['nce']:.3f}"
+            f" | gates {last['gate_abs']:.3f}")
+
+  def dev_eval(self, params, pairs, max_new: int) -> dict:
+    return {"dev_exact_match": sides.bridged_exact_match(self, params, pairs, max_new)}
+
   def _train_step(self, state, frozen, batch, key):
     rng = jax.random.fold_in(key, state["step"]) if self.c.model.dropout > 0 else None
     (loss, parts), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], frozen, batch, rng,
@@ -169,33 +217,11 @@ class Bridge:
     return new, metrics
 
 
-def _group(path, _):
-  name = str(getattr(path[-1], "key", path[-1]))
-  if name in ("cross_gate", "ffn_gate"):
-    return "gate"
-  return "decay" if name in ("kernel", "query_tokens") else "no_decay"
-
-
-def make_optimizer(c: Config, params):
-  """clip -> AdamW per group (gates at gate_lr_mult x lr, no decay on biases, norms and gates)."""
-  o, steps = c.optim, c.train.steps
-  sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
-                                optax.linear_schedule(o.lr, 0.0, max(steps - o.warmup_steps, 1))], [o.warmup_steps])
-  adamw = lambda lr, wd: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
-  labels = jax.tree_util.tree_map_with_path(_group, params)
-  groups = {"decay": adamw(sched, o.weight_decay), "no_decay": adamw(sched, 0.0),
-            "gate": adamw(lambda s: o.gate_lr_mult * sched(s), 0.0)}
-  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-  return optax.chain(*parts, optax.multi_transform(groups, labels))
-
-
 def batch_at(br: Bridge, pool, step: int) -> dict:
   """The training batch of `step`: drawn from (train.seed, step), so a resumed run sees the same batches."""
   c = br.c
   rng = np.random.default_rng([c.train.seed, step])
-  pairs = [pool[i] for i in rng.integers(len(pool), size=c.train.batch_size)]
-  d = c.data
-  return sides.bridge_batch(br.src, br.tgt, pairs, d.src_len, d.tgt_len, d.prompt_len)
+  return br.batch([pool[i] for i in rng.integers(len(pool), size=c.train.batch_size)])
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -207,15 +233,16 @@ def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None 
   if not os.path.exists(path):
     raise sides.SideError(f"bridge {workdir}: no config.json (not a dba-latentwire-train workdir)")
   with open(path) as f:
-    c = loading.merge_saved(bridge_config("bridge_k8"), json.load(f), path, sides.SideError)
+    saved = json.load(f)
+  c = loading.merge_saved(config_for(saved), saved, path, sides.SideError)
   for role, lm in (("source", src), ("target", tgt)):
     if lm is not None and os.path.abspath(lm.path) != os.path.abspath(c[role]):
       raise sides.SideError(f"bridge {workdir} was trained with {role} {c[role]}, not {lm.path}")
-  br = Bridge(validate(c), src or sides.load_lm(c.source, "source"), tgt or sides.load_lm(c.target, "target"))
+  br = make_system(validate(c), src or sides.load_lm(c.source, "source"), tgt or sides.load_lm(c.target, "target"))
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     _, params, _, _ = ckpts.restore_first_good(_placed(br.abstract_params))
-  except ckpt.CheckpointDamaged as e:
+  except (ckpt.CheckpointDamaged, ckpt.CheckpointMismatch) as e:  # e.g. written before a parameter was renamed
     raise sides.SideError(f"bridge {workdir}: {e}") from None
   finally:
     ckpts.close()
@@ -227,11 +254,32 @@ def _placed(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
+def check_workdir(c: Config, workdir: str) -> bool:
+  """dba_jax.train.check_workdir for a bridge: its config.json is read over the bridge defaults (dba-train's reader
+  knows only LM configs), and a different model section or kind of run (bridge / interlingua) is refused."""
+  from dba_jax import train as dba_train
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return dba_train.check_workdir(c, workdir)  # new, empty or foreign directory: dba-train's rules
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    saved_c = loading.merge_saved(config_for(saved), saved, path, ConfigError)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); it is not a dba-latentwire-train workdir") from None
+  before, now = json.loads(saved_c.model.to_json()), json.loads(c.model.to_json())
+  diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+  if diff:
+    details = ", ".join(f"model.{k}: saved {before.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+    raise ConfigError(f"{workdir} holds a run of a different model ({details}); use another --workdir")
+  return True
+
+
 def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   from dba_jax import train as dba_train
   validate(c)
   workdir = os.path.abspath(workdir)
-  resuming = dba_train.check_workdir(c, workdir)
+  resuming = check_workdir(c, workdir)
   if resuming:
     with open(os.path.join(workdir, "config.json")) as f:
       saved = json.load(f)
@@ -239,14 +287,14 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
     if moved:
       raise ConfigError(f"{workdir} holds a bridge for " + ", ".join(f"{k} {saved[k]}" for k in moved)
                         + "; use another --workdir")
-  br = Bridge(c, sides.load_lm(c.source, "source"), sides.load_lm(c.target, "target"))
+  br = make_system(c, sides.load_lm(c.source, "source"), sides.load_lm(c.target, "target"))
   pool = synthetic.qa_pairs(c.data.train_pairs, c.data.train_seed, "train")
   dev = synthetic.qa_pairs(c.data.dev_questions, c.data.dev_seed, "test")
   batch_at(br, pool, 0)  # every length checked before anything is written
   say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
   dba_train.write_config(c, workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_ckpts, async_save=False)
-  state = br.init_state(c.train.seed)
+  state = jax.device_put(br.init_state(c.train.seed), jax.devices()[0])  # committed, as the step's outputs: one compile
   restored = ckpts.restore_latest_good(_placed(state["params"]), _placed(state["opt"])) if resuming else None
   start = 0
   if restored is not None:
@@ -255,14 +303,11 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   for name in ("metrics.jsonl", "eval.jsonl"):
     dba_train.truncate_jsonl(os.path.join(workdir, name), start)
   dba_train.record_start(c, workdir, start or None)
-  say(f"bridge K={c.model.K} b={c.model.b} depth={c.model.depth}: "
-      f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} params; source {c.source} "
-      f"(width {br.src.width}), target {c.target} (width {br.tgt.width}, embedding RMS {br.target_rms:.4f})"
+  say(br.describe(sum(x.size for x in jax.tree.leaves(state["params"])))
       + (f"; resumed at step {start}" if start else ""))
   key = jax.random.key(c.train.seed)
   log = lambda name, rec: open(os.path.join(workdir, name), "a").write(json.dumps(rec) + "\n")
-  d = c.data  # tokens run per step: the source prompt, the student [soft ; stub ; answer], the teacher
-  tokens_per_step = c.train.batch_size * (d.src_len + c.model.K + d.tgt_len + d.prompt_len + d.tgt_len)
+  tokens_per_step = br.tokens_per_step
   progress = dba_train.Progress(c.train.steps, open(os.devnull, "w") if quiet else sys.stderr)
   t_mark, step_mark, last = None, start, {}
   try:
@@ -278,13 +323,13 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
         last = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}, "tokens_per_s": tok_s}
         log("metrics.jsonl", last)
         eta = (c.train.steps - done) * (now - t_mark) / (done - step_mark) if done > step_mark else float("inf")
-        progress.update(done, last["loss"], tok_s, eta, f" | nll {last['nll']:.3f} (text {last['teacher_nll']:.3f})"
-                        f" kl {last['kl']:.3f} nce {last['nce']:.3f} | gates {last['gate_abs']:.3f}")
+        progress.update(done, last["loss"], tok_s, eta, br.progress(last))
         t_mark, step_mark = now, done
       if dev and (done % c.train.eval_every == 0 or done == c.train.steps):
-        em = sides.bridged_exact_match(br, state["params"], dev, c.data.max_new)
-        log("eval.jsonl", {"step": done, "dev_exact_match": em, "dev_questions": len(dev)})
-        say(f"\nstep {done}: dev exact match {em:.3f} over {len(dev)} held-out questions")
+        ems = br.dev_eval(state["params"], dev, c.data.max_new)
+        log("eval.jsonl", {"step": done, **ems, "dev_questions": len(dev)})
+        say(f"\nstep {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ems.items()) + f" over {len(dev)} held-out "
+            "questions")
       if done % c.train.ckpt_every == 0 or done == c.train.steps:
         ckpts.save(done, state["params"], state["opt"], {"step": done})
   finally:
