@@ -93,7 +93,11 @@ def reference(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+# SIGKILL in the default tier (the hardest stop); SIGTERM / SIGINT, ~100 s each, in the slow tier
+SLOW_SIGNALS = [pytest.param(s, marks=pytest.mark.slow) for s in (signal.SIGTERM, signal.SIGINT)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL] + SLOW_SIGNALS, ids=lambda s: s.name)
 def test_stopped_at_five_points_then_finished_is_bitwise_identical(reference, tmp_path, sig):
   workdir = str(tmp_path / "w")
   for point in POINTS:

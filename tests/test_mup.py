@@ -52,6 +52,7 @@ def coords():
   return out
 
 
+@pytest.mark.slow  # ~110 s (four widths trained); the coord-check CLI test runs in the default tier
 def test_mup_coordinates_flat_across_four_widths(coords):
   """After 4 Adam steps, muP keeps every block output within ~2x across an 8x width range, while the standard
   parametrisation lets the MLP and attention outputs grow several-fold with width."""

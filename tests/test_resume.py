@@ -74,6 +74,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~140 s; the fault matrix's SIGKILL case covers it in the default tier
 def test_sigkill_at_three_points_then_resume_is_bitwise_identical(reference, tmp_path):
   workdir = str(tmp_path)
   for step in (7, 18, 31):

@@ -439,6 +439,7 @@ def test_rule_reads_the_config():
   assert dataclasses.replace(rule, alpha=True).learned == ("k", "v", "eta", "q", "alpha", "memory")
 
 
+@pytest.mark.slow  # ~45 s
 def test_grad_through_write_trains_the_self_modifier_in_the_two_pass_loss():
   """The original never trained the hybrid's SelfModifier (it ran only in the no-grad update pass). With
   hope.grad_through_write the two-pass loss reaches it through the carried Titan state; without, it gets nothing."""

@@ -18,7 +18,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.parametrize("variant", ["baseline", "dba"])
+@pytest.mark.parametrize("variant", [pytest.param("baseline", marks=pytest.mark.slow), "dba"])
 def test_quickstart_loss_falls(tmp_path, variant):
   c = load_preset("quickstart.py", variant)
   c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 60, 10, 60, 60, 2
@@ -36,6 +36,7 @@ def constant_lr(c):
   return c
 
 
+@pytest.mark.slow  # ~60 s; tests/test_resume.py and test_fault_matrix.py resume bitwise in the default tier
 def test_restart_continues_from_saved_step_exactly(tmp_path):
   c = constant_lr(tiny("dba", dropout=0.1))  # dropout: the per-step rng must also continue
   interrupted, straight = str(tmp_path / "a"), str(tmp_path / "b")
