@@ -15,6 +15,8 @@ memory carries information across chunks.
   niah       the same 2-way choice, "Remember that the secret key is KEY-dddd." at a random depth among filler
   continual  segments from three domains A, B, C read as [A B C A]: the CE of each on first reading, and of A read
              again after B and C (memorise, interfere, rescore); [A A] gives the rescore without interference
+  read       a user's text: CE with and without memory; the memory can start from a saved state and be saved after
+             (dba_jax.hope.memstate), so a later call continues where this one stopped
 """
 from __future__ import annotations
 
