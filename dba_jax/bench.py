@@ -488,8 +488,9 @@ def gpt_shape(spec: str) -> tuple[str, tuple]:
 
 
 def gpt_config(attn: str, shape: tuple, overrides: list[str]):
-  """configs/selective_gpt2.py's GPT (tied head, learned positions, LayerNorm, GELU) at `shape`, float32, one
-  micro-batch, no warm-up (the learning rate is the peak from step 0), then the user's overrides."""
+  """configs/selective_gpt2.py's GPT (tied head, learned positions, LayerNorm, GELU) at `shape`, float32, the
+  layer scan unrolled (model.scan_unroll=0, as in the small CPU configs), one micro-batch, no warm-up (the
+  learning rate is the peak from step 0), then the user's overrides."""
   from dba_jax.cli import load_config
   from dba_jax.config import validate
   L, d, H, T, B, V = shape
@@ -498,6 +499,7 @@ def gpt_config(attn: str, shape: tuple, overrides: list[str]):
            f"--config.model.attn_dim={d}", f"--config.model.d_ff={4 * d}", f"--config.model.max_seq_len={T}",
            f"--config.model.vocab_size={V}", "--config.model.compute_dtype=float32", f"--config.data.seq_len={T}",
            f"--config.train.batch_size={B}", "--config.train.grad_accum=1", "--config.optim.warmup_steps=0",
+           "--config.model.scan_unroll=0",
            "--config.train.steps=100000", "--config.mesh.shape=(1,1,1)"]
   return load_config("dba-bench gpt", f"configs/selective_gpt2.py:{variant}", sized + list(overrides), validate)
 

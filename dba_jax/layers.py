@@ -13,13 +13,29 @@ from flax import nnx
 
 from dba_jax.ops import ACT_HEADS
 
-__all__ = ["ACT_EMBED", "ACT_HEADS", "Hooks", "LayerIO", "NO_HOOKS", "normal_init"]
+__all__ = ["ACT_EMBED", "ACT_HEADS", "Hooks", "LayerIO", "NO_HOOKS", "dense", "normal_init"]
 
 ACT_EMBED = ("batch", "seq", "act_embed")
 
 
 def normal_init(rngs: nnx.Rngs, shape, std: float):
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def dense(x_Nd, w_dF, transpose_w: bool = False):
+  """x [..., d] contracted with w [d, *F] (or w [F, d] with transpose_w): [..., *F], in x's dtype.
+
+  On CPU the leading axes of x are flattened first, so each projection is one 2-D GEMM: with [B, T, d] operands
+  XLA:CPU forms the weight gradient (a contraction over two axes) through a transposed copy fused into the
+  elementwise producer, 3.5x slower than the 2-D form (BUILD_NOTES, issue 16). Elsewhere the einsum keeps the
+  batch and seq axes visible to sharding and layout passes."""
+  w = w_dF.astype(x_Nd.dtype)
+  F = w.shape[:-1] if transpose_w else w.shape[1:]
+  letters = "fghij"[:len(F)]
+  spec = f"...d,{letters}d->...{letters}" if transpose_w else f"...d,d{letters}->...{letters}"
+  if jax.default_backend() != "cpu":
+    return jnp.einsum(spec, x_Nd, w)
+  return jnp.einsum(spec, x_Nd.reshape(-1, x_Nd.shape[-1]), w).reshape(x_Nd.shape[:-1] + F)
 
 
 # ------------------------------------------------------------------------------------------ extension points

@@ -21,7 +21,7 @@ from dba_jax import ops
 from dba_jax.hope.blocks import HopeBlock
 from dba_jax.hope.selfmod import HybridBlock, SelfModBlock
 from dba_jax.hope import titans_blocks
-from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, normal_init
+from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, dense, normal_init
 from dba_jax.ops import selective
 from dba_jax.mesh import constrain
 from dba_jax.config import Config, attn_dim, kv_heads, padded_vocab
@@ -44,7 +44,7 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32), axes=axes[1:]) if bias else None
 
   def __call__(self, x):
-    y = jnp.einsum("...d,df->...f", x, self.kernel[...].astype(x.dtype))
+    y = dense(x, self.kernel[...])
     return y if self.bias is None else y + _lead(self.bias[...], y)
 
 
@@ -81,7 +81,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     if self.kind == "swiglu":
-      h = jnp.einsum("...d,dkf->...kf", x, self.w_in[...].astype(x.dtype))
+      h = dense(x, self.w_in[...])
       if self.b_in is not None:
         h = h + self.b_in[...].astype(x.dtype).reshape((1,) * (h.ndim - 2) + h.shape[-2:])
       h = constrain(h, ("batch", "seq", None, "act_mlp"))
@@ -516,7 +516,7 @@ class Decoder(nnx.Module):
     m = self.m
     x = self.final_norm(x_BTd)
     if self.head is None:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype))
+      logits = dense(x, self.embed[...], transpose_w=True)
     else:
       logits = self.head(x)
     if m.mup:  # MuReadout: output / width_mult

@@ -21,7 +21,7 @@ from flax import nnx
 
 from dba_jax import ops
 from dba_jax.hope import cms
-from dba_jax.layers import ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
+from dba_jax.layers import ACT_HEADS, Hooks, LayerIO, NO_HOOKS, dense, normal_init
 from dba_jax.mesh import constrain
 
 
@@ -54,7 +54,7 @@ class PostNormAttention(nnx.Module):
     h = x_BTd
     if self.conv is not None:
       h = causal_conv(h, self.conv[...])
-    qkv = jnp.einsum("btd,dkf->btkf", h, self.qkv[...].astype(h.dtype))
+    qkv = dense(h, self.qkv[...])
     q, k, v = (constrain(qkv[:, :, i].reshape(B, T, self.H, self.D), ACT_HEADS) for i in range(3))
     if self.m.hope.qk_l2_norm:  # torch F.normalize: x / max(‖x‖, eps)
       q, k = (t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-6) for t in (q, k))
@@ -62,7 +62,7 @@ class PostNormAttention(nnx.Module):
     probs = None
     if hooks.return_probs:
       o, probs = o
-    y = jnp.einsum("btf,fd->btd", o.reshape(B, T, d), self.out[...].astype(x_BTd.dtype))
+    y = dense(o.reshape(B, T, d), self.out[...].astype(x_BTd.dtype))
     return cms.layernorm(x_BTd + y, self.norm_scale[...], self.norm_bias[...], self.m.norm_eps), probs
 
 

@@ -56,7 +56,7 @@ from flax import nnx
 
 from dba_jax.hope import cms
 from dba_jax.hope.blocks import CMSLevel, HopeBlock, causal_conv, conv_param
-from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, normal_init
+from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, dense, normal_init
 from dba_jax.mesh import constrain
 
 sg = jax.lax.stop_gradient
@@ -256,7 +256,7 @@ class SelfModBlock(HopeBlock):
       x = causal_conv(x, self.conv[...])
     q = None
     if not rule.adaptive_q:
-      q = jnp.einsum("btd,de->bte", x, self.w_q[...].astype(x.dtype))
+      q = dense(x, self.w_q[...])
       q = _unit(q) if rule.qk_norm else q
     valid = jnp.ones(x.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
     teach = state is not None and "teach" in state

@@ -36,7 +36,7 @@ from dba_jax import ops
 from dba_jax.config import attn_dim, kv_heads
 from dba_jax.hope import titans
 from dba_jax.hope.blocks import causal_conv
-from dba_jax.layers import ACT_EMBED, ACT_HEADS, Hooks, LayerIO, NO_HOOKS, normal_init
+from dba_jax.layers import ACT_EMBED, ACT_HEADS, Hooks, LayerIO, NO_HOOKS, dense, normal_init
 from dba_jax.mesh import constrain
 
 GATE_BIAS = (0.0, 0.0, -5.0)  # η = σ(0) = 0.5, θ = titans_lr·σ(0), α = σ(−5) ≈ 0.007 at init
@@ -90,7 +90,7 @@ class NeuralMemory(nnx.Module):
   def qkv(self, x_BTd, which: slice = slice(0, 3)) -> dict:
     """{"q", "k", "v"}[which] of x, each [B, T, d] in (at least) float32."""
     x = x_BTd.astype(jnp.promote_types(x_BTd.dtype, jnp.float32))
-    s = jnp.einsum("btd,dkf->btkf", x, self.w[...][:, which].astype(x.dtype))
+    s = dense(x, self.w[...][:, which])
     if self.conv is not None:
       B, T, n, F = s.shape
       kern = self.conv[...][:, which]
