@@ -1,0 +1,72 @@
+"""dba-seeds: the statistics against closed forms, and a real 2-variant x 2-seed sweep that resumes and reports."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dba_jax import seeds
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 7.0])
+def test_t_p_values_match_closed_forms(t):
+  # df 1 is the Cauchy distribution, df 2 has P(|T| >= t) = 1 - t / sqrt(2 + t^2).
+  assert seeds.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-10)
+  assert seeds.t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-10)
+
+
+def test_incomplete_beta_special_cases():
+  for x in (0.05, 0.3, 0.7, 0.98):
+    assert seeds.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-12)
+    assert seeds.betainc(3.0, 1.0, x) == pytest.approx(x ** 3, abs=1e-12)
+    assert seeds.betainc(2.5, 4.0, x) + seeds.betainc(4.0, 2.5, 1 - x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_paired_test_by_hand():
+  a, b = [1.0, 2.0, 3.0, 4.0, 5.5], [1.5, 2.25, 3.5, 4.75, 6.0]
+  r = seeds.paired(a, b)
+  d = [-0.5, -0.25, -0.5, -0.75, -0.5]
+  mean = sum(d) / 5
+  sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+  assert r["mean_diff"] == pytest.approx(mean) and r["std_diff"] == pytest.approx(sd)
+  assert r["t"] == pytest.approx(mean / (sd / math.sqrt(5)))
+  assert r["a_lower"] == 5
+  assert r["p_sign_flip"] == pytest.approx(2 / 32)  # only all-minus and all-plus are as extreme
+  # One difference of the other sign: 2 more patterns reach |mean| >= observed? Count them by brute force.
+  r2 = seeds.paired([1.0, 2.0, 3.0, 4.0], [0.0, 3.0, 4.0, 5.0])  # diffs +1, -1, -1, -1: |mean| 0.5
+  assert r2["p_sign_flip"] == pytest.approx(10 / 16)  # sign patterns with |sum| >= 2 among (+-1)^4: 2 + 8
+
+
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device per run, not the 8 this test process simulates
+  return subprocess.run([sys.executable, "-m", "dba_jax.seeds", *args], capture_output=True, text=True, timeout=600,
+                        env=env)
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path):
+  w = str(tmp_path / "sweep")
+  tiny = ["--config.train.steps=2", "--config.train.eval_every=1", "--config.train.eval_batches=1",
+          "--config.train.batch_size=2", "--config.train.log_every=1", "--config.train.ckpt_every=1",
+          "--config.model.n_layers=1", "--config.data.seq_len=32", "--config.model.max_seq_len=32"]
+  args = ["run", "--config=configs/selective_quick.py", "--variants", "selective", "unselective", "--seeds", "0", "1",
+          "--workdir", w, "--jobs", "2", *tiny]
+  r = _run(*args)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "4 of 4 runs finished" in r.stdout
+  again = _run(*args)
+  assert again.returncode == 0 and "4 already finished, 0 to train" in again.stdout
+  r = _run("report", "--workdir", w, "--baseline", "unselective")
+  assert r.returncode == 0, r.stderr
+  rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
+  assert sorted((x["variant"], x["seed"]) for x in rep["runs"]) == [("selective", 0), ("selective", 1),
+                                                                    ("unselective", 0), ("unselective", 1)]
+  losses = {(x["variant"], x["seed"]): x["final_eval_loss"] for x in rep["runs"]}
+  assert all(v is not None and math.isfinite(v) for v in losses.values())
+  p = rep["paired"]["selective"]
+  assert p["seeds"] == [0, 1]
+  assert p["diffs"] == pytest.approx([losses["selective", s] - losses["unselective", s] for s in (0, 1)])
+  assert (tmp_path / "sweep" / "report.md").exists() and (tmp_path / "sweep" / "report.png").stat().st_size > 1000
+  bad = _run("report", "--workdir", w, "--baseline", "nope")
+  assert bad.returncode == 2 and "nope" in bad.stderr
