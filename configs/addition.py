@@ -18,7 +18,12 @@ VARIANTS = {
     "763p": (7, 14, (0, 0, 0, 0), "layernorm", "none"),
     "959p": (7, 28, (0, 0, 0, 0), "layernorm", "none"),
     "1128p": (8, 28, (0, 0, 0, 0), "layernorm", "none"),
+    # Below 456 from scratch (issue 18), with the exact tricks only: 456p's q/k/v products folded (shareA_folded),
+    # ln1/ln2 weights folded into the next linear, then the position table's left factor fixed to sinusoids.
+    "401p": (7, 14, (3, 3, 2, 3), "rmsnorm", "shareA_folded"),
+    "302p": (7, 14, (3, 3, 2, 3), "rmsnorm", "shareA_folded"),
 }
+FOLDED = {"401p": {"block_norm_weight": False}, "302p": {"block_norm_weight": False, "pos_basis": "sinusoidal"}}
 
 
 def get_config(variant: str = "456p"):
@@ -30,7 +35,9 @@ def get_config(variant: str = "456p"):
   m.d_model, m.d_ff, ranks, m.norm, m.tie_qkv = VARIANTS[variant]
   m.pos_rank, m.qkv_rank, m.attn_out_rank, m.ffn_rank = ranks
   m.expect_params = int(variant[:-1])
-  if variant == "456p":  # the released grokking run (grok_456p_s43)
+  for k, v in FOLDED.get(variant, {}).items():
+    m[k] = v
+  if variant in ("456p", "401p", "302p"):  # the released grokking run's recipe (grok_456p_s43)
     c.train.steps, c.train.eval_interval, c.train.seed = 54000, 500, 43
   if variant == "1128p":  # the robust d=8 config of A.9
     c.optim.lr, c.train.steps = 0.015, 30000

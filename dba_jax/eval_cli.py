@@ -4,8 +4,8 @@
                [--max-windows N] [--batch-size B] [--out X.json]          (dba_jax.evaluate)
   dba-eval generate --checkpoint DIR --prompt TEXT [--max-new N] [--temperature T] [--seed S]
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (dba_jax.generate)
-  dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X] [--per-layer]
-                 [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
+  dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X | --target-from DIR]
+                 [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
   dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
   dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
@@ -80,11 +80,21 @@ def generate_main(args) -> dict:
 def prune_main(args) -> dict:
   from dba_jax import data, pruning
   model, c = _load(args.checkpoint)
+  baseline = None
+  if args.target_from:
+    if args.target_loss > 0:
+      raise _Fail("give --target-loss or --target-from, not both")
+    baseline, bc = _load(args.target_from)
+    mine, theirs = (c.data.source, c.data.tokenizer, c.model.vocab_size), (bc.data.source, bc.data.tokenizer,
+                                                                           bc.model.vocab_size)
+    if mine != theirs:
+      raise _Fail(f"--target-from {args.target_from} reads other data (source, tokenizer, vocab {theirs}) than "
+                  f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
   try:
     splits = data.load_splits(c.data, c.model.vocab_size)
     args.ratios, args.budgets = pruning.parse_list(args.ratios), pruning.parse_list(args.budgets, int)
-    return {"checkpoint": args.checkpoint, "split": args.split,
-            **pruning.prune_main(model, c, getattr(splits, args.split), args)}
+    return {"checkpoint": args.checkpoint, "split": args.split, "target_from": args.target_from or None,
+            **pruning.prune_main(model, c, getattr(splits, args.split), args, baseline)}
   except (data.DataError, ValueError, NotImplementedError) as e:
     raise _Fail(str(e)) from None
 
@@ -172,6 +182,8 @@ def _parser():
   r.add_argument("--rule", default="original", choices=("original", "per_row"))
   r.add_argument("--budgets", default="", help="comma-separated shared KV budgets to decode with")
   r.add_argument("--target-loss", type=float, default=0.0, help="search budgets meeting this loss (e.g. a baseline's)")
+  r.add_argument("--target-from", default="", help="checkpoint whose full-context loss on the same windows is the "
+                 "target (the paper's criterion: an unselective model's perplexity)")
   r.add_argument("--per-layer", action="store_true", help="refine the shared budget layer by layer")
   r.add_argument("--max-windows", type=int, default=8)
   r.add_argument("--batch-size", type=int, default=8)

@@ -65,10 +65,16 @@ def keep_mask(f_TS, ratio: float, rule: str = "original"):
 
 def pruned_loss(model, windows_BL1, ratio: float | None, rule: str = "original", batch_size: int = 8) -> float:
   """Mean next-token NLL over windows [N, T + 1] (inputs the first T tokens); ratio None: the unpruned model."""
-  m = model.config
-  check_prunable(m)
-  windows = np.asarray(windows_BL1, np.int32)
+  check_prunable(model.config)
   hooks = model_lib.NO_HOOKS if ratio is None else model_lib.Hooks(keep_fn=lambda f: keep_mask(f, ratio, rule))
+  return window_loss(model, windows_BL1, hooks, batch_size)
+
+
+def window_loss(model, windows_BL1, hooks=model_lib.NO_HOOKS, batch_size: int = 8) -> float:
+  """Mean next-token NLL of any model over windows [N, T + 1], full context unless `hooks` prune it (the
+  baseline side of the paper's criterion is an unselective model's full-context loss on the same windows)."""
+  m = model.config
+  windows = np.asarray(windows_BL1, np.int32)
   fn = jax.jit(lambda p, w: losses.nll(nnx.merge(model.graphdef, p).forward(w[:, :-1], hooks=hooks).logits,
                                        w[:, 1:], m.vocab_size).sum())
   total = sum(float(fn(model.params, jnp.asarray(windows[i:i + batch_size])))
@@ -215,9 +221,10 @@ def search_budgets(ev: KVBudgetEval, target: float, per_layer: bool = False) -> 
       def loss_of(b, layer=layer):
         return ev.loss(budgets[:layer] + [b] + budgets[layer + 1:])
       budgets[layer], loss = _smallest_meeting(loss_of, 2, budgets[layer], target)
+  slots = int(np.minimum(budgets, T).sum())
   return {"met": True, "target": target, "shared_budget": shared, "budgets": budgets, "loss": loss,
-          "kept_fraction": ev.kept_fraction(budgets), "kv_slots": int(np.minimum(budgets, T).sum()),
-          "full_kv_slots": L * T}
+          "kept_fraction": ev.kept_fraction(budgets), "kv_slots": slots, "full_kv_slots": L * T,
+          "reduction": L * T / slots}
 
 
 def ratio_sweep(model, windows_BL1, ratios, rule: str = "original", target: float | None = None,
@@ -233,8 +240,9 @@ def ratio_sweep(model, windows_BL1, ratios, rule: str = "original", target: floa
   return out
 
 
-def prune_main(model, config, tokens, args) -> dict:
-  """The `dba-eval prune` report: keep-ratio sweep, shared budgets, and (with a target) the budget search."""
+def prune_main(model, config, tokens, args, baseline=None) -> dict:
+  """The `dba-eval prune` report: keep-ratio sweep, shared budgets, and (with a target) the budget search. A
+  `baseline` model (--target-from) sets the target: its full-context loss on the same windows."""
   seq_len = args.seq_len or config.data.seq_len
   if args.max_windows < 1:
     raise ValueError("--max-windows must be >= 1")
@@ -242,7 +250,12 @@ def prune_main(model, config, tokens, args) -> dict:
   n = min(len(w), args.max_windows)
   windows = np.stack([w[int(i)] for i in np.linspace(0, len(w) - 1, n).astype(int)])
   target = args.target_loss if args.target_loss > 0 else None
-  out = {"seq_len": seq_len, "windows": n, "target_loss": target,
+  baseline_loss = None
+  if baseline is not None:
+    if seq_len > baseline.config.max_seq_len:
+      raise ValueError(f"--target-from model has max_seq_len {baseline.config.max_seq_len} < --seq-len {seq_len}")
+    target = baseline_loss = window_loss(baseline, windows, batch_size=args.batch_size)
+  out = {"seq_len": seq_len, "windows": n, "target_loss": target, "baseline_loss": baseline_loss,
          **ratio_sweep(model, windows, args.ratios, args.rule, target, args.batch_size)}
   ev = KVBudgetEval(model, windows, batch_size=args.batch_size)
   out["budgets"] = [{"budget": b, "loss": ev.loss(b), "kept_fraction": ev.kept_fraction(b)} for b in args.budgets]
@@ -256,4 +269,4 @@ def parse_list(text: str, kind=float) -> list:
   return [kind(x) for x in str(text).split(",") if x.strip()]
 
 
-__all__ = ["keep_mask", "pruned_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main", "RULES"]
+__all__ = ["keep_mask", "pruned_loss", "window_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main", "RULES"]

@@ -124,6 +124,9 @@ def finished(d: str) -> dict | None:
 def _pin(core: int | None):
   def pre():
     os.setpgrp()  # a Ctrl-C to the sweep reaches each child once, through run_main's forwarding
+    if sys.platform.startswith("linux"):  # the sweep killed, even by SIGKILL: each run saves and stops (no orphans)
+      import ctypes
+      ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     if core is not None and hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(0, {core})
   return pre
@@ -291,6 +294,8 @@ def report_main(args) -> int:
   except ValueError as e:
     print(f"dba-seeds report: error: {e}", file=sys.stderr)
     return 2
+  from dba_jax.cli import refuse_existing
+  refuse_existing("dba-seeds report", args.out, args.force)  # the default WORKDIR/report.json is the sweep's own
   out = args.out or os.path.join(args.workdir, "report.json")
   base = os.path.splitext(out)[0]
   md = markdown(rep, args.baseline)
@@ -321,6 +326,7 @@ def main(argv=None) -> int:
   q.add_argument("--workdir", required=True)
   q.add_argument("--baseline", default=None, help="variant every other one is paired against")
   q.add_argument("--out", default="", help="report JSON path (default WORKDIR/report.json; .md and .png beside)")
+  q.add_argument("--force", action="store_true", help="replace an existing --out file")
   args, extra = p.parse_known_args(argv)
   bad = [o for o in extra if not (args.command == "run" and o.startswith("--config."))]
   if bad:

@@ -106,3 +106,24 @@ def test_search_finds_budget_meeting_target(setup):
   greedy = pruning.search_budgets(ev, target, per_layer=True)
   assert greedy["loss"] <= target and greedy["kept_fraction"] <= found["kept_fraction"]
   assert not pruning.search_budgets(ev, full - 1.0)["met"]
+
+
+def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(setup):
+  import types
+  from dba_jax import losses
+  model, _, _ = setup
+  c = validate(tiny("standard", attn_kind="selective"))
+  bm = validate(tiny("standard")).model  # an unselective baseline, other weights
+  baseline = model_lib.Model(bm, model_lib.abstract(bm)[0], model_lib.init_params(bm, jax.random.key(7)))
+  tokens = np.random.default_rng(3).integers(0, bm.vocab_size, 40 * T).astype(np.int32)
+  args = types.SimpleNamespace(seq_len=T, max_windows=6, target_loss=0.0, ratios=[1.0], rule="original",
+                               batch_size=4, budgets=[], per_layer=True)
+  out = pruning.prune_main(model, c, tokens, args, baseline=baseline)
+  w = np.stack([pruning.evaluate.windows(tokens, T, T)[int(i)] for i in np.linspace(0, 39 - 1, 6).astype(int)])
+  direct = float(losses.nll(baseline(jnp.asarray(w[:, :-1])), jnp.asarray(w[:, 1:]), bm.vocab_size).mean())
+  assert out["baseline_loss"] == pytest.approx(direct, rel=1e-5) and out["target_loss"] == out["baseline_loss"]
+  s = out["search"]
+  if s["met"]:
+    assert s["loss"] <= out["target_loss"] and s["reduction"] == pytest.approx(s["full_kv_slots"] / s["kv_slots"])
+  else:  # the selective model misses the baseline even with its full cache
+    assert out["unpruned_loss"] > out["target_loss"]
