@@ -5,7 +5,7 @@
   dba-eval generate --checkpoint DIR --prompt TEXT [--max-new N] [--temperature T] [--seed S]
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (dba_jax.generate)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X | --target-from DIR]
-                 [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]   (dba_jax.pruning)
+                 [--within 0.01] [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]
   dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
   dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (dba_jax.hope.evals)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
@@ -184,6 +184,8 @@ def _parser():
   r.add_argument("--target-loss", type=float, default=0.0, help="search budgets meeting this loss (e.g. a baseline's)")
   r.add_argument("--target-from", default="", help="checkpoint whose full-context loss on the same windows is the "
                  "target (the paper's criterion: an unselective model's perplexity)")
+  r.add_argument("--within", type=float, default=0.0, help="also search budgets within this relative loss of the "
+                 "model's own full cache (e.g. 0.01)")
   r.add_argument("--per-layer", action="store_true", help="refine the shared budget layer by layer")
   r.add_argument("--max-windows", type=int, default=8)
   r.add_argument("--batch-size", type=int, default=8)

@@ -242,7 +242,8 @@ def ratio_sweep(model, windows_BL1, ratios, rule: str = "original", target: floa
 
 def prune_main(model, config, tokens, args, baseline=None) -> dict:
   """The `dba-eval prune` report: keep-ratio sweep, shared budgets, and (with a target) the budget search. A
-  `baseline` model (--target-from) sets the target: its full-context loss on the same windows."""
+  `baseline` model (--target-from) sets the target: its full-context loss on the same windows. args.within > 0
+  adds a second search against the model's own full-cache loss times (1 + within)."""
   seq_len = args.seq_len or config.data.seq_len
   if args.max_windows < 1:
     raise ValueError("--max-windows must be >= 1")
@@ -261,6 +262,11 @@ def prune_main(model, config, tokens, args, baseline=None) -> dict:
   out["budgets"] = [{"budget": b, "loss": ev.loss(b), "kept_fraction": ev.kept_fraction(b)} for b in args.budgets]
   if target is not None:
     out["search"] = search_budgets(ev, target, per_layer=args.per_layer)
+  within = getattr(args, "within", 0.0)
+  if within > 0:  # a stricter target: the model's own full-cache decoding loss, relatively `within` worse
+    full = ev.loss(ev.T)
+    out["search_within"] = {"within": within, "full_cache_loss": full,
+                            **search_budgets(ev, full * (1 + within), per_layer=args.per_layer)}
   out["budget_evals"] = ev.evals
   return out
 

@@ -3,6 +3,7 @@
   dba-seeds run --config=configs/selective_quick.py --variants selective unselective --seeds 0 1 2 3 4 \\
       --workdir runs/seeds/quick [--jobs 2] [--config.train.steps=...]
   dba-seeds report --workdir runs/seeds/quick --baseline unselective [--out report.json]
+  dba-seeds pruning runs/pruning/*.json [--out runs/pruning/summary.md]
 
 `run` trains WORKDIR/<variant>/seed<S> with dba-train (one child process per run, `--config.train.seed=S`), so a
 stopped sweep resumes with the same command: finished runs are skipped and unfinished ones resume from their last
@@ -13,7 +14,10 @@ seeds pair variants.
 `report` lists every run (nothing is dropped), then per variant mean +- sample std of the final eval loss, and
 against --baseline the paired differences over the seeds both have: mean, std, Student's t with its two-sided p,
 and the exact two-sided sign-flip permutation p (all 2^n sign patterns; no normality assumed). It writes
-report.json, report.md and curves.png (eval loss against step, one line per run) into the workdir, or --out.
+report.json, report.md and report.png (eval loss against step, one line per run) into the workdir, or --out.
+
+`pruning` tabulates `dba-eval prune --target-from` results (one per seed and context): the per-layer budgets at
+parity with the unselective model and the reduction factor, with mean and spread per context.
 """
 from __future__ import annotations
 
@@ -310,6 +314,62 @@ def report_main(args) -> int:
   return 0
 
 
+def pruning_rows(paths: list[str]) -> list[dict]:
+  """One row per `dba-eval prune --target-from ... [--within R]` result: the losses and the reduction factors."""
+  rows = []
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    if "search" not in r:
+      raise ValueError(f"{path}: no budget search (run dba-eval prune with --target-from or --target-loss)")
+    s, w = r["search"], r.get("search_within")
+    par = [x["ratio"] for x in r["ratios"] if x["loss"] <= r["target_loss"]]
+    rows.append({"file": path, "checkpoint": r["checkpoint"], "baseline": r.get("target_from"), "T": r["seq_len"],
+                 "windows": r["windows"], "selective_loss": r["unpruned_loss"], "target_loss": r["target_loss"],
+                 "met": s["met"], "budgets": s["budgets"], "reduction": s.get("reduction"),
+                 "loss_at_budgets": s["loss"], "min_keep_ratio_at_parity": min(par) if par else None,
+                 "within": w["within"] if w else None, "within_budgets": w["budgets"] if w else None,
+                 "within_reduction": w.get("reduction") if w else None})
+  return rows
+
+
+def pruning_markdown(rows: list[dict]) -> str:
+  lines = ["| T | selective checkpoint | windows | selective loss | unselective loss (target) | budgets at parity | "
+           "reduction | loss there | within-own budgets | reduction |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (r["T"], r["checkpoint"])):
+    red = f"{r['reduction']:.1f}x" if r["met"] else "not met"
+    wr = f"{r['within_reduction']:.1f}x (within {100 * r['within']:g} %)" if r["within_reduction"] else ""
+    lines.append(f"| {r['T']} | {r['checkpoint']} | {r['windows']} | {r['selective_loss']:.4f} | "
+                 f"{r['target_loss']:.4f} | {r['budgets']} | {red} | {r['loss_at_budgets']:.4f} | "
+                 f"{r['within_budgets'] or ''} | {wr} |")
+  for T in sorted({r["T"] for r in rows}):
+    for key, name in (("reduction", "parity with the unselective model"), ("within_reduction", "within own loss")):
+      xs = [r[key] for r in rows if r["T"] == T and r[key]]
+      if xs:
+        sm = summary(xs)
+        lines.append(f"\nT {T}, {name}: reduction {sm['mean']:.1f}x +- {sm['std']:.1f} over {sm['n']} seeds "
+                     f"(min {sm['min']:.1f}x, max {sm['max']:.1f}x)")
+  return "\n".join(lines) + "\n"
+
+
+def pruning_main(args) -> int:
+  from dba_jax.cli import refuse_existing
+  refuse_existing("dba-seeds pruning", args.out, args.force)
+  try:
+    rows = pruning_rows(args.results)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"dba-seeds pruning: error: {e}", file=sys.stderr)
+    return 2
+  md = pruning_markdown(rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(md)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+      json.dump(rows, f, indent=2)
+  print(md)
+  return 0
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   p = argparse.ArgumentParser(prog="dba-seeds", description=__doc__,
@@ -327,6 +387,10 @@ def main(argv=None) -> int:
   q.add_argument("--baseline", default=None, help="variant every other one is paired against")
   q.add_argument("--out", default="", help="report JSON path (default WORKDIR/report.json; .md and .png beside)")
   q.add_argument("--force", action="store_true", help="replace an existing --out file")
+  k = sub.add_parser("pruning", help="the pruning claim over seeds: a table of dba-eval prune results")
+  k.add_argument("results", nargs="+", help="dba-eval prune --target-from JSON files")
+  k.add_argument("--out", default="", help="markdown table path (a .json of the rows beside it)")
+  k.add_argument("--force", action="store_true", help="replace an existing --out file")
   args, extra = p.parse_known_args(argv)
   bad = [o for o in extra if not (args.command == "run" and o.startswith("--config."))]
   if bad:
@@ -339,7 +403,7 @@ def main(argv=None) -> int:
     if not os.path.exists(args.config.split(":")[0]):
       p.error(f"--config {args.config}: no such file")
     return run_main(args, extra)
-  return report_main(args)
+  return report_main(args) if args.command == "report" else pruning_main(args)
 
 
 def cli():

@@ -108,7 +108,7 @@ def test_search_finds_budget_meeting_target(setup):
   assert not pruning.search_budgets(ev, full - 1.0)["met"]
 
 
-def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(setup):
+def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(setup, tmp_path):
   import types
   from dba_jax import losses
   model, _, _ = setup
@@ -117,7 +117,7 @@ def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(set
   baseline = model_lib.Model(bm, model_lib.abstract(bm)[0], model_lib.init_params(bm, jax.random.key(7)))
   tokens = np.random.default_rng(3).integers(0, bm.vocab_size, 40 * T).astype(np.int32)
   args = types.SimpleNamespace(seq_len=T, max_windows=6, target_loss=0.0, ratios=[1.0], rule="original",
-                               batch_size=4, budgets=[], per_layer=True)
+                               batch_size=4, budgets=[], per_layer=True, within=0.05)
   out = pruning.prune_main(model, c, tokens, args, baseline=baseline)
   w = np.stack([pruning.evaluate.windows(tokens, T, T)[int(i)] for i in np.linspace(0, 39 - 1, 6).astype(int)])
   direct = float(losses.nll(baseline(jnp.asarray(w[:, :-1])), jnp.asarray(w[:, 1:]), bm.vocab_size).mean())
@@ -127,3 +127,15 @@ def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(set
     assert s["loss"] <= out["target_loss"] and s["reduction"] == pytest.approx(s["full_kv_slots"] / s["kv_slots"])
   else:  # the selective model misses the baseline even with its full cache
     assert out["unpruned_loss"] > out["target_loss"]
+  own = out["search_within"]
+  assert own["met"] and own["target"] == pytest.approx(1.05 * own["full_cache_loss"]) and own["loss"] <= own["target"]
+  assert own["full_cache_loss"] == pytest.approx(out["unpruned_loss"], rel=1e-5)  # decoding = the full forward
+  # dba-seeds pruning tabulates such results (dba-eval adds the checkpoint names).
+  import json
+  from dba_jax import seeds
+  path = tmp_path / "prune.json"
+  path.write_text(json.dumps({"checkpoint": "sel", "target_from": "unsel", **out}))
+  row, = seeds.pruning_rows([str(path)])
+  assert row["T"] == T and row["budgets"] == s["budgets"] and row["within_budgets"] == own["budgets"]
+  assert row["within_reduction"] == pytest.approx(own["full_kv_slots"] / own["kv_slots"])
+  assert "| 16 | sel |" in seeds.pruning_markdown([row])
