@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dba_jax.addition import data
+from dba_jax.layers import dense
 
 # The original's modes, then ours: shareA_folded is shareA_tieKV with its products folded (see `qkv`).
 TIE_MODES = ("none", "all", "qk", "kv", "shareA", "shareB", "shareB_tieQK", "shareB_tieKV", "shareA_tieKV",
@@ -124,7 +125,7 @@ def init_params(a: Arch, key: jax.Array) -> dict:
 
 
 def linear(p: dict, x):
-  return (x @ p["A"]) @ p["B"] if "A" in p else x @ p["kernel"]
+  return dense(dense(x, p["A"]), p["B"]) if "A" in p else dense(x, p["kernel"])
 
 
 def norm(a: Arch, p: dict, x_BTD):
@@ -157,24 +158,24 @@ def qkv(a: Arch, p: dict, x_BTD):
     s = linear(p["kv_shared"], x_BTD)
     return linear(p["q_proj"], x_BTD), s, s
   if mode.startswith("shareA"):
-    h_BTR = x_BTD @ p["qkv_A"]
+    h_BTR = dense(x_BTD, p["qkv_A"])
     if mode == "shareA_folded":
-      return h_BTR @ p["qk_M"], h_BTR, h_BTR
+      return dense(h_BTR, p["qk_M"]), h_BTR, h_BTR
     if mode == "shareA":
-      return h_BTR @ p["qkv_Bq"], h_BTR @ p["qkv_Bk"], h_BTR @ p["qkv_Bv"]
+      return dense(h_BTR, p["qkv_Bq"]), dense(h_BTR, p["qkv_Bk"]), dense(h_BTR, p["qkv_Bv"])
     if mode == "shareA_tieKV":
-      kv = h_BTR @ p["qkv_Bkv"]
-      return h_BTR @ p["qkv_Bq"], kv, kv
-    qk = h_BTR @ p["qkv_Bqk"]  # shareA_tieQK
-    return qk, qk, h_BTR @ p["qkv_Bv"]
+      kv = dense(h_BTR, p["qkv_Bkv"])
+      return dense(h_BTR, p["qkv_Bq"]), kv, kv
+    qk = dense(h_BTR, p["qkv_Bqk"])  # shareA_tieQK
+    return qk, qk, dense(h_BTR, p["qkv_Bv"])
   B = p["qkv_B"]
   if mode == "shareB":
-    return (x_BTD @ p["qkv_Aq"]) @ B, (x_BTD @ p["qkv_Ak"]) @ B, (x_BTD @ p["qkv_Av"]) @ B
+    return tuple(dense(dense(x_BTD, p[f"qkv_A{n}"]), B) for n in ("q", "k", "v"))
   if mode == "shareB_tieQK":
-    qk = (x_BTD @ p["qkv_Aqk"]) @ B
-    return qk, qk, (x_BTD @ p["qkv_Av"]) @ B
-  kv = (x_BTD @ p["qkv_Akv"]) @ B  # shareB_tieKV
-  return (x_BTD @ p["qkv_Aq"]) @ B, kv, kv
+    qk = dense(dense(x_BTD, p["qkv_Aqk"]), B)
+    return qk, qk, dense(dense(x_BTD, p["qkv_Av"]), B)
+  kv = dense(dense(x_BTD, p["qkv_Akv"]), B)  # shareB_tieKV
+  return dense(dense(x_BTD, p["qkv_Aq"]), B), kv, kv
 
 
 def attention(a: Arch, p: dict, x_BTD, q_start: int = 0):
@@ -221,7 +222,7 @@ def forward(a: Arch, params: dict, ids_BT, out_from: int = 0):
     x = x[:, start:] + attention(a, p["attn"], norm(a, p.get("ln1", {}), x), start)
     h = jax.nn.gelu(linear(p["mlp"]["fc1"], norm(a, p.get("ln2", {}), x)), approximate=False)  # exact erf GELU
     x = x + linear(p["mlp"]["fc2"], h)
-  return norm(a, params["ln_f"], x) @ emb_VD.T  # tied head
+  return dense(norm(a, params["ln_f"], x), emb_VD, transpose_w=True)  # tied head
 
 
 def loss_fn(a: Arch, params: dict, x_BT, y_BT, label_start: int = 0):
