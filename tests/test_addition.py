@@ -171,6 +171,43 @@ def test_vmapped_training_equals_separate_runs(tmp_path, batching):
   assert open(tmp_path / "n3" / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+  c = _tiny(2, 5, "map")
+  c.train.steps = 30
+  whole = train_lib.train(c, str(tmp_path / "whole"), quiet=True)
+  real, calls = train_lib.exact_match_all, []
+
+  def dies_on_third_eval(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:  # evals at steps 0 and 10 saved resume points; the kill lands before the step-20 one
+      raise KeyboardInterrupt
+    return real(*a, **k)
+  monkeypatch.setattr(train_lib, "exact_match_all", dies_on_third_eval)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train(c, str(tmp_path / "cut"), quiet=True)
+  monkeypatch.setattr(train_lib, "exact_match_all", real)
+  assert json.load(open(tmp_path / "cut" / "resume" / "meta.json"))["step"] == 11
+  resumed = train_lib.train(c, str(tmp_path / "cut"), quiet=True)  # the same call again
+  for i in range(2):
+    a = checkpoint.load(str(tmp_path / "whole" / f"model_{i}"), "last")[0]
+    b = checkpoint.load(str(tmp_path / "cut" / f"model_{i}"), "last")[0]
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_array_equal(x, y)  # bitwise: data is a function of the step, and Adam's state is restored
+    rows = [[{k: v for k, v in json.loads(ln).items() if k != "steps_per_s"} for ln in open(d / f"model_{i}" /
+                                                                                           "metrics.jsonl")]
+            for d in (tmp_path / "whole", tmp_path / "cut")]
+    assert rows[0] == rows[1]  # no record lost or doubled
+    assert whole["models"][i]["best_val_exact"] == resumed["models"][i]["best_val_exact"]
+  with pytest.raises(train_lib.ConfigError, match="finished run"):
+    train_lib.train(c, str(tmp_path / "cut"), quiet=True)
+  import shutil
+  shutil.copytree(tmp_path / "cut", tmp_path / "cut2")  # an unfinished run, then resumed with another config
+  other = _tiny(2, 5, "map")  # steps 20, not 30
+  os.remove(tmp_path / "cut2" / "summary.json")
+  with pytest.raises(train_lib.ConfigError, match="differs in train.steps"):
+    train_lib.train(other, str(tmp_path / "cut2"), quiet=True)
+
+
 def test_lr_schedule():
   c = _configs().get_config("456p")
   f = train_lib.lr_schedule(c.optim, 54000)

@@ -10,6 +10,10 @@ and (seed + i + 1337) its training stream, so model i of a sweep is the same run
 seed. Each model gets its own directory `DIR/model_<i>/` with metrics.jsonl, tb/ (TensorBoard), best/ (highest
 validation exact match, strictly improving, as the original) and last/. DIR/summary.json has every model's best/last
 validation and its test-split result; DIR/curves.png plots every model's training loss and validation exact match.
+
+After every evaluation but the last, DIR/resume/ holds the parameters, optimizer state, data-stream RNG states and
+bests. A run killed at any point restarts with the same command from its last evaluation, bitwise as if never
+stopped; a different config is refused, and a finished run (summary.json) is never trained again.
 """
 from __future__ import annotations
 
@@ -156,6 +160,78 @@ def _slice(tree, i: int):
   return jax.tree.map(lambda x: np.asarray(x[i]), tree)
 
 
+RESUME = "resume"  # workdir/resume/{state.npz, meta.json}: params, optimizer state and bests after an eval
+
+
+def _resume_point(workdir: str, c) -> dict | None:
+  """The saved resume metadata of an unfinished run in workdir (None for a new run); refuses a run whose
+  config differs from `c` or whose model directories exist without a resume point."""
+  meta_path = os.path.join(workdir, RESUME, "meta.json")
+  if not os.path.exists(meta_path):
+    if os.path.isdir(os.path.join(workdir, "model_0")):
+      raise ConfigError(f"--workdir={workdir} holds a run that stopped before its first evaluation saved a resume "
+                        "point; choose a new workdir or delete that one")
+    return None
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  now = json.loads(c.to_json())
+  diff = sorted(f"{sec}.{k}" for sec in set(saved) | set(now) for k in set(saved.get(sec, {})) | set(now.get(sec, {}))
+                if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k))
+  if diff:
+    raise ConfigError(f"--workdir={workdir} holds a run with another config (differs in {', '.join(diff)}); "
+                      "resume it with the same config or choose a new workdir")
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def _save_resume(workdir: str, params, opt_state, best, best_step, last_val, step: int, samplers):
+  """Atomically: the state after `step` steps, the samplers' RNG states included (the directory is replaced by rename, so a kill leaves the old or
+  the new point, never half of one)."""
+  leaves = jax.tree.leaves((params, opt_state))
+  tmp, final = os.path.join(workdir, RESUME + ".tmp"), os.path.join(workdir, RESUME)
+  os.makedirs(tmp, exist_ok=True)
+  np.savez(os.path.join(tmp, "state.npz"), *[np.asarray(x) for x in jax.device_get(leaves)])
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump({"step": step, "best": best.tolist(), "best_step": best_step.tolist(), "last_val": last_val.tolist(),
+               "sampler_rng": [s.rng.bit_generator.state for s in samplers]}, f)  # the streams are stateful
+  old = final + ".old"
+  if os.path.isdir(final):
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if os.path.isdir(old):
+    import shutil
+    shutil.rmtree(old)
+
+
+def _load_resume(workdir: str, params, opt_state, samplers):
+  d = os.path.join(workdir, RESUME)
+  if not os.path.isdir(d) and os.path.isdir(d + ".old"):  # killed between the two renames
+    d = d + ".old"
+  with open(os.path.join(d, "meta.json")) as f:
+    meta = json.load(f)
+  arrays = np.load(os.path.join(d, "state.npz"))
+  ref, treedef = jax.tree.flatten((params, opt_state))
+  loaded = [arrays[f"arr_{i}"] for i in range(len(ref))]
+  bad = [i for i, (a, b) in enumerate(zip(ref, loaded)) if np.shape(a) != b.shape]
+  if len(arrays.files) != len(ref) or bad:
+    raise ConfigError(f"{d}: the saved state does not fit this model ({len(arrays.files)} arrays for {len(ref)})")
+  params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(x, dtype=np.asarray(r).dtype)
+                                                    for x, r in zip(loaded, ref)])
+  for s, state in zip(samplers, meta["sampler_rng"]):
+    s.rng.bit_generator.state = state
+  return (params, opt_state, np.asarray(meta["best"]), np.asarray(meta["best_step"]), np.asarray(meta["last_val"]),
+          int(meta["step"]))
+
+
+def _truncate_jsonl(path: str, last_step: int):
+  if os.path.exists(path):
+    with open(path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def train(c, workdir: str, quiet: bool = False) -> dict:
   """Trains train.num_models models; returns the summary (also written to workdir/summary.json)."""
   config_lib.validate(c)
@@ -163,8 +239,9 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   N = t.num_models
   seeds = [t.seed + i for i in range(N)]
   workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, "summary.json")) or os.path.isdir(os.path.join(workdir, "model_0")):
-    raise ConfigError(f"--workdir={workdir} already holds a run (resuming is not supported); choose a new one")
+  if os.path.exists(os.path.join(workdir, "summary.json")):
+    raise ConfigError(f"--workdir={workdir} holds a finished run (summary.json); choose a new one")
+  resume = _resume_point(workdir, c)
   phases = data.parse_curriculum(t.curriculum)
   splits = [data.holdout_splits(t.val_size, t.test_size, s) for s in seeds]
   samplers = [data.Sampler(t.batch_size, s + 1337, data.reserved_hashes(sp), phases) for s, sp in zip(seeds, splits)]
@@ -177,10 +254,17 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   params, opt_state = init_models(a, opt, seeds, t.init_from)
 
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json(indent=2))
-  from tensorboardX import SummaryWriter
   dirs = [os.path.join(workdir, f"model_{i}") for i in range(N)]
+  best, best_step, last_val, start = np.full(N, -1.0), np.full(N, -1), np.zeros(N), 0
+  if resume is not None:
+    params, opt_state, best, best_step, last_val, start = _load_resume(workdir, params, opt_state, samplers)
+    for d in dirs:  # records after the saved step are written again by the resumed run
+      _truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
+  else:
+    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+      f.write(c.to_json(indent=2))
+    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+  from tensorboardX import SummaryWriter
   writers = [SummaryWriter(os.path.join(d, "tb")) for d in dirs]
   files = [open(os.path.join(d, "metrics.jsonl"), "a") for d in dirs]
   progress = Progress(t.steps, open(os.devnull, "w") if quiet else sys.stderr)
@@ -198,11 +282,10 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
                     {"step": step, "val_exact": val, "seed": seeds[i], "total_steps": t.steps, "params": n_params,
                      "config": json.loads(c.to_json())})
 
-  best, best_step, last_val = np.full(N, -1.0), np.full(N, -1), np.zeros(N)
   t_mark, step_mark, train_s, speeds = None, 0, 0.0, []
   loss_N = np.zeros(N)
   try:
-    step = 0
+    step = start
     while step < t.steps:  # 0-based like the original: eval at step % interval == 0 and the last step
       # K steps in one scanned call where no log or eval falls inside them, else one step
       n = K if multi_fn is not None and _next_stop(step, t) - step + 1 >= K else 1
@@ -245,6 +328,8 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
           if exact_N[i] > best[i]:
             best[i], best_step[i] = exact_N[i], step
             save("best", i, step, float(exact_N[i]))
+        if done < t.steps:  # a killed run restarts from here with the same command
+          _save_resume(workdir, params, opt_state, best, best_step, last_val, done, samplers)
         if t_mark is not None:  # keep evaluation time out of steps/s
           t_mark += time.perf_counter() - t_eval
       step += 1
