@@ -67,7 +67,8 @@ def test_load_model_reproduces_eval_loss(tmp_path):
   assert model(batches[0][:, :-1]).shape == (8, 16, 256)
 
 
-@pytest.mark.parametrize("kind", ["standard", "dba"])
+# DBA's sharded loss and gradients are checked on every mesh in test_sharding; its train steps here are slow-tier.
+@pytest.mark.parametrize("kind", ["standard", pytest.param("dba", marks=pytest.mark.slow)])
 def test_data_parallel_equals_one_device(kind):
   c = validate(tiny(kind))
   splits = data.load_splits(c.data, c.model.vocab_size)
