@@ -137,7 +137,7 @@ def _pin(core: int | None):
 
 
 def run_main(args, overrides: list[str]) -> int:
-  todo = [(v, s) for v in args.variants for s in args.seeds]
+  todo = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a stopped sweep leaves whole pairs
   for v in args.variants:  # fail fast on a bad variant or override, before any training
     cmd = [sys.executable, "-m", "dba_jax.main", f"--config={args.config}:{v}",
            f"--workdir={run_dir(args.workdir, v, args.seeds[0])}", "--dry_run", *overrides]
@@ -164,7 +164,7 @@ def run_main(args, overrides: list[str]) -> int:
 
   old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    while pending or running:
+    while (pending and stop["sig"] is None) or running:
       while pending and len(running) < args.jobs and stop["sig"] is None:
         slot = next(i for i in range(args.jobs) if i not in running)
         v, s = pending.pop(0)

@@ -70,3 +70,29 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
   assert (tmp_path / "sweep" / "report.md").exists() and (tmp_path / "sweep" / "report.png").stat().st_size > 1000
   bad = _run("report", "--workdir", w, "--baseline", "nope")
   assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_sigterm_stops_the_sweep_cleanly_and_the_same_command_resumes(tmp_path):
+  import signal
+  import time
+  w = str(tmp_path / "sweep")
+  args = [sys.executable, "-m", "dba_jax.seeds", "run", "--config=configs/selective_quick.py", "--variants", "selective",
+          "--seeds", "0", "--workdir", w, "--config.train.steps=400", "--config.train.eval_every=400",
+          "--config.train.eval_batches=1", "--config.train.batch_size=2", "--config.train.log_every=20",
+          "--config.train.ckpt_every=100", "--config.model.n_layers=1", "--config.data.seq_len=32",
+          "--config.model.max_seq_len=32"]
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  metrics = tmp_path / "sweep" / "selective" / "seed0" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "stopped; every run saved its step" in out, out
+  log = (tmp_path / "sweep" / "selective" / "seed0.log").read_text()
+  assert "saved a checkpoint at step" in log and seeds.finished(os.path.join(w, "selective", "seed0")) is None
+  r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0 and "1 of 1 runs finished" in r.stdout, r.stdout + r.stderr
+  runs = (tmp_path / "sweep" / "selective" / "seed0" / "runs.jsonl").read_text().strip().splitlines()
+  assert len(runs) == 2 and json.loads(runs[1])["resumed_from"] > 0  # resumed, not restarted
