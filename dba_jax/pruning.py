@@ -275,4 +275,5 @@ def parse_list(text: str, kind=float) -> list:
   return [kind(x) for x in str(text).split(",") if x.strip()]
 
 
-__all__ = ["keep_mask", "pruned_loss", "window_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main", "RULES"]
+__all__ = ["keep_mask", "pruned_loss", "window_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main",
+           "RULES"]
