@@ -187,6 +187,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     train_lib.train(c, str(tmp_path / "cut"), quiet=True)
   monkeypatch.setattr(train_lib, "exact_match_all", real)
   assert json.load(open(tmp_path / "cut" / "resume" / "meta.json"))["step"] == 11
+  os.replace(tmp_path / "cut" / "resume", tmp_path / "cut" / "resume.old")  # as if killed between the two renames
   resumed = train_lib.train(c, str(tmp_path / "cut"), quiet=True)  # the same call again
   for i in range(2):
     a = checkpoint.load(str(tmp_path / "whole" / f"model_{i}"), "last")[0]

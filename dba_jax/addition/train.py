@@ -166,7 +166,7 @@ RESUME = "resume"  # workdir/resume/{state.npz, meta.json}: params, optimizer st
 def _resume_point(workdir: str, c) -> dict | None:
   """The saved resume metadata of an unfinished run in workdir (None for a new run); refuses a run whose
   config differs from `c` or whose model directories exist without a resume point."""
-  meta_path = os.path.join(workdir, RESUME, "meta.json")
+  meta_path = os.path.join(_resume_dir(workdir), "meta.json")
   if not os.path.exists(meta_path):
     if os.path.isdir(os.path.join(workdir, "model_0")):
       raise ConfigError(f"--workdir={workdir} holds a run that stopped before its first evaluation saved a resume "
@@ -184,9 +184,14 @@ def _resume_point(workdir: str, c) -> dict | None:
     return json.load(f)
 
 
+def _resume_dir(workdir: str) -> str:
+  d = os.path.join(workdir, RESUME)
+  return d + ".old" if not os.path.isdir(d) and os.path.isdir(d + ".old") else d  # killed between the renames
+
+
 def _save_resume(workdir: str, params, opt_state, best, best_step, last_val, step: int, samplers):
-  """Atomically: the state after `step` steps, the samplers' RNG states included (the directory is replaced by rename, so a kill leaves the old or
-  the new point, never half of one)."""
+  """Atomically: the state after `step` steps, the samplers' RNG states included. The directory is replaced by
+  rename, so a kill leaves the old or the new point, never half of one."""
   leaves = jax.tree.leaves((params, opt_state))
   tmp, final = os.path.join(workdir, RESUME + ".tmp"), os.path.join(workdir, RESUME)
   os.makedirs(tmp, exist_ok=True)
@@ -204,9 +209,7 @@ def _save_resume(workdir: str, params, opt_state, best, best_step, last_val, ste
 
 
 def _load_resume(workdir: str, params, opt_state, samplers):
-  d = os.path.join(workdir, RESUME)
-  if not os.path.isdir(d) and os.path.isdir(d + ".old"):  # killed between the two renames
-    d = d + ".old"
+  d = _resume_dir(workdir)
   with open(os.path.join(d, "meta.json")) as f:
     meta = json.load(f)
   arrays = np.load(os.path.join(d, "state.npz"))
