@@ -74,9 +74,7 @@ def t_two_sided_p(t: float, df: int) -> float:
 def paired(a: list[float], b: list[float]) -> dict:
   """Paired comparison of a - b: mean, std, t, two-sided t-test p, exact sign-flip permutation p, a < b count."""
   d = [x - y for x, y in zip(a, b)]
-  n = len(d)
-  mean = sum(d) / n
-  sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+  n, mean, sd = len(d), summary(d)["mean"], summary(d)["std"]
   t = mean / (sd / math.sqrt(n)) if n > 1 and sd > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
   observed = abs(mean) - 1e-12
   flips = [abs(sum(s * x for s, x in zip(signs, d))) / n for signs in itertools.product((1, -1), repeat=n)]
@@ -221,12 +219,12 @@ def collect(workdir: str) -> list[dict]:
         continue
       rec = finished(d)
       metrics = read_jsonl(os.path.join(d, "metrics.jsonl"))
-      wall = [r for r in read_jsonl(os.path.join(d, "runs.jsonl"))]
+      starts = read_jsonl(os.path.join(d, "runs.jsonl"))
       runs.append({"variant": v, "seed": int(name[4:]), "dir": d,
                    "final_eval_loss": None if rec is None else rec["eval_loss"],
                    "steps": rec["step"] if rec else max((r["step"] for r in metrics), default=0),
                    "tokens_per_s": metrics[-1].get("tokens_per_s") if metrics else None,
-                   "restarts": max(len(wall) - 1, 0),
+                   "restarts": max(len(starts) - 1, 0),
                    "curve": [(r["step"], r["eval_loss"]) for r in read_jsonl(os.path.join(d, DONE))]})
   return runs
 
