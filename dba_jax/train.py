@@ -293,8 +293,9 @@ def truncate_jsonl(path: str, last_step: int):
     return
   with open(path) as f:
     keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:  # a kill mid-write leaves the old file whole
     f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 class Progress:

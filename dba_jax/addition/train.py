@@ -35,7 +35,7 @@ from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
 from dba_jax.config import ConfigError
 from dba_jax.conversion import ConversionError
-from dba_jax.train import lr_schedule  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
+from dba_jax.train import lr_schedule, truncate_jsonl  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
 
 
 def make_optimizer(o, total_steps: int):
@@ -226,15 +226,6 @@ def _load_resume(workdir: str, params, opt_state, samplers):
           int(meta["step"]))
 
 
-def _truncate_jsonl(path: str, last_step: int):
-  if os.path.exists(path):
-    with open(path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
 def train(c, workdir: str, quiet: bool = False) -> dict:
   """Trains train.num_models models; returns the summary (also written to workdir/summary.json)."""
   config_lib.validate(c)
@@ -262,7 +253,7 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   if resume is not None:
     params, opt_state, best, best_step, last_val, start = _load_resume(workdir, params, opt_state, samplers)
     for d in dirs:  # records after the saved step are written again by the resumed run
-      _truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
+      truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
   else:
     with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
       f.write(c.to_json(indent=2))
