@@ -209,6 +209,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     train_lib.train(other, str(tmp_path / "cut2"), quiet=True)
 
 
+def test_grok_steps_are_the_first_evaluation_at_each_level(tmp_path):
+  rows = [{"step": 0, "val/exact_match": 0.0}, {"step": 99, "loss": 1.0}, {"step": 500, "val/exact_match": 0.6},
+          {"step": 1000, "val/exact_match": 0.4}, {"step": 1500, "val/exact_match": 0.995},
+          {"step": 2000, "val/exact_match": 0.999}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert train_lib.grok_steps(str(tmp_path)) == {"grok_step_0.5": 500, "grok_step_0.99": 1500, "grok_step_1": None}
+
+
 def test_lr_schedule():
   c = _configs().get_config("456p")
   f = train_lib.lr_schedule(c.optim, 54000)

@@ -345,13 +345,24 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
              "steps_per_s": float(np.median(speeds)) if speeds else float("nan"),
              "models": [{"model": i, "seed": seeds[i], "best_val_exact": float(best[i]), "best_step": int(best_step[i]),
                          "last_val_exact": float(last_val[i]), "best_test_exact": float(test_N[i]),
-                         "final_loss": float(loss_N[i])} for i in range(N)]}
+                         "final_loss": float(loss_N[i]), **grok_steps(dirs[i])} for i in range(N)]}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   from dba_jax import plots
   plots.addition_curves(dirs, os.path.join(workdir, "curves.png"), f"{n_params} params, {N} model(s), "
                         f"lr {o.lr}, {t.steps} steps")
   return summary
+
+
+GROK_LEVELS = (0.5, 0.99, 1.0)
+
+
+def grok_steps(model_dir: str) -> dict:
+  """The first evaluation step at which validation exact match reached each of GROK_LEVELS (None: never), from
+  the model's metrics.jsonl, so a resumed run counts the same as one never stopped."""
+  val = [(r["step"], r["val/exact_match"]) for r in map(json.loads, open(os.path.join(model_dir, "metrics.jsonl")))
+         if "val/exact_match" in r]
+  return {f"grok_step_{level:g}": next((s for s, v in val if v >= level), None) for level in GROK_LEVELS}
 
 
 def _flags(fv):
