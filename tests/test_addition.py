@@ -217,6 +217,27 @@ def test_grok_steps_are_the_first_evaluation_at_each_level(tmp_path):
   assert train_lib.grok_steps(str(tmp_path)) == {"grok_step_0.5": 500, "grok_step_0.99": 1500, "grok_step_1": None}
 
 
+def test_report_lists_every_seed_with_its_grokking_steps_and_scores(tmp_path, capsys):
+  from dba_jax.addition import eval as eval_lib, report
+  run = tmp_path / "run"
+  assert report.main([str(run)]) == 2 and "not finished" in capsys.readouterr().err
+  s = train_lib.train(_tiny(2, 5, "map"), str(run), quiet=True)
+  assert eval_lib.main(["--checkpoint", str(run), "--limit", "50", "--seeds", "1,2", "--out",
+                        str(run / "eval100k.json")]) == 0
+  scores = {r["training"]["seed"]: r["multi_seed_validation"] for r in json.load(open(run / "eval100k.json"))["models"]}
+  capsys.readouterr()
+  assert report.main([str(run), "--out", str(tmp_path / "t.md")]) == 0
+  text = (tmp_path / "t.md").read_text()
+  for m in s["models"]:
+    assert m["grok_step_0.5"] == train_lib.grok_steps(str(run / f"model_{m['model']}"))["grok_step_0.5"]
+    v = scores[m["seed"]]
+    row = [ln for ln in text.splitlines() if ln.startswith(f"| {m['seed']} |")]
+    assert len(row) == 1 and f"| {v['aggregate_exact_match']:.5f} | {v['aggregate_errors']} |" in row[0], text
+  assert "2 seeds, 20 steps" in text
+  with pytest.raises(SystemExit, match="2"):  # never replaces a file
+    report.main([str(run), "--out", str(tmp_path / "t.md")])
+
+
 def test_lr_schedule():
   c = _configs().get_config("456p")
   f = train_lib.lr_schedule(c.optim, 54000)

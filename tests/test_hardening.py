@@ -12,7 +12,7 @@ import pytest
 
 import dba_jax
 from dba_jax import bench, ckpt, convert, coord_check, eval_cli, model as model_lib, seeds, torch_io, train
-from dba_jax.addition import shrink, train as add_train
+from dba_jax.addition import report as add_report, shrink, train as add_train
 from dba_jax.config import ConfigError, validate
 from dba_jax.formats import nanogpt
 from helpers import REPO, tiny
@@ -131,6 +131,7 @@ def test_dba_bench_missing_config_is_one_line(tmp_path, capsys):
 def test_help_on_every_command(capsys):
   for fn, argv in [(convert.main, ["dba-convert", "--help"]), (coord_check.main, ["dba-coord-check", "-h"]),
                    (add_train.main, ["dba-addition-train", "--help"]), (shrink.main, ["dba-addition-shrink", "-h"]),
+                   (add_report.main, ["--help"]),
                    (bench.main, ["--help"]), (eval_cli.main, ["--help"]), (seeds.main, ["--help"]),
                    (seeds.main, ["run", "--help"]), (seeds.main, ["report", "--help"])]:
     with pytest.raises(SystemExit) as e:
