@@ -74,7 +74,8 @@ def t_two_sided_p(t: float, df: int) -> float:
 def paired(a: list[float], b: list[float]) -> dict:
   """Paired comparison of a - b: mean, std, t, two-sided t-test p, exact sign-flip permutation p, a < b count."""
   d = [x - y for x, y in zip(a, b)]
-  n, mean, sd = len(d), summary(d)["mean"], summary(d)["std"]
+  st = summary(d)
+  n, mean, sd = len(d), st["mean"], st["std"]
   t = mean / (sd / math.sqrt(n)) if n > 1 and sd > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
   observed = abs(mean) - 1e-12
   flips = [abs(sum(s * x for s, x in zip(signs, d))) / n for signs in itertools.product((1, -1), repeat=n)]

@@ -24,7 +24,7 @@ def _step(s) -> str:
 
 
 def run_table(run_dir: str, eval_name: str) -> tuple[list[str], dict]:
-  """Markdown lines for one run and its headline numbers; raises ValueError naming what is missing."""
+  """Markdown lines for one run and what the cross-run line needs; raises ValueError naming what is missing."""
   path = os.path.join(run_dir, "summary.json")
   if not os.path.isfile(path):
     raise ValueError(f"{path} does not exist: the run is not finished (dba-addition-train resumes it)")
@@ -51,8 +51,7 @@ def run_table(run_dir: str, eval_name: str) -> tuple[list[str], dict]:
                  f"{'' if v is None else v['aggregate_errors']} |")
   grokked = sorted(m["grok_step_0.99"] for m in s["models"] if m.get("grok_step_0.99") is not None)
   best_exact, best_seed = max(scores)
-  head = {"run": run_dir, "params": s["params"], "seeds": s["num_models"], "grokked": len(grokked),
-          "grok_steps": grokked, "best_100k": best_exact if best_exact >= 0 else None, "best_seed": best_seed,
+  head = {"run": run_dir, "params": s["params"], "seeds": s["num_models"],
           "reached_target": sum(x >= TARGET for x, _ in scores)}
   lines.append("")
   if grokked:
