@@ -3,8 +3,8 @@
   inputs:      `normal` float64 arrays, `rounded` to the dtype under test (so the reference sees the kernel's values)
   reference:   `kernel_vs_reference` runs the kernel at the dtype under test and the reference in float64 on the
                same (rounded) inputs, both through one jitted `out_and_grads` (jax.vjp: output and input gradients)
-  lowering:    `lowered_text` lowers a function for cuda (Pallas-Triton) or tpu (Mosaic) from this CPU host, with the
-               kernel module's platform patched; `PLATFORMS` names each platform's kernel custom call.
+  lowering:    `lowered_text` lowers a function for cuda (Pallas-Triton) or tpu (Mosaic) from this CPU host (the kernels
+               pick their backend when lowered); `PLATFORMS` names each platform's kernel custom call.
 """
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,8 @@ import numpy as np
 
 # Interpret-mode kernels are large HLO; XLA's backend optimizations cost more time than they save here.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-# (kernel platform, lowering platform, the kernel's custom call in the lowered text)
-PLATFORMS = [("gpu", "cuda", "@__gpu$xla.gpu.triton"), ("tpu", "tpu", "@tpu_custom_call")]
+# (lowering platform, the kernel's custom call in the lowered text)
+PLATFORMS = [("cuda", "@__gpu$xla.gpu.triton"), ("tpu", "@tpu_custom_call")]
 
 
 def normal(shapes, seed=0, scale=1.0):
@@ -59,5 +59,5 @@ def kernel_vs_reference(kernel, reference, arrays, dtype):
 
 def lowered_text(fn, args, lowering: str) -> str:
   """StableHLO of jit(fn) lowered for `lowering` ('cuda' or 'tpu'): builds the Triton / Mosaic kernels (block
-  shapes, ops), not a device compile. Patch the kernel module's platform first (monkeypatch)."""
+  shapes, ops), not a device compile."""
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()

@@ -1,6 +1,7 @@
 """The scan kernels (dba_kernels.cumsum, dba_kernels.protect_attack) lower for GPU (Pallas-Triton) and TPU (Mosaic)
-from this CPU host, forward and backward; their GPU/TPU tilings compute the same numbers in interpret mode; and
-the shared backend plumbing (dba_kernels._backend) picks the compiler params each backend needs.
+from this CPU host, forward and backward, with no patching (the backend is chosen when lowered); their GPU/TPU
+tilings compute the same numbers in interpret mode; and the shared backend plumbing (dba_kernels._backend) picks
+the compiler params each backend needs.
 
 Lowering builds the Triton / Mosaic kernels (block shapes, ops) but does not compile them for a device."""
 import functools
@@ -29,16 +30,15 @@ def _fwd_bwd(kernel, n_in, block_kw):
   return fn
 
 
-@pytest.mark.parametrize("platform,lowering,call", PLATFORMS)
+@pytest.mark.parametrize("lowering,call", PLATFORMS)
 @pytest.mark.parametrize("name", list(KERNELS))
 @pytest.mark.parametrize("shape,block_kw", [
     ((2, 3, 150, 150), {}),  # defaults; ragged T and S, leading dims folded into the grid
     ((1, 5, 7), {}),  # one block, mostly padding
     ((2, 100, 77), {"block_t": 24, "block_s": 40}),  # blocks each backend must round up
 ])
-def test_forward_and_backward_lower(monkeypatch, name, platform, lowering, call, shape, block_kw):
+def test_forward_and_backward_lower(name, lowering, call, shape, block_kw):
   module, kernel, n_in = KERNELS[name]
-  monkeypatch.setattr(module, "_platform", lambda: platform)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   fn = _fwd_bwd(kernel, n_in, block_kw)
   text = lowered_text(fn, (x, x, x), lowering)
@@ -49,7 +49,7 @@ def test_forward_and_backward_lower(monkeypatch, name, platform, lowering, call,
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("name", list(KERNELS))
 @pytest.mark.parametrize("block_t", [16, 64])
-def test_backend_tiling_gives_the_same_numbers(monkeypatch, name, platform, block_t):
+def test_backend_tiling_gives_the_same_numbers(name, platform, block_t):
   """In interpret mode, the GPU or TPU tiling (rounded key blocks; for protect_attack on TPU, int32 flags) gives
   the same values and gradients: block_t is one every backend keeps, and neither the key block width nor the flag
   dtype touches protect_attack's arithmetic (bit-identical)."""
@@ -60,21 +60,15 @@ def test_backend_tiling_gives_the_same_numbers(monkeypatch, name, platform, bloc
   y = jnp.asarray(rng.exponential(size=shape) * (rng.random(shape) < 0.4), jnp.float32)
   g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   fn = _fwd_bwd(kernel, n_in, {"block_t": block_t, "block_s": 40})
-  assert ",128]" not in str(jax.make_jaxpr(fn)(x, y, g))
+  with backend.forced(backend.CPU):  # the jaxpr otherwise holds every platform's version
+    assert ",128]" not in str(jax.make_jaxpr(fn)(x, y, g))
   want = jax.jit(fn)(x, y, g)
 
-  if name == "cumsum":
-    tiled = lambda _, bt, bs, orig=module._blocks: orig(platform, bt, bs)
-    monkeypatch.setattr(module, "_blocks", tiled)
-    assert tiled("cpu", block_t, 40)[0] == block_t
-  else:
-    tiled = lambda _, bt, bs, orig=module._layout: orig(platform, bt, bs)
-    monkeypatch.setattr(module, "_layout", tiled)
-    assert tiled("cpu", block_t, 40).block_t == block_t
-  # A new function each time: a fresh trace under the patched tiling. S = 77 pads to 128 key columns (blocks of
-  # 64 on GPU, 128 on TPU) instead of the 80 of the requested 40-wide blocks.
-  assert ",128]" in str(jax.make_jaxpr(lambda *a: fn(*a))(x, y, g))
-  got = jax.jit(lambda *a: fn(*a))(x, y, g)
+  # A new function: a fresh trace under the forced tiling. S = 77 pads to 128 key columns (blocks of 64 on GPU,
+  # 128 on TPU) instead of the 80 of the requested 40-wide blocks.
+  with backend.forced(backend.Target(platform, interpret=True)):
+    assert ",128]" in str(jax.make_jaxpr(lambda *a: fn(*a))(x, y, g))
+    got = jax.jit(lambda *a: fn(*a))(x, y, g)
   for w, o in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     if name == "cumsum":  # XLA's CPU dot may order a wider triangular matmul's sums differently: a few ulp
       np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-6, atol=1e-5)
@@ -103,5 +97,4 @@ def test_compiler_params():
   tpu = backend.compiler_params("tpu", 2)
   assert isinstance(tpu, pltpu.CompilerParams) and tuple(tpu.dimension_semantics) == ("parallel", "parallel")
   assert backend.compiler_params("cpu", 2) is None
-  assert backend.interpret("cpu") and not backend.interpret("gpu") and not backend.interpret("tpu")
-  assert backend.default_platform() == jax.default_backend()
+  assert backend.CPU.interpret and not backend.GPU.interpret and not backend.TPU.interpret

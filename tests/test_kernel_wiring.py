@@ -57,8 +57,23 @@ def test_unsupported_selective_variant_falls_back_with_a_reason(caplog):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_is_xla_on_cpu():
-  assert ops.resolve_impl("auto") == "xla"
+@pytest.mark.parametrize("op", ["attention", "selective_attention"])
+def test_auto_is_chosen_when_lowered(op):
+  """impl="auto": the XLA path when lowered for CPU (the same numbers as impl="xla"), the kernels when the same
+  function is lowered for CUDA or TPU from this CPU host."""
+  fn = lambda q, k, v: getattr(ops, op)(q, k, v, impl="auto").sum()
+  grads = jax.jit(jax.grad(fn, (0, 1, 2)))
+  args = [jax.ShapeDtypeStruct((2, 64, 4, 16), jax.numpy.float32)] * 3
+  assert "custom_call" not in grads.trace(*args).lower().as_text()
+  assert "tpu_custom_call" in grads.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert "triton" in grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 16)) for i in range(3))
+  want = jax.jit(jax.grad(lambda *a: getattr(ops, op)(*a, impl="xla").sum(), (0, 1, 2)))(q, k, v)
+  for g, w in zip(grads(q, k, v), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_impl_names_are_checked():
   assert ops.resolve_impl("pallas") == "pallas"
   q = jax.numpy.zeros((1, 4, 2, 8))
   with pytest.raises(ValueError, match="impl='bogus'"):

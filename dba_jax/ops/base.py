@@ -24,20 +24,38 @@ def fallback(what: str, reason: str):
 
 
 def resolve_impl(impl: str, allowed: tuple = IMPLS) -> str:
-  """'auto' -> 'pallas' on GPU/TPU, 'xla' on CPU (interpret mode is for tests, not speed)."""
+  """A checked impl name ('auto' stays 'auto': it is resolved when lowered, see `dispatch`)."""
   if impl not in allowed:
     raise ValueError(f"impl={impl!r} is not one of {allowed}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
   return impl
 
 
+def _out_only(x):
+  """A result tuple reduced to its first field (the output), the others at their defaults (None)."""
+  return type(x)(x[0]) if isinstance(x, tuple) and hasattr(x, "_fields") else x
+
+
+def _by_platform(cpu_path, accel_path, project=lambda x: x):
+  """A path running `cpu_path` when lowered for CPU and `accel_path` for GPU/TPU (interpret-mode kernels are for
+  tests, not speed). Chosen at lowering, so a step traced on a CPU host and compiled for TPU runs the kernels.
+  Both versions must return the same structure: `project` trims them to it."""
+  def run(*args, **kw):
+    branch = lambda path: lambda: project(path(*args, **kw))
+    return jax.lax.platform_dependent(cpu=branch(cpu_path), default=branch(accel_path))
+  return run
+
+
 def dispatch(op: str, impl: str, paths: dict, unsupported: dict | None = None, fallback_to: str = "xla"):
-  """The one place an op's impl is resolved: the path function for `impl` ('auto' resolved by backend). A 'pallas'
-  request the kernel cannot serve (any true entry of `unsupported`, {reason: bool}) runs on `fallback_to` and
-  says why once."""
+  """The one place an op's impl is resolved: the path function for `impl`. 'auto' is 'xla' on CPU and 'pallas'
+  on GPU/TPU, decided when lowered. A 'pallas' request the kernel cannot serve (any true entry of `unsupported`,
+  {reason: bool}) runs on `fallback_to` and says why once (auto: silently, on accelerators only)."""
   impl = resolve_impl(impl, tuple(paths) + ("auto",))
   reasons = [k for k, bad in (unsupported or {}).items() if bad]
+  if impl == "auto":
+    if reasons:
+      return paths["xla"] if fallback_to == "xla" else _by_platform(paths["xla"], paths[fallback_to])
+    # Nothing beyond the output was asked for (else `reasons`), so both versions return only that.
+    return _by_platform(paths["xla"], paths["pallas"], _out_only)
   if impl == "pallas" and reasons:
     fallback(op, "the fused kernel does not support " + ", ".join(reasons))
     impl = fallback_to

@@ -1,9 +1,13 @@
 """Backend plumbing shared by the dba_kernels Pallas kernels: which backend to target, whether to interpret,
 and the compiler parameters that pick and tune it.
 
-Every kernel module reads the platform through a module-level alias of `default_platform` (looked up at call
-time), so a test can patch that alias and lower for GPU or TPU from a CPU host with
-`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))` (or `("tpu",)`).
+The backend is chosen when the computation is lowered, not when it is traced: `per_platform(fn)` traces
+fn(target, ...) once per target and wraps the versions in `jax.lax.platform_dependent`, whose lowering keeps only
+the branch of the platform being compiled for. So one jitted train step lowers for CPU (interpret mode), CUDA
+(Pallas-Triton) or TPU (Mosaic), e.g. `jax.jit(f).lower(<args sharded on TPU devices>)` from a CPU host, with
+no patching. A kernel's custom_vjp wraps the per-platform forward and backward (not the other way round), so
+its residuals must have the same shapes on every platform. `forced(target)` bypasses the dispatch for tests:
+e.g. run the TPU tiling in interpret mode on a CPU.
 
 GPU: in this JAX a pallas_call without compiler params goes to the Mosaic GPU backend, which these kernels do
 not target (it rejects their iota and row tiles). Passing Pallas-Triton CompilerParams selects Triton.
@@ -13,42 +17,79 @@ two TensorCores split the grid. Mosaic blocks want their last dim a multiple of 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import NamedTuple
+
 import jax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton  # explicit: JAX's default GPU backend is Mosaic GPU
 
 LANES = 128  # TPU vreg lanes: the last dim of a Mosaic block is a multiple of this or the array's full dim
 SUBLANES = 8  # TPU vreg sublanes for 32-bit types: row offsets that are multiples of this are tile-aligned
 MIN_TRITON_DOT = 16  # Triton dots need every side >= 16
 
 
-def default_platform() -> str:
-  """'cpu', 'gpu' or 'tpu': the backend of the default device, which is where the kernel will run."""
-  name = jax.default_backend()
-  return "gpu" if name in ("cuda", "rocm") else name  # JAX says "gpu", but accept the specific names too
+class Target(NamedTuple):
+  """How a kernel is built: `platform` ('cpu', 'gpu' or 'tpu') picks tilings and compiler params; `interpret`
+  runs the body through the Pallas interpreter (always on CPU; in tests, any tiling)."""
+  platform: str
+  interpret: bool
 
 
-def interpret(platform: str) -> bool:
-  """CPU has no Pallas backend: run the kernel body through the interpreter."""
-  return platform == "cpu"
+CPU, GPU, TPU = Target("cpu", True), Target("gpu", False), Target("tpu", False)
+_forced: list[Target] = []
 
 
-def compiler_params(platform: str, grid_rank: int, *, num_warps: int = 4, num_stages: int = 2):
-  """Triton params on GPU (num_warps, num_stages), all-"parallel" TPU params for a grid of `grid_rank` axes,
-  None on CPU."""
+@contextlib.contextmanager
+def forced(target: Target):
+  """Within this block (at trace time), every kernel is built for `target` whatever it is lowered for."""
+  _forced.append(target)
+  try:
+    yield
+  finally:
+    _forced.pop()
+
+
+def per_platform(fn):
+  """fn(target, *arrays) -> arrays, dispatched by the platform being lowered for (see the module docstring).
+  Outputs must have the same shapes and dtypes on every platform. Unknown platforms get the interpreter."""
+  @functools.wraps(fn)
+  def run(*args):
+    if _forced:
+      return fn(_forced[-1], *args)
+    return jax.lax.platform_dependent(*args, cpu=functools.partial(fn, CPU), cuda=functools.partial(fn, GPU),
+                                      rocm=functools.partial(fn, GPU), tpu=functools.partial(fn, TPU),
+                                      default=functools.partial(fn, CPU))
+  return run
+
+
+def dispatch(fn, *args, **static):
+  """per_platform(fn) applied to `args`, with keyword-only `static` settings bound first."""
+  return per_platform(functools.partial(fn, **static))(*args)
+
+
+def compiler_params(platform: str, grid_rank: int, *, num_warps: int = 4, num_stages: int = 2,
+                    semantics: tuple | None = None, vmem_limit_bytes: int | None = None):
+  """Triton params on GPU (num_warps, num_stages); on TPU the grid's dimension semantics (all "parallel" unless
+  given: programs that accumulate across an axis mark it "arbitrary") and an optional scoped-VMEM limit; None
+  on CPU."""
   if platform == "gpu":
-    from jax.experimental.pallas import triton as pltriton  # explicit: the default GPU backend is Mosaic GPU
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   if platform == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+    return pltpu.CompilerParams(dimension_semantics=semantics or ("parallel",) * grid_rank,
+                                vmem_limit_bytes=vmem_limit_bytes)
   return None
 
 
-def pallas_call(kernel, *, platform: str, grid: tuple, num_warps: int = 4, num_stages: int = 2, **kwargs):
-  """pl.pallas_call for `platform`: interpret on CPU, the compiler params above elsewhere."""
-  return pl.pallas_call(kernel, grid=grid, interpret=interpret(platform),
-                        compiler_params=compiler_params(platform, len(grid), num_warps=num_warps,
-                                                        num_stages=num_stages), **kwargs)
+def pallas_call(kernel, *, target: Target, grid: tuple, num_warps: int = 4, num_stages: int = 2,
+                semantics: tuple | None = None, vmem_limit_bytes: int | None = None, **kwargs):
+  """pl.pallas_call for `target`: the interpreter or the platform's compiler params above."""
+  return pl.pallas_call(kernel, grid=grid, interpret=target.interpret,
+                        compiler_params=compiler_params(target.platform, len(grid), num_warps=num_warps,
+                                                        num_stages=num_stages, semantics=semantics,
+                                                        vmem_limit_bytes=vmem_limit_bytes), **kwargs)
 
 
 def round_up(n: int, multiple: int) -> int:

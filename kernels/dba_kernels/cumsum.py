@@ -28,8 +28,6 @@ from jax.experimental import pallas as pl
 
 from . import _backend as backend
 
-_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
-
 BLOCK_T = 64
 BLOCK_S = 64
 
@@ -65,8 +63,11 @@ def _blocks(platform: str, block_t: int, block_s: int):
 
 
 def _forward(x, block_t: int, block_s: int):
-  platform = _platform()
-  block_t, block_s = _blocks(platform, block_t, block_s)
+  return backend.dispatch(_forward_on, x, block_t=block_t, block_s=block_s)
+
+
+def _forward_on(target: backend.Target, x, *, block_t: int, block_s: int):
+  block_t, block_s = _blocks(target.platform, block_t, block_s)
   *lead, T, S = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
   R = 1
@@ -76,7 +77,7 @@ def _forward(x, block_t: int, block_s: int):
   x3 = jnp.pad(x.reshape(R, T, S), ((0, 0), (0, Tp - T), (0, Sp - S)))
   out = backend.pallas_call(
       functools.partial(_kernel, block_t=block_t, n_blocks=Tp // block_t),
-      platform=platform,
+      target=target,
       grid=(R, Sp // block_s),
       in_specs=[pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j))],
       out_specs=pl.BlockSpec((None, Tp, block_s), lambda r, j: (r, 0, j)),

@@ -58,20 +58,15 @@ class _Cfg(NamedTuple):
   block_q: int
   block_k: int
   precision: object
-  platform: str
-
-
-_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
 
 
 def _width(n: int) -> int:
   return max(MIN_BLOCK, pl.next_power_of_2(n))
 
 
-def _call(kernel, cfg: _Cfg, width: int, **kwargs):
+def _call(kernel, target: backend.Target, width: int, **kwargs):
   # Wider head dims get more Triton warps (register pressure of the [block, width] accumulators).
-  return backend.pallas_call(kernel, platform=cfg.platform, num_warps=4 if width <= 64 else 8, num_stages=2,
-                             **kwargs)
+  return backend.pallas_call(kernel, target=target, num_warps=4 if width <= 64 else 8, num_stages=2, **kwargs)
 
 
 def _visible(row0, col0, bq: int, bk: int, causal: bool, n_prefix: int, S: int):
@@ -216,7 +211,8 @@ def _seq_first(x_BHTD, T: int, D: int):
   return jnp.swapaxes(x_BHTD[:, :, :T, :D], 1, 2)
 
 
-def _forward(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
+def _forward(target: backend.Target, q_BTHD, k_BSKD, v_BSKE, *, cfg: _Cfg):
+  """(out [B, T, H, E], lse [B, H, T]): unpadded, so the same shapes on every platform."""
   B, T, H, D = q_BTHD.shape
   S, K, E = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
   G, bq, bk = H // K, cfg.block_q, cfg.block_k
@@ -225,7 +221,7 @@ def _forward(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
   q = _heads_first(q_BTHD, Tp, Dp)
   k, v = _heads_first(k_BSKD, Sp, Dp), _heads_first(v_BSKE, Sp, Ep)
   o_BHTE, lse_BHT1 = _call(
-      functools.partial(_fwd_kernel, cfg=cfg, S=S), cfg, max(Dp, Ep),
+      functools.partial(_fwd_kernel, cfg=cfg, S=S), target, max(Dp, Ep),
       grid=(B, H, Tp // bq),
       in_specs=[pl.BlockSpec((None, None, bq, Dp), lambda b, h, i: (b, h, i, 0)),
                 pl.BlockSpec((None, None, Sp, Dp), lambda b, h, i: (b, _idiv(h, G), 0, 0)),
@@ -234,19 +230,19 @@ def _forward(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
                  pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Ep), v_BSKE.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), acc)],
   )(q, k, v)
-  return _seq_first(o_BHTE, T, E), lse_BHT1
+  return _seq_first(o_BHTE, T, E), lse_BHT1[:, :, :T, 0]
 
 
-def _backward(cfg: _Cfg, res, do_BTHE):
-  q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT1 = res
+def _backward(target: backend.Target, q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT, do_BTHE, *, cfg: _Cfg):
   B, T, H, D = q_BTHD.shape
   S, K, E = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[3]
   G, bq, bk = H // K, cfg.block_q, cfg.block_k
-  Tp, Sp, Dp, Ep = lse_BHT1.shape[2], pl.cdiv(S, bk) * bk, _width(D), _width(E)
-  acc = lse_BHT1.dtype
+  Tp, Sp, Dp, Ep = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, _width(D), _width(E)
+  acc = lse_BHT.dtype
   do_BTHE = do_BTHE.astype(v_BSKE.dtype)
   delta_BTH = jnp.sum(do_BTHE.astype(acc) * o_BTHE.astype(acc), axis=-1)
-  delta_BHT1 = jnp.pad(jnp.swapaxes(delta_BTH, 1, 2), ((0, 0), (0, 0), (0, Tp - T)))[..., None]
+  rows = lambda x_BHT: jnp.pad(x_BHT, ((0, 0), (0, 0), (0, Tp - T)))[..., None]  # [B, H, Tp, 1] columns
+  lse_BHT1, delta_BHT1 = rows(lse_BHT), rows(jnp.swapaxes(delta_BTH, 1, 2))
   q, do = _heads_first(q_BTHD, Tp, Dp), _heads_first(do_BTHE, Tp, Ep)
   k, v = _heads_first(k_BSKD, Sp, Dp), _heads_first(v_BSKE, Sp, Ep)
   width = max(Dp, Ep)
@@ -254,7 +250,7 @@ def _backward(cfg: _Cfg, res, do_BTHE):
   row = lambda w: pl.BlockSpec((None, None, bq, w), lambda b, h, i: (b, h, i, 0))
   kv_all = lambda w: pl.BlockSpec((None, None, Sp, w), lambda b, h, i: (b, _idiv(h, G), 0, 0))
   dq_BHTD = _call(
-      functools.partial(_dq_kernel, cfg=cfg, S=S), cfg, width,
+      functools.partial(_dq_kernel, cfg=cfg, S=S), target, width,
       grid=(B, H, Tp // bq),
       in_specs=[row(Dp), kv_all(Dp), kv_all(Ep), row(Ep), row(1), row(1)],
       out_specs=row(Dp),
@@ -266,7 +262,7 @@ def _backward(cfg: _Cfg, res, do_BTHE):
   grp = lambda w: pl.BlockSpec((None, None, G * Tp, w), lambda b, kv, j: (b, kv, 0, 0))
   key = lambda w: pl.BlockSpec((None, None, bk, w), lambda b, kv, j: (b, kv, j, 0))
   dk_BKSD, dv_BKSE = _call(
-      functools.partial(_dkdv_kernel, cfg=cfg, S=S, Tp=Tp, G=G), cfg, width,
+      functools.partial(_dkdv_kernel, cfg=cfg, S=S, Tp=Tp, G=G), target, width,
       grid=(B, K, Sp // bk),
       in_specs=[grp(Dp), key(Dp), key(Ep), grp(Ep), grp(1), grp(1)],
       out_specs=[key(Dp), key(Ep)],
@@ -277,15 +273,19 @@ def _backward(cfg: _Cfg, res, do_BTHE):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _flash(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
-  return _forward(q_BTHD, k_BSKD, v_BSKE, cfg)[0]
+  return _flash_fwd(q_BTHD, k_BSKD, v_BSKE, cfg)[0]
 
 
 def _flash_fwd(q_BTHD, k_BSKD, v_BSKE, cfg: _Cfg):
-  o_BTHE, lse_BHT1 = _forward(q_BTHD, k_BSKD, v_BSKE, cfg)
-  return o_BTHE, (q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT1)
+  o_BTHE, lse_BHT = backend.dispatch(_forward, q_BTHD, k_BSKD, v_BSKE, cfg=cfg)
+  return o_BTHE, (q_BTHD, k_BSKD, v_BSKE, o_BTHE, lse_BHT)
 
 
-_flash.defvjp(_flash_fwd, _backward)
+def _flash_bwd(cfg: _Cfg, res, do_BTHE):
+  return backend.dispatch(_backward, *res, do_BTHE, cfg=cfg)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _check(q_BTHD, k_BSKD, v_BSKE):
@@ -321,8 +321,7 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix
   if precision is None:
     precision = lax.Precision.HIGHEST if jnp.finfo(q_BTHD.dtype).bits >= 32 else lax.Precision.DEFAULT
   cfg = _Cfg(scale=float(D ** -0.5 if scale is None else scale), causal=bool(causal), n_prefix=int(n_prefix),
-             block_q=_block(block_q, T, "block_q"), block_k=_block(block_k, S, "block_k"), precision=precision,
-             platform=_platform())
+             block_q=_block(block_q, T, "block_q"), block_k=_block(block_k, S, "block_k"), precision=precision)
   return _flash(q_BTHD, k_BSKD, v_BSKE, cfg)
 
 

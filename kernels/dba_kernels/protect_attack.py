@@ -37,8 +37,6 @@ from jax.experimental import pallas as pl
 
 from . import _backend as backend
 
-_platform = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
-
 BLOCK_T = 64
 BLOCK_S = 64
 
@@ -108,13 +106,13 @@ def _backward_kernel(hit_ref, g_ref, da_ref, dp_ref, *, block_t: int, n_blocks: 
   jax.lax.fori_loop(0, n_blocks, block, (zero_1S, zero_1S))
 
 
-def _call(kernel, inputs, out_dtypes, layout: _Layout, platform: str):
+def _call(kernel, inputs, out_dtypes, layout: _Layout, target: backend.Target):
   """Runs `kernel` on padded [R, Tp, Sp] inputs, one program per (row, key block)."""
   R, Tp, Sp = inputs[0].shape
   spec = pl.BlockSpec((None, Tp, layout.block_s), lambda r, j: (r, 0, j))
   return backend.pallas_call(
       functools.partial(kernel, block_t=layout.block_t, n_blocks=Tp // layout.block_t),
-      platform=platform,
+      target=target,
       grid=(R, Sp // layout.block_s),
       in_specs=[spec] * len(inputs),
       out_specs=[spec] * len(out_dtypes),
@@ -128,34 +126,40 @@ def _pad3(x, layout: _Layout):
   return jnp.pad(x.reshape(-1, T, S), ((0, 0), (0, Tp - T), (0, Sp - S)))
 
 
-def _forward(a, p, block_t: int, block_s: int):
-  platform = _platform()
-  layout = _layout(platform, block_t, block_s)
+def _forward(target: backend.Target, a, p, *, block_t: int, block_s: int):
+  """(damage, flags d_t as int8 [..., T, S]): the same shapes on every platform (see _backend.per_platform)."""
+  layout = _layout(target.platform, block_t, block_s)
   *lead, T, S = a.shape
   acc = jnp.promote_types(jnp.promote_types(a.dtype, p.dtype), jnp.float32)
-  damage, hit = _call(_forward_kernel, [_pad3(a, layout), _pad3(p, layout)], [acc, layout.flag], layout, platform)
-  return damage[:, :T, :S].reshape(*lead, T, S), hit
+  damage, hit = _call(_forward_kernel, [_pad3(a, layout), _pad3(p, layout)], [acc, layout.flag], layout, target)
+  unpad = lambda x: x[:, :T, :S].reshape(*lead, T, S)
+  return unpad(damage), unpad(hit).astype(jnp.int8)
+
+
+def _backward(target: backend.Target, hit, g, *, block_t: int, block_s: int):
+  layout = _layout(target.platform, block_t, block_s)
+  *lead, T, S = g.shape
+  d_a, d_p = _call(_backward_kernel, [_pad3(hit.astype(layout.flag), layout), _pad3(g, layout)],
+                   [g.dtype, g.dtype], layout, target)
+  unpad = lambda x: x[:, :T, :S].reshape(*lead, T, S)
+  return unpad(d_a), unpad(d_p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _protect_and_attack(a, p, block_t, block_s):
-  return _forward(a, p, block_t, block_s)[0]
+  return _fwd(a, p, block_t, block_s)[0]
 
 
 def _fwd(a, p, block_t, block_s):
-  damage, hit = _forward(a, p, block_t, block_s)
-  # residual: the padded flags and the input dtypes (empty arrays)
+  damage, hit = backend.dispatch(_forward, a, p, block_t=block_t, block_s=block_s)
+  # residual: the flags and the input dtypes (empty arrays)
   return damage, (hit, jnp.zeros((0,), a.dtype), jnp.zeros((0,), p.dtype))
 
 
 def _bwd(block_t, block_s, res, g):
   hit, a_like, p_like = res
-  *lead, T, S = g.shape
-  platform = _platform()
-  layout = _layout(platform, block_t, block_s)  # the forward's: same arguments, same platform
-  d_a, d_p = _call(_backward_kernel, [hit, _pad3(g, layout)], [g.dtype, g.dtype], layout, platform)
-  unpad = lambda x, like: x[:, :T, :S].reshape(*lead, T, S).astype(like.dtype)
-  return unpad(d_a, a_like), unpad(d_p, p_like)
+  d_a, d_p = backend.dispatch(_backward, hit, g, block_t=block_t, block_s=block_s)
+  return d_a.astype(a_like.dtype), d_p.astype(p_like.dtype)
 
 
 _protect_and_attack.defvjp(_fwd, _bwd)

@@ -44,10 +44,10 @@ A attending heads):
   heads' dq and dk (so a selection-only head's q, k get gradient only through F).
 
 Extra memory beyond plain flash attention (all float32, float64 for float64 inputs):
-  forward residual C: B * M * nq * Tp = B * M * Tp^2 / Bq values, i.e. Tp^2 / Bq per mask and batch row
-  (T = 4096, Bq = 64: 256K values = 1 MiB per mask and batch row), the log-sum-exp B * A * Tp; the residuals
-  also keep T-padded [B, *, Tp, D] copies of q, k, v and out.
-  Backward transients: R (B * M * Tp^2 / Bq), transposed copies of C and R (same size each), delta (B * A * Tp),
+  residuals: the log-sum-exp B * A * T besides the q, k, v and out that any attention keeps. The carries C
+  (B * M * Tp^2 / Bq values: T = 4096, Bq = 64 gives 1 MiB per mask and batch row) are a forward transient and
+  are recomputed in the backward, which keeps the residuals the same on every platform (_backend.per_platform).
+  Backward transients: C and R (B * M * Tp^2 / Bq each), transposed copies of both, delta (B * A * Tp),
   the selection extras (B * M * Tp * D each), float32 dq, dk, dv per q head before the group sums and final cast.
 
 Dtypes: bf16, f32 or f64 inputs; logits, S, F, softmax and every accumulator are float32 (float64 for float64
@@ -134,11 +134,8 @@ def _fold_mask_heads(cfg: _Cfg, n, fn, init):
 
 # ------------------------------------------------------------------------------------------------- backend glue
 
-_backend = backend.default_platform  # module-level so tests can lower for GPU/TPU from a CPU host
-
-
-def _call(kernel, **kw):
-  return backend.pallas_call(kernel, platform=_backend(), num_warps=4, num_stages=2, **kw)
+def _call(target: backend.Target, kernel, **kw):
+  return backend.pallas_call(kernel, target=target, num_warps=4, num_stages=2, **kw)
 
 
 # ------------------------------------------------------------------------------------------- in-kernel helpers
@@ -373,12 +370,12 @@ def _acc(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _carries(cfg: _Cfg, q, k):
+def _carries(target: backend.Target, cfg: _Cfg, q, k):
   """C_kq [B, M, nk, nq, Bk]: C_kq[b, n, kb, qb, c] = sum of S_n[:, kb Bk + c] over rows of query blocks < qb."""
   B, _, Tp, D = q.shape
   nq, nk, acc, M = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype), cfg.n_masks
   return _call(
-      functools.partial(_carry_kernel, cfg=cfg, nq=nq, acc=acc),
+      target, functools.partial(_carry_kernel, cfg=cfg, nq=nq, acc=acc),
       grid=(B, M, nk),
       in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, n, j: (b, cfg.src + n, 0, 0)),
                 pl.BlockSpec((None, None, cfg.bk, D), lambda b, n, j: (b, _kv(cfg, cfg.src + n), j, 0))],
@@ -393,16 +390,16 @@ def _swap_blocks(x_kq):
   return jnp.swapaxes(x_kq, 2, 3)
 
 
-def _forward(cfg: _Cfg, q, k, v):
-  """Padded q [B, H, Tp, D], k [B, K, Tp, D], v [B, K, Tp, E] -> out [B, A, Tp, E], lse [B, A, Tp, 1], C_kq."""
+def _forward(target: backend.Target, cfg: _Cfg, q, k, v):
+  """Padded q [B, H, Tp, D], k [B, K, Tp, D], v [B, K, Tp, E] -> out [B, A, Tp, E], lse [B, A, Tp, 1]."""
   B, H, Tp, D = q.shape
   E, A = v.shape[-1], cfg.n_att
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
-  c_kq = _carries(cfg, q, k)
+  c_kq = _carries(target, cfg, q, k)
   hq = lambda a: cfg.first + a  # attending head -> q head
   hs = lambda a: cfg.src + _mask_of(cfg, a)  # attending head -> its mask's source q head
-  out, lse = _call(
-      functools.partial(_fwd_kernel, cfg=cfg, acc=acc),
+  return _call(
+      target, functools.partial(_fwd_kernel, cfg=cfg, acc=acc),
       grid=(B, A, nq),
       in_specs=[pl.BlockSpec((None, None, cfg.bq, D), lambda b, a, i: (b, hq(a), i, 0)),
                 pl.BlockSpec((None, None, cfg.bq, D), lambda b, a, i: (b, hs(a), i, 0)),
@@ -414,7 +411,6 @@ def _forward(cfg: _Cfg, q, k, v):
                  pl.BlockSpec((None, None, cfg.bq, 1), lambda b, a, i: (b, a, i, 0))],
       out_shape=[jax.ShapeDtypeStruct((B, A, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, A, Tp, 1), acc)],
   )(q, q, k, k, v, _swap_blocks(c_kq))
-  return out, lse, c_kq
 
 
 def _per_q_head(cfg: _Cfg, x_BATD):
@@ -428,18 +424,21 @@ def _per_kv_head(cfg: _Cfg, x_BHTD):
   return x_BHTD if cfg.group == 1 else x_BHTD.reshape(B, H // cfg.group, cfg.group, Tp, D).sum(2)
 
 
-def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
+def _backward(target: backend.Target, cfg: _Cfg, q, k, v, out, lse, do):
+  """Padded q, k, v, out, do and lse [B, A, Tp, 1] -> dq [B, H, Tp, D], dk [B, K, Tp, D], dv [B, K, Tp, E]. The
+  carries C are recomputed (one QK^T pass per mask) rather than kept from the forward."""
   B, H, Tp, D = q.shape
   K, E, A, M = k.shape[1], v.shape[-1], cfg.n_att, cfg.n_masks
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
   bq, bk = cfg.bq, cfg.bk
   delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)  # [B, A, Tp, 1]
+  c_kq = _carries(target, cfg, q, k)
   c_qk = _swap_blocks(c_kq)
   hq = lambda a: cfg.first + a
   hs = lambda a: cfg.src + _mask_of(cfg, a)
 
   r_kq, dks = _call(
-      functools.partial(_sel_kv_kernel, cfg=cfg, nq=nq, acc=acc),
+      target, functools.partial(_sel_kv_kernel, cfg=cfg, nq=nq, acc=acc),
       grid=(B, M, nk),
       in_specs=[pl.BlockSpec((None, H, Tp, D), lambda b, n, j: (b, 0, 0, 0)),
                 pl.BlockSpec((None, K, bk, D), lambda b, n, j: (b, 0, j, 0)),
@@ -454,7 +453,7 @@ def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
   )(q, k, v, do, lse, delta, c_kq)
 
   dqs = _call(
-      functools.partial(_sel_q_kernel, cfg=cfg, acc=acc),
+      target, functools.partial(_sel_q_kernel, cfg=cfg, acc=acc),
       grid=(B, M, nq),
       in_specs=[pl.BlockSpec((None, H, bq, D), lambda b, n, i: (b, 0, i, 0)),
                 pl.BlockSpec((None, K, Tp, D), lambda b, n, i: (b, 0, 0, 0)),
@@ -469,7 +468,7 @@ def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
   )(q, k, v, do, lse, delta, c_qk, _swap_blocks(r_kq))
 
   dk, dv = _call(
-      functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, acc=acc),
+      target, functools.partial(_dkdv_kernel, cfg=cfg, nq=nq, acc=acc),
       grid=(B, A, nk),
       in_specs=[pl.BlockSpec((None, None, Tp, D), lambda b, a, j: (b, hq(a), 0, 0)),
                 pl.BlockSpec((None, None, Tp, D), lambda b, a, j: (b, hs(a), 0, 0)),
@@ -486,7 +485,7 @@ def _backward(cfg: _Cfg, q, k, v, out, lse, c_kq, do):
   )(q, q, k, k, v, do, lse, delta, c_kq)
 
   dq = _call(
-      functools.partial(_dq_kernel, cfg=cfg, acc=acc),
+      target, functools.partial(_dq_kernel, cfg=cfg, acc=acc),
       grid=(B, A, nq),
       in_specs=[pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, hq(a), i, 0)),
                 pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, hs(a), i, 0)),
@@ -531,24 +530,33 @@ def _prepare(cfg: _Cfg, q, k, v):
   return _to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp)
 
 
+def _forward_on(target: backend.Target, q, k, v, *, cfg: _Cfg):
+  """(out [B, T, A, E], lse [B, A, T]): unpadded, so the same shapes on every platform (_backend.per_platform)."""
+  qp, kp, vp = _prepare(cfg, q, k, v)
+  out, lse = _forward(target, cfg, qp, kp, vp)
+  return _from_kernel(out, cfg.T, v.shape[-1], q.dtype), lse[:, :, :cfg.T, 0]
+
+
+def _backward_on(target: backend.Target, q, k, v, out, lse, g, *, cfg: _Cfg):
+  qp, kp, vp = _prepare(cfg, q, k, v)
+  Tp = qp.shape[2]
+  lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, Tp - cfg.T)))[..., None]  # padded rows: zero q and dO, any lse
+  dq, dk, dv = _backward(target, cfg, qp, kp, vp, _to_kernel(out, Tp), lse_p, _to_kernel(g.astype(q.dtype), Tp))
+  return tuple(_from_kernel(d, cfg.T, x.shape[-1], x.dtype) for d, x in zip((dq, dk, dv), (q, k, v)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg: _Cfg, q, k, v):
   return _flash_fwd(cfg, q, k, v)[0]
 
 
 def _flash_fwd(cfg: _Cfg, q, k, v):
-  qp, kp, vp = _prepare(cfg, q, k, v)
-  out, lse, c_kq = _forward(cfg, qp, kp, vp)
-  # Zero-size arrays carry the original shapes and dtypes to the backward without holding data.
-  shapes = tuple(jnp.zeros((0,) + x.shape[2:], x.dtype) for x in (q, k, v))
-  return _from_kernel(out, cfg.T, v.shape[-1], q.dtype), (qp, kp, vp, out, lse, c_kq, shapes)
+  out, lse = backend.dispatch(_forward_on, q, k, v, cfg=cfg)
+  return out, (q, k, v, out, lse)
 
 
 def _flash_bwd(cfg: _Cfg, res, g):
-  qp, kp, vp, out, lse, c_kq, shapes = res
-  do = _to_kernel(g.astype(out.dtype), qp.shape[2])
-  dq, dk, dv = _backward(cfg, qp, kp, vp, out, lse, c_kq, do)
-  return tuple(_from_kernel(d, cfg.T, s.shape[-1], s.dtype) for d, s in zip((dq, dk, dv), shapes))
+  return backend.dispatch(_backward_on, *res, g, cfg=cfg)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

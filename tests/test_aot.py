@@ -1,0 +1,80 @@
+"""dba-aot: the Trainer's own step compiled by libtpu for a TPU slice that is not here (compile-only devices)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dba_jax import aot, mesh as mesh_lib, train
+from dba_jax.cli import parse_flags
+from dba_jax.config import ConfigError, validate
+
+TINY = ["--config.model.n_layers=1", "--config.model.d_model=64", "--config.model.d_ff=128",
+        "--config.model.max_seq_len=32", "--config.data.seq_len=32", "--config.train.batch_size=8"]
+
+
+def tiny_config(*extra):
+  return validate(parse_flags(["t", "--config=configs/quickstart.py:dba", *TINY, *extra]).config)
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  try:
+    return aot.topology_devices("v5e:2x2")
+  except ConfigError as e:
+    pytest.skip(f"no TPU compile-only topology on this host ({e})")
+
+
+def test_abstract_state_is_what_dba_train_passes():
+  """No libtpu needed: the abstract state and batch dba-aot lowers with give the very program dba-train's real
+  state does (same shapes, dtypes, shardings), through the same jit that Trainer.train_step wraps."""
+  c = tiny_config("--config.mesh.shape=(2,2,2)")
+  p = aot.train_program(c, jax.devices())
+  trainer = p.owner
+  assert p.fn is trainer.train_step.__wrapped__ is trainer.train_step_jit
+  state = trainer.init_state(0)
+  tokens = np.zeros((1, 8, 33), np.int32)
+  batch = mesh_lib.global_batch(tokens, trainer.accum_sharding, 1)
+  with jax.set_mesh(trainer.mesh):
+    real = p.fn.lower(state, batch).as_text()
+    abstract = p.fn.lower(*p.args).as_text()
+  assert abstract == real
+
+
+def test_compiles_and_reports(v5e, tmp_path, capsys):
+  out = tmp_path / "r.json"
+  rc = aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2", *TINY, f"--out={out}"])
+  assert rc == 0
+  r = json.loads(out.read_text())
+  assert (r["topology"], r["chip"], r["device_count"], r["devices_used"]) == ("v5e:2x2", "v5e", 4, 4)
+  assert r["mesh_shape"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["fits"] is True and r["hbm_gib"] == 16
+  b = r["bytes_per_device"]
+  assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"] + b["generated_code"] > 0
+  assert b["alias"] > 0  # the state is donated
+  assert r["compiler_per_device"]["flops"] > 0 and r["compile_s"] > 0 and r["peak_flops_per_chip"] == 197e12
+  assert {"estimate_tokens_per_s_compiler", "estimate_mfu_compiler", "model_flops_per_step"} <= set(r)
+  assert "fits" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:  # an existing report is kept without --force
+    aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2", f"--out={out}"])
+  assert e.value.code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_does_not_fit_exits_3(v5e, capsys):
+  # ~1.7B parameters, replicated: 20 GiB of fp32 params and Adam moments per 16 GiB v5e device.
+  big = ["--config.model.d_model=8192", "--config.model.d_ff=65536", "--config.model.n_heads=8",
+         "--config.model.attn_dim=0", "--config.model.sem_dim=64", "--config.model.geo_dim=128"]
+  rc = aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2", *TINY, *big])
+  err = capsys.readouterr().err
+  assert rc == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert "GiB over" in err and "mesh.shape" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--topology=v9z:2x2"], "v9z"),
+    (["--topology=v5e:2x2", "--config.mesh.shape=(3,1,1)"], "does not divide"),
+    (["--topology=v5e:2x2", "--config.model.d_modl=3"], "bad --config"),
+])
+def test_bad_input_exits_2(v5e, capsys, args, needle):
+  rc = aot.main(["dba-aot", "--config=configs/quickstart.py:dba", *TINY, *args])
+  err = capsys.readouterr().err
+  assert rc == 2 and needle in err and "Traceback" not in err
