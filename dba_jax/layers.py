@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dba_jax import mesh as mesh_lib
 from dba_jax.ops import ACT_HEADS
 
 __all__ = ["ACT_EMBED", "ACT_HEADS", "Hooks", "LayerIO", "NO_HOOKS", "dense", "normal_init"]
@@ -27,13 +28,14 @@ def dense(x_Nd, w_dF, transpose_w: bool = False):
 
   On CPU the leading axes of x are flattened first, so each projection is one 2-D GEMM: with [B, T, d] operands
   XLA:CPU forms the weight gradient (a contraction over two axes) through a transposed copy fused into the
-  elementwise producer, 3.5x slower than the 2-D form (BUILD_NOTES, issue 16). Elsewhere the einsum keeps the
-  batch and seq axes visible to sharding and layout passes."""
+  elementwise producer, 3.5x slower than the 2-D form (BUILD_NOTES, issue 16). For GPU and TPU (also when traced
+  on a CPU host for their meshes, mesh.target_platform) the einsum keeps the batch and seq axes visible to
+  sharding and layout passes."""
   w = w_dF.astype(x_Nd.dtype)
   F = w.shape[:-1] if transpose_w else w.shape[1:]
   letters = "fghij"[:len(F)]
   spec = f"...d,{letters}d->...{letters}" if transpose_w else f"...d,d{letters}->...{letters}"
-  if jax.default_backend() != "cpu":
+  if mesh_lib.target_platform() != "cpu":
     return jnp.einsum(spec, x_Nd, w)
   return jnp.einsum(spec, x_Nd.reshape(-1, x_Nd.shape[-1]), w).reshape(x_Nd.shape[:-1] + F)
 

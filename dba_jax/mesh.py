@@ -108,6 +108,14 @@ def per_shard(fn, in_logical: tuple, out_logical: tuple, *args):
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
+def target_platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh being traced under (`jax.set_mesh`), else the default
+  backend. A step traced on a CPU host for TPU devices (dba-aot) then makes its TPU choices at trace time."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  name = device.platform if device is not None else jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -8,6 +8,12 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q torch==2.13.0 ||
     echo "warning: could not install torch==2.13.0; the PyTorch conversion tests will be skipped" >&2
 fi
+# The TPU compile tests (tests/test_tpu_compile.py, tests/test_aot.py) compile for real TPU chips with libtpu, from
+# the tpu extra (jax[tpu] at this jax's version: +684 MB in .venv). Where it cannot be installed they skip.
+if ! python -c "import libtpu" 2>/dev/null; then
+  python -m pip install -q -e ".[tpu]" ||
+    echo "warning: could not install the tpu extra (libtpu); the TPU compile tests will be skipped" >&2
+fi
 # Many tests (and the CLIs they start as subprocesses) compile the same tiny programs: a compilation cache shared
 # by every worker and subprocess of this run compiles each once (measured: the SIGKILL fault-matrix test 175 s ->
 # 116 s). A fresh directory per run, removed at exit, so nothing carries over between versions.
