@@ -14,6 +14,12 @@ if ! python -c "import libtpu" 2>/dev/null; then
   python -m pip install -q -e ".[tpu]" ||
     echo "warning: could not install the tpu extra (libtpu); the TPU compile tests will be skipped" >&2
 fi
+# tests/test_triton_cubin.py compiles the Pallas-Triton kernels to sm_80 / sm_90 cubins with no GPU, through pip
+# Triton (the `cubin` extra: +1 GB in .venv, ~20 s). Where it cannot be installed those tests skip.
+if ! python -c "import triton" 2>/dev/null; then
+  python -m pip install -q -e ".[cubin]" ||
+    echo "warning: could not install the cubin extra (triton); the cubin tests will be skipped" >&2
+fi
 # Many tests (and the CLIs they start as subprocesses) compile the same tiny programs: a compilation cache shared
 # by every worker and subprocess of this run compiles each once (measured: the SIGKILL fault-matrix test 175 s ->
 # 116 s). A fresh directory per run, removed at exit, so nothing carries over between versions.

@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dba_jax import aot_kernels
 from dba_jax.ops import standard
+from dba_kernels import _backend as backend
 from dba_kernels import flash_attention as fa
 from kernel_base import PLATFORMS, kernel_vs_reference, lowered_text, normal
 
+TPU_INTERPRET = backend.Target("tpu", interpret=True)  # the Mosaic tiling, run by the Pallas interpreter
 
 
 def _inputs(B, T, H, K, D, E, S, seed=0):
@@ -130,3 +133,84 @@ def test_forward_and_backward_lower_for_triton_and_mosaic(lowering, call):
       args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
       text = lowered_text(jax.grad(loss, argnums=(0, 1, 2)), args, lowering)
       assert text.count(f"custom_call {call}") == 3  # forward, dQ, dK/dV kernels
+
+
+# The TPU kernels (one tile per grid step, carries in VMEM scratch, causal tiles skipped) in interpret mode.
+# Their tiles are at least fa.TPU_BLOCK = 128 wide, so T and S of a few hundred give several blocks.
+
+def _tpu_both(q, k, v, do, dtype, **kw):
+  """_both with the TPU kernels (checked: the forward, dQ and dK/dV grids each end in a reduction axis)."""
+  with backend.forced(TPU_INTERPRET):
+    shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: fa.flash_attention(*a, **kw).sum(), argnums=(0, 1, 2)))(*shapes))
+    assert jaxpr.count("arbitrary") == 3
+    return _both(q, k, v, do, dtype, **kw)
+
+
+# (B, T, H, K, D, E, S, n_prefix, causal, block_q, block_k)
+TPU_CASES = [
+    (1, 260, 4, 2, 40, 24, 261, 1, True, 16, 16),     # DBA: GQA, D != E, null token; ragged T and S
+    (2, 200, 2, 1, 40, 24, 150, 0, False, 16, 16),    # non-causal, S < T, a padded key block
+    (1, 300, 2, 2, 24, 40, 290, 1, True, 256, 128),   # causal with S < T + n_prefix; bq != bk
+    (1, 100, 2, 1, 24, 24, 300, 1, True, 128, 128),   # S > T + n_prefix: key blocks no query sees
+    (1, 5, 2, 1, 24, 32, 6, 1, True, 16, 16),         # one block, mostly padding
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,D,E,S,n_prefix,causal,bq,bk", TPU_CASES)
+def test_tpu_tiling_float64_matches_reference(B, T, H, K, D, E, S, n_prefix, causal, bq, bk):
+  with jax.enable_x64(True):
+    got, want = _tpu_both(*_inputs(B, T, H, K, D, E, S, seed=5), jnp.float64, causal=causal, n_prefix=n_prefix,
+                          block_q=bq, block_k=bk)
+  for name, g, w in zip(NAMES, got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_tiling_float32_and_bfloat16_match_reference(dtype):
+  """float32: as tight as the GPU tiling's test. bf16: 1% of each tensor's largest magnitude (see
+  test_bfloat16_close_to_reference)."""
+  B, T, H, K, D, E, n_prefix = 1, 260, 4, 2, 40, 24, 1
+  got, want = _tpu_both(*_inputs(B, T, H, K, D, E, T + n_prefix, seed=6), dtype, n_prefix=n_prefix, scale=1.0 / 6)
+  for name, g, w in zip(NAMES, got, want):
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+    else:
+      assert np.abs(g - w).max() <= 0.01 * np.abs(w).max(), name
+
+
+def test_tpu_tiling_skips_invisible_tiles():
+  """As test_causal_skips_invisible_blocks, with 128-wide TPU tiles: NaNs in the tiles a causal kernel never
+  sees (pl.when skips them; the clamped index maps do not even fetch them on a TPU)."""
+  B, T, H, K, D, E = 1, 256, 1, 1, 24, 32
+  q, k, v, do = _inputs(B, T, H, K, D, E, T, seed=7)
+  _, want = _both(q, k, v, do, jnp.float32)
+
+  v_late_nan = v.copy()
+  v_late_nan[:, 128:] = np.nan
+  got_o, got_dq, _, _ = _tpu_both(q, k, v_late_nan, do, jnp.float32)[0]
+  np.testing.assert_allclose(got_o[:, :128], want[0][:, :128], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_dq[:, :128], want[1][:, :128], rtol=2e-5, atol=2e-5)
+
+  q_early_nan, do_early_nan = q.copy(), do.copy()
+  q_early_nan[:, :128], do_early_nan[:, :128] = np.nan, np.nan
+  _, _, got_dk, got_dv = _tpu_both(q_early_nan, k, v, do_early_nan, jnp.float32)[0]
+  np.testing.assert_allclose(got_dk[:, 128:], want[2][:, 128:], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got_dv[:, 128:], want[3][:, 128:], rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def v5p_devices():
+  try:
+    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
+  except Exception as e:  # no libtpu, or it cannot describe the topology here
+    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
+
+
+def test_forward_and_backward_compile_for_tpu(v5p_devices):
+  """The default-tier case (v5p, T 2048, bf16, GQA, D != E, null prefix) compiles with Mosaic for a real chip:
+  the forward, dQ and dK/dV kernels, with no interpreter fallback. Issue 24's full matrix is the slow test."""
+  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "flash_attention"]
+  row = aot_kernels.compile_case(case, v5p_devices)
+  assert row["ok"], row["error"]
+  assert row["mosaic_kernels"] == 3

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dba_jax import aot_kernels
 from dba_kernels import _backend as backend
 from dba_kernels import cumsum as kcumsum
 from dba_kernels import protect_attack as kpa
@@ -84,8 +85,8 @@ def test_backend_tiling_gives_the_same_numbers(name, platform, block_t):
 def test_block_rounding(block_t, block_s, want):
   for platform, (bt, bs) in want.items():
     assert kcumsum._blocks(platform, block_t, block_s) == (bt, bs)
-    layout = kpa._layout(platform, block_t, block_s)  # no dot and row-at-a-time access: any block_t
-    assert (layout.block_t, layout.block_s) == (block_t, bs)
+    layout = kpa._layout(platform, block_t, block_s)  # row-at-a-time access: any block_t, but whole TPU tiles
+    assert (layout.block_t, layout.block_s) == ((bt if platform == "tpu" else block_t), bs)
     assert layout.flag == (jnp.int32 if platform == "tpu" else jnp.int8)  # 32-bit rows for Mosaic
 
 
@@ -98,3 +99,38 @@ def test_compiler_params():
   assert isinstance(tpu, pltpu.CompilerParams) and tuple(tpu.dimension_semantics) == ("parallel", "parallel")
   assert backend.compiler_params("cpu", 2) is None
   assert backend.CPU.interpret and not backend.GPU.interpret and not backend.TPU.interpret
+
+
+@pytest.mark.parametrize("shape,block_t", [((2, 150, 77), 16), ((1, 5, 7), 64), ((3, 130, 200), 24)])
+def test_cumsum_tpu_tiling_float64_matches_reference(shape, block_t):
+  """The TPU kernel (one [block_t, 128] block per grid step, column sums carried in VMEM scratch), interpreted,
+  against the float64 reference: F and the input gradient (the reverse exclusive sum of the cotangent)."""
+  rng = np.random.default_rng(len(shape) + shape[1])
+  x, g = rng.normal(size=shape), rng.normal(size=shape)
+  fn = _fwd_bwd(kcumsum.exclusive_cumsum, 1, {"block_t": block_t, "block_s": 40})
+  with jax.enable_x64(True), backend.forced(backend.Target("tpu", interpret=True)):
+    want_f = np.asarray(kcumsum.exclusive_cumsum_reference(x))
+    want_dx = np.flip(np.asarray(kcumsum.exclusive_cumsum_reference(np.flip(g, -2))), -2)
+    assert str(jax.make_jaxpr(fn)(x, x, g)).count("arbitrary") == 2  # forward and backward on the TPU grid
+    f, (dx,) = jax.jit(fn)(x, x, g)
+  assert f.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(f), want_f, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def v5p_devices():
+  try:
+    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
+  except Exception as e:  # no libtpu, or it cannot describe the topology here
+    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
+
+
+def test_cumsum_compiles_for_tpu(v5p_devices):
+  """The default-tier case (v5p, T 2048) compiles with Mosaic for a real chip: forward and backward kernels, with
+  no interpreter fallback (protect_attack's is in test_kernel_protect_attack.py). The full matrix is the slow
+  test."""
+  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "cumsum"]
+  row = aot_kernels.compile_case(case, v5p_devices)
+  assert row["ok"], row["error"]
+  assert row["mosaic_kernels"] == 2

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dba_jax import aot_kernels
 from dba_jax.ops import selective
+from dba_kernels import _backend as backend
 from dba_kernels import protect_attack as kpa
 from kernel_base import out_and_grads
 
@@ -57,15 +59,18 @@ def test_repo_vectors(a, p, h, da, dp):
   np.testing.assert_array_equal(np.asarray(gp), dp)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])  # tpu: the Mosaic tiling (a block per grid step), interpreted
 @pytest.mark.parametrize("T,S,block_t,block_s", [(1, 7, 16, 32), (5, 33, 16, 32), (64, 40, 64, 64),
                                                  (130, 70, 16, 32)])
-def test_equals_float64_sequential_recurrence(T, S, block_t, block_s):
+def test_equals_float64_sequential_recurrence(T, S, block_t, block_s, platform):
   rng = np.random.default_rng(T)
   a, p, g = sparse(rng, (2, T, S), 0.4), sparse(rng, (2, T, S), 0.3), rng.normal(size=(2, T, S))
   want_d, hit = sequential(a, p)
   want_da, want_dp = closed_form_grads(hit, g)
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), backend.forced(backend.Target(platform, interpret=True)):
     fn = lambda a_, p_: kpa.protect_and_attack(a_, p_, block_t=block_t, block_s=block_s)
+    grads = lambda a_, p_, g_: jax.vjp(fn, a_, p_)[1](g_)
+    assert str(jax.make_jaxpr(grads)(a, p, g)).count("arbitrary") == (2 if platform == "tpu" else 0)
     d, da, dp = out_and_grads(fn, *map(jnp.asarray, (a, p, g)))
   assert d.dtype == jnp.float64
   for got, want in zip((d, da, dp), (want_d, want_da, want_dp)):
@@ -151,3 +156,20 @@ def test_selective_attention_pallas_protection_matches_xla():
   np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
   for x, y in zip(g_k, g_x):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def v5p_devices():
+  try:
+    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
+  except Exception as e:  # no libtpu, or it cannot describe the topology here
+    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
+
+
+def test_forward_and_backward_compile_for_tpu(v5p_devices):
+  """The default-tier case (v5p, T 2048) compiles with Mosaic for a real chip: the forward and the reverse
+  kernel, with no interpreter fallback. Issue 24's full matrix is the slow test."""
+  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "protect_attack"]
+  row = aot_kernels.compile_case(case, v5p_devices)
+  assert row["ok"], row["error"]
+  assert row["mosaic_kernels"] == 2
