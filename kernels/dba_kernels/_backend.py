@@ -11,9 +11,11 @@ e.g. run the TPU tiling in interpret mode on a CPU.
 
 GPU: in this JAX a pallas_call without compiler params goes to the Mosaic GPU backend, which these kernels do
 not target (it rejects their iota and row tiles). Passing Pallas-Triton CompilerParams selects Triton.
-TPU: Mosaic. Every grid in dba_kernels has independent programs (each writes its own output blocks; any
-sequential walk happens inside a program), so all grid axes are marked "parallel", which lets a chip with
-two TensorCores split the grid. Mosaic blocks want their last dim a multiple of LANES (or the full array dim).
+TPU: Mosaic. A TPU block lives in VMEM (tens of MiB of scoped memory), not behind a pointer as on GPU, so the TPU
+kernels tile the walked axis into the grid instead of looping over whole-sequence blocks inside a program: the
+walked axis comes last and is "arbitrary" (sequential, accumulators in VMEM scratch), the others "parallel"
+(a chip with two TensorCores splits them). VMEM per program is then O(block), whatever T. Mosaic blocks want
+their last dim a multiple of LANES (or the full array dim).
 """
 from __future__ import annotations
 
