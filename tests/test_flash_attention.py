@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import aot_kernels
 from dba_jax.ops import standard
 from dba_kernels import _backend as backend
 from dba_kernels import flash_attention as fa
@@ -197,20 +196,3 @@ def test_tpu_tiling_skips_invisible_tiles():
   _, _, got_dk, got_dv = _tpu_both(q_early_nan, k, v, do_early_nan, jnp.float32)[0]
   np.testing.assert_allclose(got_dk[:, 128:], want[2][:, 128:], rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got_dv[:, 128:], want[3][:, 128:], rtol=2e-5, atol=2e-5)
-
-
-@pytest.fixture(scope="module")
-def v5p_devices():
-  try:
-    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
-  except Exception as e:  # no libtpu, or it cannot describe the topology here
-    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
-
-
-def test_forward_and_backward_compile_for_tpu(v5p_devices):
-  """The default-tier case (v5p, T 2048, bf16, GQA, D != E, null prefix) compiles with Mosaic for a real chip:
-  the forward, dQ and dK/dV kernels, with no interpreter fallback. Issue 24's full matrix is the slow test."""
-  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "flash_attention"]
-  row = aot_kernels.compile_case(case, v5p_devices)
-  assert row["ok"], row["error"]
-  assert row["mosaic_kernels"] == 3

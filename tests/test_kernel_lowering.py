@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import aot_kernels
 from dba_kernels import _backend as backend
 from dba_kernels import cumsum as kcumsum
 from dba_kernels import protect_attack as kpa
@@ -116,21 +115,3 @@ def test_cumsum_tpu_tiling_float64_matches_reference(shape, block_t):
   assert f.dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(f), want_f, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-12, atol=1e-12)
-
-
-@pytest.fixture(scope="module")
-def v5p_devices():
-  try:
-    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
-  except Exception as e:  # no libtpu, or it cannot describe the topology here
-    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
-
-
-def test_cumsum_compiles_for_tpu(v5p_devices):
-  """The default-tier case (v5p, T 2048) compiles with Mosaic for a real chip: forward and backward kernels, with
-  no interpreter fallback (protect_attack's is in test_kernel_protect_attack.py). The full matrix is the slow
-  test."""
-  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "cumsum"]
-  row = aot_kernels.compile_case(case, v5p_devices)
-  assert row["ok"], row["error"]
-  assert row["mosaic_kernels"] == 2

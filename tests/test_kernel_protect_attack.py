@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import aot_kernels
 from dba_jax.ops import selective
 from dba_kernels import _backend as backend
 from dba_kernels import protect_attack as kpa
@@ -156,20 +155,3 @@ def test_selective_attention_pallas_protection_matches_xla():
   np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
   for x, y in zip(g_k, g_x):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def v5p_devices():
-  try:
-    return aot_kernels.topology_devices(aot_kernels.CHIPS["v5p"])
-  except Exception as e:  # no libtpu, or it cannot describe the topology here
-    pytest.skip(f"no TPU topology to compile for: {type(e).__name__}: {str(e)[:200]}")
-
-
-def test_forward_and_backward_compile_for_tpu(v5p_devices):
-  """The default-tier case (v5p, T 2048) compiles with Mosaic for a real chip: the forward and the reverse
-  kernel, with no interpreter fallback. Issue 24's full matrix is the slow test."""
-  case, = [c for c in aot_kernels.matrix(False) if c.kernel == "protect_attack"]
-  row = aot_kernels.compile_case(case, v5p_devices)
-  assert row["ok"], row["error"]
-  assert row["mosaic_kernels"] == 2

@@ -6,6 +6,10 @@ last blocks (T = 7, 129 over 16/32 blocks), blocks larger than T (T = 1, 7), Bq 
 T = 512 case over 64-blocks. Variants: the default single mask (any selection head, BOS protection and self
 masking on or off), dedicated selection heads (selection_heads = 1, 2 with a wrapped remainder head, H / 2) and
 GQA (k, v with fewer heads; the reference sees them repeated to H heads).
+
+The TPU kernels (a different tiling: one tile per grid step, scratch carries, the heads of a mask on a grid axis)
+run in the interpreter too (TPU_CASES; most in the slow tier), against the same reference. Their Mosaic
+compiles are in tests/test_tpu_compile.py.
 """
 import dataclasses
 import functools
@@ -19,7 +23,7 @@ import pytest
 
 from dba_jax import ops
 from dba_jax.ops import selective
-from dba_kernels import selective_flash as sflash
+from dba_kernels import _backend as backend, selective_flash as sflash
 from kernel_base import FAST_COMPILE, kernel_vs_reference, lowered_text, normal, out_and_grads, rounded
 
 HI = jax.lax.Precision.HIGHEST
@@ -33,8 +37,8 @@ class Case:
   K: int = 0  # kv heads; 0: K = H
   D: int = 16
   E: int = 16
-  block_q: int = 16
-  block_k: int = 32
+  block_q: int | None = 16  # None: the platform's default
+  block_k: int | None = 32
   dtype: str = "float64"
   variant: tuple = ()  # sorted (name, value) pairs of selective-attention options
 
@@ -75,11 +79,19 @@ def _compiled(fn, *args):
   return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
+TPU_TILING = backend.Target("tpu", interpret=True)  # the TPU kernels, run by the Pallas interpreter
+
+
 @functools.lru_cache(maxsize=None)
-def run(case: Case):
-  """(kernel [out, dq, dk, dv], float64 reference [out, dq, dk, dv]) as float64 numpy."""
+def run(case: Case, target: backend.Target | None = None):
+  """(kernel [out, dq, dk, dv], float64 reference [out, dq, dk, dv]) as float64 numpy; the kernel built for
+  `target` if given (forced while forward and backward are traced), else for the platform (CPU: interpreter)."""
   kernel = functools.partial(sflash.selective_flash_attention, block_q=case.block_q, block_k=case.block_k, **case.kw)
-  return kernel_vs_reference(kernel, functools.partial(_reference, **case.kw), _inputs(case), case.dtype)
+  reference = functools.partial(_reference, **case.kw)
+  if target is None:
+    return kernel_vs_reference(kernel, reference, _inputs(case), case.dtype)
+  with backend.forced(target):
+    return kernel_vs_reference(kernel, reference, _inputs(case), case.dtype)
 
 
 def _max_err(a, b):
@@ -157,6 +169,63 @@ def test_reduced_precision_close_to_float64(name):
     assert err > 0  # really ran in reduced precision
 
 
+# ------------------------------------------------------------------------------ TPU tiling (interpret mode)
+# The TPU kernels (grids walking one tile per step, scratch carries, clamped index maps, heads of a mask on a
+# grid axis) against the same float64 reference: float64 to rounding, f32 / bf16 with the tolerance above.
+# Small blocks give many steps, ragged last blocks, Bq != Bk both ways and skipped tiles; None: TPU's 128.
+TPU_CASES = {
+    "default_T129": F64_CASES["default_T129"],
+    "no_bos_T129_wide_q": F64_CASES["no_bos_T129_wide_q"],
+    "self_mask_head2_T100": Case(100, block_q=32, block_k=16, variant=_v(selection_head=2, allow_self_mask=True)),
+    "T7_self_no_bos": F64_CASES["T7_self_no_bos"],
+    "heads1_T129": F64_CASES["heads1_T129"],
+    "heads2_wrap_T129_no_bos": F64_CASES["heads2_wrap_T129_no_bos"],
+    "heads3_of6_T64_self": F64_CASES["heads3_of6_T64_self"],
+    "heads3_wrap_of8_T80": Case(80, H=8, block_q=16, block_k=16, variant=_v(selection_heads=3)),  # masks [0,1,2,0,1]
+    "heads2_of3_T40": Case(40, H=3, block_q=16, block_k=16, variant=_v(selection_heads=2)),  # mask 1 has no head
+    "gqa_T129_head3": F64_CASES["gqa_T129_head3"],
+    "mqa_T7_head1_no_bos": F64_CASES["mqa_T7_head1_no_bos"],
+    "default_blocks_T300": Case(300, B=1, D=32, E=16, block_q=None, block_k=None),  # 3 blocks of 128, ragged
+    "f32_heads2_wrap_T129": LOW_CASES["f32_heads2_wrap_T129"],
+    "f32_gqa_T200_default_blocks": Case(200, B=1, H=4, K=2, block_q=None, block_k=None, dtype="float32",
+                                        variant=_v(selection_head=1, protect_bos=False)),
+    "bf16_gqa_T129": LOW_CASES["bf16_gqa_T129"],
+    "bf16_heads2_wrap_T150_default_blocks": Case(150, B=1, H=5, D=64, E=64, block_q=None, block_k=None,
+                                                 dtype="bfloat16", variant=_v(selection_heads=2)),
+}
+
+
+TPU_FAST = ("default_T129", "heads2_of3_T40", "gqa_T129_head3", "default_blocks_T300", "bf16_gqa_T129")
+
+
+@pytest.mark.parametrize("name", [n if n in TPU_FAST else pytest.param(n, marks=pytest.mark.slow) for n in TPU_CASES])
+def test_tpu_tiling_matches_reference(name):
+  case = TPU_CASES[name]
+  got, want = run(case, TPU_TILING)
+  u_sqrt_t = UNIT_ROUNDOFF.get(case.dtype, 0.0) * np.sqrt(case.T)
+  for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert a.shape == b.shape, label
+    scale = np.abs(b).max()
+    if case.dtype == "float64":
+      tol = 1e-10 if label == "out" else 1e-9  # as test_forward_float64 / test_gradients_float64
+      np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=label)
+    else:
+      err = _max_err(a, b)
+      print(f"{name} {label}: max err {err / scale:.2e} of max|ref| = {err / scale / u_sqrt_t:.2f} u sqrt(T)")
+      assert err <= TOLERANCE_C[case.dtype] * u_sqrt_t * scale, (label, err, scale)
+
+
+def test_tpu_tiling_selection_only_heads_get_gradient_only_through_f():
+  """The TPU sel_kv / sel_q head axis (a wrapped remainder head, empty slots) gives the selection-only heads
+  their F gradient and no dv (the values themselves are checked above)."""
+  case = TPU_CASES["heads3_wrap_of8_T80"]
+  (out, dq, dk, dv), _ = run(case, TPU_TILING)
+  assert out.shape == (case.B, case.T, case.H - case.m, case.E)
+  assert np.all(dv[:, :, :case.m] == 0)
+  for d in (dq, dk):
+    assert np.all(np.abs(d[:, :, :case.m]).max(axis=(0, 1, 3)) > 0.05 * np.abs(d).max())
+
+
 def _dense(q, k, v, *, stop_f, protect_bos=True, allow_self_mask=False, selection_head=0):
   """Dense selective attention where F may be cut out of the gradient (selection path off)."""
   T, D = q.shape[1], q.shape[-1]
@@ -217,6 +286,14 @@ def test_mask_index_map_matches_mask_assignment(H):
                                                                   jnp.zeros(A, jnp.int32))))
     counts_MA = np.asarray(heads_of(jnp.arange(m, dtype=jnp.int32)))
     np.testing.assert_array_equal(counts_MA, np.eye(m, dtype=np.int32)[want].T, err_msg=f"H={H}, m={m}")
+    # TPU: slot g of mask n (grid axis) holds the same heads in the same order; an empty slot names a real head
+    # (block index maps), the slot before it if there is one (nothing new to fetch).
+    slots = [[tuple(int(x) for x in sflash._mask_head(cfg, jnp.int32(n), jnp.int32(g)))
+              for g in range(sflash._head_slots(cfg))] for n in range(m)]
+    assert [[a for a, ok in row if ok] for row in slots] == [[a for a in range(A) if want[a] == n]
+                                                             for n in range(m)], (H, m, slots)
+    assert all(0 <= a < A for row in slots for a, _ in row), (H, m, slots)
+    assert all(row[g][0] == row[g - 1][0] for row in slots for g in range(1, len(row)) if not row[g][1]), slots
 
 
 CAUSAL_CASES = ["f32_default_T129_e16", "f32_heads2_wrap_T129"]
@@ -290,6 +367,9 @@ def test_no_t_by_t_buffer_in_fused_program(name):
   assert (2, HLO_T, H, 16) in _array_shapes(cuda)
   assert cuda.count("triton") >= 6  # carry, forward, sel_kv, sel_q, dkdv, dq
   assert not _square_buffers(cuda, HLO_T), _square_buffers(cuda, HLO_T)[:5]
+  tpu = _loss_and_grads_text(fn, H, K, platform="tpu")
+  assert tpu.count("tpu_custom_call") >= 6
+  assert not _square_buffers(tpu, HLO_T), _square_buffers(tpu, HLO_T)[:5]
 
 
 def test_xla_path_has_t_by_t_buffers():

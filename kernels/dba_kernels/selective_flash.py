@@ -19,8 +19,9 @@ Neither S, F nor the probabilities are ever materialised. F_n is rebuilt tile by
   the in-tile exclusive prefix: a strictly-lower-triangular ones [Bq, Bq] matmul with the S_n tile
 (no cumsum primitive: Mosaic TPU has none and Triton has no reverse one; matmuls run on tensor cores / the MXU).
 
-Kernels (Bq = block_q, Bk = block_k, nq = Tp / Bq, nk = Tp / Bk, Tp = T padded to a multiple of both, M masks,
-A attending heads):
+Kernels on CPU and GPU (Bq = block_q, Bk = block_k, default 64; nq = Tp / Bq, nk = Tp / Bk, Tp = T padded to a
+multiple of both, M masks, A attending heads). Each program walks its sequence of blocks in a loop inside, with
+whole-sequence [Tp, D] rows as blocks (pointer ranges on a GPU):
   carry   grid (B, M, nk): per mask and key block, walk the query blocks in order recomputing the source head's
           logits tile, and write C before adding each block's column sums. Output C_kq [B, M, nk, nq, Bk].
   forward grid (B, A, nq): one program per (batch, attending head, query block); it streams the causal key
@@ -38,6 +39,31 @@ A attending heads):
     sel_q   grid (B, M, nq): per mask and query block, the same dF_n tiles and R give G_n; dq_{s_n} += scale G_n k.
     dkdv    grid (B, A, nk): the usual flash dk, dv per attending head (logits recomputed with F, as forward).
     dq      grid (B, A, nq): the usual flash dq per attending head.
+
+Kernels on TPU (Mosaic; Bq = Bk = 128 by default): a BlockSpec is a VMEM buffer, so no step may hold a whole
+sequence (or all heads). Every kernel is the one above with its in-kernel walk moved onto the grid: one
+(query block, key block) tile per step, the walked axis last and "arbitrary" (the others "parallel"), the
+running state in VMEM scratch (initialised at the walk's first step, written out at its last), and (Bq, D),
+(Bk, D) tiles whose DMAs Mosaic pipelines. Index maps clamp the walked block to the causal range (jnp.minimum /
+maximum), so steps of fully-future tiles (skipped with pl.when) ask for the blocks already in VMEM. C and R are
+[B, M, nk, nq, 1, Bk] (a (1, Bk) row per step); lse and delta (Bq, 1) column blocks of [B, A, Tp, 1].
+  carry    grid (B, M, nk, nq)       column-sum carry (1, Bk) in scratch; writes C[kb, qb] every step.
+  forward  grid (B, A, nq, nk)       online softmax state (Bq, E), (Bq, 1) x 2 in scratch.
+  sel_kv   grid (B, M, nk, nq, G)    query blocks in reverse (qb = nq - 1 - t); the innermost axis walks the G
+                                      head slots of mask n (_mask_head: its block, then its remainder head; an
+                                      empty slot repeats a head and is skipped): slot 0 puts the tile's F and
+                                      selection logits in scratch, each head subtracts its dZ into a dF scratch
+                                      tile, the last slot applies the suffix sum and G^T q_{s_n} (dk_{s_n} in
+                                      scratch) and writes R[kb, qb]. G = (A // M) + (A % M > 0); M = 1: G = A.
+  sel_q    grid (B, M, nq, nk, G)    the same head slots; dq_{s_n} in scratch.
+  dkdv     grid (B, A, nk, nq)       dk, dv (Bk, D), (Bk, E) in scratch.
+  dq       grid (B, A, nq, nk)       dq (Bq, D) in scratch.
+  VMEM per step (double-buffered blocks, s = input itemsize, a = accumulator itemsize, (Bq, 1) and (1, Bk)
+  blocks padded to 128 lanes / 8 sublanes): at most 2 s ((2 Bq + 2 Bk) D + (Bq + Bk) E) for the input tiles,
+  + 2 a (2 Bq 128 + 2 8 Bk) for lse, delta and the carry rows, + 2 a Bk D for an output tile, + the scratch,
+  at most a (3 Bq Bk + Bk D + 8 Bk) (sel_kv): about 1.4 MiB for f32, Bq = Bk = D = E = 128, whatever T and H
+  (plus Mosaic's temporaries, a few [Bq, Bk] float32 tiles). In HBM, O(T) per (batch row, head) as on GPU, plus
+  C and R (B M Tp^2 / Bq each, unpadded: layout T(1, 128); 32 MiB per mask and batch row at T 32768).
   Outside the kernels (XLA): transposes to [B, H, T, D], zero padding of T and of head dims to a power of
   two >= 16 (zeros change no dot product), delta, summing dk, dv over each kv head's group of q heads (GQA),
   zeros for the selection-only heads' attention gradients, and adding the selection extras into the source
@@ -47,7 +73,7 @@ Extra memory beyond plain flash attention (all float32, float64 for float64 inpu
   residuals: the log-sum-exp B * A * T besides the q, k, v and out that any attention keeps. The carries C
   (B * M * Tp^2 / Bq values: T = 4096, Bq = 64 gives 1 MiB per mask and batch row) are a forward transient and
   are recomputed in the backward, which keeps the residuals the same on every platform (_backend.per_platform).
-  Backward transients: C and R (B * M * Tp^2 / Bq each), transposed copies of both, delta (B * A * Tp),
+  Backward transients: C and R (B * M * Tp^2 / Bq each), transposed copies of both (not on TPU), delta (B * A * Tp),
   the selection extras (B * M * Tp * D each), float32 dq, dk, dv per q head before the group sums and final cast.
 
 Dtypes: bf16, f32 or f64 inputs; logits, S, F, softmax and every accumulator are float32 (float64 for float64
@@ -58,11 +84,11 @@ matmuls always run in float32 at HIGHEST precision.
 
 Not supported here (use dba_jax.ops.selective): leaky ReLU, relu_after_cumsum, protection, selection slices, combos
 and latent masks, residual masks, disable_selection, return_mask, segment ids or non-causal attention, GQA
-together with selection_heads. On TPU the sel_kv / sel_q kernels hold all heads' q (or k, v) and dO for the
-whole sequence in VMEM, which bounds H * T there; Bk >= 128 is the lane-friendly choice for Mosaic.
+together with selection_heads.
 
-On CPU the kernels run with interpret=True; on GPU they use the Triton backend; on TPU, Mosaic, with every grid
-axis parallel (dba_kernels._backend).
+On CPU the kernels run with interpret=True; on GPU they use the Triton backend; on TPU, Mosaic (dba_kernels.
+_backend: the platform is picked when lowered). Tests run the TPU kernels in the interpreter on CPU
+(_backend.forced(Target("tpu", interpret=True))); explicit block_q / block_k apply on every platform.
 """
 from __future__ import annotations
 
@@ -73,11 +99,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from . import _backend as backend
 
-BLOCK_Q = 64
+BLOCK_Q = 64  # CPU / GPU defaults
 BLOCK_K = 64
+BLOCK_TPU = 128  # TPU default for both: MXU- and lane-sized tiles
 MIN_BLOCK = 16  # Triton dots need every dimension >= 16
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so no inf - inf; exp() of it is exactly 0
 
@@ -130,6 +158,22 @@ def _fold_mask_heads(cfg: _Cfg, n, fn, init):
     extra = cfg.split + n
     acc = jax.lax.fori_loop(extra, extra + (n < cfg.n_att - cfg.split).astype(jnp.int32), fn, acc)
   return acc
+
+
+def _head_slots(cfg: _Cfg) -> int:
+  """Attending heads per mask at most (TPU head grid axis): its block, plus a slot for a remainder head."""
+  return cfg.per + (cfg.split < cfg.n_att)
+
+
+def _mask_head(cfg: _Cfg, n, j):
+  """(attending head, valid) in slot j < _head_slots of mask n, the heads _fold_mask_heads visits in that order;
+  mask n's empty remainder slot repeats its block's last head (so its index maps fetch nothing new), or head 0
+  for a mask without heads (more masks than attending heads)."""
+  a = n * cfg.per + j
+  if cfg.split == cfg.n_att:
+    return a, jnp.bool_(True)
+  in_block, has_extra = j < cfg.per, n < cfg.n_att - cfg.split
+  return jnp.where(in_block, a, jnp.where(has_extra, cfg.split + n, jnp.maximum(a - 1, 0))), in_block | has_extra
 
 
 # ------------------------------------------------------------------------------------------------- backend glue
@@ -192,6 +236,34 @@ def _dz(cfg, q_QD, k_KD, v_KE, do_QE, lse_Q1, delta_Q1, f_QK, causal_QK, acc):
   return p_QK, p_QK * (dp_QK - delta_Q1)
 
 
+def _f_tile(cfg: _Cfg, qb, kb, qs_QD, ks_KD, c_1K, tril_QQ, acc):
+  """(causal, kept, selection logits, F) of the tile (qb, kb): F = C (earlier query blocks) + in-tile prefix."""
+  causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
+  lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
+  return causal_QK, keep_QK, lsel_QK, c_1K + _dot(tril_QQ, s_QK, acc)
+
+
+def _softmax_step(cfg: _Cfg, q_QD, k_KD, v_KE, f_QK, causal_QK, state, acc):
+  """One key block of the online softmax: state (unnormalised out, running max, running sum) -> updated."""
+  o_QE, m_Q1, l_Q1 = state
+  z_QK = _logits(cfg, q_QD, k_KD, f_QK, causal_QK, acc)
+  m_new_Q1 = jnp.maximum(m_Q1, z_QK.max(axis=1, keepdims=True))
+  rescale_Q1 = jnp.exp(m_Q1 - m_new_Q1)
+  p_QK = jnp.exp(z_QK - m_new_Q1)
+  o_QE = rescale_Q1 * o_QE + _dot(p_QK.astype(v_KE.dtype), v_KE, acc)
+  return o_QE, m_new_Q1, rescale_Q1 * l_Q1 + p_QK.sum(axis=1, keepdims=True)
+
+
+def _sel_grad(keep_QK, lsel_QK, ds_QK):
+  """G = dS on the kept entries where the selection logit is positive (ReLU'(0) = 0, as jax.nn.relu)."""
+  return jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)
+
+
+def _kv_grads(p_QK, dz_QK, q_QD, do_QE, acc):
+  """One query block's contributions (P^T dO, dZ^T q) to a key block's dv and (unscaled) dk."""
+  return _dot(p_QK.T.astype(do_QE.dtype), do_QE, acc), _dot(dz_QK.T.astype(q_QD.dtype), q_QD, acc)
+
+
 def _i32(n):
   return jnp.asarray(n, jnp.int32)  # loop bounds and block indices stay int32 under jax.enable_x64
 
@@ -232,18 +304,9 @@ def _fwd_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, c_ref, o_ref, lse_ref, *, c
   tril_QQ = _strict_lower(cfg.bq, acc)
 
   def body(kb, state):
-    o_QE, m_Q1, l_Q1 = state
     ksl = pl.ds(kb * cfg.bk, cfg.bk)
-    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
-    _, s_QK = _scores(cfg, qs_QD, ks_ref[ksl, :], keep_QK, acc)
-    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
-    z_QK = _logits(cfg, q_QD, k_ref[ksl, :], f_QK, causal_QK, acc)
-    m_new_Q1 = jnp.maximum(m_Q1, z_QK.max(axis=1, keepdims=True))
-    rescale_Q1 = jnp.exp(m_Q1 - m_new_Q1)
-    p_QK = jnp.exp(z_QK - m_new_Q1)
-    v_KE = v_ref[ksl, :]
-    o_QE = rescale_Q1 * o_QE + _dot(p_QK.astype(v_KE.dtype), v_KE, acc)
-    return o_QE, m_new_Q1, rescale_Q1 * l_Q1 + p_QK.sum(axis=1, keepdims=True)
+    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_QD, ks_ref[ksl, :], c_ref[pl.ds(kb, 1), :], tril_QQ, acc)
+    return _softmax_step(cfg, q_QD, k_ref[ksl, :], v_ref[ksl, :], f_QK, causal_QK, state, acc)
 
   e = o_ref.shape[-1]
   init = (jnp.zeros((cfg.bq, e), acc), jnp.full((cfg.bq, 1), MASK_VALUE, acc), jnp.zeros((cfg.bq, 1), acc))
@@ -265,10 +328,8 @@ def _sel_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref
     carry_1K, dks_KD = state
     qb = nq - 1 - t  # reverse order: the carry is the dF column sum over later query blocks
     qsl = pl.ds(qb * cfg.bq, cfg.bq)
-    causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
     qs_QD = q_ref[src, qsl, :]
-    lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
-    f_QK = c_ref[pl.ds(qb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    causal_QK, keep_QK, lsel_QK, f_QK = _f_tile(cfg, qb, kb, qs_QD, ks_KD, c_ref[pl.ds(qb, 1), :], tril_QQ, acc)
 
     def head(a, df_QK):
       h, kvh = cfg.first + a, _kv(cfg, cfg.first + a)
@@ -279,7 +340,7 @@ def _sel_kv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref
     df_QK = _fold_mask_heads(cfg, n, head, jnp.zeros((cfg.bq, cfg.bk), acc))
     r_ref[pl.ds(qb, 1), :] = carry_1K
     ds_QK = carry_1K + _dot(triu_QQ, df_QK, acc)  # dS[k] = sum_{i > k} dF[i]
-    g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)  # ReLU'(0) = 0, as jax.nn.relu
+    g_QK = _sel_grad(keep_QK, lsel_QK, ds_QK)
     dks_KD = dks_KD + _dot(g_QK.T.astype(qs_QD.dtype), qs_QD, acc)
     return carry_1K + df_QK.sum(axis=0, keepdims=True), dks_KD
 
@@ -301,10 +362,8 @@ def _sel_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref,
 
   def body(kb, dqs_QD):
     ksl = pl.ds(kb * cfg.bk, cfg.bk)
-    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
     ks_KD = k_ref[_kv(cfg, src), ksl, :]
-    lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
-    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    causal_QK, keep_QK, lsel_QK, f_QK = _f_tile(cfg, qi, kb, qs_QD, ks_KD, c_ref[pl.ds(kb, 1), :], tril_QQ, acc)
 
     def head(a, df_QK):
       h, kvh = cfg.first + a, _kv(cfg, cfg.first + a)
@@ -314,7 +373,7 @@ def _sel_q_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, c_ref, r_ref,
 
     df_QK = _fold_mask_heads(cfg, n, head, jnp.zeros((cfg.bq, cfg.bk), acc))
     ds_QK = r_ref[pl.ds(kb, 1), :] + _dot(triu_QQ, df_QK, acc)
-    g_QK = jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)
+    g_QK = _sel_grad(keep_QK, lsel_QK, ds_QK)
     return dqs_QD + _dot(g_QK.astype(ks_KD.dtype), ks_KD, acc)
 
   dqs_QD = jax.lax.fori_loop(_i32(0), _n_key_blocks(cfg, qi), body, jnp.zeros(dqs_ref.shape, acc))
@@ -330,14 +389,11 @@ def _dkdv_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, do_ref, lse_ref, delta_ref
   def body(qb, state):
     dk_KD, dv_KE = state
     qsl = pl.ds(qb * cfg.bq, cfg.bq)
-    causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
-    _, s_QK = _scores(cfg, qs_ref[qsl, :], ks_KD, keep_QK, acc)
-    f_QK = c_ref[pl.ds(qb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    causal_QK, _, _, f_QK = _f_tile(cfg, qb, kb, qs_ref[qsl, :], ks_KD, c_ref[pl.ds(qb, 1), :], tril_QQ, acc)
     q_QD, do_QE = q_ref[qsl, :], do_ref[qsl, :]
     p_QK, dz_QK = _dz(cfg, q_QD, k_KD, v_KE, do_QE, lse_ref[qsl, :], delta_ref[qsl, :], f_QK, causal_QK, acc)
-    dv_KE = dv_KE + _dot(p_QK.T.astype(do_QE.dtype), do_QE, acc)
-    dk_KD = dk_KD + _dot(dz_QK.T.astype(q_QD.dtype), q_QD, acc)
-    return dk_KD, dv_KE
+    ddv_KE, ddk_KD = _kv_grads(p_QK, dz_QK, q_QD, do_QE, acc)
+    return dk_KD + ddk_KD, dv_KE + ddv_KE
 
   init = (jnp.zeros(dk_ref.shape, acc), jnp.zeros(dv_ref.shape, acc))
   dk_KD, dv_KE = jax.lax.fori_loop(_first_query_block(cfg, kb), _i32(nq), body, init)
@@ -353,15 +409,180 @@ def _dq_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, do_ref, lse_ref, delta_ref, 
 
   def body(kb, dq_QD):
     ksl = pl.ds(kb * cfg.bk, cfg.bk)
-    causal_QK, keep_QK = _tile_masks(cfg, qi, kb)
-    _, s_QK = _scores(cfg, qs_QD, ks_ref[ksl, :], keep_QK, acc)
-    f_QK = c_ref[pl.ds(kb, 1), :] + _dot(tril_QQ, s_QK, acc)
+    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_QD, ks_ref[ksl, :], c_ref[pl.ds(kb, 1), :], tril_QQ, acc)
     k_KD = k_ref[ksl, :]
     _, dz_QK = _dz(cfg, q_QD, k_KD, v_ref[ksl, :], do_QE, lse_Q1, delta_Q1, f_QK, causal_QK, acc)
     return dq_QD + _dot(dz_QK.astype(k_KD.dtype), k_KD, acc)
 
   dq_QD = jax.lax.fori_loop(_i32(0), _n_key_blocks(cfg, qi), body, jnp.zeros(dq_ref.shape, acc))
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- TPU kernels
+# One program step per tile: the grid's last axes walk the reduced-over blocks ("arbitrary"), with carries and
+# accumulators in VMEM scratch; index maps clamp skipped (fully future) tiles to the last block fetched.
+
+def _carry_kernel_tpu(qs_ref, ks_ref, c_ref, carry_sc, *, cfg: _Cfg, acc):
+  kb, qb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(qb == 0)
+  def _():
+    carry_sc[...] = jnp.zeros(carry_sc.shape, acc)
+
+  c_ref[...] = carry_sc[...]  # exclusive: rows of blocks before qb only
+
+  @pl.when(qb >= _first_query_block(cfg, kb))
+  def _():
+    _, keep_QK = _tile_masks(cfg, qb, kb)
+    _, s_QK = _scores(cfg, qs_ref[...], ks_ref[...], keep_QK, acc)
+    carry_sc[...] += s_QK.sum(axis=0, keepdims=True)
+
+
+def _fwd_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, o_sc, m_sc, l_sc, *, cfg: _Cfg,
+                    acc):
+  qi, kb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(kb == 0)
+  def _():
+    o_sc[...] = jnp.zeros(o_sc.shape, acc)
+    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, acc)
+    l_sc[...] = jnp.zeros(l_sc.shape, acc)
+
+  @pl.when(kb < _n_key_blocks(cfg, qi))
+  def _():
+    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
+                                    acc)
+    state = _softmax_step(cfg, q_ref[...], k_ref[...], v_ref[...], f_QK, causal_QK,
+                          (o_sc[...], m_sc[...], l_sc[...]), acc)
+    o_sc[...], m_sc[...], l_sc[...] = state
+
+  @pl.when(kb == pl.num_programs(3) - 1)
+  def _():
+    o_ref[...] = (o_sc[...] / l_sc[...]).astype(o_ref.dtype)
+    lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+
+
+def _sel_tile_tpu(cfg: _Cfg, qb, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                  delta_ref, f_sc, lsel_sc, df_sc, acc):
+  """sel_kv / sel_q head-slot step: at slot 0 the mask's F and selection logits for tile (qb, kb) go to scratch;
+  each valid slot subtracts its head's dZ from the dF_n tile (F_n enters each such head's logits negated)."""
+  @pl.when(active & (j == 0))
+  def _():
+    _, _, lsel_sc[...], f_sc[...] = _f_tile(cfg, qb, kb, qs_ref[...], ks_ref[...], c_ref[...],
+                                            _strict_lower(cfg.bq, acc), acc)
+    df_sc[...] = jnp.zeros(df_sc.shape, acc)
+
+  @pl.when(active & _mask_head(cfg, pl.program_id(1), j)[1])
+  def _():
+    causal_QK, _ = _tile_masks(cfg, qb, kb)
+    _, dz_QK = _dz(cfg, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], f_sc[...],
+                   causal_QK, acc)
+    df_sc[...] -= dz_QK
+
+
+def _sel_kv_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, r_ref, dks_ref,
+                       carry_sc, f_sc, lsel_sc, df_sc, dks_sc, *, cfg: _Cfg, acc):
+  kb, t, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  qb = pl.num_programs(3) - 1 - t  # reverse order: the carry is the dF column sum over later query blocks
+  last_j = j == pl.num_programs(4) - 1
+  active = qb >= _first_query_block(cfg, kb)
+
+  @pl.when((t == 0) & (j == 0))
+  def _():
+    carry_sc[...] = jnp.zeros(carry_sc.shape, acc)
+    dks_sc[...] = jnp.zeros(dks_sc.shape, acc)
+
+  _sel_tile_tpu(cfg, qb, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                f_sc, lsel_sc, df_sc, acc)
+
+  @pl.when(last_j)
+  def _():
+    r_ref[...] = carry_sc[...]  # tiles above the diagonal: dF is 0 there, the carry is final
+
+  @pl.when(active & last_j)
+  def _():
+    _, keep_QK = _tile_masks(cfg, qb, kb)
+    df_QK = df_sc[...]
+    ds_QK = carry_sc[...] + _dot(_strict_upper(cfg.bq, acc), df_QK, acc)  # dS[k] = sum_{i > k} dF[i]
+    qs_QD = qs_ref[...]
+    dks_sc[...] += _dot(_sel_grad(keep_QK, lsel_sc[...], ds_QK).T.astype(qs_QD.dtype), qs_QD, acc)
+    carry_sc[...] += df_QK.sum(axis=0, keepdims=True)
+
+  @pl.when((t == pl.num_programs(3) - 1) & last_j)
+  def _():
+    dks_ref[...] = (dks_sc[...] * cfg.scale).astype(dks_ref.dtype)
+
+
+def _sel_q_kernel_tpu(qs_ref, ks_ref, c_ref, r_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dqs_ref,
+                      f_sc, lsel_sc, df_sc, dqs_sc, *, cfg: _Cfg, acc):
+  qi, kb, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  last_j = j == pl.num_programs(4) - 1
+  active = kb < _n_key_blocks(cfg, qi)
+
+  @pl.when((kb == 0) & (j == 0))
+  def _():
+    dqs_sc[...] = jnp.zeros(dqs_sc.shape, acc)
+
+  _sel_tile_tpu(cfg, qi, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                f_sc, lsel_sc, df_sc, acc)
+
+  @pl.when(active & last_j)
+  def _():
+    _, keep_QK = _tile_masks(cfg, qi, kb)
+    ds_QK = r_ref[...] + _dot(_strict_upper(cfg.bq, acc), df_sc[...], acc)
+    ks_KD = ks_ref[...]
+    dqs_sc[...] += _dot(_sel_grad(keep_QK, lsel_sc[...], ds_QK).astype(ks_KD.dtype), ks_KD, acc)
+
+  @pl.when((kb == pl.num_programs(3) - 1) & last_j)
+  def _():
+    dqs_ref[...] = (dqs_sc[...] * cfg.scale).astype(dqs_ref.dtype)
+
+
+def _dkdv_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc,
+                     dv_sc, *, cfg: _Cfg, acc):
+  kb, qb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(qb == 0)
+  def _():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, acc)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, acc)
+
+  @pl.when(qb >= _first_query_block(cfg, kb))
+  def _():
+    causal_QK, _, _, f_QK = _f_tile(cfg, qb, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
+                                    acc)
+    q_QD, do_QE = q_ref[...], do_ref[...]
+    p_QK, dz_QK = _dz(cfg, q_QD, k_ref[...], v_ref[...], do_QE, lse_ref[...], delta_ref[...], f_QK, causal_QK, acc)
+    ddv_KE, ddk_KD = _kv_grads(p_QK, dz_QK, q_QD, do_QE, acc)
+    dk_sc[...] += ddk_KD
+    dv_sc[...] += ddv_KE
+
+  @pl.when(qb == pl.num_programs(3) - 1)
+  def _():
+    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
+                   cfg: _Cfg, acc):
+  qi, kb = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(kb == 0)
+  def _():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, acc)
+
+  @pl.when(kb < _n_key_blocks(cfg, qi))
+  def _():
+    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
+                                    acc)
+    k_KD = k_ref[...]
+    _, dz_QK = _dz(cfg, q_ref[...], k_KD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], f_QK, causal_QK,
+                   acc)
+    dq_sc[...] += _dot(dz_QK.astype(k_KD.dtype), k_KD, acc)
+
+  @pl.when(kb == pl.num_programs(3) - 1)
+  def _():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ pallas calls
@@ -392,6 +613,8 @@ def _swap_blocks(x_kq):
 
 def _forward(target: backend.Target, cfg: _Cfg, q, k, v):
   """Padded q [B, H, Tp, D], k [B, K, Tp, D], v [B, K, Tp, E] -> out [B, A, Tp, E], lse [B, A, Tp, 1]."""
+  if target.platform == "tpu":
+    return _forward_tpu(target, cfg, q, k, v)
   B, H, Tp, D = q.shape
   E, A = v.shape[-1], cfg.n_att
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
@@ -427,11 +650,25 @@ def _per_kv_head(cfg: _Cfg, x_BHTD):
 def _backward(target: backend.Target, cfg: _Cfg, q, k, v, out, lse, do):
   """Padded q, k, v, out, do and lse [B, A, Tp, 1] -> dq [B, H, Tp, D], dk [B, K, Tp, D], dv [B, K, Tp, E]. The
   carries C are recomputed (one QK^T pass per mask) rather than kept from the forward."""
+  M = cfg.n_masks
+  delta = jnp.sum(do.astype(_acc(q.dtype)) * out.astype(_acc(q.dtype)), axis=-1, keepdims=True)  # [B, A, Tp, 1]
+  kernels = _backward_kernels_tpu if target.platform == "tpu" else _backward_kernels
+  dq, dk, dv, dqs, dks = kernels(target, cfg, q, k, v, do, lse, delta)
+  # The source heads' q and k also feed F_n for every head using mask n (for selection-only heads, only that).
+  # Sources are contiguous: q heads src..src+M-1, kv heads from src // group (M > 1 only without GQA).
+  dq = _per_q_head(cfg, dq).at[:, cfg.src:cfg.src + M].add(dqs)
+  kv_src = cfg.src // cfg.group
+  dk = _per_kv_head(cfg, _per_q_head(cfg, dk)).at[:, kv_src:kv_src + M].add(dks)
+  return dq, dk, _per_kv_head(cfg, _per_q_head(cfg, dv))
+
+
+def _backward_kernels(target: backend.Target, cfg: _Cfg, q, k, v, do, lse, delta):
+  """CPU / GPU backward kernels -> per attending head dq, dk [B, A, Tp, D], dv [B, A, Tp, E] and the selection
+  extras dqs, dks [B, M, Tp, D] for the masks' source heads."""
   B, H, Tp, D = q.shape
   K, E, A, M = k.shape[1], v.shape[-1], cfg.n_att, cfg.n_masks
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
   bq, bk = cfg.bq, cfg.bk
-  delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)  # [B, A, Tp, 1]
   c_kq = _carries(target, cfg, q, k)
   c_qk = _swap_blocks(c_kq)
   hq = lambda a: cfg.first + a
@@ -499,13 +736,155 @@ def _backward(target: backend.Target, cfg: _Cfg, q, k, v, out, lse, do):
       out_specs=pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, a, i, 0)),
       out_shape=jax.ShapeDtypeStruct((B, A, Tp, D), acc),
   )(q, q, k, k, v, do, lse, delta, c_qk)
+  return dq, dk, dv, dqs, dks
 
-  # The source heads' q and k also feed F_n for every head using mask n (for selection-only heads, only that).
-  # Sources are contiguous: q heads src..src+M-1, kv heads from src // group (M > 1 only without GQA).
-  dq = _per_q_head(cfg, dq).at[:, cfg.src:cfg.src + M].add(dqs)
-  kv_src = cfg.src // cfg.group
-  dk = _per_kv_head(cfg, _per_q_head(cfg, dk)).at[:, kv_src:kv_src + M].add(dks)
-  return dq, dk, _per_kv_head(cfg, _per_q_head(cfg, dv))
+
+# -------------------------------------------------------------------------------------------- TPU pallas calls
+# Every TPU kernel reads the mask's side (source q and k tiles, the (1, Bk) rows of C / R) and the attending
+# head's side (q, k, v, dO, lse, delta tiles). Index maps name one tile per grid step as (b, mask or head, query
+# block, key block); the walked block is clamped to the causal range (jnp.minimum / maximum), so a skipped
+# tile's step asks for the blocks already in VMEM and nothing is fetched.
+
+def _call_tpu(target: backend.Target, kernel, grid, n_arbitrary, **kw):
+  semantics = ("parallel",) * (len(grid) - n_arbitrary) + ("arbitrary",) * n_arbitrary
+  return backend.pallas_call(kernel, target=target, grid=grid, semantics=semantics, **kw)
+
+
+def _spec(shape, at, pick):
+  """BlockSpec whose block index is pick(*at(*grid indices))."""
+  return pl.BlockSpec(shape, lambda *g: pick(*at(*g)))
+
+
+def _row_spec(cfg: _Cfg, at):
+  """(1, Bk) row of C or R [B, M, nk, nq, 1, Bk] (unit row axis: the block's last two dims are the array's)."""
+  return _spec((None, None, None, None, 1, cfg.bk), at, lambda b, n, i, j: (b, n, j, i, 0, 0))
+
+
+def _sel_specs(cfg: _Cfg, D, at, n_rows):
+  """Source q, k tiles of mask n and n_rows carry rows (C, then R) at at(*grid) = (b, n, query block, key block)."""
+  src = lambda n: cfg.src + n
+  return [_spec((None, None, cfg.bq, D), at, lambda b, n, i, j: (b, src(n), i, 0)),
+          _spec((None, None, cfg.bk, D), at, lambda b, n, i, j: (b, _kv(cfg, src(n)), j, 0))] + \
+      [_row_spec(cfg, at)] * n_rows
+
+
+def _head_specs(cfg: _Cfg, D, E, at, grads=True):
+  """q, k, v tiles of attending head a (and with grads its dO, lse, delta) at at(*grid) = (b, a, qb, kb)."""
+  hq = lambda a: cfg.first + a
+  specs = [_spec((None, None, cfg.bq, D), at, lambda b, a, i, j: (b, hq(a), i, 0)),
+           _spec((None, None, cfg.bk, D), at, lambda b, a, i, j: (b, _kv(cfg, hq(a)), j, 0)),
+           _spec((None, None, cfg.bk, E), at, lambda b, a, i, j: (b, _kv(cfg, hq(a)), j, 0))]
+  if grads:
+    specs += [_spec((None, None, cfg.bq, w), at, lambda b, a, i, j: (b, a, i, 0)) for w in (E, 1, 1)]
+  return specs
+
+
+def _carries_tpu(target: backend.Target, cfg: _Cfg, q, k):
+  """C [B, M, nk, nq, 1, Bk] (_carries with a unit row axis): grid (B, M, nk, nq), the query blocks walked in
+  order with the column sum in scratch."""
+  B, _, Tp, D = q.shape
+  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  at = lambda b, n, j, i: (b, n, jnp.maximum(i, _first_query_block(cfg, j)), j)  # earlier: future keys only
+  return _call_tpu(
+      target, functools.partial(_carry_kernel_tpu, cfg=cfg, acc=acc), (B, cfg.n_masks, nk, nq), 1,
+      in_specs=_sel_specs(cfg, D, at, 0),
+      out_specs=_row_spec(cfg, lambda b, n, j, i: (b, n, i, j)),
+      out_shape=jax.ShapeDtypeStruct((B, cfg.n_masks, nk, nq, 1, cfg.bk), acc),
+      scratch_shapes=[pltpu.VMEM((1, cfg.bk), acc)],
+  )(q, k)
+
+
+def _walk_keys(cfg: _Cfg):
+  """Tile maps for grids (B, A, nq, nk): (mask side, head side), key blocks past the diagonal clamped."""
+  kc = lambda i, j: jnp.minimum(j, _n_key_blocks(cfg, i) - 1)
+  return (lambda b, a, i, j: (b, _mask_of(cfg, a), i, kc(i, j))), (lambda b, a, i, j: (b, a, i, kc(i, j)))
+
+
+def _walk_queries(cfg: _Cfg):
+  """Tile maps for grids (B, A, nk, nq): (mask side, head side), query blocks before the diagonal clamped."""
+  qc = lambda j, i: jnp.maximum(i, _first_query_block(cfg, j))
+  return (lambda b, a, j, i: (b, _mask_of(cfg, a), qc(j, i), j)), (lambda b, a, j, i: (b, a, qc(j, i), j))
+
+
+def _forward_tpu(target: backend.Target, cfg: _Cfg, q, k, v):
+  """_forward on TPU: grid (B, A, nq, nk), the key blocks walked with the online softmax state in scratch."""
+  B, H, Tp, D = q.shape
+  E, A, bq = v.shape[-1], cfg.n_att, cfg.bq
+  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
+  c = _carries_tpu(target, cfg, q, k)
+  at_mask, at_head = _walk_keys(cfg)
+  return _call_tpu(
+      target, functools.partial(_fwd_kernel_tpu, cfg=cfg, acc=acc), (B, A, nq, nk), 1,
+      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head, grads=False),
+      out_specs=[pl.BlockSpec((None, None, bq, E), lambda b, a, i, j: (b, a, i, 0)),
+                 pl.BlockSpec((None, None, bq, 1), lambda b, a, i, j: (b, a, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, A, Tp, 1), acc)],
+      scratch_shapes=[pltpu.VMEM((bq, E), acc), pltpu.VMEM((bq, 1), acc), pltpu.VMEM((bq, 1), acc)],
+  )(q, k, c, q, k, v)
+
+
+def _backward_kernels_tpu(target: backend.Target, cfg: _Cfg, q, k, v, do, lse, delta):
+  """_backward_kernels on TPU. sel_kv and sel_q walk the heads using mask n on the innermost grid axis (slot g of
+  _head_slots) and sum their dZ tiles into a dF scratch tile, so no step holds more than one head's tiles."""
+  B, H, Tp, D = q.shape
+  E, A, M, G = v.shape[-1], cfg.n_att, cfg.n_masks, _head_slots(cfg)
+  nq, nk, acc, bq, bk = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype), cfg.bq, cfg.bk
+  c = _carries_tpu(target, cfg, q, k)
+  heads = (q, k, v, do, lse, delta)
+  tile = pltpu.VMEM((bq, bk), acc)  # F, selection logits, dF of one tile
+
+  def slot(n, g, active):  # past the diagonal: the last slot, whose tiles the last active step fetched
+    return _mask_head(cfg, n, jnp.where(active, g, G - 1))[0]
+
+  # sel_kv: grid (B, M, nk, nq, G), query blocks in reverse (qb = nq - 1 - t), so the blocks above the diagonal
+  # come last and map to query block qb0.
+  def kv_tiles(b, n, j, t, g):
+    qb, qb0 = nq - 1 - t, _first_query_block(cfg, j)
+    i = jnp.maximum(qb, qb0)
+    return (b, n, i, j), (b, slot(n, g, qb >= qb0), i, j)
+
+  r, dks = _call_tpu(
+      target, functools.partial(_sel_kv_kernel_tpu, cfg=cfg, acc=acc), (B, M, nk, nq, G), 2,
+      in_specs=_sel_specs(cfg, D, lambda *g: kv_tiles(*g)[0], 1) + _head_specs(cfg, D, E, lambda *g: kv_tiles(*g)[1]),
+      out_specs=[_row_spec(cfg, lambda b, n, j, t, g: (b, n, nq - 1 - t, j)),
+                 pl.BlockSpec((None, None, bk, D), lambda b, n, j, t, g: (b, n, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, M, nk, nq, 1, bk), acc), jax.ShapeDtypeStruct((B, M, Tp, D), acc)],
+      scratch_shapes=[pltpu.VMEM((1, bk), acc), tile, tile, tile, pltpu.VMEM((bk, D), acc)],
+  )(q, k, c, *heads)
+
+  # sel_q: grid (B, M, nq, nk, G), key blocks past the diagonal map to the last causal one.
+  def q_tiles(b, n, i, j, g):
+    last = _n_key_blocks(cfg, i) - 1
+    kb = jnp.minimum(j, last)
+    return (b, n, i, kb), (b, slot(n, g, j <= last), i, kb)
+
+  dqs = _call_tpu(
+      target, functools.partial(_sel_q_kernel_tpu, cfg=cfg, acc=acc), (B, M, nq, nk, G), 2,
+      in_specs=_sel_specs(cfg, D, lambda *g: q_tiles(*g)[0], 2) + _head_specs(cfg, D, E, lambda *g: q_tiles(*g)[1]),
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, n, i, j, g: (b, n, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, M, Tp, D), acc),
+      scratch_shapes=[tile, tile, tile, pltpu.VMEM((bq, D), acc)],
+  )(q, k, c, r, *heads)
+
+  at_mask, at_head = _walk_queries(cfg)
+  dk, dv = _call_tpu(
+      target, functools.partial(_dkdv_kernel_tpu, cfg=cfg, acc=acc), (B, A, nk, nq), 1,
+      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head),
+      out_specs=[pl.BlockSpec((None, None, bk, D), lambda b, a, j, i: (b, a, j, 0)),
+                 pl.BlockSpec((None, None, bk, E), lambda b, a, j, i: (b, a, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, D), acc), jax.ShapeDtypeStruct((B, A, Tp, E), acc)],
+      scratch_shapes=[pltpu.VMEM((bk, D), acc), pltpu.VMEM((bk, E), acc)],
+  )(q, k, c, *heads)
+
+  at_mask, at_head = _walk_keys(cfg)
+  dq = _call_tpu(
+      target, functools.partial(_dq_kernel_tpu, cfg=cfg, acc=acc), (B, A, nq, nk), 1,
+      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head),
+      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, a, i, j: (b, a, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, A, Tp, D), acc),
+      scratch_shapes=[pltpu.VMEM((bq, D), acc)],
+  )(q, k, c, *heads)
+  return dq, dk, dv, dqs, dks
 
 
 # ---------------------------------------------------------------------------------------------- layout + vjp
@@ -525,6 +904,13 @@ def _from_kernel(x_BHTD, T, D, dtype):
   return jnp.swapaxes(x_BHTD[:, :, :T, :D], 1, 2).astype(dtype)
 
 
+def _for_target(target: backend.Target, cfg: _Cfg) -> _Cfg:
+  """cfg with its blocks for `target`: the requested ones (0: the platform's default), at most T padded."""
+  tpu = target.platform == "tpu"
+  return dataclasses.replace(cfg, bq=_block(cfg.bq or (BLOCK_TPU if tpu else BLOCK_Q), cfg.T, "block_q"),
+                             bk=_block(cfg.bk or (BLOCK_TPU if tpu else BLOCK_K), cfg.T, "block_k"))
+
+
 def _prepare(cfg: _Cfg, q, k, v):
   Tp = -(-cfg.T // max(cfg.bq, cfg.bk)) * max(cfg.bq, cfg.bk)  # blocks are powers of two: a multiple of both
   return _to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp)
@@ -532,12 +918,14 @@ def _prepare(cfg: _Cfg, q, k, v):
 
 def _forward_on(target: backend.Target, q, k, v, *, cfg: _Cfg):
   """(out [B, T, A, E], lse [B, A, T]): unpadded, so the same shapes on every platform (_backend.per_platform)."""
+  cfg = _for_target(target, cfg)
   qp, kp, vp = _prepare(cfg, q, k, v)
   out, lse = _forward(target, cfg, qp, kp, vp)
   return _from_kernel(out, cfg.T, v.shape[-1], q.dtype), lse[:, :, :cfg.T, 0]
 
 
 def _backward_on(target: backend.Target, q, k, v, out, lse, g, *, cfg: _Cfg):
+  cfg = _for_target(target, cfg)
   qp, kp, vp = _prepare(cfg, q, k, v)
   Tp = qp.shape[2]
   lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, Tp - cfg.T)))[..., None]  # padded rows: zero q and dO, any lse
@@ -562,14 +950,16 @@ def _flash_bwd(cfg: _Cfg, res, g):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _block(requested: int, T: int, name: str) -> int:
+def _block(requested: int | None, T: int, name: str) -> int:
+  if requested is None:
+    return 0  # the platform's default, chosen when lowered (_for_target)
   if requested < MIN_BLOCK or requested & (requested - 1):
     raise ValueError(f"{name}={requested} must be a power of two >= {MIN_BLOCK}")
   return min(requested, _pad_dim(T))  # short sequences need no block larger than themselves
 
 
 def selective_flash_attention(q_BTHD, k_BTKD, v_BTKE, *, scale=None, protect_bos=True, allow_self_mask=False,
-                              selection_head=0, selection_heads=0, block_q=BLOCK_Q, block_k=BLOCK_K):
+                              selection_head=0, selection_heads=0, block_q=None, block_k=None):
   """softmax_{j <= i}(L_h - F_{mask(h)}) v_{kv(h)} for every attending head h (see the module docstring).
 
   q [B, T, H, D]; k [B, T, K, D]; v [B, T, K, E] with H % K == 0 (GQA: q head h reads kv head h // (H / K));
