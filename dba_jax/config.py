@@ -359,6 +359,9 @@ def _validate_hope(c: Config):
         f"model.hope.cms_periods={periods} must be multiples of the smallest period")
   _one_of("model.hope.inner_opt", h.inner_opt, ("nl_l2_precond", "preconditioned", "dmgd", "muon", "muon_ns"))
   _one_of("model.hope.teach", h.teach, ("per_layer", "global"))
+  _need(not (h.teach == "per_layer" and m.attn_impl == "pallas" and m.block != "hope_transformer"),
+        "model.hope.teach='per_layer' differentiates attention's backward, which the Pallas kernels cannot: use "
+        "model.attn_impl='auto' or 'xla' (or model.hope.teach='global')")
   _one_of("model.hope.teach_norm", h.teach_norm, ("row", "batch"))
   chunk = h.online_chunk or c.data.seq_len
   _need(c.data.seq_len % chunk == 0,

@@ -54,7 +54,8 @@ def dry_run(c: Config):
   from dba_jax import mesh as mesh_lib
   from dba_jax import model as model_lib
   n = model_lib.count_params(c.model)
-  shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(c.mesh.shape, jax.device_count())))
+  micro = c.train.batch_size // c.train.grad_accum
+  shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(c.mesh.shape, jax.device_count(), micro)))
   mem = memory_estimate(c, n, shape)
   print(f"params: {n}")
   print(f"kv cache elements per token: {model_lib.kv_elems_per_token(c.model)}")

@@ -30,7 +30,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def resolve_shape(shape, n_devices: int) -> tuple[int, ...]:
+def resolve_shape(shape, n_devices: int, micro_batch: int | None = None) -> tuple[int, ...]:
+  """mesh.shape with its -1 filled by the remaining devices. A -1 on a batch axis (data or fsdp) with tensor = 1
+  takes only as many devices as the micro-batch splits over and gives the rest to tensor, so one preset runs
+  from 1 device to a slice larger than its micro-batch (e.g. the 1B presets' 4 sequences on 64 chips: 4 x 16)."""
   shape = tuple(int(s) for s in shape)
   known = math.prod(s for s in shape if s != -1)
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -38,15 +41,22 @@ def resolve_shape(shape, n_devices: int) -> tuple[int, ...]:
   if -1 in shape:
     if n_devices % known:
       raise ValueError(f"mesh.shape={shape} does not divide the {n_devices} devices")
-    shape = tuple(n_devices // known if s == -1 else s for s in shape)
+    rest, axis = n_devices // known, shape.index(-1)
+    if micro_batch and axis < 2 and shape[2] == 1 and micro_batch % shape[1 - axis] == 0:
+      fit = math.gcd(rest, micro_batch // shape[1 - axis])
+      if fit < rest:
+        log.info("mesh.shape=%s: the micro-batch of %d splits over %d of the %d devices on %s; tensor takes %d",
+                 shape, micro_batch, fit, rest, MESH_AXES[axis], rest // fit)
+        shape = tuple(fit if i == axis else (rest // fit if i == 2 else s) for i, s in enumerate(shape))
+    shape = tuple(rest if s == -1 else s for s in shape)
   if math.prod(shape) != n_devices:
     raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but {n_devices} are present")
   return shape
 
 
-def make_mesh(shape, devices=None) -> Mesh:
+def make_mesh(shape, devices=None, micro_batch: int | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_shape(shape, len(devices))
+  shape = resolve_shape(shape, len(devices), micro_batch)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

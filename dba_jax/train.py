@@ -1,6 +1,7 @@
 """Optimizer, the jitted train/eval steps, and the training loop with logging, eval and checkpoints."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,6 +175,7 @@ class Trainer:
 
   def _under_mesh(self, fn):
     """Trace and run under the mesh so the model's activation constraints (mesh.constrain) take effect."""
+    @functools.wraps(fn)  # .__wrapped__ is the jit itself: dba-aot lowers that one
     def wrapped(*args):
       with jax.set_mesh(self.mesh):
         return fn(*args)
@@ -196,6 +198,20 @@ class Trainer:
 
   def abstract_params_sharded(self):
     return _with_shardings(self.abstract_params, self.param_shardings)
+
+  def abstract_state(self) -> dict:
+    """What init_state returns as ShapeDtypeStructs with their shardings, allocating nothing (dba-aot)."""
+    rep = mesh_lib.replicated(self.mesh)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    return {"params": self.abstract_params_sharded(), "opt": self.abstract_opt, "step": scalar((), jnp.int32),
+            "rng": scalar(rng.shape, jnp.uint32), "nonfinite": scalar((), jnp.int32)}
+
+  def abstract_batch(self) -> jax.ShapeDtypeStruct:
+    """The train step's token batch [grad_accum, batch / grad_accum, seq_len + 1] (dba-aot)."""
+    t = self.c.train
+    return jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, self.c.data.seq_len + 1), jnp.int32,
+                                sharding=self.accum_sharding)
 
   def evaluate(self, params, batches_NBT1) -> float:
     key = jax.random.key(0)
@@ -358,17 +374,22 @@ def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None
     return _train(c, workdir, quiet, stop)
 
 
+def check_batch(t: Config, mesh, processes: int):
+  """ConfigError unless the batch splits into micro-batches over the mesh's data-parallel shards and processes."""
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  if t.batch_size % (t.grad_accum * n_batch) or t.batch_size % processes:
+    raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
+                      f"divisible by the {n_batch} data-parallel shards and by {processes} processes")
+
+
 def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   t = c.train
   workdir = os.path.abspath(workdir)
   # Everything is validated (workdir, data, mesh, model) before the first file is written.
   resuming = check_workdir(c, workdir)
   splits = data.load_splits(c.data, c.model.vocab_size)
-  mesh = mesh_lib.make_mesh(c.mesh.shape)
-  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  if t.batch_size % (t.grad_accum * n_batch) or t.batch_size % jax.process_count():
-    raise ConfigError(f"train.batch_size={t.batch_size} must split into grad_accum={t.grad_accum} micro-batches "
-                      f"divisible by the {n_batch} data-parallel shards and by {jax.process_count()} processes")
+  mesh = mesh_lib.make_mesh(c.mesh.shape, micro_batch=t.batch_size // t.grad_accum)
+  check_batch(t, mesh, jax.process_count())
   trainer = Trainer(c, mesh)
   it = data.train_iterator(splits, c.data, t.batch_size, jax.process_index(), jax.process_count())
   local_batch = t.batch_size // jax.process_count()

@@ -71,10 +71,25 @@ def test_does_not_fit_exits_3(v5e, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["--topology=v9z:2x2"], "v9z"),
-    (["--topology=v5e:2x2", "--config.mesh.shape=(3,1,1)"], "does not divide"),
+    (["--topology=v5e:2x2", "--config.mesh.shape=(3,1,1)"], "4 are present"),
+    (["--topology=v5e:2x2", "--config.train.batch_size=6"], "must split"),
     (["--topology=v5e:2x2", "--config.model.d_modl=3"], "bad --config"),
 ])
 def test_bad_input_exits_2(v5e, capsys, args, needle):
   rc = aot.main(["dba-aot", "--config=configs/quickstart.py:dba", *TINY, *args])
   err = capsys.readouterr().err
   assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_decode_step_compiles(v5e, tmp_path):
+  out = tmp_path / "d.json"
+  assert aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2", *TINY, "--decode",
+                   f"--out={out}"]) == 0
+  r = json.loads(out.read_text())
+  assert r["what"] == "decode" and r["devices_used"] == 1 and r["tokens_per_step"] == 8 and r["fits"]
+
+
+def test_without_libtpu_exits_2(monkeypatch, capsys):
+  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  assert aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2"]) == 2
+  assert "dba-aot needs libtpu: pip install -e '.[tpu]'" in capsys.readouterr().err

@@ -82,3 +82,17 @@ def test_dropped_sharding_constraint_is_logged_once(caplog):
     f(np.ones((2, 3, 6, 4), np.float32) + 1)
   dropped = [r for r in caplog.records if "sharding constraint dropped" in r.getMessage()]
   assert len(dropped) == 1 and "act_heads=6" in dropped[0].getMessage(), caplog.text
+
+
+@pytest.mark.parametrize("shape,n,micro,want", [
+    ((-1, 1, 1), 8, None, (8, 1, 1)),  # no batch given: -1 takes every remaining device
+    ((-1, 1, 1), 8, 8, (8, 1, 1)),
+    ((-1, 1, 1), 64, 4, (4, 1, 16)),  # the 1B presets' 4-sequence micro-batch on a 64-chip slice
+    ((1, -1, 1), 64, 4, (1, 4, 16)),
+    ((2, -1, 1), 64, 4, (2, 2, 16)),
+    ((-1, 1, 1), 12, 8, (4, 1, 3)),  # gcd(12, 8)
+    ((-1, 1, 2), 64, 4, (32, 1, 2)),  # an explicit tensor axis: left alone (check_batch then refuses the batch)
+    ((1, 1, -1), 8, 1, (1, 1, 8)),
+])
+def test_mesh_minus_one_fits_the_micro_batch(shape, n, micro, want):
+  assert mesh_lib.resolve_shape(shape, n, micro) == want

@@ -49,6 +49,12 @@ class PostNormAttention(nnx.Module):
     self.norm_bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("embed",))
     self.conv = conv_param(rngs, m.hope.local_conv, d)
 
+  def _impl(self) -> str:
+    """The per-layer teach signal is an autograd inside the loss, so the loss's gradient differentiates attention's
+    backward: Pallas kernels have no derivative of their backward (found compiling for TPU), so auto runs XLA."""
+    teach = self.m.hope.teach == "per_layer" and self.m.block != "hope_transformer"  # step.TWO_PASS_BLOCKS
+    return "xla" if teach and self.m.attn_impl == "auto" else self.m.attn_impl
+
   def __call__(self, x_BTd, hooks: Hooks = NO_HOOKS):
     B, T, d = x_BTd.shape
     h = x_BTd
@@ -58,7 +64,7 @@ class PostNormAttention(nnx.Module):
     q, k, v = (constrain(qkv[:, :, i].reshape(B, T, self.H, self.D), ACT_HEADS) for i in range(3))
     if self.m.hope.qk_l2_norm:  # torch F.normalize: x / max(‖x‖, eps)
       q, k = (t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-6) for t in (q, k))
-    o = ops.attention(q, k, v, scale=self.D ** -0.5, return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    o = ops.attention(q, k, v, scale=self.D ** -0.5, return_probs=hooks.return_probs, impl=self._impl())
     probs = None
     if hooks.return_probs:
       o, probs = o
