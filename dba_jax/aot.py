@@ -1,4 +1,5 @@
-"""`dba-aot --config=FILE.py:VARIANT --topology=NAME [--config.a.b=v ...] [--out report.json] [--force] [--decode]`.
+"""`dba-aot --config=FILE.py:VARIANT --topology=NAME [--config.a.b=v ...] [--out report.json] [--force] [--decode]`,
+or `dba-aot --kernels [--full] [--out rows.json]`.
 
 Compiles, on this host, the step a run would execute on a TPU slice that is not here: libtpu's compile-only devices
 for NAME (v4:2x2x1, v5e:2x2, v5p:4x4x4, v6e:2x2, ...; every device of a multi-host slice), the config's mesh over
@@ -32,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dba_jax import bench, data, generate, loading, mesh as mesh_lib, model as model_lib, train  # noqa: E402
+from dba_jax import aot_kernels, bench, data, generate, loading, mesh as mesh_lib, model as model_lib  # noqa: E402
+from dba_jax import train  # noqa: E402
 from dba_jax.cli import flag_error, parse_flags, refuse_existing, write_json  # noqa: E402
 from dba_jax.config import ConfigError, validate  # noqa: E402
 from dba_jax.latentwire import sides, synthetic, train as lw_train  # noqa: E402
@@ -52,6 +54,9 @@ def _flags(fv: flags.FlagValues):
   flags.DEFINE_string("out", None, "write the JSON report here", flag_values=fv)
   flags.DEFINE_bool("force", False, "replace an existing --out", flag_values=fv)
   flags.DEFINE_bool("decode", False, "compile the KV-cache decode step instead of the train step", flag_values=fv)
+  flags.DEFINE_bool("kernels", False, "instead of a config: compile every dba_kernels kernel (forward + backward) "
+                    "with Mosaic for one chip of each TPU generation, one size each", flag_values=fv)
+  flags.DEFINE_bool("full", False, "with --kernels: issue 24's whole matrix (208 cases, ~7 min)", flag_values=fv)
 
 
 # --------------------------------------------------------------------------------------------- topology
@@ -265,14 +270,29 @@ def _config_arg(argv) -> str:
   return given[0] if given else argv[argv.index("--config") + 1]
 
 
+def kernels_main(fv) -> int:
+  """--kernels: the kernel compile matrix (dba_jax/aot_kernels.py); exit 1 if any case fails."""
+  try:
+    rows = aot_kernels.run_matrix(aot_kernels.matrix(full=fv.full))
+  except Exception as e:  # noqa: BLE001 (no libtpu, or a topology it cannot build)
+    return _fail(2, f"cannot build the TPU topologies: {_first_line(e)}; pip install -e '.[tpu]'")
+  if fv.out:
+    write_json(fv.out, rows)
+  failed = [r["case"] for r in rows if not r["ok"]]
+  print(f"{len(rows) - len(failed)} of {len(rows)} kernel cases compile with Mosaic")
+  return _fail(1, f"{len(failed)} cases failed: {', '.join(failed[:5])}") if failed else 0
+
+
 def main(argv) -> int:
   try:
     fv = parse_flags(argv, _flags, doc=__doc__)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     return _fail(2, f"bad --config or override: {flag_error(e)}")
+  refuse_existing(PROG, fv.out, fv.force, "report")
+  if fv.kernels:
+    return kernels_main(fv)
   if fv.config is None or not fv.topology:
     return _fail(2, "--config=FILE.py:VARIANT and --topology=NAME are required (see --help)")
-  refuse_existing(PROG, fv.out, fv.force, "report")
   c = fv.config
   config_arg = _config_arg(argv)
   try:

@@ -93,3 +93,19 @@ def test_without_libtpu_exits_2(monkeypatch, capsys):
   monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
   assert aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2"]) == 2
   assert "dba-aot needs libtpu: pip install -e '.[tpu]'" in capsys.readouterr().err
+
+
+def test_kernels_mode_reports_every_case_and_fails_on_one(monkeypatch, tmp_path, capsys):
+  """--kernels runs aot_kernels' matrix: every row in --out, exit 1 naming a case that does not compile."""
+  cases = [aot.aot_kernels.Case("cumsum", "v5p", 256, "float32"),
+           aot.aot_kernels.Case("flash_attention", "v5p", 0, "float32")]  # T = 0: the kernel refuses it
+  monkeypatch.setattr(aot.aot_kernels, "matrix", lambda full: cases)
+  try:
+    aot.aot_kernels.topology_devices("v5p:2x2x1")
+  except Exception as e:  # noqa: BLE001
+    pytest.skip(f"no TPU compile-only topology on this host ({e})")
+  out = tmp_path / "k.json"
+  assert aot.main(["dba-aot", "--kernels", f"--out={out}"]) == 1
+  rows = json.loads(out.read_text())
+  assert [r["ok"] for r in rows] == [True, False] and rows[0]["mosaic_kernels"] == 2
+  assert "1 cases failed: flash_attention/v5p/T0" in capsys.readouterr().err
