@@ -15,29 +15,22 @@ and fits; 3: does not fit (one line: by how much, what to try); 2: bad input; 1:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import re
 import sys
 import time
-import traceback
 from typing import NamedTuple
 
-# Compile-only use never touches a chip: let other processes that load libtpu (tests, a second dba-aot) run beside
-# this one, and skip the GCE metadata query a non-TPU host cannot answer.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+import jax
+import jax.numpy as jnp
+from absl import flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from dba_jax import aot_kernels, bench, data, generate, loading, mesh as mesh_lib, model as model_lib  # noqa: E402
-from dba_jax import train  # noqa: E402
-from dba_jax.cli import flag_error, parse_flags, refuse_existing, write_json  # noqa: E402
-from dba_jax.config import ConfigError, validate  # noqa: E402
-from dba_jax.latentwire import sides, synthetic, train as lw_train  # noqa: E402
+from dba_jax import aot_kernels, bench, data, generate, loading, mesh as mesh_lib, model as model_lib
+from dba_jax import train
+from dba_jax.aot_kernels import first_line
+from dba_jax.cli import flag_error, parse_flags, refuse_existing, write_json
+from dba_jax.config import ConfigError, validate
+from dba_jax.latentwire import sides, synthetic, train as lw_train
 
 PROG = "dba-aot"
 GIB = 2**30
@@ -60,19 +53,6 @@ def _flags(fv: flags.FlagValues):
 
 
 # --------------------------------------------------------------------------------------------- topology
-
-
-def topology_devices(name: str) -> list:
-  """libtpu's compile-only devices of the slice `name`, all hosts' (ConfigError for a name libtpu rejects)."""
-  if importlib.util.find_spec("libtpu") is None:
-    raise ConfigError("dba-aot needs libtpu: pip install -e '.[tpu]'")
-  from jax.experimental import topologies
-  # v4 runs as megacore (one device per chip, as JAX uses it on real v4 hosts); v5p is megacore by default.
-  extra = {"chip_config_name": "megacore"} if name.lower().startswith("v4") else {}
-  try:
-    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **extra).devices)
-  except Exception as e:  # JaxRuntimeError INVALID_ARGUMENT for unknown chips and layouts
-    raise ConfigError(f"--topology={name}: {_first_line(e)}") from None
 
 
 def chip_of(device) -> tuple[str, int, float]:
@@ -157,15 +137,6 @@ class OutOfMemory(Exception):
     self.used, self.capacity = used, capacity
 
 
-def _first_line(e: Exception) -> str:
-  """The message's first line; for a bare exception (an assert) the innermost frame that raised it."""
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  if lines:
-    return lines[0]
-  frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-  return f"raised at {frame.filename}:{frame.lineno} ({frame.name})" if frame else type(e).__name__
-
-
 _SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
 
 
@@ -186,7 +157,7 @@ def compile_program(p: Program):
       # "... required for HLO temporaries (27.58G) exceeds available HBM (15.75G)" or "Used 20.5G of 15.7G hbm"
       used = (re.search(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", text)
               or re.search(rf"Used {_SIZE} of {_SIZE} hbm", text))
-      line = next((ln.strip() for ln in text.splitlines() if "hbm" in ln.lower()), _first_line(e))
+      line = next((ln.strip() for ln in text.splitlines() if "hbm" in ln.lower()), first_line(e))
       raise OutOfMemory(line, *((_bytes(*used.groups()[:2]), _bytes(*used.groups()[2:])) if used else (None, None)))
     raise
   return compiled, time.perf_counter() - start
@@ -275,7 +246,7 @@ def kernels_main(fv) -> int:
   try:
     rows = aot_kernels.run_matrix(aot_kernels.matrix(full=fv.full))
   except Exception as e:  # noqa: BLE001 (no libtpu, or a topology it cannot build)
-    return _fail(2, f"cannot build the TPU topologies: {_first_line(e)}; pip install -e '.[tpu]'")
+    return _fail(2, f"cannot build the TPU topologies: {first_line(e)}; pip install -e '.[tpu]'")
   if fv.out:
     write_json(fv.out, rows)
   failed = [r["case"] for r in rows if not r["ok"]]
@@ -296,7 +267,7 @@ def main(argv) -> int:
   c = fv.config
   config_arg = _config_arg(argv)
   try:
-    devices = topology_devices(fv.topology)
+    devices = aot_kernels.topology_devices(fv.topology)
     chip_of(devices[0])
     if "kind" in c.model:  # a LatentWire bridge / interlingua config
       p = bridge_program(lw_train.validate(c), devices, config_arg.split(":", 1)[0])
@@ -304,9 +275,9 @@ def main(argv) -> int:
       validate(c)
       p = decode_program(c, devices) if fv.decode else train_program(c, devices)
   except (ConfigError, ValueError) as e:  # a mesh or width that does not divide is a ValueError naming it
-    return _fail(2, _first_line(e))
+    return _fail(2, first_line(e))
   except Exception as e:  # noqa: BLE001 (anything else building the step: one line, no traceback)
-    return _fail(1, f"building the step failed: {type(e).__name__}: {_first_line(e)}")
+    return _fail(1, f"building the step failed: {type(e).__name__}: {first_line(e)}")
   chip, hbm_gib, _ = chip_of(devices[0])
   try:
     compiled, seconds = compile_program(p)
@@ -314,7 +285,7 @@ def main(argv) -> int:
     over = f"{(e.used - e.capacity) / GIB:.2f} GiB over the {e.capacity / GIB:.2f} GiB" if e.used else "over the"
     return _fail(3, f"does not fit: {over} HBM of a {chip} device ({e}); {HINT}")
   except Exception as e:  # noqa: BLE001
-    return _fail(1, f"lowering or compiling the step failed: {type(e).__name__}: {_first_line(e)}")
+    return _fail(1, f"lowering or compiling the step failed: {type(e).__name__}: {first_line(e)}")
   r = report(p, compiled, seconds, fv.topology, devices)
   r["config"] = config_arg
   r["overrides"] = [a for a in argv[1:] if a.startswith("--config.")]

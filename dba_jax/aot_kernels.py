@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import importlib.util
 import itertools
 import os
 import re
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dba_jax.config import ConfigError
 from dba_kernels import cumsum, flash_attention, protect_attack, selective_flash
 
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a CPU host
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test workers each hold a topology
+if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+  # A host without TPU chips only compiles: no GCE metadata to query (libtpu would print start-up errors for each
+  # missing value), and several processes (test workers, a second dba-aot) may load libtpu at once.
+  for key, value in {"TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
+                     "TPU_WORKER_HOSTNAMES": "localhost"}.items():
+    os.environ.setdefault(key, value)
 
 # One single-host topology per generation (a kernel case uses its first chip).
 CHIPS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2", "v4": "v4:2x2x1"}
@@ -67,9 +75,17 @@ def _fn_and_args(c: Case):
   return fn, [(1, c.T, c.T)] * n_in, (1, c.T, c.T), jnp.dtype(jnp.float32)
 
 
-def topology_devices(name: str):
+def topology_devices(name: str) -> list:
+  """libtpu's compile-only devices of the slice `name`, every host's (ConfigError for a name libtpu rejects)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError("compiling for TPU needs libtpu: pip install -e '.[tpu]'")
   from jax.experimental import topologies  # imports libtpu's plugin machinery only when asked
-  return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  # v4 runs as megacore (one device per chip, as JAX uses real v4 hosts); v5p is megacore by default.
+  extra = {"chip_config_name": "megacore"} if name.lower().startswith("v4") else {}
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **extra).devices)
+  except Exception as e:  # JaxRuntimeError INVALID_ARGUMENT for unknown chips and layouts
+    raise ConfigError(f"--topology={name}: {first_line(e)}") from None
 
 
 def lower(c: Case, device):
@@ -87,11 +103,16 @@ def lower(c: Case, device):
   return jax.jit(fwd_bwd).lower(*args)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+  """The message's first line (with a VMEM overflow's size when it is further down); for a bare exception (an
+  assert) the innermost frame that raised it."""
   text = str(e)
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if not lines:
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    return f"raised at {frame.filename}:{frame.lineno} ({frame.name})" if frame else type(e).__name__
   m = re.search(r"(Ran out of memory in memory space \w+|Used [\d.]+\w? of [\d.]+\w? \w+)", text)
-  line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-  return f"{line[:200]}" + (f" [{m.group(0)}]" if m and m.group(0) not in line[:200] else "")
+  return lines[0][:200] + (f" [{m.group(0)}]" if m and m.group(0) not in lines[0][:200] else "")
 
 
 def compile_case(c: Case, devices=None) -> dict:
@@ -102,7 +123,7 @@ def compile_case(c: Case, devices=None) -> dict:
   try:
     compiled = lower(c, device).compile()
   except Exception as e:  # XLA/Mosaic errors arrive as JaxRuntimeError or ValueError; all are results here
-    return {**row, "ok": False, "compile_s": round(time.perf_counter() - t0, 2), "error": _first_line(e)}
+    return {**row, "ok": False, "compile_s": round(time.perf_counter() - t0, 2), "error": first_line(e)}
   mem = compiled.memory_analysis()
   return {**row, "ok": True, "compile_s": round(time.perf_counter() - t0, 2),
           "temp_bytes": int(mem.temp_size_in_bytes), "mosaic_kernels": compiled.as_text().count(MOSAIC)}

@@ -20,7 +20,7 @@ def tiny_config(*extra):
 @pytest.fixture(scope="module")
 def v5e():
   try:
-    return aot.topology_devices("v5e:2x2")
+    return aot.aot_kernels.topology_devices("v5e:2x2")
   except ConfigError as e:
     pytest.skip(f"no TPU compile-only topology on this host ({e})")
 
@@ -72,7 +72,7 @@ def test_does_not_fit_exits_3(v5e, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--topology=v9z:2x2"], "v9z"),
     (["--topology=v5e:2x2", "--config.mesh.shape=(3,1,1)"], "4 are present"),
-    (["--topology=v5e:2x2", "--config.train.batch_size=6"], "must split"),
+    (["--topology=v5e:2x2", "--config.mesh.shape=(4,1,1)", "--config.train.batch_size=6"], "must split"),
     (["--topology=v5e:2x2", "--config.model.d_modl=3"], "bad --config"),
 ])
 def test_bad_input_exits_2(v5e, capsys, args, needle):
@@ -90,9 +90,9 @@ def test_decode_step_compiles(v5e, tmp_path):
 
 
 def test_without_libtpu_exits_2(monkeypatch, capsys):
-  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(aot.aot_kernels.importlib.util, "find_spec", lambda name: None)
   assert aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2"]) == 2
-  assert "dba-aot needs libtpu: pip install -e '.[tpu]'" in capsys.readouterr().err
+  assert "needs libtpu: pip install -e '.[tpu]'" in capsys.readouterr().err
 
 
 def test_kernels_mode_reports_every_case_and_fails_on_one(monkeypatch, tmp_path, capsys):
