@@ -82,6 +82,9 @@ def topology_devices(name: str) -> list:
   from jax.experimental import topologies  # imports libtpu's plugin machinery only when asked
   # v4 runs as megacore (one device per chip, as JAX uses real v4 hosts); v5p is megacore by default.
   extra = {"chip_config_name": "megacore"} if name.lower().startswith("v4") else {}
+  dims = [int(x) for x in re.findall(r"\d+", name.partition(":")[2])]
+  if dims and int(np.prod(dims)) < 4:  # one- and two-chip hosts (v5e-1, v6e-1, v6e-2): below the default 2x2x1
+    extra["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **extra).devices)
   except Exception as e:  # JaxRuntimeError INVALID_ARGUMENT for unknown chips and layouts
