@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dba_jax
-from dba_jax import bench, ckpt, convert, coord_check, eval_cli, model as model_lib, seeds, torch_io, train
+from dba_jax import aot, bench, ckpt, convert, coord_check, eval_cli, model as model_lib, seeds, torch_io, train
 from dba_jax.addition import report as add_report, shrink, train as add_train
 from dba_jax.config import ConfigError, validate
 from dba_jax.formats import nanogpt
@@ -133,7 +133,7 @@ def test_help_on_every_command(capsys):
                    (add_train.main, ["dba-addition-train", "--help"]), (shrink.main, ["dba-addition-shrink", "-h"]),
                    (add_report.main, ["--help"]),
                    (bench.main, ["--help"]), (eval_cli.main, ["--help"]), (seeds.main, ["--help"]),
-                   (seeds.main, ["run", "--help"]), (seeds.main, ["report", "--help"])]:
+                   (seeds.main, ["run", "--help"]), (seeds.main, ["report", "--help"]), (aot.main, ["dba-aot", "--help"])]:
     with pytest.raises(SystemExit) as e:
       fn(argv)
     assert e.value.code in (0, None), argv

@@ -23,7 +23,7 @@ import pytest
 
 from dba_jax import ops
 from dba_jax.ops import selective
-from dba_kernels import _backend as backend, selective_flash as sflash
+from dba_kernels import _backend as backend, _selective_tiles as tiles, selective_flash as sflash
 from kernel_base import FAST_COMPILE, kernel_vs_reference, lowered_text, normal, out_and_grads, rounded
 
 HI = jax.lax.Precision.HIGHEST
@@ -278,18 +278,18 @@ def test_mask_index_map_matches_mask_assignment(H):
   (sel_kv / sel_q loops) agree with dba_jax.ops.selective.mask_assignment, for every m."""
   for m in range(1, H):
     A = H - m
-    cfg = sflash._Cfg(scale=1.0, protect_bos=True, allow_self_mask=False, bq=16, bk=16, T=16, src=0, n_masks=m,
+    cfg = tiles._Cfg(scale=1.0, protect_bos=True, allow_self_mask=False, bq=16, bk=16, T=16, src=0, n_masks=m,
                       first=m, n_att=A, group=1)
     want = selective.mask_assignment(m, A)
-    assert [int(sflash._mask_of(cfg, jnp.int32(a))) for a in range(A)] == want, (H, m)
-    heads_of = jax.jit(jax.vmap(lambda n: sflash._fold_mask_heads(cfg, n, lambda a, c: c.at[a].add(1),
-                                                                  jnp.zeros(A, jnp.int32))))
+    assert [int(tiles._mask_of(cfg, jnp.int32(a))) for a in range(A)] == want, (H, m)
+    heads_of = jax.jit(jax.vmap(lambda n: tiles._fold_mask_heads(cfg, n, lambda a, c: c.at[a].add(1),
+                                                                 jnp.zeros(A, jnp.int32))))
     counts_MA = np.asarray(heads_of(jnp.arange(m, dtype=jnp.int32)))
     np.testing.assert_array_equal(counts_MA, np.eye(m, dtype=np.int32)[want].T, err_msg=f"H={H}, m={m}")
     # TPU: slot g of mask n (grid axis) holds the same heads in the same order; an empty slot names a real head
     # (block index maps), the slot before it if there is one (nothing new to fetch).
-    slots = [[tuple(int(x) for x in sflash._mask_head(cfg, jnp.int32(n), jnp.int32(g)))
-              for g in range(sflash._head_slots(cfg))] for n in range(m)]
+    slots = [[tuple(int(x) for x in tiles._mask_head(cfg, jnp.int32(n), jnp.int32(g)))
+              for g in range(tiles._head_slots(cfg))] for n in range(m)]
     assert [[a for a, ok in row if ok] for row in slots] == [[a for a in range(A) if want[a] == n]
                                                              for n in range(m)], (H, m, slots)
     assert all(0 <= a < A for row in slots for a, _ in row), (H, m, slots)

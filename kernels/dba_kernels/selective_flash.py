@@ -40,7 +40,8 @@ whole-sequence [Tp, D] rows as blocks (pointer ranges on a GPU):
     dkdv    grid (B, A, nk): the usual flash dk, dv per attending head (logits recomputed with F, as forward).
     dq      grid (B, A, nq): the usual flash dq per attending head.
 
-Kernels on TPU (Mosaic; Bq = Bk = 128 by default): a BlockSpec is a VMEM buffer, so no step may hold a whole
+Kernels on TPU (selective_flash_tpu.py; the tile math both versions share is in _selective_tiles.py. Mosaic;
+Bq = Bk = 128 by default): a BlockSpec is a VMEM buffer, so no step may hold a whole
 sequence (or all heads). Every kernel is the one above with its in-kernel walk moved onto the grid: one
 (query block, key block) tile per step, the walked axis last and "arbitrary" (the others "parallel"), the
 running state in VMEM scratch (initialised at the walk's first step, written out at its last), and (Bq, D),
@@ -97,185 +98,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from . import _backend as backend
 
-BLOCK_Q = 64  # CPU / GPU defaults
-BLOCK_K = 64
-BLOCK_TPU = 128  # TPU default for both: MXU- and lane-sized tiles
-MIN_BLOCK = 16  # Triton dots need every dimension >= 16
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so no inf - inf; exp() of it is exactly 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-  scale: float
-  protect_bos: bool
-  allow_self_mask: bool
-  bq: int
-  bk: int
-  T: int
-  src: int  # q head that is mask 0's source; mask n's source is q head src + n
-  n_masks: int  # M
-  first: int  # first attending q head: attending head a is q head first + a
-  n_att: int  # A, the attending (output) heads
-  group: int  # q heads per kv head (1 without GQA)
-
-  @property
-  def per(self):
-    return self.n_att // self.n_masks  # attending heads in each mask's block
-
-  @property
-  def split(self):
-    return self.per * self.n_masks  # attending heads from here on wrap to masks 0, 1, ...
-
-
-def _kv(cfg: _Cfg, h):
-  """kv head read by q head h (traced or static)."""
-  if cfg.group == 1:
-    return h
-  if isinstance(h, int):
-    return h // cfg.group
-  return jax.lax.div(h, _i32(cfg.group))  # h >= 0: truncating division, fewer ops than floor division
-
-
-def _mask_of(cfg: _Cfg, a):
-  """Mask used by attending head a, as dba_jax.ops.selective.mask_assignment (int32 arithmetic: block index maps)."""
-  if cfg.n_masks == 1:
-    return 0
-  block = jax.lax.div(a, _i32(cfg.per))
-  return block if cfg.split == cfg.n_att else jnp.where(a < cfg.split, block, a - cfg.split)
-
-
-def _fold_mask_heads(cfg: _Cfg, n, fn, init):
-  """fn folded over the attending heads that use mask n: its block of `per` heads, then its remainder head."""
-  lo = _i32(0) if cfg.n_masks == 1 else n * cfg.per  # one mask: static bounds, every head
-  acc = jax.lax.fori_loop(lo, lo + cfg.per, fn, init)
-  if cfg.split < cfg.n_att:  # masks n < A - split own one more head, split + n
-    extra = cfg.split + n
-    acc = jax.lax.fori_loop(extra, extra + (n < cfg.n_att - cfg.split).astype(jnp.int32), fn, acc)
-  return acc
-
-
-def _head_slots(cfg: _Cfg) -> int:
-  """Attending heads per mask at most (TPU head grid axis): its block, plus a slot for a remainder head."""
-  return cfg.per + (cfg.split < cfg.n_att)
-
-
-def _mask_head(cfg: _Cfg, n, j):
-  """(attending head, valid) in slot j < _head_slots of mask n, the heads _fold_mask_heads visits in that order;
-  mask n's empty remainder slot repeats its block's last head (so its index maps fetch nothing new), or head 0
-  for a mask without heads (more masks than attending heads)."""
-  a = n * cfg.per + j
-  if cfg.split == cfg.n_att:
-    return a, jnp.bool_(True)
-  in_block, has_extra = j < cfg.per, n < cfg.n_att - cfg.split
-  return jnp.where(in_block, a, jnp.where(has_extra, cfg.split + n, jnp.maximum(a - 1, 0))), in_block | has_extra
+from . import selective_flash_tpu as tpu
+from ._selective_tiles import (_Cfg, _kv, _mask_of, _fold_mask_heads, _dot, _strict_lower, _strict_upper,
+                              _tile_masks, _scores, _dz, _f_tile, _softmax_step, _sel_grad, _kv_grads, _i32,
+                              _n_key_blocks, _first_query_block, _acc, BLOCK_Q, BLOCK_K, BLOCK_TPU, MIN_BLOCK,
+                              MASK_VALUE)
 
 
 # ------------------------------------------------------------------------------------------------- backend glue
 
 def _call(target: backend.Target, kernel, **kw):
   return backend.pallas_call(kernel, target=target, num_warps=4, num_stages=2, **kw)
-
-
-# ------------------------------------------------------------------------------------------- in-kernel helpers
-
-def _dot(a, b, acc, trans_b=False):
-  """a @ b (or a @ b^T) with `acc` accumulation; full precision for f32/f64 operands."""
-  if a.dtype != b.dtype:
-    raise TypeError(f"dot operands differ: {a.dtype} vs {b.dtype}")
-  prec = jax.lax.Precision.DEFAULT if a.dtype == jnp.bfloat16 else jax.lax.Precision.HIGHEST
-  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
-
-
-def _iota2(shape, dim):
-  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
-
-
-def _strict_lower(n, acc):
-  return (_iota2((n, n), 1) < _iota2((n, n), 0)).astype(acc)  # [i, k] = 1 for k < i
-
-
-def _strict_upper(n, acc):
-  return (_iota2((n, n), 1) > _iota2((n, n), 0)).astype(acc)  # [k, i] = 1 for i > k
-
-
-def _tile_masks(cfg: _Cfg, qb, kb):
-  """causal and kept (selection-eligible) entries of the [Bq, Bk] tile at query block qb, key block kb."""
-  rows_QK = qb * cfg.bq + _iota2((cfg.bq, cfg.bk), 0)
-  cols_QK = kb * cfg.bk + _iota2((cfg.bq, cfg.bk), 1)
-  causal_QK = cols_QK <= rows_QK
-  keep_QK = causal_QK
-  if cfg.protect_bos:
-    keep_QK = keep_QK & (cols_QK != 0)
-  if not cfg.allow_self_mask:
-    keep_QK = keep_QK & (cols_QK != rows_QK)
-  return causal_QK, keep_QK
-
-
-def _scores(cfg: _Cfg, qs_QD, ks_KD, keep_QK, acc):
-  """Selection head's scaled logits and S = ReLU on the kept entries (future entries are not kept)."""
-  lsel_QK = _dot(qs_QD, ks_KD, acc, trans_b=True) * cfg.scale
-  return lsel_QK, jnp.where(keep_QK, jnp.maximum(lsel_QK, 0), 0).astype(acc)
-
-
-def _logits(cfg: _Cfg, q_QD, k_KD, f_QK, causal_QK, acc):
-  z_QK = _dot(q_QD, k_KD, acc, trans_b=True) * cfg.scale - f_QK
-  return jnp.where(causal_QK, z_QK, MASK_VALUE)
-
-
-def _dz(cfg, q_QD, k_KD, v_KE, do_QE, lse_Q1, delta_Q1, f_QK, causal_QK, acc):
-  """Probabilities and the gradient of the pre-softmax logits (L_h - F) for one head's tile."""
-  p_QK = jnp.exp(_logits(cfg, q_QD, k_KD, f_QK, causal_QK, acc) - lse_Q1)
-  dp_QK = _dot(do_QE, v_KE, acc, trans_b=True)
-  return p_QK, p_QK * (dp_QK - delta_Q1)
-
-
-def _f_tile(cfg: _Cfg, qb, kb, qs_QD, ks_KD, c_1K, tril_QQ, acc):
-  """(causal, kept, selection logits, F) of the tile (qb, kb): F = C (earlier query blocks) + in-tile prefix."""
-  causal_QK, keep_QK = _tile_masks(cfg, qb, kb)
-  lsel_QK, s_QK = _scores(cfg, qs_QD, ks_KD, keep_QK, acc)
-  return causal_QK, keep_QK, lsel_QK, c_1K + _dot(tril_QQ, s_QK, acc)
-
-
-def _softmax_step(cfg: _Cfg, q_QD, k_KD, v_KE, f_QK, causal_QK, state, acc):
-  """One key block of the online softmax: state (unnormalised out, running max, running sum) -> updated."""
-  o_QE, m_Q1, l_Q1 = state
-  z_QK = _logits(cfg, q_QD, k_KD, f_QK, causal_QK, acc)
-  m_new_Q1 = jnp.maximum(m_Q1, z_QK.max(axis=1, keepdims=True))
-  rescale_Q1 = jnp.exp(m_Q1 - m_new_Q1)
-  p_QK = jnp.exp(z_QK - m_new_Q1)
-  o_QE = rescale_Q1 * o_QE + _dot(p_QK.astype(v_KE.dtype), v_KE, acc)
-  return o_QE, m_new_Q1, rescale_Q1 * l_Q1 + p_QK.sum(axis=1, keepdims=True)
-
-
-def _sel_grad(keep_QK, lsel_QK, ds_QK):
-  """G = dS on the kept entries where the selection logit is positive (ReLU'(0) = 0, as jax.nn.relu)."""
-  return jnp.where(keep_QK & (lsel_QK > 0), ds_QK, 0)
-
-
-def _kv_grads(p_QK, dz_QK, q_QD, do_QE, acc):
-  """One query block's contributions (P^T dO, dZ^T q) to a key block's dv and (unscaled) dk."""
-  return _dot(p_QK.T.astype(do_QE.dtype), do_QE, acc), _dot(dz_QK.T.astype(q_QD.dtype), q_QD, acc)
-
-
-def _i32(n):
-  return jnp.asarray(n, jnp.int32)  # loop bounds and block indices stay int32 under jax.enable_x64
-
-
-def _n_key_blocks(cfg, qb):
-  """Key blocks with any causal entry for query block qb: ceil((qb + 1) Bq / Bk) (lax.div: Triton-safe ints)."""
-  return jax.lax.div((qb + 1) * cfg.bq + cfg.bk - 1, _i32(cfg.bk))
-
-
-def _first_query_block(cfg, kb):
-  """First query block whose rows reach key block kb; earlier ones see only future keys there."""
-  return jax.lax.div(kb * cfg.bk, _i32(cfg.bq))
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -418,177 +255,7 @@ def _dq_kernel(q_ref, qs_ref, k_ref, ks_ref, v_ref, do_ref, lse_ref, delta_ref, 
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
 
 
-# ----------------------------------------------------------------------------------------------- TPU kernels
-# One program step per tile: the grid's last axes walk the reduced-over blocks ("arbitrary"), with carries and
-# accumulators in VMEM scratch; index maps clamp skipped (fully future) tiles to the last block fetched.
-
-def _carry_kernel_tpu(qs_ref, ks_ref, c_ref, carry_sc, *, cfg: _Cfg, acc):
-  kb, qb = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(qb == 0)
-  def _():
-    carry_sc[...] = jnp.zeros(carry_sc.shape, acc)
-
-  c_ref[...] = carry_sc[...]  # exclusive: rows of blocks before qb only
-
-  @pl.when(qb >= _first_query_block(cfg, kb))
-  def _():
-    _, keep_QK = _tile_masks(cfg, qb, kb)
-    _, s_QK = _scores(cfg, qs_ref[...], ks_ref[...], keep_QK, acc)
-    carry_sc[...] += s_QK.sum(axis=0, keepdims=True)
-
-
-def _fwd_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, o_sc, m_sc, l_sc, *, cfg: _Cfg,
-                    acc):
-  qi, kb = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(kb == 0)
-  def _():
-    o_sc[...] = jnp.zeros(o_sc.shape, acc)
-    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, acc)
-    l_sc[...] = jnp.zeros(l_sc.shape, acc)
-
-  @pl.when(kb < _n_key_blocks(cfg, qi))
-  def _():
-    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
-                                    acc)
-    state = _softmax_step(cfg, q_ref[...], k_ref[...], v_ref[...], f_QK, causal_QK,
-                          (o_sc[...], m_sc[...], l_sc[...]), acc)
-    o_sc[...], m_sc[...], l_sc[...] = state
-
-  @pl.when(kb == pl.num_programs(3) - 1)
-  def _():
-    o_ref[...] = (o_sc[...] / l_sc[...]).astype(o_ref.dtype)
-    lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
-
-
-def _sel_tile_tpu(cfg: _Cfg, qb, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                  delta_ref, f_sc, lsel_sc, df_sc, acc):
-  """sel_kv / sel_q head-slot step: at slot 0 the mask's F and selection logits for tile (qb, kb) go to scratch;
-  each valid slot subtracts its head's dZ from the dF_n tile (F_n enters each such head's logits negated)."""
-  @pl.when(active & (j == 0))
-  def _():
-    _, _, lsel_sc[...], f_sc[...] = _f_tile(cfg, qb, kb, qs_ref[...], ks_ref[...], c_ref[...],
-                                            _strict_lower(cfg.bq, acc), acc)
-    df_sc[...] = jnp.zeros(df_sc.shape, acc)
-
-  @pl.when(active & _mask_head(cfg, pl.program_id(1), j)[1])
-  def _():
-    causal_QK, _ = _tile_masks(cfg, qb, kb)
-    _, dz_QK = _dz(cfg, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], f_sc[...],
-                   causal_QK, acc)
-    df_sc[...] -= dz_QK
-
-
-def _sel_kv_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, r_ref, dks_ref,
-                       carry_sc, f_sc, lsel_sc, df_sc, dks_sc, *, cfg: _Cfg, acc):
-  kb, t, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  qb = pl.num_programs(3) - 1 - t  # reverse order: the carry is the dF column sum over later query blocks
-  last_j = j == pl.num_programs(4) - 1
-  active = qb >= _first_query_block(cfg, kb)
-
-  @pl.when((t == 0) & (j == 0))
-  def _():
-    carry_sc[...] = jnp.zeros(carry_sc.shape, acc)
-    dks_sc[...] = jnp.zeros(dks_sc.shape, acc)
-
-  _sel_tile_tpu(cfg, qb, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                f_sc, lsel_sc, df_sc, acc)
-
-  @pl.when(last_j)
-  def _():
-    r_ref[...] = carry_sc[...]  # tiles above the diagonal: dF is 0 there, the carry is final
-
-  @pl.when(active & last_j)
-  def _():
-    _, keep_QK = _tile_masks(cfg, qb, kb)
-    df_QK = df_sc[...]
-    ds_QK = carry_sc[...] + _dot(_strict_upper(cfg.bq, acc), df_QK, acc)  # dS[k] = sum_{i > k} dF[i]
-    qs_QD = qs_ref[...]
-    dks_sc[...] += _dot(_sel_grad(keep_QK, lsel_sc[...], ds_QK).T.astype(qs_QD.dtype), qs_QD, acc)
-    carry_sc[...] += df_QK.sum(axis=0, keepdims=True)
-
-  @pl.when((t == pl.num_programs(3) - 1) & last_j)
-  def _():
-    dks_ref[...] = (dks_sc[...] * cfg.scale).astype(dks_ref.dtype)
-
-
-def _sel_q_kernel_tpu(qs_ref, ks_ref, c_ref, r_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dqs_ref,
-                      f_sc, lsel_sc, df_sc, dqs_sc, *, cfg: _Cfg, acc):
-  qi, kb, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  last_j = j == pl.num_programs(4) - 1
-  active = kb < _n_key_blocks(cfg, qi)
-
-  @pl.when((kb == 0) & (j == 0))
-  def _():
-    dqs_sc[...] = jnp.zeros(dqs_sc.shape, acc)
-
-  _sel_tile_tpu(cfg, qi, kb, j, active, qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                f_sc, lsel_sc, df_sc, acc)
-
-  @pl.when(active & last_j)
-  def _():
-    _, keep_QK = _tile_masks(cfg, qi, kb)
-    ds_QK = r_ref[...] + _dot(_strict_upper(cfg.bq, acc), df_sc[...], acc)
-    ks_KD = ks_ref[...]
-    dqs_sc[...] += _dot(_sel_grad(keep_QK, lsel_sc[...], ds_QK).astype(ks_KD.dtype), ks_KD, acc)
-
-  @pl.when((kb == pl.num_programs(3) - 1) & last_j)
-  def _():
-    dqs_ref[...] = (dqs_sc[...] * cfg.scale).astype(dqs_ref.dtype)
-
-
-def _dkdv_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc,
-                     dv_sc, *, cfg: _Cfg, acc):
-  kb, qb = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(qb == 0)
-  def _():
-    dk_sc[...] = jnp.zeros(dk_sc.shape, acc)
-    dv_sc[...] = jnp.zeros(dv_sc.shape, acc)
-
-  @pl.when(qb >= _first_query_block(cfg, kb))
-  def _():
-    causal_QK, _, _, f_QK = _f_tile(cfg, qb, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
-                                    acc)
-    q_QD, do_QE = q_ref[...], do_ref[...]
-    p_QK, dz_QK = _dz(cfg, q_QD, k_ref[...], v_ref[...], do_QE, lse_ref[...], delta_ref[...], f_QK, causal_QK, acc)
-    ddv_KE, ddk_KD = _kv_grads(p_QK, dz_QK, q_QD, do_QE, acc)
-    dk_sc[...] += ddk_KD
-    dv_sc[...] += ddv_KE
-
-  @pl.when(qb == pl.num_programs(3) - 1)
-  def _():
-    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
-
-
-def _dq_kernel_tpu(qs_ref, ks_ref, c_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
-                   cfg: _Cfg, acc):
-  qi, kb = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(kb == 0)
-  def _():
-    dq_sc[...] = jnp.zeros(dq_sc.shape, acc)
-
-  @pl.when(kb < _n_key_blocks(cfg, qi))
-  def _():
-    causal_QK, _, _, f_QK = _f_tile(cfg, qi, kb, qs_ref[...], ks_ref[...], c_ref[...], _strict_lower(cfg.bq, acc),
-                                    acc)
-    k_KD = k_ref[...]
-    _, dz_QK = _dz(cfg, q_ref[...], k_KD, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], f_QK, causal_QK,
-                   acc)
-    dq_sc[...] += _dot(dz_QK.astype(k_KD.dtype), k_KD, acc)
-
-  @pl.when(kb == pl.num_programs(3) - 1)
-  def _():
-    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
-
-
 # ------------------------------------------------------------------------------------------------ pallas calls
-
-def _acc(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _carries(target: backend.Target, cfg: _Cfg, q, k):
@@ -614,7 +281,7 @@ def _swap_blocks(x_kq):
 def _forward(target: backend.Target, cfg: _Cfg, q, k, v):
   """Padded q [B, H, Tp, D], k [B, K, Tp, D], v [B, K, Tp, E] -> out [B, A, Tp, E], lse [B, A, Tp, 1]."""
   if target.platform == "tpu":
-    return _forward_tpu(target, cfg, q, k, v)
+    return tpu._forward_tpu(target, cfg, q, k, v)
   B, H, Tp, D = q.shape
   E, A = v.shape[-1], cfg.n_att
   nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
@@ -652,7 +319,7 @@ def _backward(target: backend.Target, cfg: _Cfg, q, k, v, out, lse, do):
   carries C are recomputed (one QK^T pass per mask) rather than kept from the forward."""
   M = cfg.n_masks
   delta = jnp.sum(do.astype(_acc(q.dtype)) * out.astype(_acc(q.dtype)), axis=-1, keepdims=True)  # [B, A, Tp, 1]
-  kernels = _backward_kernels_tpu if target.platform == "tpu" else _backward_kernels
+  kernels = tpu._backward_kernels_tpu if target.platform == "tpu" else _backward_kernels
   dq, dk, dv, dqs, dks = kernels(target, cfg, q, k, v, do, lse, delta)
   # The source heads' q and k also feed F_n for every head using mask n (for selection-only heads, only that).
   # Sources are contiguous: q heads src..src+M-1, kv heads from src // group (M > 1 only without GQA).
@@ -736,154 +403,6 @@ def _backward_kernels(target: backend.Target, cfg: _Cfg, q, k, v, do, lse, delta
       out_specs=pl.BlockSpec((None, None, bq, D), lambda b, a, i: (b, a, i, 0)),
       out_shape=jax.ShapeDtypeStruct((B, A, Tp, D), acc),
   )(q, q, k, k, v, do, lse, delta, c_qk)
-  return dq, dk, dv, dqs, dks
-
-
-# -------------------------------------------------------------------------------------------- TPU pallas calls
-# Every TPU kernel reads the mask's side (source q and k tiles, the (1, Bk) rows of C / R) and the attending
-# head's side (q, k, v, dO, lse, delta tiles). Index maps name one tile per grid step as (b, mask or head, query
-# block, key block); the walked block is clamped to the causal range (jnp.minimum / maximum), so a skipped
-# tile's step asks for the blocks already in VMEM and nothing is fetched.
-
-def _call_tpu(target: backend.Target, kernel, grid, n_arbitrary, **kw):
-  semantics = ("parallel",) * (len(grid) - n_arbitrary) + ("arbitrary",) * n_arbitrary
-  return backend.pallas_call(kernel, target=target, grid=grid, semantics=semantics, **kw)
-
-
-def _spec(shape, at, pick):
-  """BlockSpec whose block index is pick(*at(*grid indices))."""
-  return pl.BlockSpec(shape, lambda *g: pick(*at(*g)))
-
-
-def _row_spec(cfg: _Cfg, at):
-  """(1, Bk) row of C or R [B, M, nk, nq, 1, Bk] (unit row axis: the block's last two dims are the array's)."""
-  return _spec((None, None, None, None, 1, cfg.bk), at, lambda b, n, i, j: (b, n, j, i, 0, 0))
-
-
-def _sel_specs(cfg: _Cfg, D, at, n_rows):
-  """Source q, k tiles of mask n and n_rows carry rows (C, then R) at at(*grid) = (b, n, query block, key block)."""
-  src = lambda n: cfg.src + n
-  return [_spec((None, None, cfg.bq, D), at, lambda b, n, i, j: (b, src(n), i, 0)),
-          _spec((None, None, cfg.bk, D), at, lambda b, n, i, j: (b, _kv(cfg, src(n)), j, 0))] + \
-      [_row_spec(cfg, at)] * n_rows
-
-
-def _head_specs(cfg: _Cfg, D, E, at, grads=True):
-  """q, k, v tiles of attending head a (and with grads its dO, lse, delta) at at(*grid) = (b, a, qb, kb)."""
-  hq = lambda a: cfg.first + a
-  specs = [_spec((None, None, cfg.bq, D), at, lambda b, a, i, j: (b, hq(a), i, 0)),
-           _spec((None, None, cfg.bk, D), at, lambda b, a, i, j: (b, _kv(cfg, hq(a)), j, 0)),
-           _spec((None, None, cfg.bk, E), at, lambda b, a, i, j: (b, _kv(cfg, hq(a)), j, 0))]
-  if grads:
-    specs += [_spec((None, None, cfg.bq, w), at, lambda b, a, i, j: (b, a, i, 0)) for w in (E, 1, 1)]
-  return specs
-
-
-def _carries_tpu(target: backend.Target, cfg: _Cfg, q, k):
-  """C [B, M, nk, nq, 1, Bk] (_carries with a unit row axis): grid (B, M, nk, nq), the query blocks walked in
-  order with the column sum in scratch."""
-  B, _, Tp, D = q.shape
-  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
-  at = lambda b, n, j, i: (b, n, jnp.maximum(i, _first_query_block(cfg, j)), j)  # earlier: future keys only
-  return _call_tpu(
-      target, functools.partial(_carry_kernel_tpu, cfg=cfg, acc=acc), (B, cfg.n_masks, nk, nq), 1,
-      in_specs=_sel_specs(cfg, D, at, 0),
-      out_specs=_row_spec(cfg, lambda b, n, j, i: (b, n, i, j)),
-      out_shape=jax.ShapeDtypeStruct((B, cfg.n_masks, nk, nq, 1, cfg.bk), acc),
-      scratch_shapes=[pltpu.VMEM((1, cfg.bk), acc)],
-  )(q, k)
-
-
-def _walk_keys(cfg: _Cfg):
-  """Tile maps for grids (B, A, nq, nk): (mask side, head side), key blocks past the diagonal clamped."""
-  kc = lambda i, j: jnp.minimum(j, _n_key_blocks(cfg, i) - 1)
-  return (lambda b, a, i, j: (b, _mask_of(cfg, a), i, kc(i, j))), (lambda b, a, i, j: (b, a, i, kc(i, j)))
-
-
-def _walk_queries(cfg: _Cfg):
-  """Tile maps for grids (B, A, nk, nq): (mask side, head side), query blocks before the diagonal clamped."""
-  qc = lambda j, i: jnp.maximum(i, _first_query_block(cfg, j))
-  return (lambda b, a, j, i: (b, _mask_of(cfg, a), qc(j, i), j)), (lambda b, a, j, i: (b, a, qc(j, i), j))
-
-
-def _forward_tpu(target: backend.Target, cfg: _Cfg, q, k, v):
-  """_forward on TPU: grid (B, A, nq, nk), the key blocks walked with the online softmax state in scratch."""
-  B, H, Tp, D = q.shape
-  E, A, bq = v.shape[-1], cfg.n_att, cfg.bq
-  nq, nk, acc = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype)
-  c = _carries_tpu(target, cfg, q, k)
-  at_mask, at_head = _walk_keys(cfg)
-  return _call_tpu(
-      target, functools.partial(_fwd_kernel_tpu, cfg=cfg, acc=acc), (B, A, nq, nk), 1,
-      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head, grads=False),
-      out_specs=[pl.BlockSpec((None, None, bq, E), lambda b, a, i, j: (b, a, i, 0)),
-                 pl.BlockSpec((None, None, bq, 1), lambda b, a, i, j: (b, a, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, A, Tp, 1), acc)],
-      scratch_shapes=[pltpu.VMEM((bq, E), acc), pltpu.VMEM((bq, 1), acc), pltpu.VMEM((bq, 1), acc)],
-  )(q, k, c, q, k, v)
-
-
-def _backward_kernels_tpu(target: backend.Target, cfg: _Cfg, q, k, v, do, lse, delta):
-  """_backward_kernels on TPU. sel_kv and sel_q walk the heads using mask n on the innermost grid axis (slot g of
-  _head_slots) and sum their dZ tiles into a dF scratch tile, so no step holds more than one head's tiles."""
-  B, H, Tp, D = q.shape
-  E, A, M, G = v.shape[-1], cfg.n_att, cfg.n_masks, _head_slots(cfg)
-  nq, nk, acc, bq, bk = Tp // cfg.bq, Tp // cfg.bk, _acc(q.dtype), cfg.bq, cfg.bk
-  c = _carries_tpu(target, cfg, q, k)
-  heads = (q, k, v, do, lse, delta)
-  tile = pltpu.VMEM((bq, bk), acc)  # F, selection logits, dF of one tile
-
-  def slot(n, g, active):  # past the diagonal: the last slot, whose tiles the last active step fetched
-    return _mask_head(cfg, n, jnp.where(active, g, G - 1))[0]
-
-  # sel_kv: grid (B, M, nk, nq, G), query blocks in reverse (qb = nq - 1 - t), so the blocks above the diagonal
-  # come last and map to query block qb0.
-  def kv_tiles(b, n, j, t, g):
-    qb, qb0 = nq - 1 - t, _first_query_block(cfg, j)
-    i = jnp.maximum(qb, qb0)
-    return (b, n, i, j), (b, slot(n, g, qb >= qb0), i, j)
-
-  r, dks = _call_tpu(
-      target, functools.partial(_sel_kv_kernel_tpu, cfg=cfg, acc=acc), (B, M, nk, nq, G), 2,
-      in_specs=_sel_specs(cfg, D, lambda *g: kv_tiles(*g)[0], 1) + _head_specs(cfg, D, E, lambda *g: kv_tiles(*g)[1]),
-      out_specs=[_row_spec(cfg, lambda b, n, j, t, g: (b, n, nq - 1 - t, j)),
-                 pl.BlockSpec((None, None, bk, D), lambda b, n, j, t, g: (b, n, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, M, nk, nq, 1, bk), acc), jax.ShapeDtypeStruct((B, M, Tp, D), acc)],
-      scratch_shapes=[pltpu.VMEM((1, bk), acc), tile, tile, tile, pltpu.VMEM((bk, D), acc)],
-  )(q, k, c, *heads)
-
-  # sel_q: grid (B, M, nq, nk, G), key blocks past the diagonal map to the last causal one.
-  def q_tiles(b, n, i, j, g):
-    last = _n_key_blocks(cfg, i) - 1
-    kb = jnp.minimum(j, last)
-    return (b, n, i, kb), (b, slot(n, g, j <= last), i, kb)
-
-  dqs = _call_tpu(
-      target, functools.partial(_sel_q_kernel_tpu, cfg=cfg, acc=acc), (B, M, nq, nk, G), 2,
-      in_specs=_sel_specs(cfg, D, lambda *g: q_tiles(*g)[0], 2) + _head_specs(cfg, D, E, lambda *g: q_tiles(*g)[1]),
-      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, n, i, j, g: (b, n, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, M, Tp, D), acc),
-      scratch_shapes=[tile, tile, tile, pltpu.VMEM((bq, D), acc)],
-  )(q, k, c, r, *heads)
-
-  at_mask, at_head = _walk_queries(cfg)
-  dk, dv = _call_tpu(
-      target, functools.partial(_dkdv_kernel_tpu, cfg=cfg, acc=acc), (B, A, nk, nq), 1,
-      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head),
-      out_specs=[pl.BlockSpec((None, None, bk, D), lambda b, a, j, i: (b, a, j, 0)),
-                 pl.BlockSpec((None, None, bk, E), lambda b, a, j, i: (b, a, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, A, Tp, D), acc), jax.ShapeDtypeStruct((B, A, Tp, E), acc)],
-      scratch_shapes=[pltpu.VMEM((bk, D), acc), pltpu.VMEM((bk, E), acc)],
-  )(q, k, c, *heads)
-
-  at_mask, at_head = _walk_keys(cfg)
-  dq = _call_tpu(
-      target, functools.partial(_dq_kernel_tpu, cfg=cfg, acc=acc), (B, A, nq, nk), 1,
-      in_specs=_sel_specs(cfg, D, at_mask, 1) + _head_specs(cfg, D, E, at_head),
-      out_specs=pl.BlockSpec((None, None, bq, D), lambda b, a, i, j: (b, a, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, A, Tp, D), acc),
-      scratch_shapes=[pltpu.VMEM((bq, D), acc)],
-  )(q, k, c, *heads)
   return dq, dk, dv, dqs, dks
 
 
