@@ -22,7 +22,7 @@ def get_config(variant: str = "sem8"):
   m.vocab_size, m.pad_vocab_to = 50257, 128  # GPT-2 BPE padded to 50304
   m.d_model, m.n_layers, m.n_heads, m.d_ff = 2048, 22, 32, 5632  # 5632: what the benchmarked checkpoints used
   m.attn_kind = "standard" if variant == "baseline" else "dba"
-  m.attn_dim, m.sem_dim, m.geo_dim, m.dba_gate = attn, sem, geo, gate
+  m.attn_dim, m.dba.sem_dim, m.dba.geo_dim, m.dba.gate = attn, sem, geo, gate
   m.positions, m.rope_base = "rope", 10000.0
   m.norm, m.norm_eps, m.mlp, m.bias, m.tie_embeddings = "rmsnorm", 1e-5, "swiglu", False, False
   m.max_seq_len = 2048

@@ -16,7 +16,7 @@ def get_config(variant: str = "dba"):
     m.attn_kind = "standard"
   elif variant == "dba":
     # The paper's sem8/geo32/v40 proportions at head dim 32: semantic 8, geometric 16, value 24 per head.
-    m.attn_kind, m.sem_dim, m.geo_dim, m.attn_dim = "dba", 32, 64, 96
+    m.attn_kind, m.dba.sem_dim, m.dba.geo_dim, m.attn_dim = "dba", 32, 64, 96
   else:
     raise ValueError(f"unknown variant {variant!r} of quickstart; choose baseline or dba")
   c.data.source, c.data.tokenizer, c.data.seq_len, c.data.sampling = "stdlib", "byte", 128, "random"

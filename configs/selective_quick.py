@@ -31,11 +31,11 @@ def get_config(variant: str = "selective"):
   m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "learned", "layernorm", "gelu", True, True
   m.attn_kind = "standard" if kind == "unselective" else "selective"
   if kind == "leaky":
-    m.sel_relu_leak = 0.1
+    m.selective.relu_leak = 0.1
   elif kind == "protect":
-    m.sel_protection, m.sel_leaky_alpha, m.sel_leaky_bias = "leaky_relu", 0.1, -0.05
+    m.selective.protection, m.selective.leaky_alpha, m.selective.leaky_bias = "leaky_relu", 0.1, -0.05
   elif kind == "mempen":
-    m.memory_penalty, m.memory_epsilon = "paper", 0.02
+    m.selective.memory_penalty, m.selective.memory_epsilon = "paper", 0.02
   c.data.source, c.data.seq_len, c.data.sampling = "stdlib", 256, "random"
   o = c.optim
   o.lr, o.b1, o.b2, o.weight_decay, o.decay, o.warmup_steps, o.min_lr_ratio = 2e-3, 0.9, 0.95, 0.1, "matrices", 50, 0.1

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from dba_jax import aot_kernels, bench, data, generate, loading, mesh as mesh_lib, model as model_lib
+from dba_jax import aot_kernels, arith_qa, data, generate, loading, mesh as mesh_lib, model as model_lib
 from dba_jax import train
 from dba_jax.aot_kernels import first_line
+from dba_jax.bench.train_step import flops_per_token
 from dba_jax.cli import flag_error, parse_flags, refuse_existing, write_json
 from dba_jax.config import ConfigError, validate
-from dba_jax.latentwire import sides, synthetic, train as lw_train
+from dba_jax.latentwire import sides, train as lw_train
 
 PROG = "dba-aot"
 GIB = 2**30
@@ -91,7 +92,7 @@ def train_program(c, devices) -> Program:
   trainer = train.Trainer(c, mesh)
   tokens = c.train.batch_size * c.data.seq_len
   return Program("train", trainer, trainer.train_step.__wrapped__, (trainer.abstract_state(), trainer.abstract_batch()),
-                 mesh, tokens, tokens * bench.flops_per_token(c.model, c.data.seq_len))
+                 mesh, tokens, tokens * flops_per_token(c.model, c.data.seq_len))
 
 
 def decode_program(c, devices) -> Program:
@@ -105,7 +106,7 @@ def decode_program(c, devices) -> Program:
   token_B, pos, temperature = sds((B,), jnp.int32), sds((), jnp.int32), sds((), jnp.float32)
   args = _on(devices[0], (params, jax.eval_shape(gen.init_cache), token_B, pos, _KEY, temperature))
   # Forward only (2N of 6N); attention over a cache filling from 0 to max_len (flops_per_token's causal half).
-  return Program("decode", gen, gen._decode, args, None, B, B * bench.flops_per_token(m, m.max_seq_len) / 3)
+  return Program("decode", gen, gen._decode, args, None, B, B * flops_per_token(m, m.max_seq_len) / 3)
 
 
 def bridge_program(c, devices, config_file: str) -> Program:
@@ -121,7 +122,7 @@ def bridge_program(c, devices, config_file: str) -> Program:
 
   br = lw_train.make_system(c, side("source"), side("target"))
   state = _on(devices[0], jax.eval_shape(lambda: br.init_state(c.train.seed)))
-  batch = _on(devices[0], br.batch(synthetic.qa_pairs(c.train.batch_size, c.data.train_seed, "train")))
+  batch = _on(devices[0], br.batch(arith_qa.qa_pairs(c.train.batch_size, c.data.train_seed, "train")))
   args = (state, br.frozen, batch, _on(devices[0], _KEY))
   return Program(c.model.kind, br, br.train_step, args, None, br.tokens_per_step, None)
 
@@ -197,7 +198,7 @@ def report(p: Program, compiled, seconds: float, topology: str, devices) -> dict
           "compiler_per_device": {"flops": flops, "bytes_accessed": bytes_accessed, "optimal_seconds": optimal},
           "hlo_while_loops": loops, "tokens_per_step": p.tokens,
           "model_flops_per_step": p.model_flops,
-          "model_flops_formula": "6N per token + causal-halved attention (dba_jax.bench.flops_per_token)"
+          "model_flops_formula": "6N per token + causal-halved attention (dba_jax.bench.train_step.flops_per_token)"
           + ("; forward only (/3) for decode" if p.what == "decode" else "") if p.model_flops else None,
           "peak_flops_per_chip": peak,
           "estimate_step_s_compiler": step_s,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dba_jax.config import ConfigError
+from dba_jax.configlib import ConfigError
 from dba_kernels import cumsum, flash_attention, protect_attack, selective_flash
 
 if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
@@ -79,7 +79,7 @@ def topology_devices(name: str) -> list:
   """libtpu's compile-only devices of the slice `name`, every host's (ConfigError for a name libtpu rejects)."""
   if importlib.util.find_spec("libtpu") is None:
     raise ConfigError("compiling for TPU needs libtpu: pip install -e '.[tpu]'")
-  from jax.experimental import topologies  # imports libtpu's plugin machinery only when asked
+  from jax.experimental import topologies  # lazy: libtpu topologies, loads libtpu's plugin machinery only when asked
   # v4 runs as megacore (one device per chip, as JAX uses real v4 hosts); v5p is megacore by default.
   extra = {"chip_config_name": "megacore"} if name.lower().startswith("v4") else {}
   dims = [int(x) for x in re.findall(r"\d+", name.partition(":")[2])]

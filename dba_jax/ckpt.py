@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dba_jax import rundir
+
 ITEMS = ("params", "opt", "meta")
 MANIFEST = "dba_manifest.json"
 log = logging.getLogger("dba_jax")
@@ -95,10 +97,7 @@ class Checkpointer:
         if name != MANIFEST:
           path = os.path.join(dirpath, name)
           files[os.path.relpath(path, root)] = os.path.getsize(path)
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"step": step, "files": files}, f)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    rundir.atomic_write(os.path.join(root, MANIFEST), json.dumps({"step": step, "files": files}))
 
   def verify(self, step: int) -> str | None:
     """None if the step's files match its manifest, else what is wrong (a missing or truncated file)."""

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from dba_jax.config import base_config
+
 
 class ConversionError(ValueError):
   """A checkpoint does not fit: the message lists every offending key, shape or config field."""
@@ -57,7 +59,6 @@ GIVEN: set[str] = set()
 
 def given(c, field: str) -> bool:
   """Whether config field "section.key" (e.g. "model.n_heads") was chosen by the user rather than defaulted."""
-  from dba_jax.config import base_config
   section, key = field.split(".", 1)
   return field in GIVEN or c[section][key] != base_config()[section][key]
 
@@ -103,3 +104,11 @@ def refuse_existing_dir(out: str):
   if taken:
     raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, "
                           "choose a new or empty directory")
+
+
+def field_of(section, dotted: str):
+  """(the ConfigDict holding a dotted field such as "dba.sem_dim", its last name)."""
+  *path, name = dotted.split(".")
+  for key in path:
+    section = section[key]
+  return section, name

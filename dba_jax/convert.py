@@ -31,14 +31,18 @@ import shutil
 import sys
 import tempfile
 
+import jax
 import numpy as np
+import optax
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
-from dba_jax import conversion, formats, torch_io
-from dba_jax.cli import HELP, check_config_file
+from dba_jax import ckpt, conversion, formats, loading, model as model_lib, optim, torch_io
+from dba_jax.cli import FLAG_ERRORS, HELP, CommandError, check_config_file, command, entry, flag_error
 from dba_jax.config import ConfigError, base_config, lock, validate
 from dba_jax.conversion import ConversionError
+from dba_jax.formats import latentwire as latentwire_format
 
 SAVE_WRAPPER = {"caramba": "system_state_dict"}  # how the original code wraps its state dict; others save it raw
 LARGE = 256 * 2**20  # bytes from which progress lines are printed
@@ -70,10 +74,6 @@ def pick_format(name: str, tensors: dict, source: str):
 
 def _check_tree(params: dict, c):
   """The built tree must be init_params's exactly (paths and shapes), checked abstractly."""
-  import jax
-  from flax import nnx
-
-  from dba_jax import model as model_lib
   flat = lambda tree: {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
                        jax.tree_util.tree_flatten_with_path(tree)[0]}
   have, want = flat(params), flat(nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
@@ -84,13 +84,9 @@ def _check_tree(params: dict, c):
 
 
 def optimizer_state(c, params, mu=None, nu=None, count: int = 0):
-  """The optax state of dba-train's optimizer (train.make_optimizer) for `params`: fresh, or with Adam's moments
+  """The optax state of dba-train's optimizer (optim.make_optimizer) for `params`: fresh, or with Adam's moments
   and every count (Adam's and the lr schedule's) taken from a converted optimizer."""
-  import jax
-  import optax
-
-  from dba_jax import model as model_lib, train
-  tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+  tx = optim.make_optimizer(c, model_lib.param_axes(c.model))
   if mu is None:  # optax's fresh moments are zeros: read-only zero-stride views take no memory
     mu = nu = jax.tree.map(lambda x: np.broadcast_to(np.float32(0), np.shape(x)), params)
   # Fill the abstract state: nothing is allocated only to be replaced. Numpy counts keep the tree host-only.
@@ -132,7 +128,6 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   extra = fmt.companion_state(src, c, torch_io.load) if hasattr(fmt, "companion_state") else {}
   step = int(extra.get("step", 0))
   opt = optimizer_state(c, params, extra.get("mu"), extra.get("nu"), step)
-  import jax
   key = jax.random.fold_in(jax.random.key(c.train.seed), 1)  # as Trainer.init_state derives the run's rng
   meta = {"step": step, "rng": np.asarray(jax.random.key_data(key)).tolist(), "nonfinite": 0,
           "data": {"next_index": step},  # dba_jax's own data position after `step` batches (grain's state)
@@ -151,7 +146,6 @@ def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: b
   """Everything goes to a temporary sibling first and is moved into `out` at the end, so a failure leaves no
   half-written workdir behind. The numpy trees are written as they are (no copy in Orbax; see ckpt.py): the
   peak stays the params (+ converted moments); fresh zero moments are compressed to almost nothing."""
-  from dba_jax import ckpt
   out = os.path.abspath(out)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -181,10 +175,9 @@ def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: b
 
 def _saved_record(workdir: str) -> dict:
   """What dba-convert recorded in the workdir: source, format, key layout ({} for dba-train's own runs)."""
-  from dba_jax import loading
   if os.path.exists(os.path.join(workdir, "params.npz")):  # an addition model directory
     return {"format": "addition"}
-  path = os.path.join(loading._locate(workdir)[0], RECORD)
+  path = os.path.join(loading.locate(workdir)[0], RECORD)
   if not os.path.exists(path):
     return {}
   with open(path) as f:
@@ -194,12 +187,10 @@ def _saved_record(workdir: str) -> dict:
 def _native_format(workdir: str) -> str:
   """The PyTorch family a dba-train run's model belongs to: nested_learning for HOPE blocks, nanoGPT for GPT-2-shaped
   models (learned positions, LayerNorm, GELU), the caramba/DBA format otherwise."""
-  from dba_jax import loading
-  from dba_jax.formats import latentwire
-  if latentwire.is_bridge_dir(loading._locate(workdir)[0]):  # a dba-latentwire-train bridge, not an LM
+  if latentwire_format.is_bridge_dir(loading.locate(workdir)[0]):  # a dba-latentwire-train bridge, not an LM
     say(f"{workdir}: a LatentWire bridge; exporting its translator state dict")
     return "latentwire"
-  m = loading.read_config(loading._locate(workdir)[0]).model
+  m = loading.read_config(loading.locate(workdir)[0]).model
   if m.block.startswith("titans_"):
     raise ConversionError(f"{workdir}: model.block={m.block!r} (the Titans paper's memory) has no PyTorch original "
                           "to export to")
@@ -212,9 +203,6 @@ def _native_format(workdir: str) -> str:
 
 
 def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
-  import jax
-
-  from dba_jax import loading
   if not out.endswith((".pt", ".safetensors")):
     raise ConversionError(f"--out {out}: write FILE.pt or FILE.safetensors")
   if os.path.exists(out):
@@ -239,7 +227,6 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
     params = jax.tree.map(np.asarray, model.params)
   state = fmt.from_params(params, c, layout=layout) if layout else fmt.from_params(params, c)
   if trio:
-    import optax
     adam = next(s for s in jax.tree.leaves(opt, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
                 if isinstance(s, optax.ScaleByAdamState))
     files = fmt.trio(out, state, c, adam.mu, adam.nu, int(adam.count), meta)
@@ -255,12 +242,8 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
 
 def _restore_all(workdir: str):
   """(params, config, optax state, meta) of a workdir's checkpoint (latest, or the one `workdir` names) as
-  numpy trees: the optimizer state is dba-train's (train.make_optimizer) for the saved config."""
-  import jax
-  from flax import nnx
-
-  from dba_jax import ckpt, loading, model as model_lib, train
-  root, step = loading._locate(workdir)
+  numpy trees: the optimizer state is dba-train's (optim.make_optimizer) for the saved config."""
+  root, step = loading.locate(workdir)
   c = loading.read_config(root)
   ckpts = ckpt.Checkpointer(os.path.join(root, "checkpoints"), read_only=True)
   try:
@@ -269,7 +252,7 @@ def _restore_all(workdir: str):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
     abstract = jax.tree.map(sds, nnx.to_pure_dict(model_lib.abstract(c.model)[1]))
-    tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+    tx = optim.make_optimizer(c, model_lib.param_axes(c.model))
     skipped = []
     step, params, opt, meta = ckpts.restore_first_good(
         abstract, jax.tree.map(sds, jax.eval_shape(tx.init, abstract)), step,
@@ -337,37 +320,32 @@ USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addi
          "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
 
 
+@command("dba-convert", errors=(ConversionError, ConfigError, torch_io.CheckpointReadError, OSError, ValueError))
 def main(argv: list[str]) -> int:
   argv = [a.replace("--to-torch", "--to_torch", 1) if a.startswith("--to-torch") else a for a in argv]
   try:
     fv, positional = _parse(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    from dba_jax.cli import flag_error
-    print(f"dba-convert: error: bad flag, --config or override: {flag_error(e)}\n{USAGE}", file=sys.stderr)
-    return 2
+  except FLAG_ERRORS as e:
+    raise CommandError(f"bad flag, --config or override: {flag_error(e)}\n{USAGE}") from None
+  if not fv.out:
+    raise ConversionError("--out is required")
+  if fv.to_torch:
+    if positional:
+      raise ConversionError(f"--to-torch takes no INPUT file; got {positional}")
+    export_checkpoint(fv.to_torch, fv.out, fv.format)
+    return 0
+  if len(positional) != 1:
+    raise ConversionError(f"expected one INPUT checkpoint, got {positional or 'none'}")
+  conversion.GIVEN.clear()
+  conversion.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
   try:
-    if not fv.out:
-      raise ConversionError("--out is required")
-    if fv.to_torch:
-      if positional:
-        raise ConversionError(f"--to-torch takes no INPUT file; got {positional}")
-      export_checkpoint(fv.to_torch, fv.out, fv.format)
-      return 0
-    if len(positional) != 1:
-      raise ConversionError(f"expected one INPUT checkpoint, got {positional or 'none'}")
-    conversion.GIVEN.clear()
-    conversion.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
     import_checkpoint(positional[0], fv.out, fv.format, copy.deepcopy(fv.config))
-  except (ConversionError, ConfigError, torch_io.CheckpointReadError, OSError, ValueError) as e:
-    print(f"dba-convert: error: {e}", file=sys.stderr)
-    return 2
   finally:
     conversion.GIVEN.clear()
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ import math
 import os
 import sys
 
+import jax
 from absl import flags
+from flax import nnx
 
+from dba_jax import data, mesh as mesh_lib, model as model_lib, train
+from dba_jax.cli import FLAG_ERRORS, CommandError, command, entry, flag_error, parse_flags
 from dba_jax.config import ConfigError, attn_dim, validate
 
 
@@ -25,9 +29,9 @@ def width_config(c, n_heads: int):
   m = c.model
   head_dim = attn_dim(m) // m.n_heads
   ratio = m.d_ff / m.d_model
-  for key in ("sem_dim", "geo_dim"):
-    if m[key]:
-      m[key] = m[key] // m.n_heads * n_heads
+  for key in ("sem_dim", "geo_dim"):  # DBA's path widths scale with the heads
+    if m.dba[key]:
+      m.dba[key] = m.dba[key] // m.n_heads * n_heads
   m.n_heads, m.n_kv_heads, m.attn_dim = n_heads, 0, 0
   m.d_model = n_heads * head_dim
   m.d_ff = int(round(ratio * m.d_model))
@@ -39,10 +43,6 @@ def width_config(c, n_heads: int):
 def run(c, heads: list[int], steps: int, seed: int = 0) -> list[dict]:
   """Rows {heads, d_model, step, site, mean_abs}: each site's mean over layers, on each step's training batch
   before that step's update (step 0 = initialisation)."""
-  import jax
-  from flax import nnx
-
-  from dba_jax import data, mesh as mesh_lib, model as model_lib, train
   rows = []
   for h in heads:
     cw = width_config(c, h)
@@ -86,7 +86,7 @@ def write_csv(rows: list[dict], path: str):
 
 def write_svg(rows: list[dict], path: str, panel_w: int = 260, panel_h: int = 190):
   """Small multiples: per site, log2(d_model) on x, log10(mean |x|) on y, one polyline per step."""
-  from dba_jax.compare import COLORS
+  from dba_jax.plots import SVG_COLORS as COLORS  # lazy: dba_jax.plots imports matplotlib
   sites = sorted({r["site"] for r in rows})
   steps = sorted({r["step"] for r in rows})
   cols = 4
@@ -125,8 +125,8 @@ def _flags(fv):
   flags.DEFINE_string("out", "coord_check", "output directory for coords.csv and coords.svg", flag_values=fv)
 
 
+@command("dba-coord-check", errors=(ConfigError,))
 def main(argv) -> int:
-  from dba_jax.cli import flag_error, parse_flags
   try:
     fv = parse_flags(argv, _flags, doc=__doc__)
     if fv.config is None:
@@ -135,12 +135,10 @@ def main(argv) -> int:
     if any(h <= 0 for h in heads) or len(heads) < 2:
       raise ConfigError(f"--heads={fv.heads} needs at least two positive head counts")
     rows = run(fv.config, heads, fv.steps)
-  except ConfigError as e:
-    print(f"dba-coord-check: error: {e}", file=sys.stderr)
-    return 2
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"dba-coord-check: error: {flag_error(e)}", file=sys.stderr)
-    return 2
+  except ConfigError:
+    raise
+  except FLAG_ERRORS as e:
+    raise CommandError(flag_error(e)) from None
   os.makedirs(fv.out, exist_ok=True)
   write_csv(rows, os.path.join(fv.out, "coords.csv"))
   write_svg(rows, os.path.join(fv.out, "coords.svg"))
@@ -151,8 +149,7 @@ def main(argv) -> int:
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

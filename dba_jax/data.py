@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
+import importlib
 import os
 import sysconfig
 import tempfile
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
+
+from dba_jax.tokenizers import bpe_qa
 
 BIN_MAGIC = 20240520
 BIN_HEADER_INTS = 256
@@ -93,7 +96,7 @@ _GPT2_FILES = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/
 def gpt2_tokenizer():
   """tiktoken's GPT-2 BPE, only when its files are already cached here: dba_jax never downloads."""
   try:
-    import tiktoken
+    import tiktoken  # lazy: optional (data.tokenizer='gpt2' only), and may be missing: the error says so
   except ImportError:
     raise DataError("data.tokenizer='gpt2' needs the tiktoken package (pip install tiktoken) "
                     "and its GPT-2 files in TIKTOKEN_CACHE_DIR") from None
@@ -117,8 +120,7 @@ def gpt2_tokenizer():
 
 
 def get_tokenizer(name: str):
-  if name == "bpe_qa":  # LatentWire's tiny in-process BPE (dba_jax/latentwire/tokenizer.py)
-    from dba_jax.latentwire.tokenizer import bpe_qa
+  if name == "bpe_qa":  # LatentWire's tiny in-process BPE (dba_jax/tokenizers.py)
     return bpe_qa()
   return ByteTokenizer() if name == "byte" else gpt2_tokenizer()
 
@@ -221,11 +223,10 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
 # their research code and are imported by name, so this module depends on none of them.
 GENERATORS = {"passkey": "dba_jax.hope.synthetic:passkey_text",
               "passkey_long": "dba_jax.hope.synthetic:passkey_long_text",
-              "arith_qa": "dba_jax.latentwire.synthetic:arith_qa_text"}
+              "arith_qa": "dba_jax.arith_qa:arith_qa_text"}
 
 
 def generator(name: str):
-  import importlib
   path = GENERATORS.get(name, name)
   module, _, fn = path.partition(":")
   try:

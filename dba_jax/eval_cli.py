@@ -1,151 +1,57 @@
-"""The `dba-eval` command.
+"""The `dba-eval` command: the argparse front end; each subcommand's body lives in dba_jax/evals/.
 
   dba-eval ppl --checkpoint DIR [--split val] [--seq-len N] [--overlap [--stride S]] [--vocab-limit V]
-               [--max-windows N] [--batch-size B] [--out X.json]          (dba_jax.evaluate)
+               [--max-windows N] [--batch-size B] [--out X.json]          (evals/perplexity.py)
   dba-eval generate --checkpoint DIR --prompt TEXT [--max-new N] [--temperature T] [--seed S]
-                    [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (dba_jax.generate)
+                    [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (evals/generation.py)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X | --target-from DIR]
                  [--within 0.01] [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]
+                                                                            (evals/pruning.py)
   dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
-  dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (dba_jax.hope.evals)
-  dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged)
-  dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (dba_jax/compare_eval.py)
-  dba-eval latentwire --manifest FILE.json [--out X.json]   (dba_jax/latentwire/harness.py)
+  dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (evals/hope_memory.py)
+  dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged; evals/addition.py)
+  dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (evals/compare_checkpoints.py)
+  dba-eval latentwire --manifest FILE.json [--out X.json]   (evals/latentwire.py)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from dba_jax import data
 from dba_jax.cli import refuse_existing, write_json
+from dba_jax.evals import addition, compare_checkpoints, generation, hope_memory, latentwire, perplexity, pruning
+from dba_jax.evals.common import EvalError, load_checkpoint
 
 PROG = "dba-eval"
+# Subcommands that parse their own arguments: everything after the name is forwarded to their main(argv).
+FORWARDED = {"compare": compare_checkpoints.main, "latentwire": latentwire.main, "addition": addition.main}
 
 
-# ------------------------------------------------------------------------------------------------------ CLI
-
-class _Fail(Exception):
-  pass
-
-
-def _load(path):
-  from dba_jax.loading import load_model
-  try:
-    return load_model(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise _Fail(str(e)) from None
-
-
-def ppl_main(args) -> dict:
-  from dba_jax import data
-  from dba_jax.evaluate import perplexity
-  model, c = _load(args.checkpoint)
-  try:
-    splits = data.load_splits(c.data, c.model.vocab_size)
-  except data.DataError as e:
-    raise _Fail(str(e)) from None
-  tokens = getattr(splits, args.split)
-  seq_len = args.seq_len or c.data.seq_len
-  r = perplexity(model, c, tokens, seq_len, overlap=args.overlap, vocab_limit=args.vocab_limit, stride=args.stride,
-                 batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
-  r.update(checkpoint=args.checkpoint, split=args.split)
-  print(f"{args.checkpoint}: {args.split} ppl {r['ppl']:.4f} (nll {r['nll']:.4f}) over {r['scored_tokens']:,} "
-        f"tokens, {r['mode']}, {r['scored_tokens'] / r['seconds']:,.0f} tok/s", file=sys.stderr)
-  return r
-
-
-def generate_main(args) -> dict:
-  from dba_jax import data, generate
-  model, c = _load(args.checkpoint)
-  tok = data.get_tokenizer(c.data.tokenizer)
-  prompt = tok.encode(args.prompt)
-  if len(prompt) == 0:
-    raise _Fail("--prompt is empty after tokenisation")
-  max_len = args.max_len or len(prompt) + args.max_new
-  try:
-    gen = generate.Generator(model, cache=args.cache, window=args.window, max_len=max_len)
-  except (ValueError, NotImplementedError) as e:
-    raise _Fail(str(e)) from None
-  out = gen.generate(prompt[None], args.max_new, temperature=args.temperature, seed=args.seed,
-                     stop_tokens=args.stop, progress=True)
-  text = tok.decode(out["tokens"][0])
-  print(f"prefill {1e3 * out['prefill_s']:.1f} ms, {out['new_tokens']} new tokens, "
-        f"{out['decode_tokens_per_s']:.1f} decode tok/s, cache {args.cache} "
-        f"({generate.kv_bytes_per_token(c.model, args.cache):,} B/token)", file=sys.stderr)
-  return {"prompt": args.prompt, "completion": text, "tokens": out["tokens"][0], "stopped": out["stopped"][0],
-          "cache": args.cache, "window": args.window, "kv_bytes_per_token": generate.kv_bytes_per_token(c.model, args.cache),
-          "cache_bytes": generate.cache_bytes(gen.init_cache()), "max_len": max_len, "prefill_s": out["prefill_s"], "decode_tokens_per_s": out["decode_tokens_per_s"]}
-
-
-def prune_main(args) -> dict:
-  from dba_jax import data, pruning
-  model, c = _load(args.checkpoint)
+def prune_command(args) -> dict:
+  """`dba-eval prune`: keep ratios, shared budgets and the budget search of evals/pruning.py on --split."""
+  model, c = load_checkpoint(args.checkpoint)
   baseline = None
   if args.target_from:
     if args.target_loss > 0:
-      raise _Fail("give --target-loss or --target-from, not both")
-    baseline, bc = _load(args.target_from)
+      raise EvalError("give --target-loss or --target-from, not both")
+    baseline, bc = load_checkpoint(args.target_from)
     mine, theirs = (c.data.source, c.data.tokenizer, c.model.vocab_size), (bc.data.source, bc.data.tokenizer,
                                                                            bc.model.vocab_size)
     if mine != theirs:
-      raise _Fail(f"--target-from {args.target_from} reads other data (source, tokenizer, vocab {theirs}) than "
-                  f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
+      raise EvalError(f"--target-from {args.target_from} reads other data (source, tokenizer, vocab {theirs}) than "
+                      f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
   try:
     splits = data.load_splits(c.data, c.model.vocab_size)
     args.ratios, args.budgets = pruning.parse_list(args.ratios), pruning.parse_list(args.budgets, int)
     return {"checkpoint": args.checkpoint, "split": args.split, "target_from": args.target_from or None,
             **pruning.prune_main(model, c, getattr(splits, args.split), args, baseline)}
   except (data.DataError, ValueError, NotImplementedError) as e:
-    raise _Fail(str(e)) from None
+    raise EvalError(str(e)) from None
 
 
-def hope_main(args) -> dict:
-  from dba_jax.hope import evals
-  from dba_jax.hope.step import TWO_PASS_BLOCKS
-  model, c = _load(args.checkpoint)
-  if c.model.block not in TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
-    raise _Fail(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
-                f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
-  try:
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-  except ValueError:
-    raise _Fail(f"--lengths={args.lengths!r} must be comma-separated token counts") from None
-  if args.task == "read":
-    from dba_jax.hope import memstate
-    if not args.text:
-      raise _Fail("hope read needs --text FILE (the text the memory reads)")
-    try:
-      with open(args.text, encoding="utf-8") as f:
-        text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-      raise _Fail(f"--text {args.text}: cannot read it ({e})") from None
-    try:
-      r = evals.read(model, c, text, args.state, args.save_state, args.checkpoint)
-    except (memstate.MemStateError, ValueError) as e:
-      raise _Fail(str(e)) from None
-    print(f"read {r['tokens']} tokens ({r['tokens_before']} read before): CE with memory {r['memory_ce']:.4f}, "
-          f"without {r['baseline_ce']:.4f} (delta {r['delta']:+.4f}), {r['updates_fired']} memory updates"
-          + (f"; memory state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
-    return {"checkpoint": args.checkpoint, **r}
-  if args.state or args.save_state or args.text:
-    raise _Fail("--text, --state and --save-state belong to `dba-eval hope read`")
-  if args.task == "continual":
-    r = evals.continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
-    for name in ("baseline", "memory"):
-      x = r[name]
-      print(f"continual {name:8s}: first read " + ", ".join(f"{k} {v:.3f}" for k, v in x["first_read"].items()) +
-            f"; A again at once {x['reread_after_itself']:.3f}, after B and C {x['reread_after_others']:.3f} "
-            f"({x['updates_fired_per_sample']:.0f} updates)", file=sys.stderr)
-  else:
-    r = evals.needle_task(model, c, args.task, lengths or (c.data.seq_len,), args.samples, args.seed)
-    for row in r["by_length"]:
-      print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): baseline "
-            f"{row['baseline_acc']:.3f}, with memory {row['memory_acc']:.3f} (delta {row['delta']:+.3f}), "
-            f"{row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
-    if args.plot:
-      from dba_jax import plots
-      plots.memory_accuracy(r, args.plot)
-  return {"checkpoint": args.checkpoint, **r}
+COMMANDS = {"ppl": perplexity.command, "generate": generation.command, "prune": prune_command,
+            "hope": hope_memory.command}
 
 
 def _parser():
@@ -205,22 +111,16 @@ def _parser():
   o.add_argument("--out", default="", help="also write the JSON here")
   o.add_argument("--force", action="store_true", help="replace an existing --out file")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
-  sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/compare_eval.py)", add_help=False)
-  sub.add_parser("latentwire", help="LatentWire bridge vs baselines (dba_jax/latentwire/harness.py)", add_help=False)
+  sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/evals/compare_checkpoints.py)",
+                 add_help=False)
+  sub.add_parser("latentwire", help="LatentWire bridge vs baselines (dba_jax/evals/latentwire.py)", add_help=False)
   return p
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if argv and argv[0] == "compare":
-    from dba_jax import compare_eval
-    return compare_eval.main(argv[1:])
-  if argv and argv[0] == "latentwire":
-    from dba_jax.latentwire import harness
-    return harness.main(argv[1:])
-  if argv and argv[0] == "addition":
-    from dba_jax.addition import eval as addition_eval
-    return addition_eval.main(argv[1:])
+  if argv and argv[0] in FORWARDED:
+    return FORWARDED[argv[0]](argv[1:])
   args = _parser().parse_args(argv)  # argparse exits 2 on a usage error
   checks = [(getattr(args, "seq_len", 0) < 0, "--seq-len must be positive"),
             (getattr(args, "stride", 1) < 1, "--stride must be >= 1"),
@@ -234,8 +134,8 @@ def main(argv=None) -> int:
       return 2
   refuse_existing(PROG, args.out, args.force)
   try:
-    result = {"ppl": ppl_main, "generate": generate_main, "prune": prune_main, "hope": hope_main}[args.command](args)
-  except _Fail as e:
+    result = COMMANDS[args.command](args)
+  except EvalError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   print(write_json(args.out, result))

@@ -1,10 +1,9 @@
 """KV-cache generation: prefill + decode through the Decoder's own forward pass, with `KVCache` as its cache hook.
 
-The cache holds, per layer, the streams a model attends over, with heads merged along the feature axis
-(B, S, K*D, as dba.md §1.9 stores them):
-  standard / GQA / selective: k (after RoPE), v;  DBA: k_sem, k_geo (after RoPE), v.
-Selective attention also carries, per key, the column sums of its selection scores S over every query so far;
-the next query's F row is exactly that running sum (F[i, j] = sum_{k < i} S[k, j], ops/selective.py).
+The cache holds, per layer, the streams the model's attention kind lists (`Kind.head_dims`: standard / GQA /
+selective k (after RoPE), v; DBA k_sem, k_geo (after RoPE), v), with heads merged along the feature axis (B, S, K*D,
+as dba.md §1.9 stores them), and the kind's per-key state (`Kind.key_state`: selective's column sums of S, the next
+query's F row), which the kind's own module updates.
 
 Storage kinds per stream ("policy"): float32, bfloat16, float16, or block-quantised along the merged feature
 axis in blocks of 32 (zero-padded), with one float16 absmax scale per block:
@@ -31,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import model as model_lib
-from dba_jax.config import attn_dim, kv_heads
+from dba_jax import attention, model as model_lib
 
 QBLOCK = 32
 FLOAT_KINDS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -50,10 +48,8 @@ QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
 # ------------------------------------------------------------------------------------------------ policies
 
 def stream_dims(m) -> dict:
-  """Cached streams (model.stream_names) and their merged widths K*D per layer."""
-  K, H = kv_heads(m), m.n_heads
-  head_dim = {"k_sem": m.sem_dim // H, "k_geo": m.geo_dim // H, "k": attn_dim(m) // H, "v": attn_dim(m) // H}
-  return {name: K * head_dim[name] for name in model_lib.stream_names(m)}
+  """The attention kind's cached streams and their merged widths K*D per layer."""
+  return attention.get(m).stream_widths(m)
 
 
 def parse_policy(spec: str, m) -> dict:
@@ -80,12 +76,11 @@ def stream_bytes_per_token(kind: str, width: int) -> int:
 
 
 def kv_bytes_per_token(m, cache: str = "float16") -> int:
-  """Analytic bytes one cached token takes over all layers (the selective F carry, 4 B/layer, included; the
-  full-precision window and DBA null tokens excluded: they do not grow with the context)."""
+  """Analytic bytes one cached token takes over all layers (the kind's per-key state included, e.g. selective's F
+  carry, 4 B/layer; the full-precision window and DBA null tokens excluded: they do not grow with the context)."""
   policy = parse_policy(cache, m)
   per_layer = sum(stream_bytes_per_token(policy[s], w) for s, w in stream_dims(m).items())
-  if m.attn_kind == "selective":
-    per_layer += 4
+  per_layer += sum(jnp.dtype(d).itemsize for d in attention.get(m).key_state(m).values())
   return m.n_layers * per_layer
 
 
@@ -210,7 +205,7 @@ def _read(st: dict, kind: str, width: int, n_valid, dtype):
 @dataclasses.dataclass(frozen=True)
 class KVCache:
   """The model's cache extension point (model.Hooks.cache) for positional caches: slot s holds position s.
-  A layer's state is {stream: store} (+ "colsum" for selective attention, kept by the model)."""
+  A layer's state is {stream: store} plus the kind's per-key state (kept by the attention module)."""
   policy: tuple   # ((stream, kind), ...)
   widths: tuple   # ((stream, K * D), ...)
 
@@ -281,8 +276,7 @@ class Generator:
   def init_cache(self):
     B, S, W = self.batch, self.max_len, self.window
     layer = {name: _empty_stream(self.policy[name], B, S, F, W) for name, F in stream_dims(self.m).items()}
-    if self.m.attn_kind == "selective":
-      layer["colsum"] = jnp.zeros((B, S), jnp.float32)
+    layer.update({name: jnp.zeros((B, S), dtype) for name, dtype in attention.get(self.m).key_state(self.m).items()})
     return jax.tree.map(lambda a: jnp.zeros((self.m.n_layers,) + a.shape, a.dtype), layer)
 
   def bucket(self, n: int) -> int:

@@ -34,6 +34,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dba_jax import ops
+from dba_jax.ops import selective, standard
+from dba_kernels import cumsum as kcumsum, flash_attention as fa, protect_attack as kpa, selective_flash as sflash
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("flash", "selective", "scans", "timing", "memory", "gpt2")
 CORRECTNESS = ("flash", "selective", "scans")
@@ -105,7 +113,6 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------------------------- numerics
 
 def _compile(fn, *args):
-  import jax
   # Interpret-mode kernels are large HLO; on CPU XLA's backend optimisations cost more time than they save.
   opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return jax.jit(fn).lower(*args).compile(opts)
@@ -113,10 +120,6 @@ def _compile(fn, *args):
 
 def _out_and_grads(fn, arrays):
   """[out, d inputs...] of fn at arrays[:-1] with output cotangent arrays[-1], as float64 numpy."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
   def run(*a):
     out, pull = jax.vjp(fn, *a[:-1])
     return (out, *pull(a[-1]))
@@ -127,9 +130,6 @@ def _out_and_grads(fn, arrays):
 
 def _vs_reference(kernel, reference, arrays64, dtype: str):
   """Kernel at `dtype` and the float64 reference, both on the same dtype-rounded inputs (float64 numpy in)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   low = [jnp.asarray(a, dtype) for a in arrays64]
   rounded = [np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in low]
   got = _out_and_grads(kernel, low)
@@ -139,7 +139,6 @@ def _vs_reference(kernel, reference, arrays64, dtype: str):
 
 
 def _compare(names, got, want, tol) -> dict:
-  import numpy as np
   errs = {}
   for i, (name, g, w) in enumerate(zip(names, got, want)):
     if g.shape != w.shape:
@@ -178,10 +177,6 @@ def _errs_text(row) -> str:
 
 
 def check_flash(plan: Plan, fault: str) -> dict:
-  import numpy as np
-
-  from dba_jax.ops import standard
-  from dba_kernels import flash_attention as fa
   rows = []
   for name, B, T, H, K, D, E, n_prefix, dtype in plan.flash:
     def body(B=B, T=T, H=H, K=K, D=D, E=E, n_prefix=n_prefix, dtype=dtype, seed=len(rows)):
@@ -197,11 +192,6 @@ def check_flash(plan: Plan, fault: str) -> dict:
 
 
 def check_selective(plan: Plan, fault: str) -> dict:
-  import jax.numpy as jnp
-  import numpy as np
-
-  from dba_jax.ops import selective
-  from dba_kernels import selective_flash as sflash
   rows = []
   for name, B, T, H, K, D, E, variant, dtype in plan.selective:
     def body(B=B, T=T, H=H, K=K, D=D, E=E, variant=variant, dtype=dtype, seed=len(rows)):
@@ -227,7 +217,6 @@ def _scan_inputs(kind: str, rng, shape):
   gradient jumps where the pool empties exactly, so fp32 and fp64 could take different branches on continuous
   inputs; multiples of 1/4 below 4 (a quarter of them zero) keep every pool and damage exact in fp32, ties
   included, so the kernel must match the float64 reference to rounding-free precision."""
-  import numpy as np
   if kind == "cumsum":
     return [rng.exponential(size=shape), rng.normal(size=shape)]
   grid = lambda: np.floor(rng.uniform(0, 16, size=shape)) / 4 * (rng.random(shape) < 0.75)
@@ -235,10 +224,6 @@ def _scan_inputs(kind: str, rng, shape):
 
 
 def check_scans(plan: Plan, fault: str) -> dict:
-  import numpy as np
-
-  from dba_jax.ops import selective
-  from dba_kernels import cumsum as kcumsum, protect_attack as kpa
   rows = []
   for name, kind, B, T, S in plan.scans:
     def body(kind=kind, B=B, T=T, S=S, seed=len(rows)):
@@ -265,8 +250,6 @@ def _correctness(rows) -> dict:
 
 def _fwd_bwd(attn):
   """fwd+bwd of attn: input gradients for a fixed output cotangent (what a training step runs)."""
-  import jax
-
   def f(q, k, v, do):
     _, pull = jax.vjp(attn, q, k, v)
     return pull(do)
@@ -274,8 +257,6 @@ def _fwd_bwd(attn):
 
 
 def _median_ms(fn, args, repeats: int) -> float:
-  import jax
-  import numpy as np
   compiled = _compile(fn, *args)
   jax.block_until_ready(compiled(*args))  # warm-up: autotuning, first-touch allocation
   times = []
@@ -287,9 +268,6 @@ def _median_ms(fn, args, repeats: int) -> float:
 
 
 def _attention_fns(gpu: bool) -> dict:
-  import jax
-
-  from dba_kernels import flash_attention as fa, selective_flash as sflash
   impl = "cudnn" if gpu else "xla"  # cuDNN exists only on a GPU; the dry run exercises the same call on XLA
   return {"selective": lambda q, k, v: sflash.selective_flash_attention(q, k, v),
           "flash": lambda q, k, v: fa.flash_attention(q, k, v),
@@ -297,8 +275,6 @@ def _attention_fns(gpu: bool) -> dict:
 
 
 def run_timing(plan: Plan, gpu: bool, over_budget) -> dict:
-  import jax
-  import jax.numpy as jnp
   rows, notes = [], []
   fns = _attention_fns(gpu)
   H, D = plan.heads, plan.head_dim
@@ -334,7 +310,6 @@ MEMORY_PATHS = ("selective_pallas", "selective_xla", "flash_pallas", "standard_x
 
 
 def _memory_fn(path: str):
-  from dba_jax import ops
   fns = _attention_fns(False)
   attn = {"selective_pallas": fns["selective"], "flash_pallas": fns["flash"],
           "selective_xla": lambda q, k, v: ops.selective_attention(q, k, v, impl="xla"),
@@ -343,8 +318,6 @@ def _memory_fn(path: str):
 
 
 def _memory_inputs(B, T, H, D):
-  import jax
-  import jax.numpy as jnp
   return tuple(jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(0), 4))
 
 
@@ -355,7 +328,6 @@ def _temp_bytes(compiled):
 
 def peak_child(spec: dict) -> dict:
   """One path, fwd+bwd once, in this (fresh) process: device peak bytes (None where the backend keeps no stats)."""
-  import jax
   args = _memory_inputs(spec["B"], spec["T"], spec["H"], spec["D"])
   jax.block_until_ready(args)
   stats = jax.devices()[0].memory_stats() or {}
@@ -552,10 +524,13 @@ def parse(argv):
 
 
 def _setup_env(cpu_dry: bool) -> None:
-  """Before JAX starts: the platform, and no 75% up-front GPU allocation, because the memory section's child
-  processes and dba-bench need device memory while this process is alive."""
+  """Before JAX starts its backend: the platform, and no 75% up-front GPU allocation, because the memory section's
+  child processes and dba-bench need device memory while this process is alive. Both are read when the backend
+  starts, except JAX_PLATFORMS, which JAX read on import: it goes to jax.config too (the children read the
+  variable)."""
   if cpu_dry:
     os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -570,7 +545,6 @@ def main(argv=None) -> int:
     print(f"gpu_check: error: --out {out_dir} already exists and is not an empty folder; its files are never "
           "overwritten (pick a new --out)", file=sys.stderr)
     return 2
-  import jax
   backend = jax.default_backend()
   if args.cpu_dry and backend != "cpu":
     print(f"gpu_check: error: --cpu-dry, but JAX already started on {backend}", file=sys.stderr)

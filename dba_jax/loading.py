@@ -1,41 +1,26 @@
 """`load_model`: a trained or converted model from a workdir or checkpoint directory, for users and notebooks."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import jax
 from flax import nnx
 
-from dba_jax import ckpt, model as model_lib
-from dba_jax.config import Config, base_config
+from dba_jax import ckpt, model as model_lib, rundir
+from dba_jax.config import Config, base_config, upgrade
 
 log = logging.getLogger("dba_jax")
 
 
 def read_config(workdir: str) -> Config:
-  """The run's config.json over today's defaults (fields added since the run get their default)."""
+  """An LM run's config.json over today's defaults (fields added since the run get their default; keys renamed
+  since then are read under today's names, config.upgrade)."""
   path = os.path.join(workdir, "config.json")
-  with open(path) as f:
-    saved = json.load(f)
-  return merge_saved(base_config(), saved, path)
+  return rundir.merge_saved(base_config(), upgrade(rundir.read_saved(workdir), path), path)
 
 
-def merge_saved(c: Config, saved: dict, path: str, error=ValueError, where: str = "") -> Config:
-  """`saved` (a config.json's dict) written over `c` in place (lists back to tuples); a key `c` lacks is an error
-  naming the file."""
-  for key, value in saved.items():
-    if key not in c:
-      raise error(f"{path}: unknown config key {where}{key}")
-    if isinstance(value, dict):
-      merge_saved(c[key], value, path, error, f"{where}{key}.")
-    else:
-      c[key] = tuple(value) if isinstance(value, list) else value
-  return c
-
-
-def _locate(path: str) -> tuple[str, int | None]:
+def locate(path: str) -> tuple[str, int | None]:
   """(workdir, step) from a workdir, its checkpoints/ directory, or one checkpoints/<step> directory."""
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, "config.json")):
@@ -53,7 +38,7 @@ def load_model(path: str, step: int | None = None) -> tuple[model_lib.Model, Con
   """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab]. The latest good step unless `step`
   (or a checkpoints/<step> path) names one: a damaged latest checkpoint is skipped with a warning naming it and
   the step used; a damaged named one, or none usable, raises ckpt.CheckpointDamaged in one line."""
-  workdir, path_step = _locate(path)
+  workdir, path_step = locate(path)
   step = step if step is not None else path_step
   c = read_config(workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

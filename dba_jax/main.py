@@ -10,11 +10,14 @@ from dba_jax.signals import StopSignals
 STOP = StopSignals().install()  # dba_jax.main is imported only to run dba-train
 
 import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
+import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dba_jax.cli import flag_error, parse_flags  # noqa: E402
+from dba_jax import ckpt, data, mesh as mesh_lib  # noqa: E402
+from dba_jax.cli import CommandError, command, entry, flags_of  # noqa: E402
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate  # noqa: E402
 
 
@@ -49,10 +52,7 @@ def _gib(x: float) -> str:
 
 
 def dry_run(c: Config):
-  import jax
-
-  from dba_jax import mesh as mesh_lib
-  from dba_jax import model as model_lib
+  from dba_jax import model as model_lib  # lazy: its import starts JAX's backend (see main)
   n = model_lib.count_params(c.model)
   micro = c.train.batch_size // c.train.grad_accum
   shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(c.mesh.shape, jax.device_count(), micro)))
@@ -66,13 +66,11 @@ def dry_run(c: Config):
 
 def init_distributed(fv: flags.FlagValues) -> None:
   """Join a multi-process run when flags or DBA_* environment variables ask for one; before any JAX use."""
-  import os
   addr = fv.coordinator_address or os.environ.get("DBA_COORDINATOR_ADDRESS")
   n = fv.num_processes or int(os.environ.get("DBA_NUM_PROCESSES", "0") or 0)
   pid = fv.process_id if fv.process_id is not None else os.environ.get("DBA_PROCESS_ID")
   if not (addr or fv.distributed):
     return
-  import jax
   if fv.distributed and not addr:
     jax.distributed.initialize()
     return
@@ -82,37 +80,26 @@ def init_distributed(fv: flags.FlagValues) -> None:
   jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=int(pid))
 
 
+@command("dba-train", errors=(ConfigError,))
 def main(argv, stop: StopSignals | None = None) -> int:
-  argv = [a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv]
-  try:
-    fv = parse_flags(argv, _train_flags, doc=__doc__)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"dba-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
-    return 2
+  fv = flags_of(argv, _train_flags, doc=__doc__)
   if fv.config is None:
-    print("dba-train: error: --config=configs/NAME.py[:variant] is required", file=sys.stderr)
-    return 2
-  c = fv.config
+    raise CommandError("--config=configs/NAME.py[:variant] is required")
+  c = validate(fv.config)
+  if fv.dry_run:
+    dry_run(c)
+    return 0
+  if not fv.workdir:
+    raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
+  init_distributed(fv)
+  from dba_jax import train  # lazy: importing dba_jax.model starts JAX's backend; jax.distributed goes first
   try:
-    validate(c)
-    if fv.dry_run:
-      dry_run(c)
-      return 0
-    if not fv.workdir:
-      raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
-    init_distributed(fv)
-    from dba_jax import ckpt, data, train
-    try:
-      summary = train.train(c, fv.workdir, stop=stop)
-    except (data.DataError, ckpt.CheckpointMismatch, OSError) as e:
-      raise ConfigError(str(e)) from None
-    except train.TrainingStopped as e:
-      print(f"dba-train: stopped: {e}", file=sys.stderr)
-      return 3
-  except ConfigError as e:
-    print(f"dba-train: error: {e}", file=sys.stderr)
-    return 2
-  import jax
+    summary = train.train(c, fv.workdir, stop=stop)
+  except (data.DataError, ckpt.CheckpointMismatch, OSError) as e:
+    raise CommandError(str(e)) from None
+  except train.TrainingStopped as e:
+    print(f"dba-train: stopped: {e}", file=sys.stderr)
+    return 3
   if jax.process_index() == 0:
     loss = summary["eval_loss"]
     evaluated = f"eval loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})" if loss == loss else "not evaluated"
@@ -125,9 +112,7 @@ def main(argv, stop: StopSignals | None = None) -> int:
   return 0
 
 
-def cli():
-  with STOP:
-    sys.exit(main(sys.argv, STOP))
+cli = entry(main, STOP)
 
 
 if __name__ == "__main__":

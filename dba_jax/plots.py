@@ -1,12 +1,14 @@
-"""The `dba-eval compare` figure, drawn with matplotlib from a compare result (dba_jax/compare_eval.py).
+"""The `dba-eval compare` figure, drawn with matplotlib from a compare result (dba_jax/evals/compare_checkpoints.py).
 
 Every panel is drawn by one function into a Figure or SubFigure, so the aggregate (compare.png, compare.svg)
 and the per-panel PNGs come from the same code. Checkpoint i is drawn in PALETTE[i % 4] in every panel; where a
 bar also splits into parts (match types, attention mass), the parts are shades and hatches of that colour.
 Figures are built on the Agg canvas directly, never through pyplot: no display, no global figure state.
+Both colour palettes live here: PALETTE (matplotlib figures) and SVG_COLORS (the dependency-free SVG charts).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import matplotlib
@@ -17,6 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 PALETTE = ("#0DB6AE", "#F68512", "#FFC600", "#DE3D82")
+# Line colours of the dependency-free SVG charts (evals/runs_table.py loss curves, dba-coord-check).
+SVG_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 PANEL_TITLES = {
     "scores": "Behaviour scores per model", "difficulty": "Score by baseline difficulty",
     "match_types": "Match types", "category_deltas": "Per-category weighted delta vs baseline",
@@ -262,7 +266,6 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
   """Training loss and validation exact match against step for each model of a dba-addition-train run (from
   its metrics.jsonl), grokking jumps visible at a glance; one colour per model (cycling the palette, a new line
   style on each cycle so that 8-seed sweeps stay apart)."""
-  import json
   fig = _new_figure((11.0, 4.0))
   ax_loss, ax_val = fig.subplots(1, 2)
   for i, d in enumerate(model_dirs):
@@ -288,7 +291,7 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
 
 def memory_accuracy(results, out_path: str) -> str:
   """Needle accuracy against prompt length, with and without memory (95% Wilson bands), one panel per result
-  (dba_jax.hope.evals.needle_task); chance and the training length marked."""
+  (dba_jax.evals.hope_memory.needle_task); chance and the training length marked."""
   results = results if isinstance(results, list) else [results]
   cols = min(4, len(results))
   rows = -(-len(results) // cols)

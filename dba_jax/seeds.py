@@ -13,8 +13,9 @@ seeds pair variants.
 
 `report` lists every run (nothing is dropped), then per variant mean +- sample std of the final eval loss, and
 against --baseline the paired differences over the seeds both have: mean, std, Student's t with its two-sided p,
-and the exact two-sided sign-flip permutation p (all 2^n sign patterns; no normality assumed). It writes
-report.json, report.md and report.png (eval loss against step, one line per run) into the workdir, or --out.
+and the exact two-sided sign-flip permutation p (all 2^n sign patterns; no normality assumed; both from
+dba_jax/evals/stats.py). It writes report.json, report.md and report.png (eval loss against step, one line per run)
+into the workdir, or --out.
 
 `pruning` tabulates `dba-eval prune --target-from` results (one per seed and context): the per-layer budgets at
 parity with the unselective model and the reduction factor, with mean and spread per context.
@@ -22,74 +23,19 @@ parity with the unselective model and the reduction factor, with mean and spread
 from __future__ import annotations
 
 import argparse
-import itertools
+import ctypes
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from dba_jax import plots
+from dba_jax.cli import refuse_existing
+from dba_jax.evals.stats import paired, summary
+
 DONE = "eval.jsonl"
-
-
-# ----------------------------------------------------------------------------------------------------- stats
-
-def _betacf(a: float, b: float, x: float) -> float:
-  """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-  tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-  d = 1.0 / (d if abs(d) > tiny else tiny)
-  h = d
-  for m in range(1, 300):
-    for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-      d = 1.0 + num * d
-      d = 1.0 / (d if abs(d) > tiny else tiny)
-      c = 1.0 + num / c
-      c = c if abs(c) > tiny else tiny
-      h *= d * c
-    if abs(d * c - 1.0) < 1e-14:
-      break
-  return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-  """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
-  if x <= 0.0 or x >= 1.0:
-    return max(0.0, min(1.0, x))
-  ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-  if x < (a + 1.0) / (a + b + 2.0):
-    return math.exp(ln) * _betacf(a, b, x) / a
-  return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-  """P(|T| >= |t|) for Student's t with df degrees of freedom."""
-  if not math.isfinite(t):
-    return 0.0
-  return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-  """Paired comparison of a - b: mean, std, t, two-sided t-test p, exact sign-flip permutation p, a < b count."""
-  d = [x - y for x, y in zip(a, b)]
-  st = summary(d)
-  n, mean, sd = len(d), st["mean"], st["std"]
-  t = mean / (sd / math.sqrt(n)) if n > 1 and sd > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
-  observed = abs(mean) - 1e-12
-  flips = [abs(sum(s * x for s, x in zip(signs, d))) / n for signs in itertools.product((1, -1), repeat=n)]
-  return {"n": n, "mean_diff": mean, "std_diff": sd, "t": t,
-          "p_t": t_two_sided_p(t, n - 1) if n > 1 else float("nan"),
-          "p_sign_flip": sum(f >= observed for f in flips) / len(flips),
-          "a_lower": sum(x < 0 for x in d), "diffs": d}
-
-
-def summary(xs: list[float]) -> dict:
-  n = len(xs)
-  mean = sum(xs) / n
-  sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-  return {"n": n, "mean": mean, "std": sd, "min": min(xs), "max": max(xs)}
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -128,7 +74,6 @@ def _pin(core: int | None):
   def pre():
     os.setpgrp()  # a Ctrl-C to the sweep reaches each child once, through run_main's forwarding
     if sys.platform.startswith("linux"):  # the sweep killed, even by SIGKILL: each run saves and stops (no orphans)
-      import ctypes
       ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     if core is not None and hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(0, {core})
@@ -271,7 +216,6 @@ def markdown(rep: dict, baseline: str | None) -> str:
 
 
 def plot(rep: dict, path: str) -> str:
-  from dba_jax import plots
   fig = plots._new_figure((7.0, 4.5))
   ax = fig.subplots()
   variants = sorted({k.split("/")[0] for k in rep["_curves"]})
@@ -297,7 +241,6 @@ def report_main(args) -> int:
   except ValueError as e:
     print(f"dba-seeds report: error: {e}", file=sys.stderr)
     return 2
-  from dba_jax.cli import refuse_existing
   refuse_existing("dba-seeds report", args.out, args.force)  # the default WORKDIR/report.json is the sweep's own
   out = args.out or os.path.join(args.workdir, "report.json")
   base = os.path.splitext(out)[0]
@@ -352,7 +295,6 @@ def pruning_markdown(rows: list[dict]) -> str:
 
 
 def pruning_main(args) -> int:
-  from dba_jax.cli import refuse_existing
   refuse_existing("dba-seeds pruning", args.out, args.force)
   try:
     rows = pruning_rows(args.results)

@@ -19,14 +19,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dba_jax.attention import selective as selective_kind
+
+
+VARIANT_FIELDS = ("selection_heads", "combo", "latent_masks", "residual_masks", "protection", "selection_head",
+                  "protect_bos", "allow_self_mask", "relu_leak", "relu_after_cumsum", "disable_selection",
+                  "memory_penalty")
+
 
 def check_config(m) -> None:
   """Raise ValueError naming every model field this torch model does not implement."""
   want = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, mup=False,
-              sel_mask_heads=0, sel_combo="none", sel_latent_masks=0, sel_residual_masks=False, sel_protection="none",
-              sel_head=0, sel_protect_bos=True, sel_allow_self_mask=False, sel_relu_leak=0.0,
-              sel_relu_after_cumsum=False, sel_disable=False, memory_penalty="none", dropout=0.0)
+              dropout=0.0)
   bad = [f"model.{k}={m[k]!r} (needs {v!r})" for k, v in want.items() if m[k] != v]
+  # The torch baseline implements the default selective variant only.
+  s, defaults = m.selective, selective_kind.SECTION.defaults()
+  bad += [f"model.selective.{k}={s[k]!r} (needs {defaults[k]!r})" for k in VARIANT_FIELDS if s[k] != defaults[k]]
   if m.attn_kind not in ("standard", "selective"):
     bad.append(f"model.attn_kind={m.attn_kind!r} (needs 'standard' or 'selective')")
   if m.n_kv_heads not in (0, m.n_heads):
@@ -90,7 +98,7 @@ class GPT(nn.Module):
 
   def __init__(self, m):
     super().__init__()
-    from dba_jax.config import padded_vocab
+    from dba_jax.configlib import padded_vocab
     check_config(m)
     self.vocab = m.vocab_size
     self.transformer = nn.ModuleDict(dict(

@@ -397,7 +397,7 @@ def save(path: str, obj):
       raise ValueError(f"{path}: safetensors holds a flat dict of tensors; {bad} are not tensors")
     return write_safetensors(path, obj)
   try:
-    import torch
+    import torch  # lazy: heavy optional dependency, only for writing .pt
   except ImportError:
     raise CheckpointReadError(f"{path}: writing .pt needs torch installed; write FILE.safetensors instead") from None
   memo: dict[int, torch.Tensor] = {}

@@ -1,12 +1,8 @@
-"""Optimizer, the jitted train/eval steps, and the training loop with logging, eval and checkpoints."""
+"""The jitted train/eval steps and the training loop with logging, eval and checkpoints (optimizer: optim.py)."""
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -15,72 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from dba_jax import ckpt, data, losses, mesh as mesh_lib, model as model_lib
+from dba_jax import (attention, ckpt, data, loading, losses, mesh as mesh_lib, model as model_lib, optim, rundir,
+                     surgery)
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate
+from dba_jax.hope import step as hope_step
 from dba_jax.signals import StopSignals
-
-# ------------------------------------------------------------------------------------------------- optimizer
-
-
-def lr_schedule(o: Config, total_steps: int):
-  """Linear warm-up (s+1)/warmup, then cosine from 1 to min_lr_ratio over the remaining steps (times o.lr)."""
-  warmup = max(0, int(o.warmup_steps))
-  decay_steps = max(1, total_steps - warmup)
-
-  def fn(step):
-    s = jnp.asarray(step, jnp.float32)
-    warm = (s + 1.0) / max(warmup, 1)
-    t = jnp.clip((s - warmup) / decay_steps, 0.0, 1.0)
-    cos = o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    return o.lr * jnp.where(s < warmup, warm, cos)
-
-  return fn
-
-
-# Parameters with their own optimizer group: (lr multiplier from the model config, never weight-decayed).
-OWN_GROUPS = {name: "sel_combo_lr_scale" for name in ("sel_combo_w", "sel_combo_b", "sel_latent_w", "sel_latent_b")}
-
-
-def _by_path(axes_tree, fn):
-  """A tree like the params with fn(parameter name, logical axes) at each leaf."""
-  is_axes = lambda x: isinstance(x, tuple)
-  return jax.tree_util.tree_map_with_path(lambda path, ax: fn(str(path[-1].key), ax), axes_tree, is_leaf=is_axes)
-
-
-def decay_mask(o: Config, axes_tree):
-  """True where weight decay applies: every parameter, or those with >= 2 non-layer axes; never own groups."""
-  matrix = lambda ax: o.decay == "all" or sum(a != "layers" for a in ax) >= 2
-  return _by_path(axes_tree, lambda name, ax: name not in OWN_GROUPS and matrix(ax))
-
-
-def lr_multipliers(m: Config, axes_tree):
-  """Per-parameter multiplier of the Adam step: own groups' lr scale; under muP, 1/width_mult for matrix-like
-  parameters (MuAdamW). Weight decay is applied after it, at the base lr: MuAdamW's wd x width_mult cancels
-  its lr / width_mult on the decay term."""
-  width_mult = m.d_model / m.mup_base_d_model
-
-  def fn(name, axes):
-    if name in OWN_GROUPS:
-      return float(m[OWN_GROUPS[name]])
-    return 1.0 / width_mult if m.mup and model_lib.mup_matrix_like(axes) else 1.0
-
-  return _by_path(axes_tree, fn)
-
-
-def make_optimizer(c: Config, axes_tree):
-  """clip -> Adam -> per-group lr multipliers -> decoupled weight decay -> schedule (= optax.adamw without groups)."""
-  o = c.optim
-  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-  parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
-  scales = lr_multipliers(c.model, axes_tree)
-  if any(s != 1.0 for s in jax.tree.leaves(scales)):
-    parts.append(optax.GradientTransformation(
-        lambda _: optax.EmptyState(), lambda u, st, p=None: (jax.tree.map(lambda g, k: g * k, u, scales), st)))
-  parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask(o, axes_tree)))
-  parts.append(optax.scale_by_learning_rate(lr_schedule(o, c.train.steps)))
-  return optax.chain(*parts)
-
 
 # ---------------------------------------------------------------------------------------------------- steps
 
@@ -100,8 +37,8 @@ class Trainer:
     self.axes = model_lib.param_axes(m, abstract_state)
     self.abstract_params = nnx.to_pure_dict(abstract_state)
     self.param_shardings = mesh_lib.tree_shardings(self.axes, self.abstract_params, mesh)
-    self.tx = make_optimizer(c, self.axes)
-    self.schedule = lr_schedule(c.optim, c.train.steps)
+    self.tx = optim.make_optimizer(c, self.axes)
+    self.schedule = optim.lr_schedule(c.optim, c.train.steps)
     abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     # Optimizer moments mirror the params' sharding; scalars (counts) are replicated.
     self.opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
@@ -120,19 +57,17 @@ class Trainer:
       del step  # (the HOPE loss's teach schedule reads it)
       model = nnx.merge(self.graphdef, params)
       out = model.forward(tokens_BT1[:, :-1], key if m.dropout > 0 else None)
-      aux = out.aux
+      aux = dict(out.aux)
+      penalty = aux.pop("penalty", None)  # the attention kind's configured memory penalty, a loss term
       if ce_chunk:  # the forward's logits go unused and XLA drops them
-        h_BTd = model.final_norm(out.hidden)
-        w_Vd = model.embed[...] if model.head is None else model.head.kernel[...].T
-        ce = losses.fused_head_nll_mean(h_BTd.reshape(-1, h_BTd.shape[-1]), w_Vd, tokens_BT1[:, 1:].reshape(-1), vocab,
-                                        ce_chunk)
+        ce = model.readout_nll_mean(out.hidden, tokens_BT1[:, 1:], vocab, ce_chunk)
       else:
         ce = losses.nll(out.logits, tokens_BT1[:, 1:], vocab).mean()
-      loss = ce + m.memory_epsilon * aux["memory_" + m.memory_penalty] if m.memory_penalty != "none" else ce
+      loss = ce if penalty is None else ce + penalty
       return loss, {"ce": ce, **aux}
 
     loss_fn = decoder_loss
-    from dba_jax.hope import step as hope_step
+    penalised = attention.get(m).penalty(m) is not None  # log the loss parts beside the total
     if m.block in hope_step.TWO_PASS_BLOCKS:  # two passes per online chunk, fast state per row
       loss_fn = hope_step.make_loss(c, self.graphdef)
 
@@ -159,7 +94,7 @@ class Trainer:
       new = {"params": keep(optax.apply_updates(params, updates), params), "opt": keep(opt, state["opt"]),
              "step": state["step"] + 1, "rng": state["rng"], "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32)}
       metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
-      if m.memory_penalty != "none":
+      if penalised:
         metrics.update(parts)
       return new, metrics
 
@@ -219,118 +154,6 @@ class Trainer:
     return float(np.mean(jax.device_get(losses)))
 
 
-# ------------------------------------------------------------------------------------------------- workdir
-
-
-def git_revision() -> str:
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=10)
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-  if rev.returncode:
-    return "unknown"
-  return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "checkpoints_broken", "tb")
-
-
-def _empty_trace(path: str) -> bool:
-  """An empty file or a directory holding nothing but empty directories: what an interrupted start leaves."""
-  if os.path.isdir(path):
-    return all(_empty_trace(os.path.join(path, f)) for f in os.listdir(path))
-  return os.path.getsize(path) == 0
-
-
-def check_workdir(c: Config, workdir: str) -> bool:
-  """True when the workdir holds an earlier run of this model to resume. Raises ConfigError before anything is
-  written when it is a file, cannot be written, holds a different model, or (without config.json) holds anything
-  but dba_jax's own empty start-up traces. A missing workdir is a fresh start."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is a file, not a directory")
-  _check_writable(workdir)
-  if not os.path.isdir(workdir):
-    return False
-  cfg_path = os.path.join(workdir, "config.json")
-  if os.path.exists(cfg_path):
-    from dba_jax import loading
-    try:
-      # Over today's defaults: a field added since the run started takes its default, so the run still resumes.
-      saved = json.loads(loading.read_config(workdir).model.to_json())
-    except (ValueError, KeyError) as e:
-      raise ConfigError(f"{cfg_path} is unreadable ({e}); it was not written by dba_jax") from None
-    now = json.loads(c.model.to_json())
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-      details = ", ".join(f"model.{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
-      raise ConfigError(f"{workdir} holds a run of a different model ({details}); use another --workdir")
-    return True
-  foreign = sorted(f for f in os.listdir(workdir)
-                   if f != "config.json.tmp" and (f not in OWN_FILES or not _empty_trace(os.path.join(workdir, f))))
-  if foreign:
-    raise ConfigError(f"{workdir} holds {foreign} but no config.json: not a dba_jax workdir, refusing to write "
-                      "there (use a new or empty directory)")
-  return False
-
-
-def _check_writable(workdir: str):
-  """The workdir (or the nearest existing parent it would be made in) must accept new files."""
-  probe = workdir
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe) or "."
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir {workdir}: {probe} is not writable")
-
-
-def write_config(c: Config, workdir: str):
-  """config.json, atomically (temporary file, then rename): the first file a run writes."""
-  os.makedirs(workdir, exist_ok=True)
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
-    with open(cfg_path + ".tmp", "w") as f:
-      f.write(c.to_json(indent=2))
-    os.replace(cfg_path + ".tmp", cfg_path)
-
-
-def record_start(c: Config, workdir: str, resumed_from: int | None):
-  rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
-         "host": socket.gethostname(), "devices": jax.device_count(), "resumed_from": resumed_from,
-         "config": json.loads(c.to_json())}
-  with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
-    f.write(json.dumps(rec) + "\n")
-
-
-def truncate_jsonl(path: str, last_step: int):
-  """Drop records after `last_step`: those steps are about to be re-run from the checkpoint."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path + ".tmp", "w") as f:  # a kill mid-write leaves the old file whole
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-
-
-class Progress:
-  """One status line: step, loss, tokens/s and ETA; redrawn in place on a terminal, one line per log otherwise."""
-
-  def __init__(self, total: int, stream=sys.stderr):
-    self.total, self.stream, self.tty = total, stream, stream.isatty()
-
-  def update(self, step: int, loss: float, tok_s: float, eta_s: float, extra: str = ""):
-    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
-    line = f"step {step}/{self.total} | loss {loss:.4f} | {tok_s:,.0f} tok/s | ETA {eta}{extra}"
-    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-    self.stream.flush()
-
-  def close(self):
-    if self.tty:
-      self.stream.write("\n")
-
-
 # ---------------------------------------------------------------------------------------------------- loop
 
 
@@ -341,14 +164,12 @@ class TrainingStopped(RuntimeError):
 def _stop_requested(stop: StopSignals, step: int) -> bool:
   """SIGTERM / SIGINT seen; with several processes, JAX's preemption sync point makes every process agree."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return multihost_utils.reached_preemption_sync_point(step)
   return stop.received is not None
 
 
 def initial_params(c: Config, trainer: Trainer):
   """train.init_from's parameters, after train.surgery, placed with this run's shardings (optimizer fresh)."""
-  from dba_jax import loading, surgery
   t = c.train
   params = loading.load_model(t.init_from)[0].params
   if t.surgery != "none":
@@ -386,7 +207,7 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   t = c.train
   workdir = os.path.abspath(workdir)
   # Everything is validated (workdir, data, mesh, model) before the first file is written.
-  resuming = check_workdir(c, workdir)
+  resuming = rundir.check_workdir(c, workdir, loading.read_config)
   splits = data.load_splits(c.data, c.model.vocab_size)
   mesh = mesh_lib.make_mesh(c.mesh.shape, micro_batch=t.batch_size // t.grad_accum)
   check_batch(t, mesh, jax.process_count())
@@ -403,7 +224,7 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
     say(f"{stop.received} during start-up: nothing was written; start again with the same command")
     return {**summary, "params": None, "steps": 0, "stopped": stop.received}
   if lead:
-    write_config(c, workdir)
+    rundir.write_config(c, workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_ckpts, t.async_ckpt)
   broken_dir = os.path.join(workdir, "checkpoints_broken")
   had_checkpoints = resuming and (bool(ckpts.all_steps()) or os.path.isdir(broken_dir))
@@ -428,17 +249,17 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   lead = jax.process_index() == 0
   if lead:
     for name in ("metrics.jsonl", "eval.jsonl"):
-      truncate_jsonl(os.path.join(workdir, name), latest or 0)
-    record_start(c, workdir, latest)
+      rundir.truncate_jsonl(os.path.join(workdir, name), latest or 0)
+    rundir.record_start(c, workdir, latest, jax.device_count())
   start = int(latest or 0)
   writer = None
   if lead:
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # lazy: TensorBoard (and protobuf) only where the lead process logs
     writer = SummaryWriter(os.path.join(workdir, "tb"))
     writer.add_text("config", "```\n" + c.to_json(indent=2) + "\n```", start)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   tokens_per_step = t.batch_size * c.data.seq_len
-  progress = Progress(t.steps, open(os.devnull, "w") if quiet or not lead else sys.stderr)
+  progress = rundir.Progress(t.steps, quiet=quiet or not lead)
 
   def save(step):
     meta = {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(), "data": it.get_state(),
@@ -447,8 +268,7 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
 
   def log(path, rec):
     if lead:
-      with open(os.path.join(workdir, path), "a") as f:
-        f.write(json.dumps(rec) + "\n")
+      rundir.append_jsonl(os.path.join(workdir, path), rec)
       for k, v in rec.items():
         if k != "step":
           writer.add_scalar(k, v, rec["step"])

@@ -35,7 +35,7 @@ for stage in "${STAGES[@]}"; do
   if ! python -c 'import sys; sys.exit(float(sys.argv[1]) < 0.99)' "$val"; then
     echo "addition_shrink: $name rejected (best validation exact match $val < 0.99)"; continue
   fi
-  python -m dba_jax.addition.eval --checkpoint "$dir/model_0/best" --out "$dir/eval.json" > /dev/null
+  python -m dba_jax.evals.addition --checkpoint "$dir/model_0/best" --out "$dir/eval.json" > /dev/null
   python -c 'import json, sys; e = json.load(open(sys.argv[1])); v = e["multi_seed_validation"]
 print("addition_shrink: %s accepted: %d params, validation %s, 100k exact match %.5f (%d errors)" % (
     sys.argv[2], e["parameters"], sys.argv[3], v["aggregate_exact_match"], v["aggregate_errors"]))' \

@@ -24,4 +24,4 @@ for v in "${VARIANTS[@]}"; do
   [ -f "$OUT/$v/continual.json" ] || dba-eval hope continual --checkpoint "$OUT/$v" --lengths 256 \
     --samples 8 --out "$OUT/$v/continual.json"
 done
-python -m dba_jax.hope.report "$OUT" "${VARIANTS[@]}" | tee "$OUT/results.md"
+python -m dba_jax.evals.hope_report "$OUT" "${VARIANTS[@]}" | tee "$OUT/results.md"

@@ -2,8 +2,10 @@
 import importlib.util
 import os
 
+from dba_jax import attention
 from dba_jax.config import base_config
 
+KIND_SECTIONS = [k.name for k in attention.KINDS.values() if k.section is not None]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,23 +18,33 @@ def load_preset(name: str, variant: str = ""):
 
 
 def tiny(kind: str = "dba", **model):
-  """A 2-layer model config of the given flavour; `model` overrides fields of config.model."""
+  """A 2-layer model config of the given flavour; `model` overrides fields of config.model, or of an attention
+  kind's section (model.dba / model.selective) by the field's own name."""
   c = base_config()
   m = c.model
   m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 32, 2, 4, 64, 32
   if kind == "dba":
-    m.attn_kind, m.sem_dim, m.geo_dim, m.attn_dim = "dba", 16, 32, 48
+    m.attn_kind, m.dba.sem_dim, m.dba.geo_dim, m.attn_dim = "dba", 16, 32, 48
   elif kind == "gqa":
     m.n_kv_heads = 2
   elif kind == "gpt2":
     m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "learned", "layernorm", "gelu", True, True
-  for k, v in model.items():
-    m[k] = v
+  set_model(m, **model)
   c.data.seq_len = 16
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.eval_every = 8, 4, 1, 2
   c.train.ckpt_every, c.train.eval_batches = 2, 2
   c.optim.warmup_steps = 2
   return c
+
+
+def owner(m, key: str):
+  """The section holding model field `key`: config.model, or an attention kind's section (model.dba, ...)."""
+  return next((m[s] for s in KIND_SECTIONS if key not in m and key in m[s]), m)
+
+
+def set_model(m, **fields):
+  for k, v in fields.items():
+    owner(m, k)[k] = v
 
 
 def layer(decoder, i: int):

@@ -12,7 +12,7 @@ import pytest
 
 from dba_jax import torch_io
 from dba_jax.addition import checkpoint, data
-from dba_jax.addition import eval as eval_lib
+from dba_jax.evals import addition as eval_lib
 from dba_jax.addition import model as M
 from dba_jax.addition import train as train_lib
 from dba_jax.addition.config import validate
@@ -218,7 +218,8 @@ def test_grok_steps_are_the_first_evaluation_at_each_level(tmp_path):
 
 
 def test_report_lists_every_seed_with_its_grokking_steps_and_scores(tmp_path, capsys):
-  from dba_jax.addition import eval as eval_lib, report
+  from dba_jax.addition import report
+  from dba_jax.evals import addition as eval_lib
   run = tmp_path / "run"
   assert report.main([str(run)]) == 2 and "not finished" in capsys.readouterr().err
   s = train_lib.train(_tiny(2, 5, "map"), str(run), quiet=True)
@@ -543,8 +544,8 @@ def test_torch_batched_step_equals_single_model_steps(variant, sdpa):
   the weights stay as drawn, and only 1128p is checked (the benchmarked model): its rounding differs from the
   explicit softmax's, which 456p's low-rank attention amplifies to 3e-5 in the params after 3 steps."""
   torch = pytest.importorskip("torch")
-  from dba_jax import bench
   from dba_jax.addition import torch_ref
+  from dba_jax.bench import addition as bench_addition
   c = _configs().get_config(variant)
   a, o = M.Arch.from_config(c.model), c.optim
   o.warmup_steps = 2
@@ -552,7 +553,7 @@ def test_torch_batched_step_equals_single_model_steps(variant, sdpa):
   # eps 1e-8 (1e-4 apart after 3 steps here); at eps 1e-3 it is smooth, and a wrong clip or gradient still shows
   o.eps = 1e-3
   N, steps = 3, 3
-  params = bench.addition_params(a, [1, 2, 3])
+  params = bench_addition.addition_params(a, [1, 2, 3])
   scale = np.array([1.0, 1.0 if sdpa else 2.0, 1.0], np.float32)
   params = jax.tree.map(lambda p: p * scale.reshape((N,) + (1,) * (p.ndim - 1))
                         if p.ndim > 1 else p, params)

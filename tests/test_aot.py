@@ -62,7 +62,7 @@ def test_compiles_and_reports(v5e, tmp_path, capsys):
 def test_does_not_fit_exits_3(v5e, capsys):
   # ~1.7B parameters, replicated: 20 GiB of fp32 params and Adam moments per 16 GiB v5e device.
   big = ["--config.model.d_model=8192", "--config.model.d_ff=65536", "--config.model.n_heads=8",
-         "--config.model.attn_dim=0", "--config.model.sem_dim=64", "--config.model.geo_dim=128"]
+         "--config.model.attn_dim=0", "--config.model.dba.sem_dim=64", "--config.model.dba.geo_dim=128"]
   rc = aot.main(["dba-aot", "--config=configs/quickstart.py:dba", "--topology=v5e:2x2", *TINY, *big])
   err = capsys.readouterr().err
   assert rc == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1

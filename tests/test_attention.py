@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from dba_jax import model as model_lib, ops
+from dba_jax.attention import dba
 from dba_jax.config import validate
 from helpers import tiny
 
@@ -65,7 +66,7 @@ def test_xla_attention_fp32_matches_fp64_reference(H, K, n_prefix):
 
 def _dba_module(dtype=jnp.float32, **model):
   c = validate(tiny("dba", **model))
-  mod = model_lib.DBAAttention(c.model, 0.02, nnx.Rngs(0))
+  mod = dba.DBAAttention(c.model, 0.02, nnx.Rngs(0))
   if dtype != jnp.float32:
     graphdef, state = nnx.split(mod)
     mod = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(dtype), state))
@@ -79,10 +80,10 @@ def _np(mod, path):
 def dba_formula(mod, m, x_TD, gate_logit=None):
   """Decoupled attention from dba.md §1.2 in float64 numpy: separate semantic and geometric dot products."""
   H, K = m.n_heads, m.n_kv_heads or m.n_heads
-  ds, dg, dv = m.sem_dim // H, m.geo_dim // H, m.attn_dim // H
+  ds, dg, dv = m.dba.sem_dim // H, m.dba.geo_dim // H, m.attn_dim // H
   T = x_TD.shape[0]
   qs = (x_TD @ _np(mod, "q_sem")).reshape(T, H, ds)
-  ks = (x_TD @ _np(mod, "q_sem" if m.tie_qk else "k_sem")).reshape(T, K, ds)
+  ks = (x_TD @ _np(mod, "q_sem" if m.dba.tie_qk else "k_sem")).reshape(T, K, ds)
   qg = np_rope((x_TD @ _np(mod, "q_geo")).reshape(T, H, dg))
   kg = np_rope((x_TD @ _np(mod, "k_geo")).reshape(T, K, dg))
   v = (x_TD @ _np(mod, "v")).reshape(T, K, dv)
@@ -91,16 +92,16 @@ def dba_formula(mod, m, x_TD, gate_logit=None):
   G = H // K
   score = lambda h, t, j: a[h] * qs[t, h] @ ks[j, h // G] / np.sqrt(ds) + b[h] * qg[t, h] @ kg[j, h // G] / np.sqrt(dg)
   null_score = null_v = None
-  if m.null_attn:
+  if m.dba.null_attn:
     nks, nkg = (np.asarray(getattr(mod, n)[...], np.float64) for n in ("k_sem_null", "k_geo_null"))
     null_score = lambda h, t: a[h] * qs[t, h] @ nks[h // G] / np.sqrt(ds) + b[h] * qg[t, h] @ nkg[h // G] / np.sqrt(dg)
     null_v = np.asarray(mod.v_null[...], np.float64)
-  o = np_softmax_attend(score, v, T, H, K, int(m.null_attn), null_score, null_v)
+  o = np_softmax_attend(score, v, T, H, K, int(m.dba.null_attn), null_score, null_v)
   return o.reshape(T, H * dv) @ _np(mod, "out")
 
 
-DBA_VARIANTS = [dict(), dict(dba_gate=True), dict(null_attn=True), dict(n_kv_heads=2), dict(tie_qk=True),
-                dict(dba_gate=True, null_attn=True, n_kv_heads=2)]
+DBA_VARIANTS = [dict(), dict(gate=True), dict(null_attn=True), dict(n_kv_heads=2), dict(tie_qk=True),
+                dict(gate=True, null_attn=True, n_kv_heads=2)]
 
 
 @pytest.mark.parametrize("variant", DBA_VARIANTS, ids=lambda v: "-".join(v) or "plain")
@@ -111,7 +112,7 @@ def test_dba_equals_float64_formula(variant):
   with jax.enable_x64(True):
     m, mod = _dba_module(jnp.float64, attn_impl="reference", **variant)
     gate = None
-    if m.dba_gate:  # a non-trivial gate, so a and b really differ per head
+    if m.dba.gate:  # a non-trivial gate, so a and b really differ per head
       gate = rng.normal(size=m.n_heads)
       mod.gate_logit[...] = jnp.asarray(gate)
     got = np.asarray(mod(jnp.asarray(x)[None], jnp.arange(T))[0])[0]
@@ -130,7 +131,7 @@ def test_dba_xla_fp32_close_to_float64_formula(variant):
 
 def test_gate_at_init_equals_ungated():
   x = jax.random.normal(jax.random.key(0), (2, 8, 32))
-  _, gated = _dba_module(dba_gate=True, dba_gate_dynamic=True)
+  _, gated = _dba_module(gate=True, gate_dynamic=True)
   _, plain = _dba_module()
   pos = jnp.arange(8)
   np.testing.assert_array_equal(np.asarray(gated(x, pos)[0]), np.asarray(plain(x, pos)[0]))
@@ -154,7 +155,7 @@ def test_rope_touches_only_geometric_path():
   assert not np.allclose(np.asarray(rot.streams(x, p0)[0]), np.asarray(rot.streams(x, p5)[0]))
 
 
-KINDS = [("standard", {}), ("gqa", {}), ("dba", dict(dba_gate=True, null_attn=True)), ("gpt2", {}),
+KINDS = [("standard", {}), ("gqa", {}), ("dba", dict(gate=True, null_attn=True)), ("gpt2", {}),
          ("standard", dict(attn_dim=16)), ("dba", dict(scan_layers=False))]
 
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dba_jax import behavior as bh
-from dba_jax.behavior import CONTAINED, EXACT, NONE, Probe, classify
+from dba_jax.evals import behavior as bh, stats
+from dba_jax.evals.behavior import CONTAINED, EXACT, NONE, Probe, classify, suite_v2
 
 # Hash of behavior_v2(42). It pins the generator across machines and Python / numpy versions; change it only
 # together with a deliberate template change (and say so in the notes: old results are then not comparable).
@@ -160,7 +160,7 @@ def test_v2_paired_groups_share_their_base_item():
 
 def test_dedupe_ids_renames_collisions_and_keeps_every_probe():
   ps = [Probe(i, "c", "exact", str(k), "a") for k, i in enumerate(["x", "y", "x", "x", "x__2"])]
-  out = bh._dedupe_ids(ps)
+  out = suite_v2._dedupe_ids(ps)
   assert [p.id for p in out] == ["x", "y", "x__3", "x__4", "x__2"]  # "x__2" was taken by a real probe
   assert [p.prompt for p in out] == ["0", "1", "2", "3", "4"]
   assert out[2].metadata["renamed_from"] == "x"
@@ -170,15 +170,15 @@ def test_dedupe_ids_renames_collisions_and_keeps_every_probe():
 
 def test_wilson_interval_matches_hand_computed_values():
   # 5/10, z = 1.96: centre (0.5 + 0.19208) / 1.38416 = 0.5, half 1.96 * sqrt(0.025 + 0.009604) / 1.38416
-  lo, hi = bh.wilson_interval(5, 10)
+  lo, hi = stats.wilson_interval(5, 10)
   assert lo == pytest.approx(0.236593, abs=1e-5) and hi == pytest.approx(0.763407, abs=1e-5)
   # 0/10: [0, z^2/n / (1 + z^2/n)] = [0, 0.384146 / 1.384146]
-  assert bh.wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-5)
+  assert stats.wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-5)
   # 1/117 (the logged baseline exact rate on v1), far from symmetric around 0.85 %: z^2/n = 0.032833,
   # centre (0.008547 + 0.016417) / 1.032833 = 0.024170, half 1.96 * sqrt(7.2426e-5 + 7.0156e-5) / 1.032833 = 0.022660
-  lo, hi = bh.wilson_interval(1, 117)
+  lo, hi = stats.wilson_interval(1, 117)
   assert lo == pytest.approx(0.001510, abs=1e-5) and hi == pytest.approx(0.046830, abs=1e-5)
-  assert bh.wilson_interval(0, 0) == (0.0, 1.0)
+  assert stats.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_paired_bootstrap_contains_the_true_delta_and_is_reproducible():
@@ -188,20 +188,20 @@ def test_paired_bootstrap_contains_the_true_delta_and_is_reproducible():
   b = a.copy()
   flip = rng.choice(np.flatnonzero(a == 0), 40, replace=False)  # b solves 40 more probes: delta exactly 0.1
   b[flip] = 1.0
-  res = bh.paired_bootstrap(a, b, n_resamples=4000, seed=1)
+  res = stats.paired_bootstrap(a, b, n_resamples=4000, seed=1)
   assert res["delta"] == pytest.approx(0.1)
   lo, hi = res["ci"]
   assert lo < 0.1 < hi
   # Pairing keeps the CI tight (an unpaired bootstrap of these two columns would straddle 0).
   assert lo > 0.06 and hi < 0.14
-  assert bh.paired_bootstrap(a, b, n_resamples=4000, seed=1) == res
+  assert stats.paired_bootstrap(a, b, n_resamples=4000, seed=1) == res
   # Unit weights are the unweighted statistic.
-  assert bh.paired_bootstrap(a, b, weights=np.ones(n), n_resamples=4000, seed=1) == res
+  assert stats.paired_bootstrap(a, b, weights=np.ones(n), n_resamples=4000, seed=1) == res
   # Continuous weights take the CI off the 1/n lattice, so the seed visibly matters (and is honoured).
   w = rng.random(n) + 0.5
-  one = bh.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=1)
-  assert bh.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=1) == one
-  assert bh.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=2)["ci"] != one["ci"]
+  one = stats.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=1)
+  assert stats.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=1) == one
+  assert stats.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=2)["ci"] != one["ci"]
 
 
 def test_bootstrap_coverage_on_simulated_models():
@@ -211,7 +211,7 @@ def test_bootstrap_coverage_on_simulated_models():
   for trial in range(40):
     u = rng.random(300)
     a, b = (u < 0.40).astype(float), (u < 0.50).astype(float)  # correlated, like two models on one suite
-    lo, hi = bh.paired_bootstrap(a, b, n_resamples=500, seed=trial, alpha=0.1)["ci"]
+    lo, hi = stats.paired_bootstrap(a, b, n_resamples=500, seed=trial, alpha=0.1)["ci"]
     hits += lo <= 0.1 <= hi
   assert hits >= 32
 
@@ -238,7 +238,7 @@ def test_weighted_score_reproduces_the_logged_baseline_figure():
 def test_mcnemar_exact_by_hand():
   a = [True] * 5 + [False] * 2 + [True] * 3
   b = [False] * 5 + [True] * 2 + [True] * 3
-  res = bh.mcnemar_exact(a, b)
+  res = stats.mcnemar_exact(a, b)
   assert (res["only_a"], res["only_b"]) == (5, 2)
   assert res["p"] == pytest.approx(2 * (1 + 7 + 21) / 128)  # 2 * P(X <= 2), X ~ Bin(7, 1/2)
 

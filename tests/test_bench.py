@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 from dba_jax import bench
+from dba_jax.bench import addition as bench_addition, gpt as bench_gpt, train_step
 from helpers import load_preset
 
 
 def test_flops_per_token_by_hand():
   # 22-layer baseline: 6 x (all params - the input embedding table) + 6 L T (q.k + p.v widths) / 2 (causal).
   m = load_preset("dba_paper_1b.py", "baseline").model
-  assert bench.flops_per_token(m, 2048) == 6 * (1_336_502_272 - 50304 * 2048) + 6 * 22 * 2048 * (2048 + 2048) / 2
+  assert train_step.flops_per_token(m, 2048) == 6 * (1_336_502_272 - 50304 * 2048) + 6 * 22 * 2048 * (2048 + 2048) / 2
   # GPT-2: the tied table is the head matmul (counted), the learned positions are a lookup (not counted).
   g = load_preset("gpt2_small.py").model
-  assert bench.flops_per_token(g, 1024) == 6 * (124_475_904 - 1024 * 768) + 6 * 12 * 1024 * (768 + 768) / 2
+  assert train_step.flops_per_token(g, 1024) == 6 * (124_475_904 - 1024 * 768) + 6 * 12 * 1024 * (768 + 768) / 2
   # DBA scores use sem + geo, values v: sem8 is 256 + 1024 and 1280 wide.
   s = load_preset("dba_paper_1b.py", "sem8").model
-  assert bench.flops_per_token(s, 2048) == 6 * (1_198_090_240 - 50304 * 2048) + 6 * 22 * 2048 * (1280 + 1280) / 2
+  assert train_step.flops_per_token(s, 2048) == 6 * (1_198_090_240 - 50304 * 2048) + 6 * 22 * 2048 * (1280 + 1280) / 2
 
 
 def test_bench_runs_on_a_mesh_and_writes_its_report(tmp_path):
@@ -50,7 +51,7 @@ def test_attention_bench_reports_every_op(tmp_path):
 def test_convert_bench_runs_both_directions(tmp_path):
   out = tmp_path / "convert.json"
   small = ["--config.model.n_layers=1", "--config.model.d_model=64", "--config.model.n_heads=4",
-           "--config.model.attn_dim=48", "--config.model.sem_dim=16", "--config.model.geo_dim=32",
+           "--config.model.attn_dim=48", "--config.model.dba.sem_dim=16", "--config.model.dba.geo_dim=32",
            "--config.model.d_ff=96", "--config.model.vocab_size=100"]
   assert bench.main(["convert", "--dir", str(tmp_path / "w"), "--out", str(out), *small]) == 0
   r = json.loads(out.read_text())
@@ -73,7 +74,7 @@ def _addition_pair(variant: str):
   from dba_jax.addition.model import Arch
   c = load_preset("addition.py", variant)
   a = Arch.from_config(c.model)
-  params = bench.addition_params(a, [c.train.seed])
+  params = bench_addition.addition_params(a, [c.train.seed])
   model = torch_ref.load_params(torch_ref.TinyDecoderLM(a), jax.tree.map(lambda x: x[0], params))
   x, y = data.Sampler(64, 0, np.zeros(0, np.uint64)).batch(7000)
   return c, a, params, model, x, y
@@ -88,7 +89,7 @@ def test_addition_torch_step_equals_jax_step():
   torch = pytest.importorskip("torch")
 
   from dba_jax.addition import torch_ref, train
-  from dba_jax.train import lr_schedule
+  from dba_jax.optim import lr_schedule
   c, a, params, model, x, y = _addition_pair("456p")
   o = c.optim
   o.warmup_steps, c.train.steps = 1, 4
@@ -157,7 +158,7 @@ def test_torch_gpt_matches_dba_jax_through_two_adamw_steps(attn):
   import torch
 
   from dba_jax import mesh as mesh_lib, torch_gpt, train
-  c = bench.gpt_config(attn, TINY_GPT, TINY_GPT_OVERRIDES)
+  c = bench_gpt.gpt_config(attn, TINY_GPT, TINY_GPT_OVERRIDES)
   trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
   state = trainer.init_state(3)
   tm = torch_gpt.from_jax(state["params"], c)
@@ -167,7 +168,7 @@ def test_torch_gpt_matches_dba_jax_through_two_adamw_steps(attn):
   tokens = np.random.default_rng(1).integers(0, 64, (2, 17)).astype(np.int32)
   batch = mesh_lib.global_batch(tokens[None], trainer.accum_sharding, 1)
   if attn == "selective":  # the test can see F: the same weights without it give another loss
-    plain = torch_gpt.GPT(bench.gpt_config("standard", TINY_GPT, TINY_GPT_OVERRIDES).model)
+    plain = torch_gpt.GPT(bench_gpt.gpt_config("standard", TINY_GPT, TINY_GPT_OVERRIDES).model)
     plain.load_state_dict(tm.state_dict())
     with torch.no_grad():
       no_f, with_f = float(plain.loss(torch.as_tensor(tokens).long())), float(tm.loss(torch.as_tensor(tokens).long()))
@@ -227,7 +228,7 @@ def test_fused_cross_entropy_and_unrolled_layers_match_the_default_step():
   tokens = jax.numpy.asarray(np.random.default_rng(2).integers(0, 60, (2, 17)).astype(np.int32))
   results = []
   for extra in ([], ["--config.train.ce_chunk=8", "--config.model.scan_unroll=0"]):
-    c = bench.gpt_config("selective", shape, ["--config.model.init_std=0.3"] + extra)
+    c = bench_gpt.gpt_config("selective", shape, ["--config.model.init_std=0.3"] + extra)
     trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
     params = trainer.init_state(5)["params"]
     (loss, _), grads = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))(params, tokens, jax.random.key(0))
@@ -236,4 +237,4 @@ def test_fused_cross_entropy_and_unrolled_layers_match_the_default_step():
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads)
   with pytest.raises(SystemExit):  # a chunk that does not divide the micro-batch's 32 tokens is refused up front
-    bench.gpt_config("selective", shape, ["--config.train.ce_chunk=12"])
+    bench_gpt.gpt_config("selective", shape, ["--config.train.ce_chunk=12"])

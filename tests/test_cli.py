@@ -31,8 +31,8 @@ QS = "--config=configs/quickstart.py:dba"
 @pytest.mark.parametrize("override,message", [
     ("--config.model.n_layerz=3", 'n_layerz Did you mean "n_layers"'),
     ("--config.optim.lr=fast", "lr"),
-    ("--config.model.sem_dim=30", "model.sem_dim=30 is not divisible by model.n_heads=4"),
-    ("--config.model.geo_dim=66", "model.geo_dim=66 is not divisible by model.n_heads=4"),
+    ("--config.model.dba.sem_dim=30", "model.dba.sem_dim=30 is not divisible by model.n_heads=4"),
+    ("--config.model.dba.geo_dim=66", "model.dba.geo_dim=66 is not divisible by model.n_heads=4"),
     ("--config.model.n_heads=3", "is not divisible by model.n_heads=3"),
     ("--config.model.attn_kind=flash", "model.attn_kind='flash' is not one of"),
 ])

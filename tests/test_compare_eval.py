@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import compare_eval, eval_cli, model as model_lib, plots, train
+from dba_jax import eval_cli, model as model_lib, plots, train
+from dba_jax.evals import attention_probes, compare_checkpoints
 from helpers import layer, tiny
 
 MANIFEST = '''
@@ -148,9 +149,9 @@ def test_attention_records(out):
 
 
 def test_answer_span():
-  assert compare_eval.answer_span(["In", ":", " qu", "artz", "\n", "Out", ":"], "quartz") == [2, 3]
-  assert compare_eval.answer_span(["a", " red", " b", " red"], " red") == [3]  # the last occurrence
-  assert compare_eval.answer_span(["abc"], "zz") == []
+  assert attention_probes.answer_span(["In", ":", " qu", "artz", "\n", "Out", ":"], "quartz") == [2, 3]
+  assert attention_probes.answer_span(["a", " red", " b", " red"], " red") == [3]  # the last occurrence
+  assert attention_probes.answer_span(["abc"], "zz") == []
 
 
 def _decoder(kind: str, **model):
@@ -167,9 +168,9 @@ def _last_layer_input(decoder, tokens_BT):
   positions_T = jnp.arange(tokens_BT.shape[1])
   x, io = decoder.embed_tokens(tokens_BT, positions_T), model_lib.LayerIO()
   m = decoder.m
-  if m.attn_kind == "selective" and m.sel_residual_masks:  # as Decoder.forward: layer 0 mixes zeros
+  if m.attn_kind == "selective" and m.selective.residual_masks:  # as Decoder.forward: layer 0 mixes zeros
     T = tokens_BT.shape[1]
-    io = model_lib.LayerIO(res=jnp.zeros((tokens_BT.shape[0], m.n_heads + m.sel_mask_heads, T, T)))
+    io = model_lib.LayerIO(res=jnp.zeros((tokens_BT.shape[0], m.n_heads + m.selective.selection_heads, T, T)))
   for i in range(m.n_layers - 1):
     x, io = layer(decoder, i)(x, positions_T, None, model_lib.LayerIO(res=io.res))
   last = layer(decoder, m.n_layers - 1)
@@ -179,7 +180,7 @@ def _last_layer_input(decoder, tokens_BT):
 def test_attention_probs_equal_softmax_of_q_k():
   decoder = _decoder("standard")
   block, h, positions_T, res = _last_layer_input(decoder, TOKENS_BT)
-  probs_BHTS, n_prefix = compare_eval.last_layer_probs(decoder, TOKENS_BT)
+  probs_BHTS, n_prefix = attention_probes.last_layer_probs(decoder, TOKENS_BT)
   q_BTHD, k_BTKD, _ = block.attn.project(h, positions_T)
   H, K, T = q_BTHD.shape[2], k_BTKD.shape[2], TOKENS_BT.shape[1]
   logits = np.einsum("bthd,bshd->bhts", np.asarray(q_BTHD, np.float64),
@@ -196,7 +197,7 @@ def test_attention_probs_equal_softmax_of_q_k():
     ("gqa", {"scan_layers": True}),  # the last block sliced out of the stacked parameters
     ("dba", {"null_attn": True}),
     ("selective", {}),
-    ("selective", {"sel_mask_heads": 1, "sel_residual_masks": True}),
+    ("selective", {"selection_heads": 1, "residual_masks": True}),
 ])
 def test_attention_probs_reproduce_the_layer(kind, model):
   """probs @ v through the out projection is the layer's own output, and the last layer's input is the one the
@@ -204,7 +205,7 @@ def test_attention_probs_reproduce_the_layer(kind, model):
   decoder = _decoder(kind, **model)
   block, h, positions_T, res = _last_layer_input(decoder, TOKENS_BT)
   attn = block.attn
-  probs_BHTS, n_prefix = compare_eval.last_layer_probs(decoder, TOKENS_BT)
+  probs_BHTS, n_prefix = attention_probes.last_layer_probs(decoder, TOKENS_BT)
   np.testing.assert_allclose(np.asarray(probs_BHTS).sum(-1), 1.0, atol=1e-5)
   B, T = TOKENS_BT.shape
   if kind == "dba":
@@ -231,5 +232,5 @@ def test_manifest_needs_exactly_one_baseline(tmp_path):
   p = tmp_path / "m.py"
   p.write_text(MANIFEST.format(std="a", dba="b").replace('"baseline": False', '"baseline": True'))
   with pytest.raises(ValueError, match="exactly one"):
-    compare_eval.load_manifest(str(p))
-  assert compare_eval.main(["--manifest", str(p)]) == 2
+    compare_checkpoints.load_manifest(str(p))
+  assert compare_checkpoints.main(["--manifest", str(p)]) == 2

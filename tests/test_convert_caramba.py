@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from dba_jax import formats, model as model_lib  # noqa: E402
 from dba_jax.config import base_config, padded_vocab  # noqa: E402
 from dba_jax.formats import ConversionError, caramba  # noqa: E402
-from helpers import load_preset  # noqa: E402
+from helpers import load_preset, set_model  # noqa: E402
 
 L, d, H, SEM, GEO, V_DIM, VOCAB, D_FF = 2, 64, 4, 16, 32, 48, 100, 96
 B, T = 2, 12
@@ -226,9 +226,8 @@ def user_config(s: Spec, scan=True, **model):
   c = base_config()
   c.model.n_heads, c.model.scan_layers = H, scan
   if s.layout == "opgraph" and s.kind == "dba":
-    c.model.sem_dim, c.model.geo_dim = SEM, GEO
-  for k, v in model.items():
-    c.model[k] = v
+    c.model.dba.sem_dim, c.model.dba.geo_dim = SEM, GEO
+  set_model(c.model, **model)
   return c
 
 
@@ -267,8 +266,8 @@ def test_logits_match_and_round_trip_is_exact(variant, scan, tmp_path):
   assert (m.d_model, m.n_layers, m.d_ff, padded_vocab(m), m.n_heads) == (d, L, D_FF, VOCAB, H)
   assert m.bias == s.bias and not m.tie_embeddings
   if s.kind == "dba":
-    assert (m.attn_kind, m.sem_dim, m.geo_dim, m.attn_dim) == ("dba", SEM, GEO, V_DIM)
-    assert (m.dba_gate, m.dba_gate_dynamic, m.null_attn, m.tie_qk) == \
+    assert (m.attn_kind, m.dba.sem_dim, m.dba.geo_dim, m.attn_dim) == ("dba", SEM, GEO, V_DIM)
+    assert (m.dba.gate, m.dba.gate_dynamic, m.dba.null_attn, m.dba.tie_qk) == \
         (bool(s.gate), s.gate == "dynamic", s.null, s.tie)
   else:
     assert (m.attn_kind, m.attn_dim, m.n_kv_heads or H) == ("standard", d, s.kv_heads)
@@ -387,9 +386,9 @@ def test_end_to_end_through_dba_convert(tmp_path, variant):
   torch.save({"system_state_dict": {"_orig_mod." + k: v for k, v in sd.items()}, "run_id": "x", "step": 7},
              tmp_path / "dba.pt")
   assert convert.main(["dba-convert", str(tmp_path / "dba.pt"), "--out", str(tmp_path / "wd"),
-                       "--config.model.n_heads=4", f"--config.model.sem_dim={SEM}", f"--config.model.geo_dim={GEO}"]) == 0
+                       "--config.model.n_heads=4", f"--config.model.dba.sem_dim={SEM}", f"--config.model.dba.geo_dim={GEO}"]) == 0
   model, c = load_model(str(tmp_path / "wd"))
-  assert (c.model.attn_kind, c.model.sem_dim, c.model.geo_dim, c.model.attn_dim) == ("dba", SEM, GEO, V_DIM)
+  assert (c.model.attn_kind, c.model.dba.sem_dim, c.model.dba.geo_dim, c.model.attn_dim) == ("dba", SEM, GEO, V_DIM)
   tokens = tokens_BT()
   assert np.abs(np.asarray(model(tokens)) - torch_forward(sd, s, tokens)).max() <= 1e-5
   assert convert.main(["dba-convert", "--to-torch", str(tmp_path / "wd"), "--out", str(tmp_path / "back.pt")]) == 0

@@ -11,6 +11,7 @@ import pytest
 
 from dba_jax import convert, torch_io
 from dba_jax.formats import nanogpt
+from helpers import owner
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -243,15 +244,15 @@ def test_selective_checkpoint(tmp_path):
 # (GPTConfig fields, the dba_jax selective config the converter must infer from the tensors / pickled config)
 VARIANTS = [
     (dict(selection_head_linear_combo="with_head_zero_and_bias", residual_attention_masks=True),
-     dict(sel_combo="with_head_zero_and_bias", sel_residual_masks=True)),
+     dict(combo="with_head_zero_and_bias", residual_masks=True)),
     (dict(selection_head_linear_combo="true", protection_kind="linear_combo"),
-     dict(sel_combo="with_head_zero", sel_protection="linear_combo")),
+     dict(combo="with_head_zero", protection="linear_combo")),
     (dict(selection_head_linear_combo="n_latent_masks", n_latent_masks=2),
-     dict(sel_mask_heads=1, sel_mask_slices=2, sel_latent_masks=2)),
+     dict(selection_heads=1, selection_slices=2, latent_masks=2)),
     (dict(selection_head_linear_combo="n_sliced_masks", n_sliced_masks=2),  # slices only from the pickled config
-     dict(sel_mask_heads=1, sel_mask_slices=2)),
+     dict(selection_heads=1, selection_slices=2)),
     (dict(selection_head_linear_combo="two_masks", residual_attention_masks=True),
-     dict(sel_mask_heads=2, sel_residual_masks=True)),
+     dict(selection_heads=2, residual_masks=True)),
 ]
 
 
@@ -270,7 +271,7 @@ def test_selective_variants_with_extra_parameters(tmp_path, kw, want):
   out = tmp_path / "run"
   assert run(src, "--out", out) == 0
   jmodel, c = load_model(str(out))
-  assert c.model.attn_kind == "selective" and {k: c.model[k] for k in want} == want
+  assert c.model.attn_kind == "selective" and {k: owner(c.model, k)[k] for k in want} == want
   err = np.abs(np.asarray(jmodel(TOKENS)) - torch_logits(model, TOKENS)).max()
   print(f"{kw}: max |logit diff| = {err:.2e}")
   assert err < 1e-5
@@ -284,17 +285,17 @@ def test_selective_variants_that_cannot_map(tmp_path, capsys):
   torch.save(sd, tmp_path / "no_config.pt")  # one selection-only head: sliced or not is not in the shapes
   assert run(tmp_path / "no_config.pt", "--out", tmp_path / "a", "--config.model.n_heads=3") == 2
   err = capsys.readouterr().err
-  assert "transformer.h.0.attn.c_attn.weight" in err and "--config.model.sel_mask_slices" in err
+  assert "transformer.h.0.attn.c_attn.weight" in err and "--config.model.selective.selection_slices" in err
   sd["transformer.h.1.attn.mask_layernorm.weight"] = torch.ones(3, 24)
   torch.save(sd, tmp_path / "layernorm.pt")
   assert run(tmp_path / "layernorm.pt", "--out", tmp_path / "b", "--config.model.n_heads=3",
-             "--config.model.sel_mask_slices=1") == 2
+             "--config.model.selective.selection_slices=1") == 2
   assert "transformer.h.1.attn.mask_layernorm.weight (3, 24)" in capsys.readouterr().err
   plain, _ = make_gpt(selective=True)
   torch.save(plain.state_dict(), tmp_path / "plain.pt")  # the config asks for a selection head the file lacks
   assert run(tmp_path / "plain.pt", "--out", tmp_path / "c", "--config.model.n_heads=3",
-             "--config.model.attn_kind=selective", "--config.model.sel_combo=with_head_zero") == 2
-  assert "model.sel_combo='with_head_zero'" in capsys.readouterr().err
+             "--config.model.attn_kind=selective", "--config.model.selective.combo=with_head_zero") == 2
+  assert "model.selective.combo='with_head_zero'" in capsys.readouterr().err
   assert not any((tmp_path / d).exists() for d in "abc")
 
 
@@ -361,7 +362,7 @@ def save_trio(folder, steps=2):
 
 
 def test_optimizer_and_dataloader_trio(tmp_path, capsys):
-  from dba_jax import ckpt, model as model_lib, train
+  from dba_jax import ckpt, model as model_lib, optim
   model, opt = save_trio(tmp_path)
   src = tmp_path / "model_00001.pt"
   out = tmp_path / "run"
@@ -375,7 +376,7 @@ def test_optimizer_and_dataloader_trio(tmp_path, capsys):
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev)
   abs_params = jax.tree.map(sds, nnx.to_pure_dict(state))
-  tx = train.make_optimizer(c, model_lib.param_axes(c.model))
+  tx = optim.make_optimizer(c, model_lib.param_axes(c.model))
   abs_opt = jax.tree.map(sds, jax.eval_shape(tx.init, abs_params))
   ckpts = ckpt.Checkpointer(str(out / "checkpoints"), read_only=True)
   assert ckpts.all_steps() == [2]
@@ -524,9 +525,9 @@ def test_prefixed_untied_and_init_from(tmp_path):
     param_shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), jmodel.params)
 
   # the fresh optimizer state written beside the params is dba-train's own tx.init, zeros and counts
-  from dba_jax import model as model_lib, train
+  from dba_jax import model as model_lib, optim
   params_np, c2, opt, meta = convert._restore_all(str(out))
-  fresh = train.make_optimizer(c2, model_lib.param_axes(c2.model)).init(params_np)
+  fresh = optim.make_optimizer(c2, model_lib.param_axes(c2.model)).init(params_np)
   assert jax.tree.structure(opt) == jax.tree.structure(fresh) and meta["step"] == 0
   for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(fresh)):
     assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dba_jax import compare_eval, generate, model as model_lib, pruning
+from dba_jax import generate, model as model_lib
+from dba_jax.evals import attention_probes, pruning
 from dba_jax.config import validate
 from helpers import REPO, tiny
 
@@ -20,11 +21,11 @@ MODELS = {
     "gqa": ("gqa", {}),
     "gqa_unrolled": ("gqa", {"scan_layers": False}),
     "dba": ("dba", {}),
-    "dba_gated_null": ("dba", dict(dba_gate=True, dba_gate_dynamic=True, null_attn=True)),
+    "dba_gated_null": ("dba", dict(gate=True, gate_dynamic=True, null_attn=True)),
     "selective": ("standard", dict(attn_kind="selective")),
-    "selective_bos_self": ("standard", dict(attn_kind="selective", sel_protect_bos=False, sel_allow_self_mask=True,
-                                            sel_relu_after_cumsum=True, sel_relu_leak=0.1)),
-    "selective_heads_residual": ("standard", dict(attn_kind="selective", sel_mask_heads=1, sel_residual_masks=True)),
+    "selective_bos_self": ("standard", dict(attn_kind="selective", protect_bos=False, allow_self_mask=True,
+                                            relu_after_cumsum=True, relu_leak=0.1)),
+    "selective_heads_residual": ("standard", dict(attn_kind="selective", selection_heads=1, residual_masks=True)),
     "gpt2_unrolled": ("gpt2", dict(scan_layers=False)),
 }
 T, PROMPT, MAX_LEN = 20, 5, 24
@@ -54,7 +55,7 @@ def test_forward_decode_and_probes_match_the_recorded_outputs(name):
     gen = generate.Generator(model, cache=cache, window=window, max_len=MAX_LEN, batch=2)
     got = np.asarray(generate.teacher_forced_logits(gen, toks, PROMPT))
     np.testing.assert_allclose(got, GOLD[key], atol=ATOL, rtol=0, err_msg=key)
-  probs, _ = compare_eval.last_layer_probs(model.module, toks[:, :12])
+  probs, _ = attention_probes.last_layer_probs(model.module, toks[:, :12])
   np.testing.assert_allclose(np.asarray(probs), GOLD[f"{name}/probs"], atol=ATOL, rtol=0)
 
 

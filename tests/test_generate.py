@@ -1,4 +1,4 @@
-"""KV-cache generation (dba_jax.generate), perplexity and the dba-eval CLI (dba_jax.evaluate)."""
+"""KV-cache generation (dba_jax.generate), perplexity and the dba-eval CLI (dba_jax.evals.perplexity)."""
 import json
 import math
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import eval_cli, evaluate, generate, model as model_lib, ops
+from dba_jax import eval_cli, generate, model as model_lib, ops
+from dba_jax.evals import perplexity
 from dba_jax.config import validate
 from helpers import tiny
 
@@ -15,9 +16,9 @@ KINDS = {
     "standard": ("standard", {}),
     "gqa": ("gqa", {}),
     "dba": ("dba", {}),
-    "dba_gated_null": ("dba", dict(dba_gate=True, dba_gate_dynamic=True, null_attn=True)),
+    "dba_gated_null": ("dba", dict(gate=True, gate_dynamic=True, null_attn=True)),
     "selective": ("standard", dict(attn_kind="selective")),
-    "selective_bos_self": ("standard", dict(attn_kind="selective", sel_protect_bos=False, sel_allow_self_mask=True)),
+    "selective_bos_self": ("standard", dict(attn_kind="selective", protect_bos=False, allow_self_mask=True)),
     "gpt2_unrolled": ("gpt2", dict(scan_layers=False)),  # learned positions, LayerNorm, tied head, no scan
 }
 T, PROMPT, MAX_LEN = 20, 5, 24  # prompt 5 pads to the 16-token bucket; 15 tokens are then decoded one by one
@@ -49,7 +50,7 @@ def test_cached_decoding_matches_full_forward_fp32(name):
   np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
   assert gen.traces == {"prefill": 1, "decode": 1}
   if name.startswith("selective"):  # the F carry must matter: without selection the logits differ
-    pm = validate(tiny("standard", **KINDS[name][1], sel_disable=True)).model
+    pm = validate(tiny("standard", **KINDS[name][1], disable_selection=True)).model
     plain = model_lib.Model(pm, model_lib.abstract(pm)[0], model.params)
     assert np.abs(np.asarray(plain(toks))[:, PROMPT - 1:] - ref).max() > 1e-3
 
@@ -200,12 +201,12 @@ def test_perplexity_matches_exp_mean_nll_by_hand():
   L = 5
   # Non-overlapping: windows start at 0, 5, 10, 15 (6 tokens each); tokens 1..20 are scored once each.
   hand = _hand_nll(model, [toks[s:s + L + 1] for s in (0, 5, 10, 15)], m.vocab_size)
-  r = evaluate.perplexity(model, m, toks, L, batch_size=3)
+  r = perplexity.perplexity(model, m, toks, L, batch_size=3)
   assert r["scored_tokens"] == 20 == len(hand) and r["windows"] == 4
   np.testing.assert_allclose(r["ppl"], np.exp(hand.mean()), rtol=1e-5)
   # Overlapping (the anchor's): windows start at every token 0..17, all 5 targets of each count.
   hand = _hand_nll(model, [toks[s:s + L + 1] for s in range(18)], 200)
-  r = evaluate.perplexity(model, m, toks, L, overlap=True, vocab_limit=200, batch_size=4)
+  r = perplexity.perplexity(model, m, toks, L, overlap=True, vocab_limit=200, batch_size=4)
   assert r["scored_tokens"] == 90 and r["stride"] == 1
   np.testing.assert_allclose(r["ppl"], np.exp(hand.mean()), rtol=1e-5)
 

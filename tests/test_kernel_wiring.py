@@ -13,11 +13,11 @@ from helpers import tiny
 from test_sharding import one_step, rel_close
 
 KINDS = {
-    "dba_null_gqa": ("dba", dict(null_attn=True, n_kv_heads=2, dba_gate=True)),
+    "dba_null_gqa": ("dba", dict(null_attn=True, n_kv_heads=2, gate=True)),
     "standard": ("standard", {}),
     "selective": ("standard", dict(attn_kind="selective")),
-    "selective_no_bos_self": ("standard", dict(attn_kind="selective", sel_protect_bos=False,
-                                               sel_allow_self_mask=True)),
+    "selective_no_bos_self": ("standard", dict(attn_kind="selective", protect_bos=False,
+                                               allow_self_mask=True)),
 }
 
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import ckpt, data, generate, model as model_lib, train as dba_train
+from dba_jax import arith_qa as synthetic, ckpt, data, generate, model as model_lib, rundir
 from dba_jax.config import base_config, validate
-from dba_jax.latentwire import bridge, harness, losses, sides, synthetic
+from dba_jax.evals import latentwire as harness, stats
+from dba_jax.latentwire import bridge, losses, sides
 from dba_jax.latentwire import train as lw_train
-from dba_jax.latentwire.tokenizer import bpe_qa
+from dba_jax.tokenizers import bpe_qa
 
 from helpers import load_preset
 
@@ -30,7 +31,7 @@ def _lm_config(tokenizer: str, vocab: int, d: int, n_kv: int = 0):
 
 def _write_lm(path, c, seed):
   """An untrained LM as a dba_jax workdir (config.json + one checkpoint), without running dba-train."""
-  dba_train.write_config(c, str(path))
+  rundir.write_config(c, str(path))
   params = model_lib.init_params(c.model, jax.random.key(seed))
   ck = ckpt.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
   ck.save(1, params, {"none": jnp.zeros(())}, {"step": 1})
@@ -233,9 +234,9 @@ def test_wire_bytes_are_counted_from_the_arrays():
 
 
 def test_wilson_interval():
-  lo, hi = harness.wilson(0, 10)
+  lo, hi = stats.wilson_interval(0, 10)
   assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-  lo, hi = harness.wilson(50, 100)
+  lo, hi = stats.wilson_interval(50, 100)
   assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
 
 
@@ -298,7 +299,7 @@ def test_harness_runs_every_method_and_the_answer_never_reaches_the_bridged_targ
   src, tgt = lms
   c = _cpu_config(src, tgt)
   wd = tmp_path / "bridge"  # an untrained bridge, written as dba-latentwire-train writes one
-  dba_train.write_config(c, str(wd))
+  rundir.write_config(c, str(wd))
   ck = ckpt.Checkpointer(os.path.join(wd, "checkpoints"), async_save=False)
   ck.save(1, lw_train.Bridge(c, sides.load_lm(src, "source"), sides.load_lm(tgt, "target")).init_state(0)["params"],
           {"none": jnp.zeros(())}, {"step": 1})

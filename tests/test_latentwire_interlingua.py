@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dba_jax import ckpt, train as dba_train
-from dba_jax.latentwire import interlingua, losses, sides, synthetic
+from dba_jax import arith_qa as synthetic, ckpt, rundir
+from dba_jax.latentwire import interlingua, losses, sides
 from dba_jax.latentwire import train as lw_train
-from dba_jax.latentwire.tokenizer import bpe_qa
+from dba_jax.tokenizers import bpe_qa
 
 from test_latentwire import _np_logp, lms  # noqa: F401  (the module-scoped pair of untrained LMs)
 
@@ -93,7 +93,7 @@ def test_sinusoids_match_the_formula():
 
 
 def _write_interlingua(path, c, il):
-  dba_train.write_config(c, str(path))
+  rundir.write_config(c, str(path))
   ck = ckpt.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
   ck.save(1, il.init_state(0)["params"], {"none": jnp.zeros(())}, {"step": 1})
   ck.close()
@@ -172,7 +172,7 @@ def test_interlingua_training_cli_runs_and_resumes(lms, tmp_path, capsys):
 
 def test_method_names_stay_distinct_when_two_systems_share_a_size():
   from types import SimpleNamespace as NS
-  from dba_jax.latentwire import harness
+  from dba_jax.evals import latentwire as harness
   cfg = lambda kind, **kw: NS(model=NS(kind=kind, **kw))
   confs = [cfg("bridge", K=8), cfg("bridge", K=8), cfg("bridge", K=4), cfg("interlingua", M=8)]
   tags = harness.method_tags(["runs/a/bridge_k8", "runs/b/k8_long/", "x/k4", "x/il"], confs)

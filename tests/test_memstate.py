@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dba_jax import model as model_lib
-from dba_jax.hope import evals, memstate
+from dba_jax.evals import hope_memory as evals
+from dba_jax.hope import memstate
 from test_hope import hope_config
 from test_titans_blocks import titans_config
 

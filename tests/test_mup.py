@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from dba_jax import coord_check, model as model_lib, train
+from dba_jax import coord_check, model as model_lib, optim
 from dba_jax.config import validate
 from helpers import load_preset, tiny
 
@@ -17,7 +17,7 @@ def test_mup_init_readout_and_optimizer_groups():
   np.testing.assert_allclose(attn["k"]["kernel"], attn_sp["k"]["kernel"] / np.sqrt(2), rtol=1e-6)  # matrix-like
   np.testing.assert_array_equal(p["embed"], p_sp["embed"])  # vector-like keeps the plain std
   np.testing.assert_array_equal(p["head"]["kernel"], p_sp["head"]["kernel"])
-  mult = train.lr_multipliers(c.model, model_lib.param_axes(c.model))
+  mult = optim.lr_multipliers(c.model, model_lib.param_axes(c.model))
   assert mult["blocks"]["attn"]["k"]["kernel"] == 0.5 and mult["blocks"]["mlp"]["w_in"] == 0.5
   assert mult["embed"] == 1.0 and mult["head"]["kernel"] == 1.0 and mult["blocks"]["attn_norm"]["scale"] == 1.0
   # Readout multiplier 1/width_mult and attention scale 1/d_head: same params, muP model's logits = SP's / 2

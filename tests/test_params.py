@@ -32,7 +32,7 @@ def test_param_count_formula_dba():
   """P = 2Vd + L(A + 3 d f + 2d) + d with A = d(2 sem + 2 geo + v) + v d (dba.md §3), for a non-paper shape."""
   c = load_preset("dba_paper_1b.py", "sem8")
   m = c.model
-  m.n_layers, m.d_model, m.n_heads, m.d_ff, m.sem_dim, m.geo_dim, m.attn_dim = 3, 256, 8, 512, 64, 128, 192
+  m.n_layers, m.d_model, m.n_heads, m.d_ff, m.dba.sem_dim, m.dba.geo_dim, m.attn_dim = 3, 256, 8, 512, 64, 128, 192
   V, d, f = 50304, 256, 512
   attn = d * (2 * 64 + 2 * 128 + 192) + 192 * d
   assert model_lib.count_params(m) == 2 * V * d + 3 * (attn + 3 * d * f + 2 * d) + d

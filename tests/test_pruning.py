@@ -1,11 +1,12 @@
-"""Context pruning for selective attention (dba_jax.pruning): keep-ratio masks and per-layer KV budgets."""
+"""Context pruning for selective attention (dba_jax.evals.pruning): keep-ratio masks and per-layer KV budgets."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import model as model_lib, pruning
+from dba_jax import model as model_lib
+from dba_jax.evals import pruning
 from dba_jax.ops import selective
 from dba_jax.config import validate
 from helpers import layer as nth_block, tiny
@@ -119,7 +120,7 @@ def test_target_from_a_baseline_is_its_full_context_loss_on_the_same_windows(set
   args = types.SimpleNamespace(seq_len=T, max_windows=6, target_loss=0.0, ratios=[1.0], rule="original",
                                batch_size=4, budgets=[], per_layer=True, within=0.05)
   out = pruning.prune_main(model, c, tokens, args, baseline=baseline)
-  w = np.stack([pruning.evaluate.windows(tokens, T, T)[int(i)] for i in np.linspace(0, 39 - 1, 6).astype(int)])
+  w = np.stack([pruning.perplexity.windows(tokens, T, T)[int(i)] for i in np.linspace(0, 39 - 1, 6).astype(int)])
   direct = float(losses.nll(baseline(jnp.asarray(w[:, :-1])), jnp.asarray(w[:, 1:]), bm.vocab_size).mean())
   assert out["baseline_loss"] == pytest.approx(direct, rel=1e-5) and out["target_loss"] == out["baseline_loss"]
   s = out["search"]

@@ -9,25 +9,26 @@ import sys
 import pytest
 
 from dba_jax import seeds
+from dba_jax.evals import stats
 
 
 @pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 7.0])
 def test_t_p_values_match_closed_forms(t):
   # df 1 is the Cauchy distribution, df 2 has P(|T| >= t) = 1 - t / sqrt(2 + t^2).
-  assert seeds.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-10)
-  assert seeds.t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-10)
+  assert stats.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-10)
+  assert stats.t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-10)
 
 
 def test_incomplete_beta_special_cases():
   for x in (0.05, 0.3, 0.7, 0.98):
-    assert seeds.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-12)
-    assert seeds.betainc(3.0, 1.0, x) == pytest.approx(x ** 3, abs=1e-12)
-    assert seeds.betainc(2.5, 4.0, x) + seeds.betainc(4.0, 2.5, 1 - x) == pytest.approx(1.0, abs=1e-12)
+    assert stats.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-12)
+    assert stats.betainc(3.0, 1.0, x) == pytest.approx(x ** 3, abs=1e-12)
+    assert stats.betainc(2.5, 4.0, x) + stats.betainc(4.0, 2.5, 1 - x) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_paired_test_by_hand():
   a, b = [1.0, 2.0, 3.0, 4.0, 5.5], [1.5, 2.25, 3.5, 4.75, 6.0]
-  r = seeds.paired(a, b)
+  r = stats.paired(a, b)
   d = [-0.5, -0.25, -0.5, -0.75, -0.5]
   mean = sum(d) / 5
   sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
@@ -36,7 +37,7 @@ def test_paired_test_by_hand():
   assert r["a_lower"] == 5
   assert r["p_sign_flip"] == pytest.approx(2 / 32)  # only all-minus and all-plus are as extreme
   # One difference of the other sign: 2 more patterns reach |mean| >= observed? Count them by brute force.
-  r2 = seeds.paired([1.0, 2.0, 3.0, 4.0], [0.0, 3.0, 4.0, 5.0])  # diffs +1, -1, -1, -1: |mean| 0.5
+  r2 = stats.paired([1.0, 2.0, 3.0, 4.0], [0.0, 3.0, 4.0, 5.0])  # diffs +1, -1, -1, -1: |mean| 0.5
   assert r2["p_sign_flip"] == pytest.approx(10 / 16)  # sign patterns with |sum| >= 2 among (+-1)^4: 2 + 8
 
 

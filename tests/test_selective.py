@@ -220,7 +220,7 @@ def test_selective_model_is_causal_and_selection_is_live():
   changed[:, 6] = (changed[:, 6] + 1) % 256
   b = np.asarray(model_lib.Model(c.model, graphdef, params)(changed))
   np.testing.assert_array_equal(a[:, :6], b[:, :6])
-  c.model.sel_disable = True
+  c.model.selective.disable_selection = True
   graphdef, _ = model_lib.abstract(c.model)
   off = np.asarray(model_lib.Model(c.model, graphdef, params)(tokens))
   assert np.abs(a - off).max() > 0  # the mask changes the logits
@@ -312,7 +312,7 @@ def test_protection_kinds_in_the_op():
 @pytest.mark.parametrize("kind", ["linear_combo", "linear_combo_head_two", "head_two", "leaky_relu"])
 def test_protected_selective_model_trains(tmp_path, kind):
   from dba_jax import train
-  c = tiny("standard", attn_kind="selective", sel_protection=kind, sel_leaky_alpha=0.5, sel_leaky_bias=0.1)
+  c = tiny("standard", attn_kind="selective", protection=kind, leaky_alpha=0.5, leaky_bias=0.1)
   c.train.steps = 2
   train.train(validate(c), str(tmp_path), quiet=True)
   rows = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -364,10 +364,10 @@ def test_with_head_zero_combo_at_init_is_the_default_mode():
 
 def test_selection_head_params_and_own_lr_group():
   from dba_jax import mesh as mesh_lib, train
-  c = validate(tiny("standard", attn_kind="selective", sel_mask_heads=2))
+  c = validate(tiny("standard", attn_kind="selective", selection_heads=2))
   shapes = jax.tree.map(lambda a: a.shape, model_lib.init_params(c.model, jax.random.key(0)))["blocks"]["attn"]
   assert shapes["q"]["kernel"] == (2, 32, 6 * 8) and shapes["out"]["kernel"] == (2, 4 * 8, 32)  # 4 + 2 heads
-  c = validate(tiny("standard", attn_kind="selective", sel_combo="with_head_zero_and_bias", sel_combo_lr_scale=0.0))
+  c = validate(tiny("standard", attn_kind="selective", combo="with_head_zero_and_bias", combo_lr_scale=0.0))
   c.optim.weight_decay = 0.5
   trainer = train.Trainer(c, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
   state = trainer.init_state(0)
@@ -405,13 +405,13 @@ def test_sliced_masks():
 
 
 def test_sliced_masks_model_runs_and_validates():
-  c = validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_mask_slices=2))
+  c = validate(tiny("standard", attn_kind="selective", selection_heads=1, selection_slices=2))
   params = model_lib.init_params(c.model, jax.random.key(0))
   graphdef, _ = model_lib.abstract(c.model)
   logits = np.asarray(model_lib.Model(c.model, graphdef, params)(np.zeros((1, 6), np.int32)))
   assert logits.shape == (1, 6, 256) and np.isfinite(logits).all()
-  with pytest.raises(ValueError, match="sel_mask_slices=3 needs model.sel_mask_heads=1"):
-    validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_mask_slices=3))
+  with pytest.raises(ValueError, match="selection_slices=3 needs model.selective.selection_heads=1"):
+    validate(tiny("standard", attn_kind="selective", selection_heads=1, selection_slices=3))
 
 
 def test_latent_masks_identity_init_is_the_no_head_mode_and_mixes_per_head():
@@ -442,8 +442,8 @@ def test_latent_masks_identity_init_is_the_no_head_mode_and_mixes_per_head():
 
 
 def test_latent_masks_model_equals_no_head_model_at_identity_init():
-  base = dict(attn_kind="selective", sel_mask_heads=1)
-  lat = dict(base, sel_mask_slices=2, sel_latent_masks=2, sel_latent_init="identity")
+  base = dict(attn_kind="selective", selection_heads=1)
+  lat = dict(base, selection_slices=2, latent_masks=2, latent_init="identity")
   c0, c1 = validate(tiny("standard", **base)), validate(tiny("standard", **lat))
   p1 = model_lib.init_params(c1.model, jax.random.key(0))
   p0 = model_lib.init_params(c0.model, jax.random.key(0))
@@ -453,8 +453,8 @@ def test_latent_masks_model_equals_no_head_model_at_identity_init():
   run = lambda c, p: np.asarray(model_lib.Model(c.model, model_lib.abstract(c.model)[0], p)(tokens))
   a, b = run(c0, p0), run(c1, {**p0, "blocks": {**p0["blocks"], "attn": p1["blocks"]["attn"]}})
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="sel_latent_masks=2 slices one head"):
-    validate(tiny("standard", attn_kind="selective", sel_mask_heads=1, sel_latent_masks=2))
+  with pytest.raises(ValueError, match="latent_masks=2 slices one head"):
+    validate(tiny("standard", attn_kind="selective", selection_heads=1, latent_masks=2))
 
 
 def test_residual_attention_masks_mix_the_previous_layers_logits():
@@ -486,7 +486,7 @@ def test_residual_attention_masks_mix_the_previous_layers_logits():
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_residual_masks_model_trains_and_stays_causal(scan):
-  c = validate(tiny("standard", attn_kind="selective", sel_residual_masks=True, scan_layers=scan))
+  c = validate(tiny("standard", attn_kind="selective", residual_masks=True, scan_layers=scan))
   params = model_lib.init_params(c.model, jax.random.key(0))
   blocks = params["blocks"] if scan else params["blocks"][0]
   assert blocks["attn"]["res_mix"].shape[-2:] == (4, 4)

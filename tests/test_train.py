@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dba_jax
-from dba_jax import data, losses as losses_lib, mesh as mesh_lib, train
+from dba_jax import data, losses as losses_lib, mesh as mesh_lib, optim, train
 from dba_jax.config import validate
 from helpers import load_preset, tiny
 
@@ -94,7 +94,7 @@ def test_data_parallel_equals_one_device(kind):
 def test_lr_schedule_shape():
   c = tiny("standard")
   c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1.0, 10, 0.1
-  f = train.lr_schedule(c.optim, total_steps=110)
+  f = optim.lr_schedule(c.optim, total_steps=110)
   np.testing.assert_allclose([float(f(s)) for s in (0, 4, 9)], [0.1, 0.5, 1.0], rtol=1e-6)  # (s+1)/warmup
   np.testing.assert_allclose(float(f(10)), 1.0, rtol=1e-6)  # cosine starts at the peak
   np.testing.assert_allclose(float(f(60)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way
@@ -106,12 +106,12 @@ def test_weight_decay_mask():
   c = tiny("gpt2")
   axes = model_lib.param_axes(validate(c).model)
   c.optim.decay = "matrices"
-  mask = train.decay_mask(c.optim, axes)
+  mask = optim.decay_mask(c, axes)
   assert mask["blocks"]["attn"]["q"]["kernel"] and mask["embed"] and mask["blocks"]["mlp"]["w_in"]["kernel"]
   assert not mask["blocks"]["attn_norm"]["scale"]  # [layers, embed]: a stacked vector, not a matrix
   assert not mask["blocks"]["mlp"]["w_in"]["bias"] and not mask["final_norm"]["scale"]
   c.optim.decay = "all"
-  assert all(jax.tree.leaves(train.decay_mask(c.optim, axes)))
+  assert all(jax.tree.leaves(optim.decay_mask(c, axes)))
 
 
 def test_grad_accumulation_matches_one_big_batch():
@@ -151,7 +151,7 @@ def test_bf16_compute_tracks_fp32():
 def test_loss_curve_plot_is_valid_svg_with_one_curve_per_series(tmp_path):
   import xml.etree.ElementTree as ET
 
-  from dba_jax import compare
+  from dba_jax.evals import runs_table as compare
   for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.2, 2.5, 2.2])):
     d = tmp_path / name
     d.mkdir()

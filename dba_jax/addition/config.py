@@ -8,7 +8,7 @@ import ml_collections
 
 from dba_jax.addition import data
 from dba_jax.addition.model import SHARED_FACTOR_MODES, TIE_MODES, Arch, count_params
-from dba_jax.config import ConfigError
+from dba_jax.configlib import ConfigError
 
 Config = ml_collections.ConfigDict
 

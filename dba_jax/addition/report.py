@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
-from dba_jax.cli import refuse_existing
+from dba_jax import rundir
+from dba_jax.cli import CommandError, command, entry, refuse_existing
 
 TARGET = 0.9999  # the bar on the 100,000 held-out problems
 
@@ -65,7 +65,8 @@ def run_table(run_dir: str, eval_name: str) -> tuple[list[str], dict]:
   return lines, head
 
 
-def main(argv=None) -> int:
+@command("dba-addition-report", argv0=False)
+def main(argv) -> int:
   p = argparse.ArgumentParser(prog="dba-addition-report", description=__doc__.splitlines()[0])
   p.add_argument("runs", nargs="+", help="dba-addition-train run directories (with summary.json)")
   p.add_argument("--eval", default="eval100k.json", help="dba-addition-eval output inside each run directory")
@@ -78,8 +79,7 @@ def main(argv=None) -> int:
     try:
       lines, head = run_table(run, args.eval)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
-      print(f"dba-addition-report: error: {run}: {e}", file=sys.stderr)
-      return 2
+      raise CommandError(f"{run}: {e}") from None
     out += lines + [""]
     heads.append(head)
   passing = [h for h in heads if h["reached_target"]]
@@ -90,14 +90,11 @@ def main(argv=None) -> int:
   text = "\n".join(out)
   print(text)
   if args.out:
-    with open(args.out + ".tmp", "w") as f:
-      f.write(text + "\n")
-    os.replace(args.out + ".tmp", args.out)
+    rundir.atomic_write(args.out, text + "\n")
   return 0
 
 
-def cli():
-  sys.exit(main())
+cli = entry(main)
 
 
 if __name__ == "__main__":

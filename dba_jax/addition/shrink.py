@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
+from absl import flags
 
+from dba_jax.addition import checkpoint
 from dba_jax.addition.checkpoint import _leaf_paths
+from dba_jax.addition.config import validate
 from dba_jax.addition.model import Arch, count_params, param_spec, position_table, sinusoids
-from dba_jax.config import ConfigError
+from dba_jax.cli import command, entry, flags_of
+from dba_jax.configlib import ConfigError
 
 RESHAPEABLE = ("pos_rank", "pos_basis", "qkv_rank", "attn_out_rank", "ffn_rank", "block_norm_weight", "tie_qkv")
 FOLDABLE = ("shareA_tieKV", "shareA_folded")  # the only tie-mode change: shareA_tieKV -> shareA_folded (exact)
@@ -139,42 +142,28 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
 
 
 def _flags(fv):
-  from absl import flags
   flags.DEFINE_string("checkpoint", None, "trained model: a .pt file or a best/ / last/ directory", flag_values=fv)
   flags.DEFINE_string("out", None, "new directory for the shrunk model (params.npz, meta.json)", flag_values=fv)
 
 
+@command("dba-addition-shrink", errors=(ValueError, OSError))  # ConfigError, ConversionError, CheckpointReadError
 def main(argv) -> int:
   """Shrink without training: the config's model (ranks, tie mode, norm folding) from --checkpoint, into --out."""
-  from absl import flags
-
-  from dba_jax.addition import checkpoint
-  from dba_jax.addition.config import validate
-  from dba_jax.cli import flag_error, parse_flags
-  try:
-    fv = parse_flags(argv, _flags, doc=__doc__)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"dba-addition-shrink: error: bad flag or override: {flag_error(e)}", file=sys.stderr)
-    return 2
-  try:
-    if fv.config is None or not fv.checkpoint or not fv.out:
-      raise ConfigError("--config=configs/addition.py:VARIANT, --checkpoint and --out are required")
-    if os.path.exists(fv.out):
-      raise ConfigError(f"--out {fv.out} already exists; refusing to overwrite it")
-    dst = Arch.from_config(validate(fv.config).model)
-    src = checkpoint.load(fv.checkpoint)[0]
-    params = shrink(src.arch, src.params, dst)
-  except (ValueError, OSError) as e:  # ConfigError, ConversionError, torch_io.CheckpointReadError
-    print(f"dba-addition-shrink: error: {e}", file=sys.stderr)
-    return 2
+  fv = flags_of(argv, _flags, doc=__doc__, bad="bad flag or override")
+  if fv.config is None or not fv.checkpoint or not fv.out:
+    raise ConfigError("--config=configs/addition.py:VARIANT, --checkpoint and --out are required")
+  if os.path.exists(fv.out):
+    raise ConfigError(f"--out {fv.out} already exists; refusing to overwrite it")
+  dst = Arch.from_config(validate(fv.config).model)
+  src = checkpoint.load(fv.checkpoint)[0]
+  params = shrink(src.arch, src.params, dst)
   checkpoint.save(fv.out, params, dst, {**{k: src.meta.get(k) for k in ("step", "val_exact", "seed")},
                                         "params": count_params(dst), "shrunk_from": os.path.abspath(fv.checkpoint)})
   print(f"{count_params(src.arch)} -> {count_params(dst)} params: {fv.out}")
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -29,13 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 
-from dba_jax.addition import checkpoint, data
+from dba_jax import rundir
+from dba_jax.addition import checkpoint, data, shrink
 from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
-from dba_jax.config import ConfigError
+from dba_jax.cli import CommandError, command, entry, flags_of
+from dba_jax.configlib import ConfigError
 from dba_jax.conversion import ConversionError
-from dba_jax.train import lr_schedule, truncate_jsonl  # the same warmup (s+1)/W, cosine to min_lr_ratio, flat after
+from dba_jax.optim import lr_schedule  # dba-train's warmup (s+1)/W, then cosine to min_lr_ratio, flat after
 
 
 def make_optimizer(o, total_steps: int):
@@ -48,7 +50,6 @@ def init_models(a: Arch, opt, seeds, init_from: str = "") -> tuple[dict, object]
   """Stacked params and optimizer states: model i from jax.random.key(seeds[i]), or every model from the
   checkpoint `init_from` mapped onto `a` (shrink.shrink: ranks and position basis may differ)."""
   if init_from:
-    from dba_jax.addition import shrink
     src = checkpoint.load(init_from)[0]
     one = shrink.shrink(src.arch, src.params, a)
     params = jax.tree.map(lambda x: jnp.asarray(np.stack([x] * len(seeds))), one)
@@ -139,73 +140,44 @@ def _next_stop(step: int, t) -> int:
   return min(ev, lg, t.steps - 1)
 
 
-class Progress:
-  """One status line: step, losses, validation, steps/s, ETA (in place on a terminal)."""
-
-  def __init__(self, total: int, stream):
-    self.total, self.stream, self.tty = total, stream, stream.isatty()
-
-  def update(self, step: int, loss: float, steps_s: float, eta_s: float, extra: str = ""):
-    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
-    line = f"step {step}/{self.total} | loss {loss:.4f} | {steps_s:,.1f} steps/s | ETA {eta}{extra}"
-    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-    self.stream.flush()
-
-  def close(self):
-    if self.tty:
-      self.stream.write("\n")
-
-
 def _slice(tree, i: int):
   return jax.tree.map(lambda x: np.asarray(x[i]), tree)
 
 
 RESUME = "resume"  # workdir/resume/{state.npz, meta.json}: params, optimizer state and bests after an eval
+OWN_FILES = ("config.json", "model_*", RESUME, RESUME + ".old", RESUME + ".tmp", "summary.json", "curves.png")
 
 
 def _resume_point(workdir: str, c) -> dict | None:
-  """The saved resume metadata of an unfinished run in workdir (None for a new run); refuses a run whose
-  config differs from `c` or whose model directories exist without a resume point."""
+  """The saved resume metadata of an unfinished run in workdir (None for a new run). Refused before anything is
+  written: what rundir's guard refuses (a file, an unwritable or foreign directory, a run whose config differs
+  anywhere from `c`) and a run whose model directories exist without a resume point."""
+  rundir.check_workdir(c, workdir, sections=None, own=OWN_FILES)
   meta_path = os.path.join(_resume_dir(workdir), "meta.json")
   if not os.path.exists(meta_path):
     if os.path.isdir(os.path.join(workdir, "model_0")):
       raise ConfigError(f"--workdir={workdir} holds a run that stopped before its first evaluation saved a resume "
                         "point; choose a new workdir or delete that one")
     return None
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  now = json.loads(c.to_json())
-  diff = sorted(f"{sec}.{k}" for sec in set(saved) | set(now) for k in set(saved.get(sec, {})) | set(now.get(sec, {}))
-                if saved.get(sec, {}).get(k) != now.get(sec, {}).get(k))
-  if diff:
-    raise ConfigError(f"--workdir={workdir} holds a run with another config (differs in {', '.join(diff)}); "
-                      "resume it with the same config or choose a new workdir")
   with open(meta_path) as f:
     return json.load(f)
 
 
 def _resume_dir(workdir: str) -> str:
-  d = os.path.join(workdir, RESUME)
-  return d + ".old" if not os.path.isdir(d) and os.path.isdir(d + ".old") else d  # killed between the renames
+  return rundir.settled_dir(os.path.join(workdir, RESUME))
 
 
 def _save_resume(workdir: str, params, opt_state, best, best_step, last_val, step: int, samplers):
   """Atomically: the state after `step` steps, the samplers' RNG states included. The directory is replaced by
   rename, so a kill leaves the old or the new point, never half of one."""
   leaves = jax.tree.leaves((params, opt_state))
-  tmp, final = os.path.join(workdir, RESUME + ".tmp"), os.path.join(workdir, RESUME)
+  tmp = os.path.join(workdir, RESUME + ".tmp")
   os.makedirs(tmp, exist_ok=True)
   np.savez(os.path.join(tmp, "state.npz"), *[np.asarray(x) for x in jax.device_get(leaves)])
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump({"step": step, "best": best.tolist(), "best_step": best_step.tolist(), "last_val": last_val.tolist(),
                "sampler_rng": [s.rng.bit_generator.state for s in samplers]}, f)  # the streams are stateful
-  old = final + ".old"
-  if os.path.isdir(final):
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if os.path.isdir(old):
-    import shutil
-    shutil.rmtree(old)
+  rundir.replace_dir(tmp, os.path.join(workdir, RESUME))
 
 
 def _load_resume(workdir: str, params, opt_state, samplers):
@@ -253,20 +225,15 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   if resume is not None:
     params, opt_state, best, best_step, last_val, start = _load_resume(workdir, params, opt_state, samplers)
     for d in dirs:  # records after the saved step are written again by the resumed run
-      truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
-  else:
-    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-      f.write(c.to_json(indent=2))
-    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
-  from tensorboardX import SummaryWriter
+      rundir.truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
+  rundir.write_config(c, workdir)
+  from tensorboardX import SummaryWriter  # lazy: TensorBoard (and protobuf) only where a run logs
   writers = [SummaryWriter(os.path.join(d, "tb")) for d in dirs]
-  files = [open(os.path.join(d, "metrics.jsonl"), "a") for d in dirs]
-  progress = Progress(t.steps, open(os.devnull, "w") if quiet else sys.stderr)
+  progress = rundir.Progress(t.steps, quiet=quiet, unit="steps/s", digits=1)
   n_params = count_params(a)
 
   def log(i: int, rec: dict):
-    files[i].write(json.dumps(rec) + "\n")
-    files[i].flush()
+    rundir.append_jsonl(os.path.join(dirs[i], "metrics.jsonl"), rec)
     for k, v in rec.items():
       if k != "step":
         writers[i].add_scalar(k, v, rec["step"])
@@ -329,8 +296,6 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
       step += 1
   finally:
     progress.close()
-    for f in files:
-      f.close()
     for w in writers:
       w.close()
   for i in range(N):
@@ -346,9 +311,8 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
              "models": [{"model": i, "seed": seeds[i], "best_val_exact": float(best[i]), "best_step": int(best_step[i]),
                          "last_val_exact": float(last_val[i]), "best_test_exact": float(test_N[i]),
                          "final_loss": float(loss_N[i]), **grok_steps(dirs[i])} for i in range(N)]}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  from dba_jax import plots
+  rundir.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  from dba_jax import plots  # lazy: matplotlib, only once a run has finished
   plots.addition_curves(dirs, os.path.join(workdir, "curves.png"), f"{n_params} params, {N} model(s), "
                         f"lr {o.lr}, {t.steps} steps")
   return summary
@@ -366,37 +330,23 @@ def grok_steps(model_dir: str) -> dict:
 
 
 def _flags(fv):
-  from absl import flags
   flags.DEFINE_string("workdir", None, "Run directory: config, per-model metrics, TensorBoard, checkpoints",
                       flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print the parameter count and exit", flag_values=fv)
 
 
+@command("dba-addition-train", errors=(ConfigError, ConversionError))
 def main(argv) -> int:
-  from absl import flags
-
-  from dba_jax.cli import flag_error, parse_flags
-  argv = [s.replace("--dry-run", "--dry_run", 1) if s.startswith("--dry-run") else s for s in argv]
-  try:
-    fv = parse_flags(argv, _flags, doc=__doc__)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"dba-addition-train: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
-    return 2
+  fv = flags_of(argv, _flags, doc=__doc__)
   if fv.config is None:
-    print("dba-addition-train: error: --config=configs/addition.py:VARIANT is required", file=sys.stderr)
-    return 2
-  c = fv.config
-  try:
-    config_lib.validate(c)
-    if fv.dry_run:
-      print(f"params: {count_params(Arch.from_config(c.model))}")
-      return 0
-    if not fv.workdir:
-      raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
-    s = train(c, fv.workdir)
-  except (ConfigError, ConversionError) as e:
-    print(f"dba-addition-train: error: {e}", file=sys.stderr)
-    return 2
+    raise CommandError("--config=configs/addition.py:VARIANT is required")
+  c = config_lib.validate(fv.config)
+  if fv.dry_run:
+    print(f"params: {count_params(Arch.from_config(c.model))}")
+    return 0
+  if not fv.workdir:
+    raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
+  s = train(c, fv.workdir)
   for m in s["models"]:
     print(f"model {m['model']} (seed {m['seed']}): best val {m['best_val_exact']:.5f} at step {m['best_step']}, "
           f"test {m['best_test_exact']:.5f}")
@@ -405,8 +355,7 @@ def main(argv) -> int:
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

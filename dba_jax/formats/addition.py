@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from dba_jax.addition import checkpoint
 from dba_jax.conversion import ConversionError
 
 NAME = "addition"
@@ -20,7 +21,6 @@ def detect(keys) -> bool:
 
 
 def import_file(src: str, out: str) -> dict:
-  from dba_jax.addition import checkpoint
   if os.path.exists(os.path.join(out, "params.npz")) or os.path.exists(os.path.join(out, "meta.json")):
     raise ConversionError(f"--out {out} already holds an addition model; refusing to overwrite it")
   loaded = checkpoint.load(src)[0]
@@ -29,7 +29,6 @@ def import_file(src: str, out: str) -> dict:
 
 
 def export_dir(workdir: str, out: str) -> dict:
-  from dba_jax.addition import checkpoint
   loaded = checkpoint.load(workdir)
   if len(loaded) != 1:
     raise ConversionError(f"{workdir} holds {len(loaded)} models; name one model_<i>/best directory")

@@ -75,7 +75,7 @@ import re
 import numpy as np
 
 from dba_jax import conversion
-from dba_jax.config import attn_dim, kv_heads, padded_vocab
+from dba_jax.configlib import attn_dim, kv_heads, padded_vocab
 from dba_jax.conversion import ConversionError, Keys
 
 NAME = "caramba"
@@ -186,11 +186,11 @@ def _no_fit(key, shape, field, why):
 
 def _set(c, field: str, value, key: str, shape, current=None):
   """model.<field> = value (what the file says), unless the user chose something else: then an error."""
-  m = c.model
-  current = m[field] if current is None else current
+  node, name = conversion.field_of(c.model, field)
+  current = node[name] if current is None else current
   if current != value and conversion.given(c, f"model.{field}"):
     raise _no_fit(key, shape, f"the config's model.{field}={current!r}", f"contradicts it: the file says {value!r}")
-  m[field] = value
+  node[name] = value
 
 
 def config_from(tensors: dict, c):
@@ -253,9 +253,9 @@ def config_from(tensors: dict, c):
     _set(c, "attn_kind", "standard", key, shape(key))
     _set(c, "attn_dim", A, out_key, shape(out_key), current=attn_dim(m))
     _set(c, "n_kv_heads", 0 if K == H else K, key, shape(key), current=0 if kv_heads(m) == H else kv_heads(m))
-    for field in ("dba_gate", "dba_gate_dynamic", "null_attn", "tie_qk", "rope_semantic"):
+    for field in ("dba.gate", "dba.gate_dynamic", "dba.null_attn", "dba.tie_qk", "dba.rope_semantic"):
       _set(c, field, False, key, shape(key))
-    m.sem_dim = m.geo_dim = 0
+    m.dba.sem_dim = m.dba.geo_dim = 0
     if m.positions == "rope" and D % 2:
       raise _no_fit(key, shape(key), f"model.n_heads={H}", f"gives an odd head dim {D}; RoPE needs it even")
     return c
@@ -271,37 +271,37 @@ def config_from(tensors: dict, c):
     tied = all(_attn(i) + "1.k_sem.weight" not in t or
                np.array_equal(t[_attn(i) + "1.k_sem.weight"], t[_attn(i) + "1.q_sem.weight"])
                for i in range(n_layers) if _attn(i) + "1.q_sem.weight" in t)
-    flags = {"dba_gate": a + "decoupled_gate_logit" in t, "dba_gate_dynamic": a + "decoupled_gate_proj.weight" in t,
-             "null_attn": a + "k_sem_null" in t}
+    flags = {"dba.gate": a + "decoupled_gate_logit" in t, "dba.gate_dynamic": a + "decoupled_gate_proj.weight" in t,
+             "dba.null_attn": a + "k_sem_null" in t}
   else:
     sem_key = geo_key = a + _node(layout, "qk_proj" if form == "dba_tied" else "q_proj") + "weight"
     width = shape(sem_key)[0]
     null_key = a + _param_node(layout, "null_k_sem_lin")
     if null_key in t:  # the null token's semantic key tells the split
       sem, geo = shape(null_key)[-1], width - shape(null_key)[-1]
-    elif m.sem_dim and m.geo_dim and m.sem_dim + m.geo_dim == width:
-      sem, geo = m.sem_dim, m.geo_dim
+    elif m.dba.sem_dim and m.dba.geo_dim and m.dba.sem_dim + m.dba.geo_dim == width:
+      sem, geo = m.dba.sem_dim, m.dba.geo_dim
     else:
-      raise _no_fit(sem_key, shape(sem_key), f"model.sem_dim={m.sem_dim} + model.geo_dim={m.geo_dim}",
+      raise _no_fit(sem_key, shape(sem_key), f"model.dba.sem_dim={m.dba.sem_dim} + model.dba.geo_dim={m.dba.geo_dim}",
                     f"must give its {width} rows (the OpGraph splits them [sem | geo]; the file cannot tell where)")
     v_key = a + _node(layout, "v_proj") + "weight"
     tied = form == "dba_tied"
-    flags = {"dba_gate": False, "dba_gate_dynamic": False, "null_attn": null_key in t}
-    if m.rope_semantic:
-      raise ConversionError("model.rope_semantic=True but the OpGraph DBA rotates the geometric path only")
+    flags = {"dba.gate": False, "dba.gate_dynamic": False, "dba.null_attn": null_key in t}
+    if m.dba.rope_semantic:
+      raise ConversionError("model.dba.rope_semantic=True but the OpGraph DBA rotates the geometric path only")
   if shape(v_key)[0] != A:
     raise _no_fit(out_key, shape(out_key), "model.attn_dim", f"(its input width {A}) differs from {v_key}'s rows")
-  for key, width, name in ((sem_key, sem, "sem_dim"), (geo_key, geo, "geo_dim")):
+  for key, width, name in ((sem_key, sem, "dba.sem_dim"), (geo_key, geo, "dba.geo_dim")):
     if width % H:
       raise _no_fit(key, shape(key), f"model.n_heads={H}", f"does not divide model.{name}={width}")
   if m.positions == "rope" and (geo // H) % 2:
     raise _no_fit(geo_key, shape(geo_key), f"model.n_heads={H}", f"gives an odd geometric head dim {geo // H}")
   _set(c, "attn_kind", "dba", sem_key, shape(sem_key))
-  _set(c, "sem_dim", sem, sem_key, shape(sem_key))
-  _set(c, "geo_dim", geo, geo_key, shape(geo_key))
+  _set(c, "dba.sem_dim", sem, sem_key, shape(sem_key))
+  _set(c, "dba.geo_dim", geo, geo_key, shape(geo_key))
   _set(c, "attn_dim", A, v_key, shape(v_key), current=attn_dim(m))
   m.n_kv_heads = 0
-  _set(c, "tie_qk", tied, a + ("k_sem.weight" if layout == "paper" else _node(layout, "qk_proj") + "weight"),
+  _set(c, "dba.tie_qk", tied, a + ("k_sem.weight" if layout == "paper" else _node(layout, "qk_proj") + "weight"),
        shape(sem_key))
   for field, value in flags.items():
     _set(c, field, value, sem_key, shape(sem_key))
@@ -356,19 +356,19 @@ def _attn_to_params(keys: Keys, t: dict, i: int, m, layout: str) -> tuple[dict, 
     p = {"q": _dense(*q), "k": _dense(*k), "v": _dense(*v), "out": _dense(*lin("out_proj", d, H * D))}
     return p, separate
 
-  sem, geo, A = m.sem_dim, m.geo_dim, attn_dim(m)
+  sem, geo, A = m.dba.sem_dim, m.dba.geo_dim, attn_dim(m)
   ds, dg, dv = sem // H, geo // H, A // H
   if layout == "paper":
     q_sem, q_geo, k_geo = lin("q_sem", sem), lin("q_geo", geo), lin("k_geo", geo)
     k_sem = q_sem
-    if not m.tie_qk:
+    if not m.dba.tie_qk:
       k_sem = lin("k_sem", sem)
     elif a + "k_sem.weight" in t:  # the tied module is listed under both names
       k_sem = lin("k_sem", sem)
       if not all(x is None or np.array_equal(x, y) for x, y in zip(k_sem, q_sem)):
-        keys.problems.append(f"{a}k_sem differs from {a}q_sem but model.tie_qk=True")
+        keys.problems.append(f"{a}k_sem differs from {a}q_sem but model.dba.tie_qk=True")
   else:
-    if m.tie_qk:
+    if m.dba.tie_qk:
       q_sem, q_geo = _split(lin("qk_proj", sem + geo), [sem, geo])
       k_sem, k_geo = q_sem, q_geo
     else:
@@ -378,14 +378,14 @@ def _attn_to_params(keys: Keys, t: dict, i: int, m, layout: str) -> tuple[dict, 
       q_geo, k_geo = _reorder(q_geo, H), _reorder(k_geo, K)
   p = {"q_sem": _dense(*q_sem), "q_geo": _dense(*q_geo), "k_geo": _dense(*k_geo),
        "v": _dense(*lin("v_proj", A)), "out": _dense(*lin("out_proj", d, A))}
-  if not m.tie_qk:
+  if not m.dba.tie_qk:
     p["k_sem"] = _dense(*k_sem)
-  if m.dba_gate:
+  if m.dba.gate:
     p["gate_logit"] = _take(keys, a + "decoupled_gate_logit", (H,))
-  if m.dba_gate_dynamic:
+  if m.dba.gate_dynamic:
     w = _take(keys, a + "decoupled_gate_proj.weight", (H, d))
     p["gate_proj"] = _dense(w, np.zeros((H,), np.float32) if m.bias else None)  # caramba's has no bias
-  if m.null_attn:
+  if m.dba.null_attn:
     for name, width, dh in (("k_sem_null", sem, ds), ("k_geo_null", geo, dg), ("v_null", A, dv)):
       if layout == "paper":
         p[name] = _take(keys, a + name, (H, dh))
@@ -507,16 +507,16 @@ def _attn_from_params(out: dict, a: str, p: dict, m, layout: str):
     return
   if layout == "paper":
     _torch_linear(out, node("q_sem"), p["q_sem"])
-    _torch_linear(out, node("k_sem"), p["q_sem"] if m.tie_qk else p["k_sem"])
+    _torch_linear(out, node("k_sem"), p["q_sem"] if m.dba.tie_qk else p["k_sem"])
     _torch_linear(out, node("q_geo"), p["q_geo"])
     _torch_linear(out, node("k_geo"), p["k_geo"])
   else:
-    if m.dba_gate or m.rope_semantic or m.sem_dim + m.geo_dim != attn_dim(m):
+    if m.dba.gate or m.dba.rope_semantic or m.dba.sem_dim + m.dba.geo_dim != attn_dim(m):
       raise ConversionError("the 12-layer OpGraph DBA has no gate and no semantic RoPE and needs model.attn_dim = "
-                            f"model.sem_dim + model.geo_dim; got dba_gate={m.dba_gate}, rope_semantic="
-                            f"{m.rope_semantic}, attn_dim={attn_dim(m)}, sem_dim + geo_dim={m.sem_dim + m.geo_dim}")
+                            f"model.dba.sem_dim + model.dba.geo_dim; got dba_gate={m.dba.gate}, rope_semantic="
+                            f"{m.dba.rope_semantic}, attn_dim={attn_dim(m)}, sem_dim + geo_dim={m.dba.sem_dim + m.dba.geo_dim}")
     q_geo, k_geo = (_reordered(p["q_geo"], H), _reordered(p["k_geo"], K)) if rope else (p["q_geo"], p["k_geo"])
-    if m.tie_qk:
+    if m.dba.tie_qk:
       if not all(np.array_equal(q_geo[x], k_geo[x]) for x in q_geo):
         raise ConversionError(f"{a}: the OpGraph tie-QK ablation shares one qk_proj, but q_geo and k_geo differ")
       _fuse(out, node("qk_proj"), [p["q_sem"], q_geo])
@@ -525,14 +525,14 @@ def _attn_from_params(out: dict, a: str, p: dict, m, layout: str):
       _fuse(out, node("k_proj"), [p["k_sem"], k_geo])
   _torch_linear(out, node("v_proj"), p["v"])
   _torch_linear(out, node("out_proj"), p["out"])
-  if m.dba_gate:
+  if m.dba.gate:
     out[a + "decoupled_gate_logit"] = _f32(p["gate_logit"])
-  if m.dba_gate_dynamic:
+  if m.dba.gate_dynamic:
     g = p["gate_proj"]
     if "bias" in g and np.any(np.asarray(g["bias"]) != 0):
       raise ConversionError(f"{a}decoupled_gate_proj: caramba's gate projection has no bias, but gate_proj.bias != 0")
     out[a + "decoupled_gate_proj.weight"] = _f32(np.asarray(g["kernel"]).T)
-  if m.null_attn:
+  if m.dba.null_attn:
     nodes = {"k_sem_null": "null_k_sem_lin", "k_geo_null": "null_k_geo_lin", "v_null": "null_v_lin"}
     for name, node_id in nodes.items():
       x = _f32(p[name])

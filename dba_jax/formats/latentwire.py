@@ -25,10 +25,13 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
+from flax import nnx
 
-from dba_jax import conversion
+from dba_jax import ckpt, conversion, loading, rundir, torch_io
 from dba_jax.conversion import GIVEN, ConversionError, Keys
+from dba_jax.latentwire import bridge as bridge_lib, train as lw_train
 
 NAME = "latentwire"
 CONTAINER = None  # a bare state dict: .pt and .safetensors hold the same mapping
@@ -101,9 +104,8 @@ def configure(c, sh: dict):
                           "(query_tokens); pass --config.model.heads")
   for role, width in (("source", sh["s"]), ("target", sh["t"])):
     if c[role]:  # an LM named with --config.source / --config.target must have the file's width
-      from dba_jax import loading
       try:
-        d = loading.read_config(loading._locate(c[role])[0]).model.d_model
+        d = loading.read_config(loading.locate(c[role])[0]).model.d_model
       except (OSError, ValueError) as e:
         raise ConversionError(f"--config.{role}={c[role]}: {e}") from None
       if d != width:
@@ -200,10 +202,6 @@ def from_params(params: dict, s: int) -> dict:
 # ------------------------------------------------------------------------------------------ file to file
 
 def import_file(src: str, out: str, c) -> dict:
-  import jax
-
-  from dba_jax import ckpt, torch_io
-  from dba_jax.latentwire import train as lw_train
   tensors, _ = conversion.unwrap(torch_io.load(src), src)
   sh = shapes_of(tensors)
   c = lw_train.validate(configure(c, sh))
@@ -211,9 +209,7 @@ def import_file(src: str, out: str, c) -> dict:
   del tensors
   opt = lw_train.make_optimizer(c, params).init(jax.tree.map(np.asarray, params))
   conversion.refuse_existing_dir(out)
-  os.makedirs(out, exist_ok=True)
-  from dba_jax import train as dba_train
-  dba_train.write_config(c, out)
+  rundir.write_config(c, out)
   with open(os.path.join(out, RECORD), "w") as f:
     json.dump({"source": os.path.abspath(src), "format": NAME, "widths": {"source": sh["s"], "target": sh["t"]},
                "step": 0}, f, indent=2)
@@ -225,7 +221,6 @@ def import_file(src: str, out: str, c) -> dict:
 
 def widths(workdir: str, c) -> tuple[int, int]:
   """(s, t): recorded by import, else the d_model of the bridge's source and target LMs."""
-  from dba_jax import loading
   path = os.path.join(workdir, RECORD)
   if os.path.exists(path):
     with open(path) as f:
@@ -237,7 +232,7 @@ def widths(workdir: str, c) -> tuple[int, int]:
     if not c[role]:
       raise ConversionError(f"{workdir}: config.json names no {role} LM and no {RECORD} records the widths")
     try:
-      out.append(loading.read_config(loading._locate(c[role])[0]).model.d_model)
+      out.append(loading.read_config(loading.locate(c[role])[0]).model.d_model)
     except (OSError, ValueError) as e:
       raise ConversionError(f"{workdir}: its {role} LM {c[role]}: {e}") from None
   return out[0], out[1]
@@ -245,17 +240,10 @@ def widths(workdir: str, c) -> tuple[int, int]:
 
 def load_translator(workdir: str):
   """(pure params dict, bridge config, s, t) of a bridge workdir, without loading its LMs."""
-  import jax
-  from flax import nnx
-
-  from dba_jax import ckpt, loading
-  from dba_jax.latentwire import bridge as bridge_lib
-  from dba_jax.latentwire import train as lw_train
-  workdir = loading._locate(workdir)[0]
+  workdir = loading.locate(workdir)[0]
   if not is_bridge_dir(workdir):
     raise ConversionError(f"{workdir}/config.json is not a LatentWire bridge's (no model.K / loss section)")
-  with open(os.path.join(workdir, "config.json")) as f:
-    c = loading.merge_saved(lw_train.bridge_config("bridge_k8"), json.load(f), workdir, ConversionError)
+  c = lw_train.read_config(workdir, ConversionError)
   s, t = widths(workdir, c)
   m = c.model
   build = lambda: bridge_lib.Translator(s, t, m.b, m.K, m.depth, m.heads, m.ffn_mult, rngs=nnx.Rngs(0))

@@ -22,9 +22,9 @@ selection-only heads, A' = A without them):
                                                           import, written back (tril of ones) for attn_kind selective
 
 Selective variants (context_compression/attn.py; selective.md §3.7, §4.5, §4.6), H = n_heads, H' = H + m:
-  c_attn with H' heads (m = c_attn rows / 3 / head_dim - H)   model.sel_mask_heads = m: the first m heads only
+  c_attn with H' heads (m = c_attn rows / 3 / head_dim - H)   model.selective.selection_heads = m: the first m heads only
       select (none_with_no_head / n_sliced_masks / n_latent_masks m = 1, two_masks 2, one_mask_per_head H). With
-      m = 1 and no selection_head the file cannot tell none_with_no_head from n_sliced_masks: model.sel_mask_slices
+      m = 1 and no selection_head the file cannot tell none_with_no_head from n_sliced_masks: model.selective.selection_slices
       comes from --config or the pickled GPTConfig (selection_head_linear_combo, n_sliced_masks).
   attn.selection_head.weight  [1, H]   attn.sel_combo_w [H] ("true" / with_head_zero: Linear(H -> 1), no bias)
   attn.selection_head.bias    [1]      attn.sel_combo_b [] (with_head_zero_and_bias; 0 without the key)
@@ -76,7 +76,8 @@ import sys
 
 import numpy as np
 
-from dba_jax.config import attn_dim, kv_heads, padded_vocab
+from dba_jax.configlib import attn_dim, kv_heads, padded_vocab
+from dba_jax import conversion
 from dba_jax.conversion import GIVEN, ConversionError, Keys, given, is_float
 
 NAME = "nanogpt"
@@ -99,10 +100,12 @@ def detect(keys) -> bool:
 
 
 def _set(c, field: str, value, why: str):
-  """c.model.field = value because of `why`; an error when the user set it to something else."""
-  if given(c, f"model.{field}") and c.model[field] != value:
-    raise ConversionError(f"{why}, so model.{field}={value!r}, but the config says model.{field}={c.model[field]!r}")
-  c.model[field] = value
+  """c.model.field = value because of `why` (field may be dotted: "selective.combo"); an error when the user set it
+  to something else."""
+  node, name = conversion.field_of(c.model, field)
+  if given(c, f"model.{field}") and node[name] != value:
+    raise ConversionError(f"{why}, so model.{field}={value!r}, but the config says model.{field}={node[name]!r}")
+  node[name] = value
 
 
 def _pad_for(vocab: int, rows: int, current: int) -> int | None:
@@ -151,9 +154,9 @@ def config_from_saved(saved, c, tensors: dict | None = None):
     c.model.n_heads = n_head
     GIVEN.add("model.n_heads")
   kind = _value(get("selection_head_linear_combo"))
-  if not given(c, "model.sel_mask_slices") and kind in ("n_sliced_masks", "none_with_no_head"):
-    c.model.sel_mask_slices = int(get("n_sliced_masks") or 1) if kind == "n_sliced_masks" else 1
-    GIVEN.add("model.sel_mask_slices")
+  if not given(c, "model.selective.selection_slices") and kind in ("n_sliced_masks", "none_with_no_head"):
+    c.model.selective.selection_slices = int(get("n_sliced_masks") or 1) if kind == "n_sliced_masks" else 1
+    GIVEN.add("model.selective.selection_slices")
   return c
 
 
@@ -167,48 +170,48 @@ def _selective_config(t: dict, c, H: int, D: int, extra: int):
                           ", ".join(f"{k} {shape(k)}" for k in unmapped))
   present = [k for k in (SEL_W, PROT_W, RES_W) if key(k) in t]
   if not (present or extra):
-    for field, none in (("sel_mask_heads", 0), ("sel_combo", "none"), ("sel_latent_masks", 0),
-                        ("sel_residual_masks", False)):
+    for field, none in (("selective.selection_heads", 0), ("selective.combo", "none"), ("selective.latent_masks", 0),
+                        ("selective.residual_masks", False)):
       _set(c, field, none, "the checkpoint has no selection-head tensors")
-    if m.sel_protection in LINEAR_PROTECTIONS:
-      raise ConversionError(f"model.sel_protection={m.sel_protection!r} needs {key(PROT_W)}, which the file lacks")
+    if m.selective.protection in LINEAR_PROTECTIONS:
+      raise ConversionError(f"model.selective.protection={m.selective.protection!r} needs {key(PROT_W)}, which the file lacks")
     return
   why = f"{key(present[0])} has shape {shape(key(present[0]))}" if present else \
       f"{key('attn.c_attn.weight')} has shape {shape(key('attn.c_attn.weight'))}: {H + extra} heads of {D}"
   _set(c, "attn_kind", "selective", f"{why} (a selective-attention variant)")
   qkv = key("attn.c_attn.weight")
-  _set(c, "sel_mask_heads", extra, f"{qkv} has shape {shape(qkv)}: {H + extra} heads of {D} for {H} attending")
+  _set(c, "selective.selection_heads", extra, f"{qkv} has shape {shape(qkv)}: {H + extra} heads of {D} for {H} attending")
   sel = key(SEL_W)
   if sel in t and extra == 0:  # Linear(heads -> 1) over all heads' logits
     if shape(sel) != (1, H):
       raise ConversionError(f"{sel} has shape {shape(sel)}; a selection mix over {H} heads is (1, {H})")
-    _set(c, "sel_combo", "with_head_zero_and_bias" if key(SEL_B) in t else "with_head_zero",
+    _set(c, "selective.combo", "with_head_zero_and_bias" if key(SEL_B) in t else "with_head_zero",
          f"{sel} is a linear mix of the heads' logits, {'with' if key(SEL_B) in t else 'without'} {key(SEL_B)}")
-    _set(c, "sel_latent_masks", 0, f"{sel} mixes heads, not latent masks")
+    _set(c, "selective.latent_masks", 0, f"{sel} mixes heads, not latent masks")
   elif sel in t:  # n_latent_masks: Linear(n latents -> heads)
     n = shape(sel)[1]
     if shape(sel)[0] != H or extra not in (1, n):
       raise ConversionError(f"{sel} has shape {shape(sel)}: a latent-mask mix (heads, n) needs {H} rows and n "
                             f"latents from 1 sliced head or n selection heads, but c_attn has {extra} extra")
-    _set(c, "sel_combo", "none", f"{sel} mixes latent masks")
-    _set(c, "sel_latent_masks", n, f"{sel} has shape {shape(sel)} ({n} latent masks)")
-    _set(c, "sel_latent_full_heads", extra == n and n > 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
-    _set(c, "sel_mask_slices", n if extra == 1 else 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
+    _set(c, "selective.combo", "none", f"{sel} mixes latent masks")
+    _set(c, "selective.latent_masks", n, f"{sel} has shape {shape(sel)} ({n} latent masks)")
+    _set(c, "selective.latent_full_heads", extra == n and n > 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
+    _set(c, "selective.selection_slices", n if extra == 1 else 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
   else:
-    _set(c, "sel_combo", "none", f"the checkpoint has no {sel}")
-    _set(c, "sel_latent_masks", 0, f"the checkpoint has no {sel}")
-    if extra == 1 and not given(c, "model.sel_mask_slices"):
+    _set(c, "selective.combo", "none", f"the checkpoint has no {sel}")
+    _set(c, "selective.latent_masks", 0, f"the checkpoint has no {sel}")
+    if extra == 1 and not given(c, "model.selective.selection_slices"):
       raise ConversionError(f"{qkv} has shape {shape(qkv)}: one selection-only head besides {H} attending, which "
-                            "is none_with_no_head or n_sliced_masks; give --config.model.sel_mask_slices=1 or =s")
+                            "is none_with_no_head or n_sliced_masks; give --config.model.selective.selection_slices=1 or =s")
   prot = key(PROT_W)
   if prot in t:
     if shape(prot) != (1, H + extra):
       raise ConversionError(f"{prot} has shape {shape(prot)}; a protection mix over {H} heads is (1, {H})")
-    if m.sel_protection not in LINEAR_PROTECTIONS:
-      _set(c, "sel_protection", "linear_combo", f"{prot} is a linear protection head")
-  elif m.sel_protection in LINEAR_PROTECTIONS:
-    raise ConversionError(f"model.sel_protection={m.sel_protection!r} needs {prot}, which the file lacks")
-  _set(c, "sel_residual_masks", key(RES_W) in t, f"{key(RES_W)} is {'present' if key(RES_W) in t else 'absent'}")
+    if m.selective.protection not in LINEAR_PROTECTIONS:
+      _set(c, "selective.protection", "linear_combo", f"{prot} is a linear protection head")
+  elif m.selective.protection in LINEAR_PROTECTIONS:
+    raise ConversionError(f"model.selective.protection={m.selective.protection!r} needs {prot}, which the file lacks")
+  _set(c, "selective.residual_masks", key(RES_W) in t, f"{key(RES_W)} is {'present' if key(RES_W) in t else 'absent'}")
 
 
 def config_from(tensors: dict, c):
@@ -293,19 +296,19 @@ def _layer_keys(m) -> list[tuple[str, tuple]]:
   selective class registers selection_head, protection_head and raw_att_head after c_proj."""
   d, A, F, H = m.d_model, attn_dim(m), m.d_ff, m.n_heads
   sel = m.attn_kind == "selective"
-  Hp = H + (m.sel_mask_heads if sel else 0)
+  Hp = H + (m.selective.selection_heads if sel else 0)
   Ap = Hp * (A // H)
   out = [("ln_1.weight", (d,)), ("ln_1.bias", (d,)), ("attn.c_attn.weight", (3 * Ap, d)),
          ("attn.c_attn.bias", (3 * Ap,)), ("attn.c_proj.weight", (d, A)), ("attn.c_proj.bias", (d,))]
-  if sel and m.sel_combo != "none":
+  if sel and m.selective.combo != "none":
     out.append((SEL_W, (1, H)))
-    if m.sel_combo == "with_head_zero_and_bias":
+    if m.selective.combo == "with_head_zero_and_bias":
       out.append((SEL_B, (1,)))
-  if sel and m.sel_latent_masks:
-    out += [(SEL_W, (H, m.sel_latent_masks)), (SEL_B, (H,))]
-  if sel and m.sel_protection in LINEAR_PROTECTIONS:
+  if sel and m.selective.latent_masks:
+    out += [(SEL_W, (H, m.selective.latent_masks)), (SEL_B, (H,))]
+  if sel and m.selective.protection in LINEAR_PROTECTIONS:
     out += [(PROT_W, (1, Hp)), (PROT_B, (1,))]
-  if sel and m.sel_residual_masks:
+  if sel and m.selective.residual_masks:
     out.append((RES_W, (Hp, Hp)))
   return out + [("ln_2.weight", (d,)), ("ln_2.bias", (d,)), ("mlp.c_fc.weight", (F, d)), ("mlp.c_fc.bias", (F,)),
                 ("mlp.c_proj.weight", (d, F)), ("mlp.c_proj.bias", (d,))]
@@ -329,7 +332,7 @@ def to_params(tensors: dict, c) -> dict:
   keys = Keys(tensors, "nanoGPT checkpoint")
   keys.ignore(lambda k: bool(MASK_BUFFER.match(k)))
   d, L, V = m.d_model, m.n_layers, padded_vocab(m)
-  Ap = (m.n_heads + (m.sel_mask_heads if m.attn_kind == "selective" else 0)) * (attn_dim(m) // m.n_heads)
+  Ap = (m.n_heads + (m.selective.selection_heads if m.attn_kind == "selective" else 0)) * (attn_dim(m) // m.n_heads)
   want = {WTE: (V, d), WPE: (m.max_seq_len, d), "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
   for i in range(L):
     want.update({f"transformer.h.{i}.{k}": s for k, s in _layer_keys(m)})
@@ -340,7 +343,7 @@ def to_params(tensors: dict, c) -> dict:
     keys.problems.append(f"{HEAD} differs from {WTE} but model.tie_embeddings=True")
   keys.finish()
   get = lambda k: np.asarray(tensors[k], np.float32)
-  if m.attn_kind == "selective" and m.sel_latent_masks:
+  if m.attn_kind == "selective" and m.selective.latent_masks:
     biases = [f"transformer.h.{i}.{SEL_B}" for i in range(L)]
     positive = [k for k in biases if (np.asarray(tensors[k]) > 0).any()]
     if positive:
@@ -377,14 +380,14 @@ def to_params(tensors: dict, c) -> dict:
 def _selective_to_params(g, m) -> dict:
   """One layer's selection / protection / residual-mask parameters (torch Linear weights [out, in])."""
   out = {}
-  if m.sel_combo != "none":  # Linear(heads -> 1): weight [1, H]; no bias key: a zero bias
+  if m.selective.combo != "none":  # Linear(heads -> 1): weight [1, H]; no bias key: a zero bias
     out["sel_combo_w"] = g(SEL_W)[0]
-    out["sel_combo_b"] = g(SEL_B).reshape(()) if m.sel_combo == "with_head_zero_and_bias" else np.zeros((), np.float32)
-  if m.sel_latent_masks:  # Linear(n -> heads): weight [H, n] -> [n, H]
+    out["sel_combo_b"] = g(SEL_B).reshape(()) if m.selective.combo == "with_head_zero_and_bias" else np.zeros((), np.float32)
+  if m.selective.latent_masks:  # Linear(n -> heads): weight [H, n] -> [n, H]
     out["sel_latent_w"], out["sel_latent_b"] = g(SEL_W).T, g(SEL_B)
-  if m.sel_protection in LINEAR_PROTECTIONS:
+  if m.selective.protection in LINEAR_PROTECTIONS:
     out["protect_w"], out["protect_b"] = g(PROT_W)[0], g(PROT_B).reshape(())
-  if m.sel_residual_masks:  # out_h = sum_g W[h, g] in_g; dba_jax mixes with einsum("bgts,gh->bhts")
+  if m.selective.residual_masks:  # out_h = sum_g W[h, g] in_g; dba_jax mixes with einsum("bgts,gh->bhts")
     out["res_mix"] = g(RES_W).T
   return out
 
@@ -441,19 +444,19 @@ def from_params(params: dict, c) -> dict:
 def _selective_from_params(a: dict, m, h: str) -> dict:
   """The inverse of _selective_to_params, in the original's registration order."""
   out = {}
-  if m.sel_combo != "none":
+  if m.selective.combo != "none":
     out[SEL_W] = _f32(np.asarray(a["sel_combo_w"])[None, :])
     b = np.asarray(a["sel_combo_b"], np.float32)
-    if m.sel_combo == "with_head_zero_and_bias":
+    if m.selective.combo == "with_head_zero_and_bias":
       out[SEL_B] = _f32(b.reshape(1))
     elif b != 0:
-      raise ConversionError(f"{h}attn.sel_combo_b = {float(b)!r}, but model.sel_combo='with_head_zero' is the "
+      raise ConversionError(f"{h}attn.sel_combo_b = {float(b)!r}, but model.selective.combo='with_head_zero' is the "
                             "original's Linear(heads -> 1) without a bias: it cannot hold it")
-  if m.sel_latent_masks:
+  if m.selective.latent_masks:
     out[SEL_W], out[SEL_B] = _f32(np.asarray(a["sel_latent_w"]).T), _f32(a["sel_latent_b"])
-  if m.sel_protection in LINEAR_PROTECTIONS:
+  if m.selective.protection in LINEAR_PROTECTIONS:
     out[PROT_W], out[PROT_B] = _f32(np.asarray(a["protect_w"])[None, :]), _f32(np.asarray(a["protect_b"]).reshape(1))
-  if m.sel_residual_masks:
+  if m.selective.residual_masks:
     out[RES_W] = _f32(np.asarray(a["res_mix"]).T)
   return out
 
@@ -613,7 +616,7 @@ def optimizer_state_dict(mu, nu, count: int, c, groups: list | None = None) -> d
     wd = [o.weight_decay, 0.0, 0.0]
     settings = [{**base, "weight_decay": wd[j]} for j in range(len(sizes))]
     if len(sizes) == 3:
-      settings[2]["lr"] = o.lr * c.model.sel_combo_lr_scale
+      settings[2]["lr"] = o.lr * c.model.selective.combo_lr_scale
   starts = np.cumsum([0] + sizes)
   return {"state": state, "param_groups": [{**g, "params": list(range(int(starts[j]), int(starts[j + 1])))}
                                            for j, g in enumerate(settings)]}

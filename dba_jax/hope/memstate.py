@@ -20,6 +20,8 @@ import tempfile
 import jax
 import numpy as np
 
+from dba_jax.hope.step import TWO_PASS_BLOCKS
+
 FORMAT = "dba_jax.hope.memstate/1"
 SIZES = ("block", "vocab_size", "d_model", "n_layers", "n_heads")
 
@@ -29,7 +31,6 @@ class MemStateError(ValueError):
 
 
 def carries_state(m) -> bool:
-  from dba_jax.hope.step import TWO_PASS_BLOCKS
   return m.block in TWO_PASS_BLOCKS or m.block == "titans_mac"
 
 

@@ -5,9 +5,10 @@ online chunks. Per chunk:
   read    logits with meta + fast weights (differentiable in the meta weights; the fast state is stop-gradient);
           CE of the chunk's next tokens → the outer loss;
   teach   δ (teach_norm "row": of each row's mean CE; "batch": of the batch mean, as the original): "global" =
-          the closed form ((softmax − onehot) · mask / N) · W_head at the final-norm output, pushed back through
-          the final norm (every layer gets it); "per_layer" = ∂CE/∂(block ℓ output) by autograd; scaled by the
-          schedule, clipped per token; a row whose surprise (mean ‖s‖) is below the threshold skips;
+          the closed form (softmax − onehot) · mask / N at the logits, pulled back through the model's readout
+          (head and final norm) to the last block's output (every layer gets it); "per_layer" = ∂CE/∂(block ℓ
+          output) by autograd; scaled by the schedule, clipped per token; a row whose surprise (mean ‖s‖) is
+          below the threshold skips;
   update  the same forward with the teach signal: every CMS level steps when its period has passed → new fast
           state for the next chunk (stop-gradient, unless hope.grad_through_write: then the next chunks' CE reaches
           whatever shaped the write that is not cut inside a block, e.g. the hybrid's SelfModifier).
@@ -52,7 +53,6 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
   inputs = tokens_BT1[:, :-1].reshape(B, n, C).swapaxes(0, 1)
   targets = tokens_BT1[:, 1:].reshape(B, n, C).swapaxes(0, 1)
   scale = teach_lib.schedule(step, h.teach_scale, h.teach_warmup, h.teach_decay_start, h.teach_decay_duration)
-  head = decoder.embed[...] if decoder.head is None else decoder.head.kernel[...].T
   hooks = Hooks(training=training)
 
   def chunk(fast, xs):
@@ -70,9 +70,9 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
       out = decoder.forward(x_BC, hooks=hooks, cache_state=state)
       nll = losses.nll(out.logits, y_BC, vocab)
       ce = nll.mean()
-      d_out = teach_lib.closed_form(out.logits, y_BC, mask, head, vocab)
-      _, pull = jax.vjp(decoder.final_norm, out.hidden)
-      delta = jnp.broadcast_to(pull(d_out.astype(out.hidden.dtype))[0], (m.n_layers,) + out.hidden.shape)
+      d_logits = teach_lib.closed_form(out.logits, y_BC, mask, vocab)
+      _, pull = jax.vjp(decoder.readout, out.hidden)  # back through the model's own head and final norm
+      delta = jnp.broadcast_to(pull(d_logits.astype(out.logits.dtype))[0], (m.n_layers,) + out.hidden.shape)
     if h.teach_norm == "row":  # each row's memory learns from its own mean CE, not 1/B of it
       delta = delta * B
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)

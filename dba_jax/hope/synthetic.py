@@ -2,8 +2,8 @@
 
 "passkey": documents that state keys early ("The pass key is KEY-4821. Remember it."), pad with filler sentences,
 and ask for them at the end ("What is the pass key? The pass key is KEY-4821."), in the templates of the passkey /
-NIAH evals (dba_jax.hope.evals) but with other filler counts and fresh keys, so training teaches the format while
-every eval key is new. Mixed with stdlib text (data.mix_stdlib) it keeps the model a language model.
+NIAH evals (dba_jax.evals.hope_memory) but with other filler counts and fresh keys, so training teaches the format
+while every eval key is new. Mixed with stdlib text (data.mix_stdlib) it keeps the model a language model.
 """
 from __future__ import annotations
 

@@ -5,15 +5,16 @@ import jax
 import jax.numpy as jnp
 
 
-def closed_form(logits_BTV, targets_BT, mask_BT, head_VD, vocab: int):
-  """δ = ((softmax − onehot) · mask / N) · W_head = ∂(mean CE over the N active tokens)/∂(final-norm output), with
-  the softmax over the first `vocab` logits (padded vocab columns are not classes)."""
+def closed_form(logits_BTV, targets_BT, mask_BT, vocab: int):
+  """(softmax − onehot) · mask / N = ∂(mean CE over the N active tokens)/∂logits, with the softmax over the first
+  `vocab` logits (padded vocab columns are not classes: 0 there). The model's readout pulls it back to δ at the last
+  block's output (hope/step.py)."""
   logits = logits_BTV.astype(jnp.float32) if logits_BTV.dtype != jnp.float64 else logits_BTV
   cols = jnp.arange(logits.shape[-1]).reshape((1, 1, -1))
   p = jax.nn.softmax(jnp.where(cols < vocab, logits, -jnp.inf), axis=-1)
   err = p - jax.nn.one_hot(targets_BT, logits.shape[-1], dtype=p.dtype)
   n = jnp.maximum(mask_BT.sum(), 1).astype(p.dtype)
-  return jnp.einsum("btv,vd->btd", err * (mask_BT[..., None].astype(p.dtype) / n), head_VD.astype(p.dtype))
+  return err * (mask_BT[..., None].astype(p.dtype) / n)
 
 
 def scale_and_clip(delta_BTd, scale, clip: float):

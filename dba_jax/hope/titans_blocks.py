@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba_jax import ops
-from dba_jax.config import attn_dim, kv_heads
+from dba_jax.configlib import attn_dim, kv_heads
 from dba_jax.hope import titans
 from dba_jax.hope.blocks import causal_conv
 from dba_jax.layers import ACT_EMBED, ACT_HEADS, Hooks, LayerIO, NO_HOOKS, dense, normal_init

@@ -26,10 +26,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from dba_jax.config import Config, ConfigError, lock
-from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, synthetic
+from dba_jax import arith_qa
+from dba_jax.configlib import Config, ConfigError, lock
+from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides
 from dba_jax.latentwire.bridge import Attention, _layernorm, _linear
 from dba_jax.latentwire.optim import make_optimizer
 from dba_jax.layers import normal_init
@@ -248,7 +250,7 @@ class Interlingua:
 
   def batch(self, pairs) -> dict:
     d = self.c.data
-    ids, n = utf8_rows([synthetic.PROMPT.format(q=q) for q, _ in pairs], d.byte_len)
+    ids, n = utf8_rows([arith_qa.PROMPT.format(q=q) for q, _ in pairs], d.byte_len)
     out = {"bytes": ids, "bytes_mask": np.arange(d.byte_len)[None] < n[:, None]}
     for r in self.receivers:
       i = RECEIVERS.index(r)
@@ -280,7 +282,6 @@ class Interlingua:
     return total / len(self.receivers), parts
 
   def _train_step(self, state, frozen, batch, key):
-    import optax
     (loss, parts), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], frozen, batch)
     updates, opt = self.tx.update(grads, state["opt"], state["params"])
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
@@ -311,7 +312,7 @@ class Interlingua:
 
   def z_of(self, params, questions) -> np.ndarray:
     """Z [N, M, d_z] from each question's text prompt (and nothing else)."""
-    ids, n = utf8_rows([synthetic.PROMPT.format(q=q) for q in questions], self.c.data.byte_len)
+    ids, n = utf8_rows([arith_qa.PROMPT.format(q=q) for q in questions], self.c.data.byte_len)
     mask = np.arange(ids.shape[1])[None] < n[:, None]
     out = [self._latents(params, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))
            for i in range(0, len(ids), 64)]
@@ -321,7 +322,7 @@ class Interlingua:
     """The receiver's greedy answer from [prefix(Z) ; stub] (the question reaches it only through Z)."""
     lm = self.lms[receiver]
     prefix = self._prefix(params, jnp.asarray(z_Mz, jnp.float32)[None], receiver)
-    return self.speaker(receiver).greedy(lm.encode(synthetic.STUB), max_new, np.asarray(prefix))
+    return self.speaker(receiver).greedy(lm.encode(arith_qa.STUB), max_new, np.asarray(prefix))
 
   def dev_eval(self, params, pairs, max_new: int) -> dict:
     z = self.z_of(params, [q for q, _ in pairs])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from dba_jax.config import Config
+from dba_jax.configlib import Config
 
 
 def _group(path, _):

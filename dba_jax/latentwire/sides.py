@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import data, generate, model as model_lib
-from dba_jax.latentwire import synthetic
+from dba_jax import arith_qa, data, generate, model as model_lib
+from dba_jax.loading import load_model
 
 
 class SideError(ValueError):
@@ -52,7 +52,6 @@ class LM:
 
 
 def load_lm(path: str, role: str) -> LM:
-  from dba_jax.loading import load_model
   try:
     model, c = load_model(path)
     tok = data.get_tokenizer(c.data.tokenizer)
@@ -80,8 +79,8 @@ def bridge_batch(src: LM, tgt: LM, pairs, src_len: int, tgt_len: int, prompt_len
   tokens); label_mask [B, T]: the answer tokens only. teacher_ids [B, Q + T]: the target's question prompt, then the
   same tgt_ids row, so teacher_off[b] + i - 1 is the position predicting tgt_ids[b, i]; prompt_mask marks the prompt
   (question + stub) for InfoNCE."""
-  stub = tgt.encode(synthetic.STUB)
-  src_rows = [src.encode(synthetic.PROMPT.format(q=q)) for q, _ in pairs]
+  stub = tgt.encode(arith_qa.STUB)
+  src_rows = [src.encode(arith_qa.PROMPT.format(q=q)) for q, _ in pairs]
   answers = [tgt.encode(a + "\n\n") for _, a in pairs]
   questions = [tgt.encode("Q: " + q) for q, _ in pairs]
   src_ids, src_n = pad(src_rows, src_len, "data.src_len (source prompt)")
@@ -152,8 +151,8 @@ class Speaker:
 
 
 def correct(text: str, answer: str) -> bool:
-  got = synthetic.extract(text)
-  return got is not None and got == synthetic.gold(answer)
+  got = arith_qa.extract(text)
+  return got is not None and got == arith_qa.gold(answer)
 
 
 # ------------------------------------------------------------- the bridge's soft tokens, decoded by the target
@@ -168,7 +167,7 @@ def target_speaker(br):
 
 def soft_tokens(br, params, questions) -> np.ndarray:
   """Soft tokens [N, K, target width] from the source's reading of each question's text prompt (and nothing else)."""
-  src_rows = [br.src.encode(synthetic.PROMPT.format(q=q)) for q in questions]
+  src_rows = [br.src.encode(arith_qa.PROMPT.format(q=q)) for q in questions]
   ids, n = pad(src_rows, br.c.data.src_len, "data.src_len (source prompt)")
   mask = np.arange(ids.shape[1])[None] < n[:, None]
   out = [br._soft(params, br.frozen, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))
@@ -179,7 +178,7 @@ def soft_tokens(br, params, questions) -> np.ndarray:
 def bridged_exact_match(br, params, pairs, max_new: int) -> float:
   """Exact match of [soft ; stub] decoding on (question, answer) pairs (the training loop's dev metric)."""
   spk = target_speaker(br)
-  stub = br.tgt.encode(synthetic.STUB)
+  stub = br.tgt.encode(arith_qa.STUB)
   soft = soft_tokens(br, params, [q for q, _ in pairs])
   hits = [correct(spk.greedy(stub, max_new, soft[i][None])["text"], a) for i, (_, a) in enumerate(pairs)]
   return float(np.mean(hits)) if hits else float("nan")

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 
-from dba_jax import ckpt, loading
-from dba_jax.config import Config, ConfigError, lock
-from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, synthetic
+from dba_jax import arith_qa as synthetic, ckpt, rundir
+from dba_jax.cli import CommandError, command, entry, flags_of
+from dba_jax.configlib import Config, ConfigError, lock
+from dba_jax.latentwire import bridge as bridge_lib, interlingua, losses as lw_losses, sides
 from dba_jax.latentwire.optim import make_optimizer
 
 # ------------------------------------------------------------------------------------------------- config
@@ -87,22 +89,25 @@ def bridge_config(variant: str = "bridge_k8") -> Config:
 def config_for(saved: dict) -> Config:
   """The default config of the kind of run a config.json holds (bridge or interlingua), to merge it over."""
   if saved.get("model", {}).get("kind") == "interlingua":
-    from dba_jax.latentwire.interlingua import interlingua_config
-    return interlingua_config()
+    return interlingua.interlingua_config()
   return bridge_config("bridge_k8")
+
+
+def read_config(workdir: str, error=ConfigError) -> Config:
+  """A bridge or interlingua workdir's config.json over today's defaults of its kind (dba-train's reader,
+  loading.read_config, knows only LM configs); a key those lack is an `error`."""
+  return rundir.read_config(workdir, config_for, error)
 
 
 def make_system(c: Config, src: sides.LM, tgt: sides.LM):
   """A Bridge or an Interlingua (the same interface to the training loop and the harness)."""
   if c.model.kind == "interlingua":
-    from dba_jax.latentwire.interlingua import Interlingua
-    return Interlingua(c, src, tgt)
+    return interlingua.Interlingua(c, src, tgt)
   return Bridge(c, src, tgt)
 
 
 def validate(c: Config) -> Config:
   if c.model.get("kind") == "interlingua":
-    from dba_jax.latentwire import interlingua
     return interlingua.validate(c)
   m, ls, o, d, t = c.model, c.loss, c.optim, c.data, c.train
   if m.kind != "bridge":
@@ -229,12 +234,9 @@ def batch_at(br: Bridge, pool, step: int) -> dict:
 def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None = None):
   """(Bridge, params, config) of a trained bridge workdir. Its source and target are those its config.json names;
   already loaded ones may be passed in, and must be those."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, "config.json")):
     raise sides.SideError(f"bridge {workdir}: no config.json (not a dba-latentwire-train workdir)")
-  with open(path) as f:
-    saved = json.load(f)
-  c = loading.merge_saved(config_for(saved), saved, path, sides.SideError)
+  c = read_config(workdir, sides.SideError)
   for role, lm in (("source", src), ("target", tgt)):
     if lm is not None and os.path.abspath(lm.path) != os.path.abspath(c[role]):
       raise sides.SideError(f"bridge {workdir} was trained with {role} {c[role]}, not {lm.path}")
@@ -254,35 +256,14 @@ def _placed(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
-def check_workdir(c: Config, workdir: str) -> bool:
-  """dba_jax.train.check_workdir for a bridge: its config.json is read over the bridge defaults (dba-train's reader
-  knows only LM configs), and a different model section or kind of run (bridge / interlingua) is refused."""
-  from dba_jax import train as dba_train
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return dba_train.check_workdir(c, workdir)  # new, empty or foreign directory: dba-train's rules
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    saved_c = loading.merge_saved(config_for(saved), saved, path, ConfigError)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable ({e}); it is not a dba-latentwire-train workdir") from None
-  before, now = json.loads(saved_c.model.to_json()), json.loads(c.model.to_json())
-  diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-  if diff:
-    details = ", ".join(f"model.{k}: saved {before.get(k)!r} vs now {now.get(k)!r}" for k in diff)
-    raise ConfigError(f"{workdir} holds a run of a different model ({details}); use another --workdir")
-  return True
-
-
 def train(c: Config, workdir: str, quiet: bool = False) -> dict:
-  from dba_jax import train as dba_train
+  """Trains (or resumes) the translator in `workdir`. The workdir guard is dba-train's (rundir.check_workdir) with a
+  bridge's reader: a different model section or kind of run (bridge / interlingua), or other LMs, are refused."""
   validate(c)
   workdir = os.path.abspath(workdir)
-  resuming = check_workdir(c, workdir)
+  resuming = rundir.check_workdir(c, workdir, read_config)
   if resuming:
-    with open(os.path.join(workdir, "config.json")) as f:
-      saved = json.load(f)
+    saved = rundir.read_saved(workdir)
     moved = [k for k in ("source", "target") if os.path.abspath(saved[k]) != os.path.abspath(c[k])]
     if moved:
       raise ConfigError(f"{workdir} holds a bridge for " + ", ".join(f"{k} {saved[k]}" for k in moved)
@@ -292,7 +273,7 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   dev = synthetic.qa_pairs(c.data.dev_questions, c.data.dev_seed, "test")
   batch_at(br, pool, 0)  # every length checked before anything is written
   say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-  dba_train.write_config(c, workdir)
+  rundir.write_config(c, workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_ckpts, async_save=False)
   state = jax.device_put(br.init_state(c.train.seed), jax.devices()[0])  # committed, as the step's outputs: one compile
   restored = ckpts.restore_latest_good(_placed(state["params"]), _placed(state["opt"])) if resuming else None
@@ -301,14 +282,14 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
     start, params, opt, _ = restored
     state = {"params": params, "opt": opt, "step": jnp.asarray(start, jnp.int32)}
   for name in ("metrics.jsonl", "eval.jsonl"):
-    dba_train.truncate_jsonl(os.path.join(workdir, name), start)
-  dba_train.record_start(c, workdir, start or None)
+    rundir.truncate_jsonl(os.path.join(workdir, name), start)
+  rundir.record_start(c, workdir, start or None, jax.device_count())
   say(br.describe(sum(x.size for x in jax.tree.leaves(state["params"])))
       + (f"; resumed at step {start}" if start else ""))
   key = jax.random.key(c.train.seed)
-  log = lambda name, rec: open(os.path.join(workdir, name), "a").write(json.dumps(rec) + "\n")
+  log = lambda name, rec: rundir.append_jsonl(os.path.join(workdir, name), rec)
   tokens_per_step = br.tokens_per_step
-  progress = dba_train.Progress(c.train.steps, open(os.devnull, "w") if quiet else sys.stderr)
+  progress = rundir.Progress(c.train.steps, quiet=quiet)
   t_mark, step_mark, last = None, start, {}
   try:
     for step in range(start, c.train.steps):
@@ -338,40 +319,27 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   return {"workdir": workdir, "steps": c.train.steps, **last}
 
 
+def _flags(fv):
+  flags.DEFINE_string("source", None, "the source LM's dba-train workdir", flag_values=fv)
+  flags.DEFINE_string("target", None, "the target LM's dba-train workdir", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "the bridge's run directory (config, metrics, checkpoints)", flag_values=fv)
+
+
+@command("dba-latentwire-train", errors=(ConfigError, sides.SideError, ckpt.CheckpointMismatch, OSError))
 def main(argv: list[str]) -> int:
-  from absl import flags
-  from dba_jax.cli import flag_error, parse_flags
-
-  def extra(fv):
-    flags.DEFINE_string("source", None, "the source LM's dba-train workdir", flag_values=fv)
-    flags.DEFINE_string("target", None, "the target LM's dba-train workdir", flag_values=fv)
-    flags.DEFINE_string("workdir", None, "the bridge's run directory (config, metrics, checkpoints)", flag_values=fv)
-
-  prog = "dba-latentwire-train"
-  try:
-    fv = parse_flags(argv, extra, doc=__doc__)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f"{prog}: error: bad --config or override: {flag_error(e)}", file=sys.stderr)
-    return 2
+  fv = flags_of(argv, _flags, doc=__doc__)
   missing = [f"--{k}" for k in ("config", "source", "target", "workdir") if not getattr(fv, k)]
   if missing:
-    print(f"{prog}: error: {', '.join(missing)} required (see --help)", file=sys.stderr)
-    return 2
+    raise CommandError(f"{', '.join(missing)} required (see --help)")
   c = fv.config
   c.unlock()
   c.source, c.target = fv.source, fv.target
   c.lock()
-  try:
-    summary = train(c, fv.workdir)
-  except (ConfigError, sides.SideError, ckpt.CheckpointMismatch, OSError) as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary))
+  print(json.dumps(train(c, fv.workdir)))
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

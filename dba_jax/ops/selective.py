@@ -37,7 +37,7 @@ PROTECTIONS = ("none", "zero", "head_two", "linear_combo", "linear_combo_head_tw
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveSpec:
-  """The static variant of selective attention, built once (`from_config`) and shared by every call.
+  """The static variant of selective attention, built once (dba_jax.attention.selective.spec, from model.selective) and shared by every call.
 
   Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
   `selection_heads=m > 0`: the first m heads only select (m masks, assigned to the other H - m heads by
@@ -63,18 +63,9 @@ class SelectiveSpec:
   selection_slices: int = 1
   latent_multiplier: float = 1.0
 
-  @classmethod
-  def from_config(cls, m) -> "SelectiveSpec":
-    return cls(protect_bos=m.sel_protect_bos, allow_self_mask=m.sel_allow_self_mask, selection_head=m.sel_head,
-               relu_leak=m.sel_relu_leak, relu_after_cumsum=m.sel_relu_after_cumsum, scan=m.sel_scan,
-               scan_dtype=m.sel_scan_dtype, disable_selection=m.sel_disable, protection=m.sel_protection,
-               leaky_alpha=m.sel_leaky_alpha, leaky_bias=m.sel_leaky_bias, protection_scale=m.sel_protection_scale,
-               protection_bias=m.sel_protection_bias, selection_heads=m.sel_mask_heads,
-               selection_slices=m.sel_mask_slices, latent_multiplier=m.sel_latent_multiplier)
-
   def cacheable(self) -> list[str]:
     """The variants cached decoding (`cached_attention`) does not support; empty when it does."""
-    extras = {"sel_mask_heads": self.selection_heads, "sel_protection": self.protection != "none"}
+    extras = {"selection_heads": self.selection_heads, "protection": self.protection != "none"}
     return [k for k, v in extras.items() if v]
 
 
@@ -375,7 +366,7 @@ def _fused(q_BTHD, k_BTHD, v_BTHD, spec, *, scale, **_):
 
 
 def _scanned(q, k, v, spec, **kw):
-  """The xla path as spec.scan (the model's `sel_scan`) configures it: the reference scan (dense reference
+  """The xla path as spec.scan (the model's `model.selective.scan`) configures it: the reference scan (dense reference
   path), the log-depth scan, or the Pallas scans."""
   return {"reference": _reference, "xla": _xla, "pallas": _pallas_scan}[spec.scan](q, k, v, spec, **kw)
 

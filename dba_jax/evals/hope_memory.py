@@ -1,4 +1,5 @@
-"""Memory evals for every memory block (`dba-eval hope passkey|niah|continual --checkpoint DIR`; others.md B.7).
+"""Memory evals for every memory block (`dba-eval hope passkey|niah|continual|read --checkpoint DIR`: `command`;
+others.md B.7).
 
 Every number comes twice: "memory" runs the model as trained; "baseline" is the same weights with model.hope.memory
 off (no fast weight moves: CMS levels, self-modifying and Titans memories stay at their meta weights). Scoring:
@@ -20,12 +21,20 @@ memory carries information across chunks.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from dba_jax.behavior import wilson_interval
+from dba_jax import data, losses, model as model_lib, plots
+from dba_jax.evals.common import EvalError, load_checkpoint
+from dba_jax.evals.stats import wilson_interval
+from dba_jax.hope import blocks, memstate, step as hope_step, synthetic
 
 FILLER = "This is filler sentence number {}. "
 TASKS = {  # needle, question (the answer's digits follow the question)
@@ -39,12 +48,6 @@ class Scorer:
   read(ids, state) also starts from and returns the memory state (blocks that carry one, dba_jax.hope.memstate)."""
 
   def __init__(self, model, config, memory: bool):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dba_jax import losses, model as model_lib
-    from dba_jax.hope import blocks, memstate, step as hope_step
     m = config.model.copy_and_resolve_references()
     m.hope.memory = memory and m.hope.memory
     graphdef = model_lib.abstract(m)[0]
@@ -84,7 +87,6 @@ class Scorer:
     """(NLL [len(ids) - 1], updates fired, memory state after): the memory starts from `state` (default: the meta
     weights), the inputs at position `start` (the inputs read before). The inputs must fill whole chunks (see pad)
     for a later call to continue exactly."""
-    import jax.numpy as jnp
     state = self.zero_state() if state is None else state
     nll, fired, state = self._fn(self.params, jnp.asarray(ids, jnp.int32)[None], state, start)
     return np.asarray(nll, np.float64), int(fired), state
@@ -117,7 +119,6 @@ def needle_prompt(rng, task: str, n_tokens: int, tokenizer, depth: float | None 
 def needle_task(model, config, task: str = "passkey", lengths=(256, 512), samples: int = 32, seed: int = 0,
                 runs: dict | None = None) -> dict:
   """Accuracy of the 2-way key choice per prompt length, with memory and without."""
-  from dba_jax import data
   tok = data.get_tokenizer(config.data.tokenizer)
   runs = runs or scorers(model, config)
   space = int(tok.encode(" ")[0])
@@ -153,8 +154,6 @@ def needle_task(model, config, task: str = "passkey", lengths=(256, 512), sample
 def continual_segments(config, n_tokens: int, samples: int, seed: int) -> dict:
   """Three domains, `samples` segments of n_tokens tokens each: {"code": stdlib val windows, "prose": filler and
   keys, "arith": arithmetic lines}."""
-  from dba_jax import data
-  from dba_jax.hope import synthetic
   tok = data.get_tokenizer(config.data.tokenizer)
   rng = np.random.default_rng(seed)
   code = data.stdlib_corpus(config.data.val_fraction)[1] if config.data.tokenizer == "byte" else \
@@ -202,7 +201,6 @@ def continual(model, config, n_tokens: int = 0, samples: int = 8, seed: int = 0,
 
 def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0) -> dict:
   """The previous single-length passkey report (kept for its CLI flags): n_filler sentences after the needle."""
-  from dba_jax import data
   tok = data.get_tokenizer(config.data.tokenizer)
   needle, question = TASKS["passkey"]
   n_tokens = len(tok.encode(needle.format(1000) + question)) + n_filler * len(tok.encode(FILLER.format(10)))
@@ -212,10 +210,6 @@ def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0)
 def read(model, config, text: str, state_dir: str = "", save_dir: str = "", source: str = "") -> dict:
   """CE of `text` read with memory (starting from the memory state in state_dir, else the meta weights) and without;
   save_dir: write the memory state after reading (dba_jax.hope.memstate; `source` names the checkpoint in it)."""
-  import hashlib
-
-  from dba_jax import data
-  from dba_jax.hope import memstate
   if (state_dir or save_dir) and not memstate.carries_state(config.model):
     raise memstate.MemStateError(f"model.block={config.model.block!r} carries no memory state between calls "
                                  "(hope_attention / hope_selfmod / hope_hybrid / titans_mac do)")
@@ -244,3 +238,49 @@ def read(model, config, text: str, state_dir: str = "", save_dir: str = "", sour
         "text_sha256": hashlib.sha256(text.encode()).hexdigest()})
     out["state_out"] = save_dir
   return out
+
+
+def command(args) -> dict:
+  """`dba-eval hope TASK`: load a memory model, run TASK (passkey, niah, continual or read) and print a summary."""
+  model, c = load_checkpoint(args.checkpoint)
+  if c.model.block not in hope_step.TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
+    raise EvalError(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
+                    f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
+  try:
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+  except ValueError:
+    raise EvalError(f"--lengths={args.lengths!r} must be comma-separated token counts") from None
+  if args.task == "read":
+    if not args.text:
+      raise EvalError("hope read needs --text FILE (the text the memory reads)")
+    try:
+      with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise EvalError(f"--text {args.text}: cannot read it ({e})") from None
+    try:
+      r = read(model, c, text, args.state, args.save_state, args.checkpoint)
+    except (memstate.MemStateError, ValueError) as e:
+      raise EvalError(str(e)) from None
+    print(f"read {r['tokens']} tokens ({r['tokens_before']} read before): CE with memory {r['memory_ce']:.4f}, "
+          f"without {r['baseline_ce']:.4f} (delta {r['delta']:+.4f}), {r['updates_fired']} memory updates"
+          + (f"; memory state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
+    return {"checkpoint": args.checkpoint, **r}
+  if args.state or args.save_state or args.text:
+    raise EvalError("--text, --state and --save-state belong to `dba-eval hope read`")
+  if args.task == "continual":
+    r = continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
+    for name in ("baseline", "memory"):
+      x = r[name]
+      print(f"continual {name:8s}: first read " + ", ".join(f"{k} {v:.3f}" for k, v in x["first_read"].items()) +
+            f"; A again at once {x['reread_after_itself']:.3f}, after B and C {x['reread_after_others']:.3f} "
+            f"({x['updates_fired_per_sample']:.0f} updates)", file=sys.stderr)
+  else:
+    r = needle_task(model, c, args.task, lengths or (c.data.seq_len,), args.samples, args.seed)
+    for row in r["by_length"]:
+      print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): baseline "
+            f"{row['baseline_acc']:.3f}, with memory {row['memory_acc']:.3f} (delta {row['delta']:+.3f}), "
+            f"{row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
+    if args.plot:
+      plots.memory_accuracy(r, args.plot)
+  return {"checkpoint": args.checkpoint, **r}

@@ -30,14 +30,15 @@ import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax import generate
-from dba_jax.behavior import wilson_interval as wilson
-from dba_jax.latentwire import sides, synthetic
-from dba_jax.latentwire.sides import correct, soft_tokens, target_speaker
+from dba_jax import arith_qa as synthetic, generate
+from dba_jax.cli import refuse_existing, write_json
+from dba_jax.evals.stats import wilson_interval
+from dba_jax.latentwire import sides
+from dba_jax.latentwire.sides import correct, soft_tokens
+from dba_jax.latentwire.train import load_bridge
 
 PROG = "dba-eval latentwire"
 DEFAULTS = {"bridges": [], "questions": 500, "seed": 12345, "max_new": 24, "source_max_new": 40, "cache": "float32",
@@ -105,7 +106,7 @@ class Tally:
     out = {}
     for method, rows in self.rows.items():
       k, n = sum(r[0] for r in rows), len(rows)
-      lo, hi = wilson(k, n)
+      lo, hi = wilson_interval(k, n)
       mean = lambda i: float(np.mean([r[i] for r in rows]))
       out[method] = {"exact_match": k / n, "correct": k, "n": n, "wilson95": [lo, hi],
                      "source_kv_bytes": mean(1), "wire_bytes": mean(2), "target_kv_bytes": mean(3),
@@ -114,10 +115,10 @@ class Tally:
 
 
 def evaluate(man: dict, progress: bool = True) -> dict:
-  from dba_jax.latentwire.train import load_bridge
   src, tgt = sides.load_lm(man["source"], "source"), sides.load_lm(man["target"], "target")
   bridges = [load_bridge(d, src, tgt) for d in man["bridges"]]
-  s_spk, t_spk = sides.Speaker(src, sides.SPEAKER_LEN, man["cache"]), sides.Speaker(tgt, sides.SPEAKER_LEN, man["cache"])
+  s_spk = sides.Speaker(src, sides.SPEAKER_LEN, man["cache"])
+  t_spk = sides.Speaker(tgt, sides.SPEAKER_LEN, man["cache"])
   pairs = synthetic.qa_pairs(man["questions"], man["seed"], "test")
   questions = [q for q, _ in pairs]
   softs = [soft_tokens(br, params, questions) if bc.model.kind == "bridge" else br.z_of(params, questions)
@@ -214,7 +215,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-  from dba_jax.cli import refuse_existing, write_json
   p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--manifest", required=True, help="JSON naming the source, target and bridge directories")
   p.add_argument("--out", default="", help="also write the JSON here (and the table to OUT with .md)")

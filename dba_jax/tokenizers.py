@@ -1,6 +1,7 @@
-""""bpe_qa": a tiny byte-level BPE (256 bytes + up to 256 merges; 122 are found) trained in-process, deterministic.
+""""bpe_qa" (data.tokenizer="bpe_qa"): a tiny byte-level BPE (256 bytes + up to 256 merges; 122 are found) trained
+in-process, deterministic. (The byte and gpt2 tokenizers are in dba_jax.data.)
 
-The target LM uses it and the source uses raw bytes, so the bridge has to cross a tokeniser boundary as the
+LatentWire's target LM uses it and the source uses raw bytes, so the bridge has to cross a tokeniser boundary as the
 original's Mistral -> Llama one did. Text is first cut into pieces (an optional space and a word, one digit, a run of
 punctuation, or whitespace); merges never cross pieces, and digits stay single tokens (as Mistral's do), so numbers
 are spelled digit by digit. Merges are learned from the arith_qa train split (seed 0, 300k characters); stdlib text
@@ -13,6 +14,8 @@ import functools
 import re
 
 import numpy as np
+
+from dba_jax.arith_qa import arith_qa_text
 
 PIECES = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+")
 N_MERGES = 256
@@ -86,6 +89,5 @@ class BPETokenizer:
 
 @functools.lru_cache(maxsize=1)
 def bpe_qa() -> BPETokenizer:
-  from dba_jax.latentwire.synthetic import arith_qa_text
   merges = learn_merges(arith_qa_text(300_000, 0), N_MERGES)
   return BPETokenizer(merges)

@@ -1,4 +1,4 @@
-"""Context pruning for selective attention (selective.md §1.3, §3.4, §9), evaluation only.
+"""Context pruning (selective.md §1.3, §3.4, §9) by an attention kind's per-key eviction score (selective: F); evaluation only.
 
 (a) Keep-ratio simulation (`keep_mask`, `pruned_loss`): a whole forward pass in which every layer's heads see,
     per query row, only the keys with the smallest selection mask F. Rule "original" (the original inference
@@ -25,17 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import evaluate, losses, model as model_lib
-from dba_jax.config import attn_dim, kv_heads
+from dba_jax import attention, losses, model as model_lib
+from dba_jax.evals import perplexity
+from dba_jax.configlib import kv_heads
 from dba_jax.ops import base
 
 RULES = ("original", "per_row")
 
 
 def check_prunable(m):
-  if m.attn_kind != "selective" or m.sel_disable:
-    raise ValueError("context pruning needs a selective-attention model (model.attn_kind='selective', selection on)")
-  model_lib.check_cacheable(m)  # default head selection only, as the cached decoder
+  """Pruning needs the attention kind's per-key eviction score, and its cached decoding."""
+  attention.get(m).check_prunable(m)
 
 
 # ------------------------------------------------------------------------------------- (a) keep-ratio masks
@@ -87,43 +87,46 @@ def window_loss(model, windows_BL1, hooks=model_lib.NO_HOOKS, batch_size: int = 
 @dataclasses.dataclass(frozen=True)
 class SlotCache:
   """The model's cache extension point (model.Hooks.cache) for a fixed number of reusable slots: one token per
-  step is admitted, then the layer evicts down to its budget. A layer's state: k, v [B, C, K, D], colsum and pos
-  [B, C] (-1 free), its budget, and for traces pos_before and f (the F row the query uses, before any ReLU)."""
+  step is admitted, then the layer evicts down to its budget by the attention kind's eviction score (`evict_by`,
+  a per-key state the kind's module keeps; selective: the column sums of S, i.e. the F row before any ReLU).
+  A layer's state: the kind's streams [B, C, K, D] and per-key states [B, C], pos [B, C] (-1 free), its budget,
+  and for traces pos_before and f (the score the eviction used)."""
+  streams: tuple
+  key_state: tuple
+  evict_by: str
 
   def update(self, c, new, q_pos_T, valid_T):
     del valid_T  # one real token per step
     t = q_pos_T[0]
-    k_BKD, v_BKD = new["k"][:, 0], new["v"][:, 0]
     C = c["pos"].shape[1]
     before = c["pos"]
     slot = jax.nn.one_hot(jnp.argmax(c["pos"] < 0, axis=1), C, dtype=bool)  # [B, C]: the first free slot
-    c = {**c, "k": jnp.where(slot[:, :, None, None], k_BKD[:, None].astype(c["k"].dtype), c["k"]),
-         "v": jnp.where(slot[:, :, None, None], v_BKD[:, None].astype(c["v"].dtype), c["v"]),
-         "colsum": jnp.where(slot, 0.0, c["colsum"]), "pos": jnp.where(slot, t, c["pos"])}
-    # Evict down to the budget: the largest F, oldest on ties; never BOS, never the new token.
+    c = {**c, **{s: jnp.where(slot[:, :, None, None], new[s][:, :1].astype(c[s].dtype), c[s]) for s in self.streams},
+         **{k: jnp.where(slot, 0, c[k]).astype(c[k].dtype) for k in self.key_state}, "pos": jnp.where(slot, t, c["pos"])}
+    # Evict down to the budget: the largest score, oldest on ties; never BOS, never the new token.
     alive = c["pos"] >= 0
     candidate = alive & (c["pos"] != 0) & (c["pos"] != t)
-    f = jnp.where(candidate, c["colsum"], -jnp.inf)
+    f = jnp.where(candidate, c[self.evict_by], -jnp.inf)
     tied = candidate & (f == f.max(1, keepdims=True))
     oldest = jnp.argmin(jnp.where(tied, c["pos"], jnp.iinfo(jnp.int32).max), axis=1)
     over = (alive.sum(1) > c["budget"]) & candidate.any(1)
     evict = jax.nn.one_hot(oldest, C, dtype=bool) & over[:, None]
-    c = {**c, "pos": jnp.where(evict, -1, c["pos"]), "pos_before": before, "f": c["colsum"]}
-    return c, {"k": c["k"], "v": c["v"]}, c["pos"]
+    c = {**c, "pos": jnp.where(evict, -1, c["pos"]), "pos_before": before, "f": c[self.evict_by]}
+    return c, {s: c[s] for s in self.streams}, c["pos"]
 
 
 def _decode_window(graphdef, m, capacity, trace, params, windows_BL1, budgets_L):
   """Teacher-forced decoding of windows [B, T + 1] under per-layer budgets: (NLL sum, trace or None)."""
   decoder = nnx.merge(graphdef, params)
   B, T = windows_BL1.shape[0], windows_BL1.shape[1] - 1
-  K, D = kv_heads(m), attn_dim(m) // m.n_heads
+  kind, K, L = attention.get(m), kv_heads(m), m.n_layers
   dtype = model_lib.DTYPES[m.compute_dtype]
-  L = m.n_layers
-  empty = {"k": jnp.zeros((L, B, capacity, K, D), dtype), "v": jnp.zeros((L, B, capacity, K, D), dtype),
-           "colsum": jnp.zeros((L, B, capacity), jnp.float32), "pos": jnp.full((L, B, capacity), -1, jnp.int32),
-           "pos_before": jnp.full((L, B, capacity), -1, jnp.int32), "f": jnp.zeros((L, B, capacity), jnp.float32),
-           "budget": jnp.asarray(budgets_L, jnp.int32)}
-  hooks = model_lib.Hooks(cache=SlotCache())
+  key_state = kind.key_state(m)
+  empty = {**{s: jnp.zeros((L, B, capacity, K, D), dtype) for s, D in kind.head_dims(m).items()},
+           **{k: jnp.zeros((L, B, capacity), d) for k, d in key_state.items()},
+           "pos": jnp.full((L, B, capacity), -1, jnp.int32), "pos_before": jnp.full((L, B, capacity), -1, jnp.int32),
+           "f": jnp.zeros((L, B, capacity), key_state[kind.evict_by]), "budget": jnp.asarray(budgets_L, jnp.int32)}
+  hooks = model_lib.Hooks(cache=SlotCache(tuple(kind.head_dims(m)), tuple(key_state), kind.evict_by))
 
   def step(state, xs):
     tok_B, target_B, t = xs
@@ -132,8 +135,7 @@ def _decode_window(graphdef, m, capacity, trace, params, windows_BL1, budgets_L)
     s = out.cache_state
     seen = None
     if trace:
-      seen = {"pos_before": s["pos_before"], "pos": s["pos"],
-              "f": jax.nn.relu(s["f"]) if m.sel_relu_after_cumsum else s["f"]}
+      seen = {"pos_before": s["pos_before"], "pos": s["pos"], "f": s["f"]}
     return s, (nll, seen)
 
   xs = (windows_BL1[:, :-1].T, windows_BL1[:, 1:].T, jnp.arange(T, dtype=jnp.int32))
@@ -247,7 +249,7 @@ def prune_main(model, config, tokens, args, baseline=None) -> dict:
   seq_len = args.seq_len or config.data.seq_len
   if args.max_windows < 1:
     raise ValueError("--max-windows must be >= 1")
-  w = evaluate.windows(tokens, seq_len, seq_len)
+  w = perplexity.windows(tokens, seq_len, seq_len)
   n = min(len(w), args.max_windows)
   windows = np.stack([w[int(i)] for i in np.linspace(0, len(w) - 1, n).astype(int)])
   target = args.target_loss if args.target_loss > 0 else None

@@ -1,6 +1,6 @@
 """The HOPE / Titans results table from launch/hope_results.sh's run folders (markdown on stdout, and plots).
 
-  python -m dba_jax.hope.report OUT_DIR VARIANT [VARIANT ...]
+  python -m dba_jax.evals.hope_report OUT_DIR VARIANT [VARIANT ...]
 
 Per variant: parameters, the last logged train loss (mean of the last 3 logs) and eval loss at equal steps; passkey and
 NIAH accuracy per length with and without memory (95% Wilson intervals) and the updates fired; continual CE of
@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+import jax
+
+from dba_jax import loading, model as model_lib, plots
+
 
 def _jsonl(path: str) -> list:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
@@ -22,9 +26,7 @@ def _load(path: str):
 
 
 def n_params(workdir: str) -> int:
-  from dba_jax import loading, model as model_lib
   c = loading.read_config(workdir)
-  import jax
   return sum(int(x.size) for x in jax.tree.leaves(model_lib.abstract(c.model)[1]))
 
 
@@ -68,7 +70,6 @@ def table(out: str, variants: list[str]) -> str:
                   "(without → with) | A re-read after B, C (without → with) | updates |",
                   "|---|---|---|---|---|---|"] + continual_rows
   if panels:
-    from dba_jax import plots
     out_lines += ["", f"plot: {plots.memory_accuracy(panels, os.path.join(out, 'needles.png'))}"]
   return "\n".join(out_lines)
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     print(__doc__)
     return 0 if argv else 2
   if not os.path.isdir(argv[0]):
-    print(f"dba_jax.hope.report: error: {argv[0]} is not a directory", file=sys.stderr)
+    print(f"dba_jax.evals.hope_report: error: {argv[0]} is not a directory", file=sys.stderr)
     return 2
   print(table(argv[0], argv[1:]))
   return 0

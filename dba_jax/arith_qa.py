@@ -2,7 +2,8 @@
 
 Problems are (template, name, item, a, b); a hash of that tuple puts each one in the train or the held-out ("test")
 split, so no held-out question ever appears in the LM corpus or the bridge's training set, whatever the seeds. A seed
-picks the draw within a split. `arith_qa` (a data.generator) is the LM corpus of train-split documents.
+picks the draw within a split. `arith_qa` (a data.generator) is the LM corpus of train-split documents, and the
+text dba_jax.tokenizers.bpe_qa learns its merges from. LatentWire (dba_jax/latentwire) trains and scores on it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Multi-checkpoint comparison: `dba-eval compare --manifest configs/compare/NAME.py [--out DIR]`.
+"""Checkpoints measured side by side: `dba-eval compare --manifest configs/compare/NAME.py [--out DIR]`.
+
+Each checkpoint is loaded and measured: loss, a behaviour suite (evals/behavior), KV-cache memory and latency, and
+last-layer attention probes (evals/attention_probes.py). For a table of training runs from their logs alone see
+runs_table.py.
 
 A manifest is a Python file whose get_config() returns an ml_collections ConfigDict (see
 configs/compare/quickstart.py for every field):
@@ -28,8 +32,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax import behavior, data, evaluate, generate, losses, model as model_lib, plots
+from dba_jax import data, generate, losses, model as model_lib, plots
 from dba_jax.cli import refuse_existing
+from dba_jax.evals import behavior, perplexity
+from dba_jax.evals.attention_probes import attention_probes, attention_record
 from dba_jax.loading import load_model
 
 PROG = "dba-eval compare"
@@ -154,55 +160,6 @@ def memory_and_latency(model, c, cache: str, lat: dict, tokens) -> list[dict]:
   return rows
 
 
-# ------------------------------------------------------------------------------------------------- attention
-
-def attention_probes(probes, n: int) -> list:
-  """Up to n probes whose answer is written in the prompt (copying, recall, distractors), one per category
-  first: for those the attention-mass panel can ask whether the answering position looks at the answer."""
-  fits = [p for p in probes if str(p.answer).strip() and str(p.answer).strip() in p.prompt] or list(probes)
-  first = list({p.category: p for p in reversed(fits)}.values())[::-1]  # each category's first probe, in order
-  ids = {p.id for p in first}
-  return (first + [p for p in fits if p.id not in ids])[:n]
-
-
-def last_layer_probs(decoder, tokens_BT):
-  """(probs [B, H, T, S], n_prefix): the last layer's attention probabilities from the model's own forward
-  (every mask applied: causal, selective attention's F; DBA's null token as the first n_prefix key columns)."""
-  probs = decoder.forward(tokens_BT, hooks=model_lib.Hooks(return_probs=True)).probs[-1]
-  return probs, probs.shape[-1] - tokens_BT.shape[1]
-
-
-def answer_span(pieces: list[str], answer: str) -> list[int]:
-  """Token indices overlapping the last occurrence of `answer` in the concatenated token texts ([] if absent)."""
-  text = "".join(pieces)
-  start = text.rfind(answer.strip()) if answer.strip() else -1
-  if start < 0:
-    return []
-  end, ends = start + len(answer.strip()), np.cumsum([len(p) for p in pieces])
-  return [i for i, e in enumerate(ends) if e > start and e - len(pieces[i]) < end]
-
-
-def attention_record(decoder, tok, probe, max_tokens: int) -> dict:
-  """Last-layer attention of one probe's last `max_tokens` prompt tokens, averaged over heads, and where the last
-  prompt token (the one that predicts the answer) puts its attention mass."""
-  m = decoder.m
-  ids = np.asarray(tok.encode(probe.prompt), np.int32)[-min(max_tokens, m.max_seq_len):]
-  probs_BHTS, n_prefix = last_layer_probs(decoder, jnp.asarray(ids)[None])
-  probs_TS = np.asarray(probs_BHTS[0].astype(jnp.float32).mean(0), np.float64)
-  pieces = [tok.decode([int(i)]) for i in ids]
-  span = answer_span(pieces, str(probe.answer))
-  last_S = probs_TS[-1]
-  keys = last_S[n_prefix:]
-  first = 0.0 if 0 in span else float(keys[0])  # the first position is the usual attention sink
-  on_span, null = float(keys[span].sum()), float(last_S[:n_prefix].sum())
-  return {"id": probe.id, "category": probe.category, "answer": str(probe.answer), "layer": m.n_layers - 1,
-          "heads": int(probs_BHTS.shape[1]), "n_prefix": n_prefix, "query_tokens": pieces,
-          "key_tokens": ["<null>"] * n_prefix + pieces, "span": span,
-          "probs_TS": np.round(probs_TS, 6).tolist(),
-          "mass": {"answer span": on_span, "first token": first, "null token": null,
-                   "other": max(0.0, 1.0 - on_span - first - null)}}
-
-
 def measure(ck: dict, man: dict, probes) -> dict:
   """Everything for one checkpoint; the model is dropped when this returns."""
   t0 = time.perf_counter()
@@ -212,8 +169,8 @@ def measure(ck: dict, man: dict, probes) -> dict:
   ev = man["eval"]
   tokens = getattr(data.load_splits(c.data, m.vocab_size), ev["split"])
   seq_len = ev["seq_len"] or c.data.seq_len
-  loss = evaluate.perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"], max_windows=ev["max_windows"],
-                    progress=True)
+  loss = perplexity.perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"],
+                               max_windows=ev["max_windows"], progress=True)
   log(f"[{ck['name']}] {ev['split']} loss {loss['nll']:.4f}, ppl {loss['ppl']:.3f}")
   gen_fn, lp_fn = behaviour_fns(model, c, man["behavior"]["max_new"])
   every = max(1, len(probes) // 10)
@@ -240,15 +197,6 @@ def measure(ck: dict, man: dict, probes) -> dict:
   return result
 
 
-def by_difficulty(records, base_matches) -> dict:
-  """Partial score (%) within each baseline-difficulty bucket (easy: baseline exact, medium: contained, hard: none)."""
-  out = {}
-  for m, name in behavior.DIFFICULTY_NAME.items():
-    s = [r["score"] for r in records if base_matches[r["id"]] == m]
-    out[name] = 100.0 * float(np.mean(s)) if s else None
-  return out
-
-
 def run(man: dict, out_dir: str) -> dict:
   probes = suite(man["behavior"])
   log(f"compare {man['name']}: {len(man['checkpoints'])} checkpoints, {len(probes)} probes -> {out_dir}")
@@ -261,7 +209,7 @@ def run(man: dict, out_dir: str) -> dict:
   for r in models:
     entry = cmp["models"][r["name"]]
     r["behavior"] = {"aggregates": entry["aggregates"], "vs_baseline": entry.get("vs_baseline"),
-                     "by_difficulty_pct": by_difficulty(r["records"], base_matches)}
+                     "by_difficulty_pct": behavior.by_difficulty(r["records"], base_matches)}
     # Same subtraction for every model (the baseline included, which therefore gets exact zeros).
     cat = entry["aggregates"]["per_category"]
     r["behavior"]["per_category_delta_pp"] = {
@@ -336,7 +284,8 @@ def write_outputs(result: dict, out_dir: str):
 # ------------------------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog=PROG, description="Compare several checkpoints (see dba_jax/compare_eval.py).")
+  p = argparse.ArgumentParser(prog=PROG,
+                              description="Compare several checkpoints (see dba_jax/evals/compare_checkpoints.py).")
   p.add_argument("--manifest", required=True, help="Python file with get_config() (configs/compare/*.py)")
   p.add_argument("--out", default="", help="output directory (default runs/compare/<manifest name>)")
   p.add_argument("--force", action="store_true", help="replace the results an existing output directory holds")

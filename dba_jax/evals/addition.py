@@ -1,7 +1,7 @@
-"""Greedy-decoding evaluation (others.md A.6).
+"""Greedy-decoding evaluation of the tiny addition models (others.md A.6; `dba-addition-eval`, `dba-eval addition`).
 
-  python -m dba_jax.addition.eval --checkpoint best_456p_s43.pt [--strict] [--out X.json]
-  python -m dba_jax.addition.eval --checkpoint runs/add456 [--which last]     (every model_<i> of a run)
+  dba-addition-eval --checkpoint best_456p_s43.pt [--strict] [--out X.json]
+  dba-addition-eval --checkpoint runs/add456 [--which last]     (every model_<i> of a run)
 
 The problems are evaluate_checkpoints': the 10,000-pair test split of holdout splits (val 5000, test 10000) for
 each of 10 seeds, 100,000 in all. The splits come from our random stream (data.holdout_splits), so they are
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax.addition import data
-from dba_jax.cli import refuse_existing, write_json
+from dba_jax.addition import checkpoint, data
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode
+from dba_jax.cli import refuse_existing, write_json
 
 
 def make_decoder(a: Arch):
@@ -117,7 +117,6 @@ def main(argv=None) -> int:
   p.add_argument("--failures", type=int, default=20, help="failure samples to keep")
   args = p.parse_args(argv)
   refuse_existing("dba-addition-eval", args.out, args.force)
-  from dba_jax.addition import checkpoint
   try:
     models = checkpoint.load(args.checkpoint, args.which)
   except (ValueError, OSError) as e:  # ConversionError, torch_io.CheckpointReadError

@@ -1,4 +1,6 @@
-"""Side-by-side summary of finished runs: parameters, validation loss, KV-cache bytes per token, throughput."""
+"""Training runs side by side, from their workdirs (no model is loaded): a Markdown table of parameters, validation
+loss, KV-cache bytes per token and throughput, and a loss-curve SVG. For measuring checkpoints see
+compare_checkpoints.py."""
 from __future__ import annotations
 
 import json
@@ -7,6 +9,7 @@ import os
 
 from dba_jax import model as model_lib
 from dba_jax.loading import read_config
+from dba_jax.plots import SVG_COLORS
 
 
 def _last(path: str, key: str):
@@ -22,7 +25,8 @@ def summarize(workdir: str, kv_bytes_per_elem: int = 2) -> dict:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     tok_s = sorted(r["tokens_per_s"] for r in map(json.loads, f) if r.get("tokens_per_s") == r.get("tokens_per_s"))
   return {"run": os.path.basename(workdir.rstrip("/")), "attn": c.model.attn_kind,
-          "params": model_lib.count_params(c.model), "val_loss": _last(os.path.join(workdir, "eval.jsonl"), "eval_loss"),
+          "params": model_lib.count_params(c.model),
+          "val_loss": _last(os.path.join(workdir, "eval.jsonl"), "eval_loss"),
           "kv_bytes_per_token": model_lib.kv_elems_per_token(c.model) * kv_bytes_per_elem,
           "tokens_per_s": tok_s[len(tok_s) // 2] if tok_s else float("nan")}
 
@@ -39,9 +43,6 @@ def table(rows: list[dict]) -> str:
     lines.append(f"| {r['run']} | {r['attn']} | {r['params']:,} | {r['val_loss']:.4f} | "
                  f"{math.exp(min(r['val_loss'], 50)):.2f} | {kv} | {r['tokens_per_s']:,.0f} |")
   return "\n".join(lines)
-
-
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 def loss_curves_svg(workdirs: list[str], path: str, width: int = 720, height: int = 420):
@@ -77,7 +78,7 @@ def loss_curves_svg(workdirs: list[str], path: str, width: int = 720, height: in
     s = x_max * i / 4
     out.append(f'<text x="{sx(s):.1f}" y="{height - bottom + 16}" text-anchor="middle">{s:.0f}</text>')
   for k, (name, train_pts, eval_pts) in enumerate(series):
-    color = COLORS[k % len(COLORS)]
+    color = SVG_COLORS[k % len(SVG_COLORS)]
     for pts, style in ((train_pts, 'stroke-width="1.2"'), (eval_pts, 'stroke-width="2.5" stroke-dasharray="4 3"')):
       if pts:
         line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts)

@@ -1,4 +1,4 @@
-"""Perplexity: which tokens are scored, and how (the library behind `dba-eval ppl`, dba_jax/eval_cli.py).
+"""Perplexity: which tokens are scored, and how (`dba-eval ppl`: `command`).
 
 Which tokens perplexity scores (`perplexity`):
   default: non-overlapping windows of seq_len + 1 tokens starting at 0, seq_len, 2 seq_len, ... of each shard
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax import losses
+from dba_jax import data, losses
+from dba_jax.evals.common import EvalError, load_checkpoint
 
 
 def _nll_fn(model, vocab_limit: int):
@@ -37,7 +38,6 @@ def _nll_fn(model, vocab_limit: int):
 
 def windows(tokens, seq_len: int, stride: int):
   """data.Windows over one 1-D token array or a list of shards."""
-  from dba_jax import data
   shards = [np.asarray(tokens)] if np.ndim(tokens[0]) == 0 else [np.asarray(s) for s in tokens]
   return data.Windows(shards, seq_len, stride)
 
@@ -71,3 +71,20 @@ def perplexity(model, config, tokens, seq_len: int, overlap: bool = False, vocab
   return {"ppl": math.exp(nll), "nll": nll, "scored_tokens": int(count), "windows": int(n),
           "mode": "overlap" if overlap else "non_overlapping", "stride": stride if overlap else seq_len,
           "seq_len": seq_len, "vocab_limit": vocab_limit, "seconds": time.perf_counter() - t0}
+
+
+def command(args) -> dict:
+  """`dba-eval ppl`: perplexity of --checkpoint on its run's --split."""
+  model, c = load_checkpoint(args.checkpoint)
+  try:
+    splits = data.load_splits(c.data, c.model.vocab_size)
+  except data.DataError as e:
+    raise EvalError(str(e)) from None
+  tokens = getattr(splits, args.split)
+  seq_len = args.seq_len or c.data.seq_len
+  r = perplexity(model, c, tokens, seq_len, overlap=args.overlap, vocab_limit=args.vocab_limit, stride=args.stride,
+                 batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
+  r.update(checkpoint=args.checkpoint, split=args.split)
+  print(f"{args.checkpoint}: {args.split} ppl {r['ppl']:.4f} (nll {r['nll']:.4f}) over {r['scored_tokens']:,} "
+        f"tokens, {r['mode']}, {r['scored_tokens'] / r['seconds']:,.0f} tok/s", file=sys.stderr)
+  return r
