@@ -18,39 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dba_jax import data
 from dba_jax.cli import refuse_existing, write_json
 from dba_jax.evals import addition, compare_checkpoints, generation, hope_memory, latentwire, perplexity, pruning
-from dba_jax.evals.common import EvalError, load_checkpoint
+from dba_jax.evals.common import EvalError
 
 PROG = "dba-eval"
 # Subcommands that parse their own arguments: everything after the name is forwarded to their main(argv).
 FORWARDED = {"compare": compare_checkpoints.main, "latentwire": latentwire.main, "addition": addition.main}
 
 
-def prune_command(args) -> dict:
-  """`dba-eval prune`: keep ratios, shared budgets and the budget search of evals/pruning.py on --split."""
-  model, c = load_checkpoint(args.checkpoint)
-  baseline = None
-  if args.target_from:
-    if args.target_loss > 0:
-      raise EvalError("give --target-loss or --target-from, not both")
-    baseline, bc = load_checkpoint(args.target_from)
-    mine, theirs = (c.data.source, c.data.tokenizer, c.model.vocab_size), (bc.data.source, bc.data.tokenizer,
-                                                                           bc.model.vocab_size)
-    if mine != theirs:
-      raise EvalError(f"--target-from {args.target_from} reads other data (source, tokenizer, vocab {theirs}) than "
-                      f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
-  try:
-    splits = data.load_splits(c.data, c.model.vocab_size)
-    args.ratios, args.budgets = pruning.parse_list(args.ratios), pruning.parse_list(args.budgets, int)
-    return {"checkpoint": args.checkpoint, "split": args.split, "target_from": args.target_from or None,
-            **pruning.prune_main(model, c, getattr(splits, args.split), args, baseline)}
-  except (data.DataError, ValueError, NotImplementedError) as e:
-    raise EvalError(str(e)) from None
-
-
-COMMANDS = {"ppl": perplexity.command, "generate": generation.command, "prune": prune_command,
+COMMANDS = {"ppl": perplexity.command, "generate": generation.command, "prune": pruning.command,
             "hope": hope_memory.command}
 
 

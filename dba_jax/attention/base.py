@@ -27,6 +27,8 @@ class Kind:
     None when the kind has no such score (then it cannot be pruned).
   uncached(m): the configured variants cached decoding does not support (empty: it does).
   unprunable(m): configured variants that leave nothing to prune by (beyond `uncached`).
+  score_penalty(m, score): the logit penalty a query pays from a key's eviction score (selective: F, ReLU'd with
+    relu_after_cumsum); pruning traces report it.
   carry(m, B, T, dtype): the value handed from layer to layer in LayerIO.res, initial value (None: nothing).
   penalty(m): None, or aux -> the loss term its configured memory penalty adds (aux: the forward's
     {"memory_paper", "memory_repo"}).
@@ -42,6 +44,7 @@ class Kind:
   evict_by: str | None = None
   uncached: Callable[[Config], list] = lambda m: []
   unprunable: Callable[[Config], list] = lambda m: []
+  score_penalty: Callable = lambda m, score: score
   carry: Callable = lambda m, B, T, dtype: None
   penalty: Callable = lambda m: None
   lr_groups: Callable[[Config], dict] = lambda m: {}

@@ -180,4 +180,5 @@ def lr_groups(m: Config) -> dict:
 KIND = Kind("selective", SelectiveAttention, SECTION, validate, key_state=lambda m: {"colsum": jnp.float32},
             evict_by="colsum", uncached=uncached,
             unprunable=lambda m: ["model.selective.disable_selection"] if m.selective.disable_selection else [],
+            score_penalty=lambda m, f: jax.nn.relu(f) if m.selective.relu_after_cumsum else f,
             carry=carry, penalty=penalty, lr_groups=lr_groups)

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import attention, losses, model as model_lib
-from dba_jax.evals import perplexity
+from dba_jax import attention, data, losses, model as model_lib
 from dba_jax.configlib import kv_heads
+from dba_jax.evals import perplexity
+from dba_jax.evals.common import EvalError, load_checkpoint
 from dba_jax.ops import base
 
 RULES = ("original", "per_row")
@@ -90,7 +91,7 @@ class SlotCache:
   step is admitted, then the layer evicts down to its budget by the attention kind's eviction score (`evict_by`,
   a per-key state the kind's module keeps; selective: the column sums of S, i.e. the F row before any ReLU).
   A layer's state: the kind's streams [B, C, K, D] and per-key states [B, C], pos [B, C] (-1 free), its budget,
-  and for traces pos_before and f (the score the eviction used)."""
+  and for traces pos_before and f (the score the eviction used; traces report the penalty it implies)."""
   streams: tuple
   key_state: tuple
   evict_by: str
@@ -135,7 +136,7 @@ def _decode_window(graphdef, m, capacity, trace, params, windows_BL1, budgets_L)
     s = out.cache_state
     seen = None
     if trace:
-      seen = {"pos_before": s["pos_before"], "pos": s["pos"], "f": s["f"]}
+      seen = {"pos_before": s["pos_before"], "pos": s["pos"], "f": kind.score_penalty(m, s["f"])}
     return s, (nll, seen)
 
   xs = (windows_BL1[:, :-1].T, windows_BL1[:, 1:].T, jnp.arange(T, dtype=jnp.int32))
@@ -275,6 +276,28 @@ def prune_main(model, config, tokens, args, baseline=None) -> dict:
 
 def parse_list(text: str, kind=float) -> list:
   return [kind(x) for x in str(text).split(",") if x.strip()]
+
+
+def command(args) -> dict:
+  """`dba-eval prune`: keep ratios, shared budgets and the budget search of evals/pruning.py on --split."""
+  model, c = load_checkpoint(args.checkpoint)
+  baseline = None
+  if args.target_from:
+    if args.target_loss > 0:
+      raise EvalError("give --target-loss or --target-from, not both")
+    baseline, bc = load_checkpoint(args.target_from)
+    mine, theirs = (c.data.source, c.data.tokenizer, c.model.vocab_size), (bc.data.source, bc.data.tokenizer,
+                                                                           bc.model.vocab_size)
+    if mine != theirs:
+      raise EvalError(f"--target-from {args.target_from} reads other data (source, tokenizer, vocab {theirs}) than "
+                      f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
+  try:
+    splits = data.load_splits(c.data, c.model.vocab_size)
+    args.ratios, args.budgets = parse_list(args.ratios), parse_list(args.budgets, int)
+    return {"checkpoint": args.checkpoint, "split": args.split, "target_from": args.target_from or None,
+            **prune_main(model, c, getattr(splits, args.split), args, baseline)}
+  except (data.DataError, ValueError, NotImplementedError) as e:
+    raise EvalError(str(e)) from None
 
 
 __all__ = ["keep_mask", "pruned_loss", "window_loss", "KVBudgetEval", "search_budgets", "ratio_sweep", "prune_main",
