@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from dba_jax.attention import selective as selective_kind
+from dba_jax.configlib import padded_vocab
+from dba_jax.formats import nanogpt
 
 
 VARIANT_FIELDS = ("selection_heads", "combo", "latent_masks", "residual_masks", "protection", "selection_head",
@@ -98,7 +101,6 @@ class GPT(nn.Module):
 
   def __init__(self, m):
     super().__init__()
-    from dba_jax.configlib import padded_vocab
     check_config(m)
     self.vocab = m.vocab_size
     self.transformer = nn.ModuleDict(dict(
@@ -124,7 +126,6 @@ class GPT(nn.Module):
 
 def from_jax(params: dict, c) -> GPT:
   """A GPT holding exactly dba_jax's `params` (float32), mapped by the nanoGPT converter."""
-  from dba_jax.formats import nanogpt
   model = GPT(c.model)
   sd = nanogpt.from_params(jax_to_numpy(params), c)
   own = model.state_dict()
@@ -137,7 +138,6 @@ def from_jax(params: dict, c) -> GPT:
 
 
 def jax_to_numpy(tree):
-  import jax
   return jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), tree)
 
 

@@ -106,7 +106,8 @@ def validate(m: Config):
     need(s[key] > 0, f"model.dba.{key}={s[key]} must be positive for attn_kind='dba'")
     need(s[key] % H == 0, f"model.dba.{key}={s[key]} is not divisible by model.n_heads={H}")
   if m.positions == "rope":
-    need((s.geo_dim // H) % 2 == 0, f"RoPE needs an even geometric head dim; model.dba.geo_dim/n_heads = {s.geo_dim // H}")
+    need((s.geo_dim // H) % 2 == 0,
+         f"RoPE needs an even geometric head dim; model.dba.geo_dim/n_heads = {s.geo_dim // H}")
     need(not s.rope_semantic or (s.sem_dim // H) % 2 == 0,
          f"model.dba.rope_semantic needs an even semantic head dim; got {s.sem_dim // H}")
   need(not s.gate_dynamic or s.gate, "model.dba.gate_dynamic needs model.dba.gate=True")

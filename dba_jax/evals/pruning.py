@@ -1,4 +1,5 @@
-"""Context pruning (selective.md §1.3, §3.4, §9) by an attention kind's per-key eviction score (selective: F); evaluation only.
+"""Context pruning (selective.md §1.3, §3.4, §9) by an attention kind's per-key eviction score (selective: F),
+evaluation only.
 
 (a) Keep-ratio simulation (`keep_mask`, `pruned_loss`): a whole forward pass in which every layer's heads see,
     per query row, only the keys with the smallest selection mask F. Rule "original" (the original inference
@@ -103,7 +104,8 @@ class SlotCache:
     before = c["pos"]
     slot = jax.nn.one_hot(jnp.argmax(c["pos"] < 0, axis=1), C, dtype=bool)  # [B, C]: the first free slot
     c = {**c, **{s: jnp.where(slot[:, :, None, None], new[s][:, :1].astype(c[s].dtype), c[s]) for s in self.streams},
-         **{k: jnp.where(slot, 0, c[k]).astype(c[k].dtype) for k in self.key_state}, "pos": jnp.where(slot, t, c["pos"])}
+         **{k: jnp.where(slot, 0, c[k]).astype(c[k].dtype) for k in self.key_state},
+         "pos": jnp.where(slot, t, c["pos"])}
     # Evict down to the budget: the largest score, oldest on ties; never BOS, never the new token.
     alive = c["pos"] >= 0
     candidate = alive & (c["pos"] != 0) & (c["pos"] != t)

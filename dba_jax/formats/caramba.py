@@ -73,8 +73,9 @@ import logging
 import re
 
 import numpy as np
+from flax import nnx
 
-from dba_jax import conversion
+from dba_jax import conversion, model as model_lib
 from dba_jax.configlib import attn_dim, kv_heads, padded_vocab
 from dba_jax.conversion import ConversionError, Keys
 
@@ -425,9 +426,6 @@ def _shapes(tree, path=()) -> dict:
 
 def _check_tree(params: dict, m):
   """The built tree must be exactly init_params's (same paths and shapes); checked abstractly, nothing allocated."""
-  from flax import nnx
-
-  from dba_jax import model as model_lib
   want = _shapes(nnx.to_pure_dict(model_lib.abstract(m)[1]))
   got = _shapes(params)
   diff = [f"{'/'.join(map(str, p))}: built {got.get(p)}, model needs {want.get(p)}"
@@ -513,8 +511,9 @@ def _attn_from_params(out: dict, a: str, p: dict, m, layout: str):
   else:
     if m.dba.gate or m.dba.rope_semantic or m.dba.sem_dim + m.dba.geo_dim != attn_dim(m):
       raise ConversionError("the 12-layer OpGraph DBA has no gate and no semantic RoPE and needs model.attn_dim = "
-                            f"model.dba.sem_dim + model.dba.geo_dim; got dba_gate={m.dba.gate}, rope_semantic="
-                            f"{m.dba.rope_semantic}, attn_dim={attn_dim(m)}, sem_dim + geo_dim={m.dba.sem_dim + m.dba.geo_dim}")
+                            f"model.dba.sem_dim + model.dba.geo_dim; got dba.gate={m.dba.gate}, dba.rope_semantic="
+                            f"{m.dba.rope_semantic}, attn_dim={attn_dim(m)}, sem_dim + geo_dim="
+                            f"{m.dba.sem_dim + m.dba.geo_dim}")
     q_geo, k_geo = (_reordered(p["q_geo"], H), _reordered(p["k_geo"], K)) if rope else (p["q_geo"], p["k_geo"])
     if m.dba.tie_qk:
       if not all(np.array_equal(q_geo[x], k_geo[x]) for x in q_geo):

@@ -174,13 +174,15 @@ def _selective_config(t: dict, c, H: int, D: int, extra: int):
                         ("selective.residual_masks", False)):
       _set(c, field, none, "the checkpoint has no selection-head tensors")
     if m.selective.protection in LINEAR_PROTECTIONS:
-      raise ConversionError(f"model.selective.protection={m.selective.protection!r} needs {key(PROT_W)}, which the file lacks")
+      raise ConversionError(f"model.selective.protection={m.selective.protection!r} needs {key(PROT_W)}, which the "
+                            "file lacks")
     return
   why = f"{key(present[0])} has shape {shape(key(present[0]))}" if present else \
       f"{key('attn.c_attn.weight')} has shape {shape(key('attn.c_attn.weight'))}: {H + extra} heads of {D}"
   _set(c, "attn_kind", "selective", f"{why} (a selective-attention variant)")
   qkv = key("attn.c_attn.weight")
-  _set(c, "selective.selection_heads", extra, f"{qkv} has shape {shape(qkv)}: {H + extra} heads of {D} for {H} attending")
+  _set(c, "selective.selection_heads", extra,
+       f"{qkv} has shape {shape(qkv)}: {H + extra} heads of {D} for {H} attending")
   sel = key(SEL_W)
   if sel in t and extra == 0:  # Linear(heads -> 1) over all heads' logits
     if shape(sel) != (1, H):
@@ -195,14 +197,16 @@ def _selective_config(t: dict, c, H: int, D: int, extra: int):
                             f"latents from 1 sliced head or n selection heads, but c_attn has {extra} extra")
     _set(c, "selective.combo", "none", f"{sel} mixes latent masks")
     _set(c, "selective.latent_masks", n, f"{sel} has shape {shape(sel)} ({n} latent masks)")
-    _set(c, "selective.latent_full_heads", extra == n and n > 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
-    _set(c, "selective.selection_slices", n if extra == 1 else 1, f"{sel} mixes {n} latents of {extra} selection head(s)")
+    mixes = f"{sel} mixes {n} latents of {extra} selection head(s)"
+    _set(c, "selective.latent_full_heads", extra == n and n > 1, mixes)
+    _set(c, "selective.selection_slices", n if extra == 1 else 1, mixes)
   else:
     _set(c, "selective.combo", "none", f"the checkpoint has no {sel}")
     _set(c, "selective.latent_masks", 0, f"the checkpoint has no {sel}")
     if extra == 1 and not given(c, "model.selective.selection_slices"):
       raise ConversionError(f"{qkv} has shape {shape(qkv)}: one selection-only head besides {H} attending, which "
-                            "is none_with_no_head or n_sliced_masks; give --config.model.selective.selection_slices=1 or =s")
+                            "is none_with_no_head or n_sliced_masks; give --config.model.selective.selection_slices=1 "
+                            "or =s")
   prot = key(PROT_W)
   if prot in t:
     if shape(prot) != (1, H + extra):

@@ -37,7 +37,8 @@ PROTECTIONS = ("none", "zero", "head_two", "linear_combo", "linear_combo_head_tw
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveSpec:
-  """The static variant of selective attention, built once (dba_jax.attention.selective.spec, from model.selective) and shared by every call.
+  """The static variant of selective attention, built once from model.selective (dba_jax.attention.selective.spec)
+  and shared by every call.
 
   Selection sources (selective.md §4.5): by default head `selection_head` selects and still attends.
   `selection_heads=m > 0`: the first m heads only select (m masks, assigned to the other H - m heads by
@@ -130,7 +131,7 @@ def exclusive_cumsum(s_TS, *, impl="xla", dtype=None):
   if impl == "xla":
     return _shift_down(jax.lax.associative_scan(jnp.add, x, axis=x.ndim - 2))
   if impl == "pallas":
-    from dba_kernels import cumsum as kcumsum
+    from dba_kernels import cumsum as kcumsum  # lazy: Pallas kernels, ~1.5 s to import
     return kcumsum.exclusive_cumsum(x)
   raise ValueError(f"selective scan impl={impl!r} is not one of {SCANS}")
 
@@ -145,7 +146,7 @@ def selection_mask(logits_BTS, *, protect_bos=True, allow_self_mask=False, relu_
     acc = jnp.promote_types(s.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     _check_x64(acc)
     if impl == "pallas":
-      from dba_kernels import protect_attack as kpa
+      from dba_kernels import protect_attack as kpa  # lazy: Pallas kernels, ~1.5 s to import
       damage = kpa.protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
     else:
       damage = protect_and_attack(s.astype(acc), protection_BTS.astype(acc))
@@ -353,7 +354,7 @@ def _pallas_scan(q, k, v, spec, **kw):
 
 def _fused(q_BTHD, k_BTHD, v_BTHD, spec, *, scale, **_):
   """The O(T)-memory fused kernel, per device block; heads stay whole (every head's gradient feeds dF)."""
-  from dba_kernels.selective_flash import selective_flash_attention
+  from dba_kernels.selective_flash import selective_flash_attention  # lazy: Pallas kernels, ~1.5 s to import
   logical = ("batch", "seq", None, None)
   kernel = lambda q, k, v: selective_flash_attention(
       q, k, v, scale=scale, protect_bos=spec.protect_bos, allow_self_mask=spec.allow_self_mask,

@@ -63,7 +63,7 @@ def xla(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, mask=Non
 
 def pallas(q_BTHD, k_BSKD, v_BSKE, *, scale=None, causal=True, n_prefix=0, mask=None, bias=None,
            return_probs=False):
-  from dba_kernels.flash_attention import flash_attention
+  from dba_kernels.flash_attention import flash_attention  # lazy: Pallas kernels, ~1.5 s to import
   del mask, bias, return_probs  # dispatch sends those to xla
   check_shapes(q_BTHD, k_BSKD, v_BSKE)
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else scale
