@@ -29,7 +29,7 @@ from dba_jax import aot_kernels, arith_qa, data, generate, loading, mesh as mesh
 from dba_jax import train
 from dba_jax.aot_kernels import first_line
 from dba_jax.bench.train_step import flops_per_token
-from dba_jax.cli import flag_error, parse_flags, refuse_existing, write_json
+from dba_jax.cli import command, entry, flag_error, parse_flags, refuse_existing, write_json
 from dba_jax.config import ConfigError, validate
 from dba_jax.latentwire import sides, train as lw_train
 
@@ -255,6 +255,7 @@ def kernels_main(fv) -> int:
   return _fail(1, f"{len(failed)} cases failed: {', '.join(failed[:5])}") if failed else 0
 
 
+@command(PROG)
 def main(argv) -> int:
   try:
     fv = parse_flags(argv, _flags, doc=__doc__)
@@ -300,8 +301,7 @@ def main(argv) -> int:
   return 0
 
 
-def cli():
-  sys.exit(main(sys.argv))
+cli = entry(main)
 
 
 if __name__ == "__main__":

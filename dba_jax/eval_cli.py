@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dba_jax.cli import refuse_existing, write_json
+from dba_jax.cli import command, entry, refuse_existing, write_json
 from dba_jax.evals import addition, compare_checkpoints, generation, hope_memory, latentwire, perplexity, pruning
 from dba_jax.evals.common import EvalError
 
@@ -94,6 +94,7 @@ def _parser():
   return p
 
 
+@command(PROG, argv0=False)
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in FORWARDED:
@@ -119,8 +120,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def cli():
-  sys.exit(main())
+cli = entry(main)
 
 
 if __name__ == "__main__":

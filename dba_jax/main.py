@@ -16,7 +16,7 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dba_jax import ckpt, data, mesh as mesh_lib  # noqa: E402
+from dba_jax import ckpt, data, mesh as mesh_lib, model as model_lib, train  # noqa: E402
 from dba_jax.cli import CommandError, command, entry, flags_of  # noqa: E402
 from dba_jax.config import Config, ConfigError, attn_dim, padded_vocab, validate  # noqa: E402
 
@@ -52,7 +52,6 @@ def _gib(x: float) -> str:
 
 
 def dry_run(c: Config):
-  from dba_jax import model as model_lib  # lazy: its import starts JAX's backend (see main)
   n = model_lib.count_params(c.model)
   micro = c.train.batch_size // c.train.grad_accum
   shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(c.mesh.shape, jax.device_count(), micro)))
@@ -92,7 +91,6 @@ def main(argv, stop: StopSignals | None = None) -> int:
   if not fv.workdir:
     raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
   init_distributed(fv)
-  from dba_jax import train  # lazy: importing dba_jax.model starts JAX's backend; jax.distributed goes first
   try:
     summary = train.train(c, fv.workdir, stop=stop)
   except (data.DataError, ckpt.CheckpointMismatch, OSError) as e:

@@ -22,7 +22,7 @@ def load_config(variant: str):
 
 @command("quickstart", errors=(ConfigError,), argv0=False)
 def main(argv) -> int:
-  p = argparse.ArgumentParser(prog="python -m dba_jax.quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/quickstart")
   p.add_argument("--steps", type=int, default=None, help="override train.steps for both models")
   args = p.parse_args(argv)

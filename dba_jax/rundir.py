@@ -168,7 +168,8 @@ def record_start(c, workdir: str, resumed_from: int | None, devices: int):
   """One runs.jsonl line per start: when, which code, the command line, where, and the whole config."""
   append_jsonl(os.path.join(workdir, "runs.jsonl"), {
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
-      "host": socket.gethostname(), "devices": devices, "resumed_from": resumed_from, "config": json.loads(c.to_json())})
+      "host": socket.gethostname(), "devices": devices, "resumed_from": resumed_from,
+      "config": json.loads(c.to_json())})
 
 
 def append_jsonl(path: str, rec: dict):

@@ -32,7 +32,7 @@ import sys
 import time
 
 from dba_jax import plots
-from dba_jax.cli import refuse_existing
+from dba_jax.cli import command, entry, refuse_existing
 from dba_jax.evals.stats import paired, summary
 
 DONE = "eval.jsonl"
@@ -311,6 +311,7 @@ def pruning_main(args) -> int:
   return 0
 
 
+@command("dba-seeds", argv0=False)
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   p = argparse.ArgumentParser(prog="dba-seeds", description=__doc__,
@@ -347,8 +348,7 @@ def main(argv=None) -> int:
   return report_main(args) if args.command == "report" else pruning_main(args)
 
 
-def cli():
-  sys.exit(main())
+cli = entry(main)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import importlib
 import os
 import sys
 
+from dba_jax.cli import command, entry
+
 MODES = ("attention", "decode", "convert", "addition", "gpt")  # dba_jax/bench/MODE.py; the default: train_step.py
 
 
@@ -43,6 +45,7 @@ def simulate_cpu_devices(argv) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+@command("dba-bench", argv0=False)
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   mode = argv[0] if argv and argv[0] in MODES else "train_step"
@@ -53,5 +56,4 @@ def main(argv=None) -> int:
   return module.main(argv, description=__doc__) if mode == "train_step" else module.main(argv[1:])
 
 
-def cli():
-  sys.exit(main())
+cli = entry(main)

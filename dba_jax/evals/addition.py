@@ -20,7 +20,7 @@ import numpy as np
 
 from dba_jax.addition import checkpoint, data
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode
-from dba_jax.cli import refuse_existing, write_json
+from dba_jax.cli import command, entry, refuse_existing, write_json
 
 
 def make_decoder(a: Arch):
@@ -104,6 +104,7 @@ def evaluate_checkpoint(loaded, **kw) -> dict:
           **res, "eval_seconds": time.perf_counter() - t0}
 
 
+@command("dba-addition-eval", argv0=False)
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="dba-addition-eval", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="a .pt file, a best/ or last/ dir, a model_<i>/ dir or a run dir")
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def cli():
-  sys.exit(main())
+cli = entry(main)
 
 
 if __name__ == "__main__":
