@@ -55,3 +55,10 @@ def layer(decoder, i: int):
     return decoder.blocks[i]
   graphdef, stacked = nnx.split(decoder.blocks)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+
+
+def cli_env(**extra) -> dict:
+  """The environment of a CLI started as a subprocess: one CPU device, not the 8 this process simulates, and
+  otherwise this process's XLA flags (conftest.py's fast-compile level) and compilation cache."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", **extra)

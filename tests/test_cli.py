@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, cli_env
 
 
 def run(*args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   return subprocess.run([sys.executable, "-m", "dba_jax.main", *args], cwd=REPO, capture_output=True, text=True,
                         env=env, timeout=300)
 

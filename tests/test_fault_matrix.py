@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import dba_jax
-from helpers import REPO
+from helpers import REPO, cli_env
 
 ARGS = ["--config=configs/quickstart.py:dba", "--config.model.n_layers=2", "--config.train.steps=30",
         "--config.train.log_every=1", "--config.train.ckpt_every=5", "--config.train.eval_every=10",
         "--config.train.eval_batches=24", "--config.optim.warmup_steps=5"]
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+ENV = cli_env()
 EVAL_EVERY = 10
 
 

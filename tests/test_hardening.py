@@ -15,9 +15,9 @@ from dba_jax import aot, bench, ckpt, convert, coord_check, eval_cli, model as m
 from dba_jax.addition import report as add_report, shrink, train as add_train
 from dba_jax.config import ConfigError, validate
 from dba_jax.formats import nanogpt
-from helpers import REPO, tiny
+from helpers import REPO, cli_env, tiny
 
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+ENV = cli_env()
 
 
 def dba_train(*args):

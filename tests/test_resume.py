@@ -13,13 +13,13 @@ import pytest
 
 import dba_jax
 from dba_jax import ckpt, data, train
-from helpers import REPO, tiny
+from helpers import REPO, cli_env, tiny
 
 # Quickstart-sized so a step takes long enough (~0.1 s) to be interrupted at a chosen point.
 ARGS = ["--config=configs/quickstart.py:dba", "--config.train.steps=40", "--config.train.log_every=1",
         "--config.train.ckpt_every=5", "--config.train.eval_every=20", "--config.train.eval_batches=2",
         "--config.optim.warmup_steps=5"]
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+ENV = cli_env()
 
 
 def start(workdir, *extra):
@@ -219,7 +219,8 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
   out = subprocess.run([sys.executable, "-m", "dba_jax.launch", "local", "--processes", "2", "--", *small,
                         f"--workdir={multi}"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # same global batch, same 2-way split
+  # Same global batch, same 2-way split, and the XLA flags dba-launch gives its processes (the default compile level).
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   out = subprocess.run([sys.executable, "-m", "dba_jax.main", *small, f"--workdir={single}"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -42,7 +42,7 @@ def test_paired_test_by_hand():
 
 
 def _run(*args):
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device per run, not the 8 this test process simulates
+  env = cli_env()  # one CPU device per run, not the 8 this test process simulates
   return subprocess.run([sys.executable, "-m", "dba_jax.seeds", *args], capture_output=True, text=True, timeout=600,
                         env=env)
 
@@ -82,7 +82,7 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_same_command_resumes(tmp_path):
           "--config.train.eval_batches=1", "--config.train.batch_size=2", "--config.train.log_every=20",
           "--config.train.ckpt_every=100", "--config.model.n_layers=1", "--config.data.seq_len=32",
           "--config.model.max_seq_len=32"]
-  env = dict(os.environ, XLA_FLAGS="")
+  env = cli_env()
   proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   metrics = tmp_path / "sweep" / "selective" / "seed0" / "metrics.jsonl"
   deadline = time.time() + 300
