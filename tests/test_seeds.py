@@ -10,6 +10,7 @@ import pytest
 
 from dba_jax import seeds
 from dba_jax.evals import stats
+from helpers import cli_env
 
 
 @pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 7.0])
