@@ -57,8 +57,12 @@ def layer(decoder, i: int):
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
 
 
-def cli_env(**extra) -> dict:
+def cli_env(fast_compile: bool = True, **extra) -> dict:
   """The environment of a CLI started as a subprocess: one CPU device, not the 8 this process simulates, and
-  otherwise this process's XLA flags (conftest.py's fast-compile level) and compilation cache."""
+  otherwise this process's (the compilation cache; conftest.py's JAX_DISABLE_MOST_OPTIMIZATIONS). fast_compile=False
+  gives the compiler's default optimisations, for runs long enough that they pay (the quickstart-sized ones)."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", **extra)
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+  if not fast_compile:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+  return {**env, **extra}

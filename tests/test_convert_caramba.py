@@ -325,7 +325,7 @@ def test_wrong_config_names_the_field():
     caramba.config_from(base, user_config(VARIANTS["baseline"], n_heads=5))
   og = VARIANTS["opgraph_decoupled"]
   og_tensors = {k: v.numpy() for k, v in make_state_dict(og).items()}
-  with pytest.raises(ConversionError, match=r"q_proj\.linear\.weight.*model\.sem_dim=0"):
+  with pytest.raises(ConversionError, match=r"q_proj\.linear\.weight.*model\.dba\.sem_dim=0"):
     caramba.config_from(og_tensors, user_config(og, sem_dim=0, geo_dim=0))  # the OpGraph cannot tell the split
   with pytest.raises(ConversionError, match=r"model\.positions='learned'"):
     caramba.config_from(tensors, user_config(s, positions="learned"))
@@ -360,7 +360,7 @@ def test_detect():
 def test_config_contradicting_the_file_is_an_error():
   s = VARIANTS["decoupled"]
   tensors = {k: v.numpy() for k, v in make_state_dict(s).items()}
-  with pytest.raises(ConversionError, match=r"q_sem\.weight has shape \(16, 64\).*model\.sem_dim=32"):
+  with pytest.raises(ConversionError, match=r"q_sem\.weight has shape \(16, 64\).*model\.dba\.sem_dim=32"):
     caramba.config_from(tensors, user_config(s, sem_dim=32))  # differs from base_config: the user's choice
   with pytest.raises(ConversionError, match=r"embedder\.token_embedding\.weight.*model\.d_model=2048"):
     caramba.config_from(tensors, load_preset("dba_paper_1b.py", "sem16"))

@@ -19,7 +19,7 @@ from helpers import REPO, cli_env
 ARGS = ["--config=configs/quickstart.py:dba", "--config.model.n_layers=2", "--config.train.steps=30",
         "--config.train.log_every=1", "--config.train.ckpt_every=5", "--config.train.eval_every=10",
         "--config.train.eval_batches=24", "--config.optim.warmup_steps=5"]
-ENV = cli_env()
+ENV = cli_env(fast_compile=False)  # quickstart-sized runs: the optimised code pays
 EVAL_EVERY = 10
 
 

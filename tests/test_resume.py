@@ -19,7 +19,7 @@ from helpers import REPO, cli_env, tiny
 ARGS = ["--config=configs/quickstart.py:dba", "--config.train.steps=40", "--config.train.log_every=1",
         "--config.train.ckpt_every=5", "--config.train.eval_every=20", "--config.train.eval_batches=2",
         "--config.optim.warmup_steps=5"]
-ENV = cli_env()
+ENV = cli_env(fast_compile=False)  # quickstart-sized runs: the optimised code pays
 
 
 def start(workdir, *extra):
@@ -217,10 +217,9 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
            "--config.train.eval_batches=2", "--config.train.ckpt_every=10"]
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   out = subprocess.run([sys.executable, "-m", "dba_jax.launch", "local", "--processes", "2", "--", *small,
-                        f"--workdir={multi}"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                        f"--workdir={multi}"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  # Same global batch, same 2-way split, and the XLA flags dba-launch gives its processes (the default compile level).
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")  # same global batch, same 2-way split
   out = subprocess.run([sys.executable, "-m", "dba_jax.main", *small, f"--workdir={single}"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -218,7 +218,7 @@ def test_config_errors_name_the_key():
     validate(c)
   with pytest.raises(ConfigError, match=r"titans_positions='segment' is for titans_mac"):
     titans_config("titans_mag", titans_positions="segment")
-  with pytest.raises(ConfigError, match=r"titans_positions='relative' must be"):
+  with pytest.raises(ConfigError, match=r"model.hope.titans_positions='relative' is not one of"):
     titans_config(titans_positions="relative")
 
 

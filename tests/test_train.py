@@ -19,7 +19,7 @@ def read_jsonl(path):
 
 
 @pytest.mark.parametrize("variant", [pytest.param("baseline", marks=pytest.mark.slow), "dba"])
-def test_quickstart_loss_falls(tmp_path, variant):
+def test_quickstart_loss_falls(tmp_path, variant, optimized):
   c = load_preset("quickstart.py", variant)
   c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 60, 10, 60, 60, 2
   summary = train.train(c, str(tmp_path), quiet=True)

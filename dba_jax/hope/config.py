@@ -75,8 +75,8 @@ def validate(c: Config, default_kind: str):
   """Rules of model.block = hope_* / titans_* (their attention is their own: model.attn_kind stays the default)."""
   m, h = c.model, c.model.hope
   if m.block in TITANS_BLOCKS:
-    need(m.attn_kind == default_kind, f"model.block={m.block!r} has its own softmax attention: leave model.attn_kind "
-         f"at {default_kind!r} (got {m.attn_kind!r})")
+    need(m.attn_kind == default_kind, f"model.block={m.block!r} has its own softmax attention: set "
+         f"model.attn_kind={default_kind!r} (got {m.attn_kind!r})")
     need(h.titans_positions == "absolute" or m.block == "titans_mac",
          f"model.hope.titans_positions={h.titans_positions!r} is for titans_mac (MAG / MAL attend over a sliding "
          "window)")
