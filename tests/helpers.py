@@ -5,7 +5,6 @@ import os
 from dba_jax import attention
 from dba_jax.config import base_config
 
-KIND_SECTIONS = [k.name for k in attention.KINDS.values() if k.section is not None]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,7 +38,8 @@ def tiny(kind: str = "dba", **model):
 
 def owner(m, key: str):
   """The section holding model field `key`: config.model, or an attention kind's section (model.dba, ...)."""
-  return next((m[s] for s in KIND_SECTIONS if key not in m and key in m[s]), m)
+  sections = [k.name for k in attention.KINDS.values() if k.section is not None and k.name in m]
+  return next((m[s] for s in sections if key not in m and key in m[s]), m)
 
 
 def set_model(m, **fields):
