@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from flax import nnx
 
-from dba_jax import data, mesh as mesh_lib, model as model_lib, train
+from dba_jax import data, layers, mesh as mesh_lib, model as model_lib, train
 from dba_jax.cli import FLAG_ERRORS, CommandError, command, entry, flag_error, parse_flags
 from dba_jax.config import ConfigError, attn_dim, validate
 
@@ -53,7 +53,7 @@ def run(c, heads: list[int], steps: int, seed: int = 0) -> list[dict]:
 
     @jax.jit
     def coords(params, tokens_BT):
-      with model_lib.record_taps() as taps:
+      with layers.record_taps() as taps:
         nnx.merge(trainer.graphdef, params)(tokens_BT)
       sums: dict = {}
       for name, v in taps:

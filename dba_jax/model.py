@@ -22,7 +22,6 @@ from dba_jax.hope import titans_blocks
 from dba_jax.hope.blocks import HopeBlock
 from dba_jax.hope.selfmod import HybridBlock, SelfModBlock
 from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, Linear, MLP, NO_HOOKS, Norm, dense, dropout, normal_init, tap
-from dba_jax.layers import record_taps  # noqa: F401  (the coordinate check records through the model's name)
 from dba_jax.mesh import constrain
 
 ACT_HEADS = ops.ACT_HEADS

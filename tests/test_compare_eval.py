@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import eval_cli, model as model_lib, plots, train
+from dba_jax import eval_cli, layers, model as model_lib, plots, train
 from dba_jax.evals import attention_probes, compare_checkpoints
 from helpers import layer, tiny
 
@@ -222,7 +222,7 @@ def test_attention_probs_reproduce_the_layer(kind, model):
   y_BTd = attn(h, positions_T, model_lib.LayerIO(res=res))[0]
   np.testing.assert_allclose(np.asarray(attn.out(o_BTHE.reshape(B, T, -1))), np.asarray(y_BTd), atol=1e-5)
   if not decoder.m.scan_layers:  # taps are recorded only with unrolled layers
-    with model_lib.record_taps() as taps:
+    with layers.record_taps() as taps:
       decoder(TOKENS_BT)
     last_attn_tap = [v for name, v in taps if name == "attn"][-1]
     np.testing.assert_allclose(float(jnp.abs(y_BTd).mean()), float(last_attn_tap), rtol=1e-5)
