@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from flax import nnx
 
-from dba_jax import data, layers, mesh as mesh_lib, model as model_lib, train
+from dba_jax import data, layers, mesh as mesh_lib, train
 from dba_jax.cli import FLAG_ERRORS, CommandError, command, entry, flag_error, parse_flags
 from dba_jax.config import ConfigError, attn_dim, validate
 
