@@ -33,3 +33,20 @@ def optimized():
   jax.config.update("jax_disable_most_optimizations", False)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+import pytest  # noqa: E402
+
+import slow_tier  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
+def pytest_collection_modifyitems(config, items):
+  """Marks slow_tier's tests slow: the listed ones, and every parametrization but the first of FIRST_ONLY."""
+  seen = set()
+  for item in items:
+    rel = os.path.basename(str(item.fspath))
+    base = f"{rel}::{getattr(item, 'originalname', item.name)}"
+    if f"{rel}::{item.name}" in slow_tier.SLOW or (base in slow_tier.FIRST_ONLY and base in seen):
+      item.add_marker(pytest.mark.slow)
+    seen.add(base)
