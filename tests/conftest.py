@@ -20,6 +20,8 @@ flags.FLAGS(sys.argv[:1])  # libraries that read absl flags must not see pytest'
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import slow_tier  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,17 +29,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def optimized():
-  """The compiler's default optimisations, for a test whose run time outweighs its compile time (measured: the
-  60-step quickstart run 47 s optimised, 81 s not)."""
+  """The compiler's default optimisations: for a test whose run time outweighs its compile time (the 60-step
+  quickstart run: 47 s optimised, 81 s not), and for outputs recorded from optimised programs (an nf4 cache level
+  flips with the last bit). JAX's in-memory caches do not key on this flag: compiled executables are dropped before
+  and after, so no test mixes programs compiled both ways (the float16 cache's goldens do not survive that)."""
   before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
+  jax.clear_caches()
   yield
   jax.config.update("jax_disable_most_optimizations", before)
-
-
-import pytest  # noqa: E402
-
-import slow_tier  # noqa: E402
+  jax.clear_caches()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects

@@ -1,8 +1,12 @@
-"""Tiny configs and config-file loading shared by the tests."""
+"""Tiny configs, config-file loading, untrained workdirs and subprocess environments shared by the tests."""
 import importlib.util
 import os
 
-from dba_jax import attention
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba_jax import attention, ckpt, model as model_lib, rundir
 from dba_jax.config import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +53,6 @@ def set_model(m, **fields):
 
 def layer(decoder, i: int):
   """Block i of a Decoder (sliced out of the stacked parameters when layers are scanned)."""
-  import jax
-  from flax import nnx
   if not decoder.m.scan_layers:
     return decoder.blocks[i]
   graphdef, stacked = nnx.split(decoder.blocks)
@@ -66,3 +68,13 @@ def cli_env(fast_compile: bool = True, **extra) -> dict:
   if not fast_compile:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
   return {**env, **extra}
+
+
+def untrained_run(workdir, c, seed: int = 0) -> str:
+  """A dba_jax workdir, config.json and one checkpoint of the initial parameters, written without a training run:
+  what the read-only tools (dba-eval, dba-convert) read, at no train-step compile."""
+  rundir.write_config(c, str(workdir))
+  saver = ckpt.Checkpointer(os.path.join(str(workdir), "checkpoints"), async_save=False)
+  saver.save(1, model_lib.init_params(c.model, jax.random.key(seed)), {"none": jnp.zeros(())}, {"step": 1})
+  saver.close()
+  return str(workdir)

@@ -3,9 +3,7 @@ every parametrization but the first of heavy parametrized tests (the first stays
 
 # test id (file::function or file::function[param]) -> the default test that still covers its case
 SLOW = {
-    "test_hope.py::test_global_teach_trains_and_the_memory_evals_run":
-        "test_hope closed-form teach and memory tests, test_memstate",
-    "test_compare_eval.py::test_every_output_file_is_written": "test_behavior (scoring, report), test_compare_eval probes",
+    "test_hope.py::test_global_teach_trains": "test_hope closed-form teach and memory tests, test_memstate",
     "test_addition.py::test_loss_from_first_label_equals_full_loss": "test_addition scanned / vmapped[map] training",
     "test_addition.py::test_vmapped_training_equals_separate_runs[vmap]": "its [map] case",
     "test_addition.py::test_sinusoidal_positions": "test_addition tie-mode forwards and training",

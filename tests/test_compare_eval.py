@@ -1,4 +1,4 @@
-"""`dba-eval compare` on two tiny 2-step checkpoints: every output file, the baseline's zero deltas, the panels;
+"""`dba-eval compare` on two tiny untrained checkpoints: every output file, the baseline's zero deltas, the panels;
 and the last-layer attention probabilities behind the heat-maps, against a softmax computed here."""
 import csv
 import json
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dba_jax import eval_cli, layers, model as model_lib, plots, train
+from dba_jax import eval_cli, layers, model as model_lib, plots
+from dba_jax.config import validate
 from dba_jax.evals import attention_probes, compare_checkpoints
-from helpers import layer, tiny
+from helpers import layer, tiny, untrained_run
 
 MANIFEST = '''
 import ml_collections
@@ -34,12 +35,8 @@ def get_config():
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("compare")
-  paths = {}
-  for kind in ("standard", "dba"):
-    c = tiny(kind)
-    c.train.steps, c.train.ckpt_every, c.train.eval_every = 2, 2, 2
-    paths[kind] = str(tmp / kind)
-    train.train(c, paths[kind], quiet=True)
+  # Initial parameters, not a training run: compare reads only config.json and the checkpoint.
+  paths = {kind: untrained_run(tmp / kind, validate(tiny(kind)), seed) for seed, kind in enumerate(("standard", "dba"))}
   manifest = tmp / "manifest.py"
   manifest.write_text(MANIFEST.format(std=paths["standard"], dba=paths["dba"]))
   out_dir = tmp / "out"

@@ -43,7 +43,9 @@ def tokens(m):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_forward_decode_and_probes_match_the_recorded_outputs(name):
+def test_forward_decode_and_probes_match_the_recorded_outputs(name, request):
+  if name == "dba_gated_null":  # its nf4 cache's levels flip with the last bit: compiled as when it was recorded
+    request.getfixturevalue("optimized")
   model = make_model(name)
   toks = tokens(model.config)
   np.testing.assert_allclose(np.asarray(model(toks)), GOLD[f"{name}/logits"], atol=ATOL, rtol=0)

@@ -11,7 +11,7 @@ from flax import nnx
 from dba_jax import eval_cli, losses, model as model_lib, train
 from dba_jax.config import validate
 from dba_jax.hope import cms, step as hope_step, teach
-from helpers import load_preset
+from helpers import load_preset, untrained_run
 
 
 def hope_config(block="hope_attention", periods=(1, 4), vocab=97, d=32, layers=2, heads=4, **hope):
@@ -209,8 +209,12 @@ def test_memory_changes_later_chunks_and_leaves_meta_params(tiny_hope):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
+def _byte_hope_config(mode):
+  return hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach=mode)
+
+
 def _train_three_steps(tmp_path, mode):
-  c = hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach=mode)
+  c = _byte_hope_config(mode)
   c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 3, 1, 3, 3, 1
   c.train.batch_size = 8  # one row per simulated device: rows keep their own memory under the mesh
   summary = train.train(c, str(tmp_path / mode), quiet=True)
@@ -222,8 +226,13 @@ def test_per_layer_teach_trains(tmp_path):
   _train_three_steps(tmp_path, "per_layer")
 
 
-def test_global_teach_trains_and_the_memory_evals_run(tmp_path, capsys):
+def test_global_teach_trains(tmp_path):
   _train_three_steps(tmp_path, "global")
+
+
+def test_the_memory_evals_run(tmp_path, capsys):
+  """dba-eval hope on the initial parameters (the evals read a checkpoint; test_global_teach_trains makes one)."""
+  untrained_run(tmp_path / "global", _byte_hope_config("global"))
   out = tmp_path / "passkey.json"
   png = tmp_path / "passkey.png"
   assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--lengths",
