@@ -16,9 +16,14 @@ and fall back to the previous one.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
+import re
+import resource
+import shutil
 
 import jax
 import numpy as np
@@ -37,6 +42,34 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointDamaged(ValueError):
   """A checkpoint's files are missing, truncated or unreadable; the message names the file or the step."""
+
+
+class SaveFailed(OSError):
+  """The disk refused a checkpoint (full, file too large, read-only): the unfinished step is removed, earlier ones
+  are kept. An OSError with the errno, so every command reports it in one line with exit code 4."""
+
+
+# errno of a failed write, as Orbax / TensorStore report it inside their own exceptions
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def _os_errno(e: BaseException) -> int | None:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    m = _OS_ERROR_CODE.search(str(e))
+    if m:
+      return int(m.group(1))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _QuietSaveThreads(logging.Filter):
+  """Orbax logs a background save's failure, with its traceback, from every thread it touched; the same error is
+  raised (and reported in one line) when the save is waited for."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 def _host_handler(compress: bool):
@@ -64,6 +97,8 @@ class Checkpointer:
       handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler()}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    if not read_only and not any(isinstance(f, _QuietSaveThreads) for f in logging.getLogger("absl").filters):
+      logging.getLogger("absl").addFilter(_QuietSaveThreads())
     self._unsealed: int | None = None  # step whose async save may still be running
 
   def step_dir(self, step: int) -> str:
@@ -77,14 +112,56 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, meta: dict) -> None:
     self._seal()
+    self.check_room(step, params, opt_state)
     tree = ocp.args.PyTreeSave if self._host else ocp.args.StandardSave
     args = ocp.args.Composite(params=tree(params), opt=tree(opt_state), meta=ocp.args.JsonSave(meta))
-    self._mngr.save(step, args=args, force=True)
+    try:
+      self._mngr.save(step, args=args, force=True)
+    except Exception as e:  # noqa: BLE001 - a synchronous save fails here
+      self._failed(step, e)
     self._unsealed = step
+
+  def check_room(self, step: int, params, opt_state):
+    """SaveFailed before a save the disk cannot take (free space, or the process's file-size limit below one item's
+    size): refused up front, Orbax never starts writing, so no half-written step and no writer-thread noise. (A disk
+    that fills during the save is still caught, by `_failed`.)"""
+    sizes = [sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(t)) // jax.process_count()
+             for t in (params, opt_state)]
+    probe = self.directory if os.path.isdir(self.directory) else os.path.dirname(self.directory)
+    free = os.statvfs(probe).f_bavail * os.statvfs(probe).f_frsize
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if sum(sizes) * 1.05 > free:
+      code = errno.ENOSPC
+    elif limit != resource.RLIM_INFINITY and max(sizes) > limit:
+      code = errno.EFBIG
+    else:
+      return
+    kept = self.all_steps()
+    raise SaveFailed(code, f"cannot write the checkpoint of step {step} ({sum(sizes) / 2**20:.1f} MiB) in "
+                     f"{self.directory}: {os.strerror(code)} ({free / 2**20:.1f} MiB free"
+                     + (f", file size limit {limit / 2**20:.1f} MiB" if limit != resource.RLIM_INFINITY else "")
+                     + f"); the last complete checkpoint is {kept[-1] if kept else 'none'}")
+
+  def _failed(self, step: int | None, e: Exception):
+    """A failed save: a disk error becomes SaveFailed (the unfinished step removed, the older ones kept); anything
+    else is re-raised."""
+    code = _os_errno(e)
+    if code is None:
+      raise e
+    self._unsealed = None
+    for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(tmp, ignore_errors=True)
+    kept = [s for s in self.all_steps() if s != step]
+    raise SaveFailed(code, f"cannot write the checkpoint of step {step} in {self.directory}: "
+                     f"{os.strerror(code)}; the last complete checkpoint is "
+                     f"{kept[-1] if kept else 'none'}") from None
 
   def _seal(self):
     """Wait for the pending save, then record its files (process 0; the directory is shared)."""
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - Orbax re-raises a background failure in whatever type it had
+      self._failed(self._unsealed, e)
     if self._unsealed is None:
       return
     step, self._unsealed = self._unsealed, None
@@ -169,6 +246,20 @@ class Checkpointer:
         if on_damaged is not None:
           on_damaged(s, str(e))
     raise CheckpointDamaged("; ".join(damaged) or f"{self.directory}: no checkpoint")
+
+  def restore_for_reading(self, abstract_params, step: int | None = None, what: str = "checkpoint"):
+    """A read-only tool's load: (step, params) of `step` or the newest that restores. Every damaged one skipped is
+    named in a warning (nothing is moved); none left is CheckpointDamaged saying what was tried."""
+    if step is None and not self.all_steps():
+      aside = os.path.join(os.path.dirname(self.directory), "checkpoints_broken")
+      n = len(os.listdir(aside)) if os.path.isdir(aside) else 0
+      raise CheckpointDamaged(f"{self.directory} holds no {what}" + (f" ({n} set aside in {aside})" if n else ""))
+    skipped = []
+    found, params, _, _ = self.restore_first_good(abstract_params, step=step,
+                                                  on_damaged=lambda s, why: skipped.append(why))
+    if skipped:
+      log.warning("skipped damaged %s(s): %s; loaded step %d instead", what, "; ".join(skipped), found)
+    return found, params
 
   def restore_latest_good(self, abstract_params, abstract_opt=None):
     """Training's resume: the newest complete checkpoint, broken newer ones set aside with a warning; None when

@@ -1,12 +1,24 @@
 """The one command-line prologue of every dba_jax console script (dba-train, dba-bench, dba-convert, ...).
 
 `@command(prog, errors)` wraps a `main(argv) -> exit code`: an input error is one line `prog: error: ...` and exit
-code 2, never a traceback; `entry(main)` is the console script itself (pyproject's `cli`), which also turns Ctrl-C
-into exit 130 with one line. `flags_of` parses --config, its overrides and a command's absl flags, with --help."""
+code 2, never a traceback; `entry(main, stops)` is the console script itself, under the process's one stop handler
+(signals.py). `flags_of` parses --config, its overrides and a command's absl flags, with --help; the argparse types
+below range-check numbers before any work starts.
+
+Exit codes, the same for every tool (README "Exit codes"):
+  0    done; or stopped by a first SIGTERM / Ctrl-C after saving (a training tool: the same command resumes)
+  2    refused: bad input, a workdir or --out it will not write into; nothing was written
+  3    training stopped on purpose (a non-finite loss under train.nonfinite='stop', no usable checkpoint)
+  4    the disk refused a write (full, file too large, read-only); the last complete save is kept
+  130  aborted by Ctrl-C (143: SIGTERM) in a tool that does not train, or by a second signal; nothing half-written
+"""
 from __future__ import annotations
 
+import argparse
+import errno
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -14,11 +26,12 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dba_jax import rundir
-from dba_jax.signals import StopSignals
+from dba_jax import rundir, signals
 
 HELP = ("--help", "-h", "--helpfull", "-help")
 FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)  # what parsing a flag or override raises
+EXIT_REFUSED, EXIT_STOPPED, EXIT_DISK = 2, 3, 4
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 class CommandError(Exception):
@@ -29,7 +42,7 @@ def command(prog: str, errors: tuple = (), argv0: bool = True):
   """Decorates a console script's `main(argv, ...) -> exit code`. argv None is the process's own: sys.argv, program
   name first, when `argv0` (absl parsing), else sys.argv[1:] (argparse). A CommandError, or an exception of a type in
   `errors` (the command's input errors: a bad config, data file, checkpoint or workdir), prints `prog: error: <it>`
-  on stderr and returns 2."""
+  on stderr and returns 2; an OSError, one line naming the file (4 when the disk refused a write, else 2)."""
   def wrap(main):
     @functools.wraps(main)
     def run(argv=None, *args, **kwargs):
@@ -38,27 +51,40 @@ def command(prog: str, errors: tuple = (), argv0: bool = True):
         return main(argv, *args, **kwargs)
       except (CommandError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    run.prog = prog
+        return EXIT_REFUSED
+      except OSError as e:
+        disk = disk_error(e)
+        print(f"{prog}: error: {os_error(e)}" + ("; free space and run the same command again" if disk else ""),
+              file=sys.stderr)
+        return EXIT_DISK if disk else EXIT_REFUSED
+    run.prog, run.argv0 = prog, argv0
     return run
   return wrap
 
 
-def entry(main, stop: StopSignals | None = None):
-  """The console script of a main: exits with its code. Given `stop` (installed before the command's heavy imports),
-  main(None, stop) runs under those handlers: the first Ctrl-C or SIGTERM is the command's clean stop. Otherwise a
-  Ctrl-C ends the command with one line and exit code 130, not a traceback."""
+def disk_error(e: BaseException) -> bool:
+  """`e`, or an exception it was raised from, is the disk refusing a write (full, file too large, read-only)."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def os_error(e: OSError) -> str:
+  """'<strerror>: <file>' in one line."""
+  where = f": {e.filename}" if getattr(e, "filename", None) else ""
+  return f"{e.strerror or e}{where}"
+
+
+def entry(main, stops: bool = False):
+  """The console script of a main: exits with its code, under the process's stop handler (signals.install; the
+  launcher in tools.py installs it before the heavy imports). `stops`: main(None, stop) trains, and the first
+  SIGTERM / Ctrl-C is its clean stop; otherwise the first signal aborts (exit 130 / 143), nothing half-written."""
   def cli():
-    try:
-      if stop is None:
-        code = main()
-      else:
-        with stop:
-          code = main(None, stop)
-    except KeyboardInterrupt:
-      print(f"\n{getattr(main, 'prog', os.path.basename(sys.argv[0]))}: interrupted", file=sys.stderr)
-      code = 130
-    sys.exit(code)
+    prog = getattr(main, "prog", os.path.basename(sys.argv[0]))
+    stop = signals.install(prog, stops)
+    sys.exit(main(None, stop) if stops else main(None))
   return cli
 
 
@@ -134,13 +160,65 @@ def load_config(prog: str, config: str, overrides: list[str], validate):
     raise SystemExit(2) from None
 
 
-def refuse_existing(prog: str, out: str, force: bool, what: str = "file"):
-  """Exit 2 before any work when --out names an existing file (or a directory holding results) and --force is
-  not given: nothing a user had is overwritten by accident."""
-  if out and os.path.exists(out) and not force:
-    print(f"{prog}: error: --out {out} exists; refusing to overwrite that {what} (pass --force to replace it)",
-          file=sys.stderr)
-    raise SystemExit(2)
+def refuse_existing(prog: str, out: str, force: bool, what: str = "file", also: tuple = ()):
+  """Exit 2 before any work when --out (or a file written beside it, `also`) exists and --force is not given:
+  nothing a user had is overwritten by accident. --out must not be a directory unless `what` is one."""
+  if out and os.path.isdir(out) and what == "file":
+    print(f"{prog}: error: --out {out} is a directory; give a file name", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
+  taken = [p for p in (out, *also) if p and os.path.exists(p)] if out else []
+  if taken and not force:
+    names = " and ".join(taken)
+    print(f"{prog}: error: {names} exist{'s' if len(taken) == 1 else ''}; refusing to overwrite (pass --force to "
+          "replace)", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
+  parent = os.path.dirname(os.path.abspath(out)) if out else ""
+  if parent and os.path.exists(parent) and not os.path.isdir(parent):
+    print(f"{prog}: error: --out {out}: {parent} is a file, not a directory", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
+
+
+def sidecar(out: str, ext: str) -> str:
+  """The file written beside `out` with extension `ext` (r.json -> r.md)."""
+  return os.path.splitext(out)[0] + ext
+
+
+# ------------------------------------------------------------------------- argparse types: checked before any work
+
+
+def _number(parse, ok, want: str):
+  def convert(text: str):
+    try:
+      x = parse(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not ok(x):
+      raise argparse.ArgumentTypeError(f"{text} is out of range: must be {want}")
+    return x
+  convert.__name__ = want
+  return convert
+
+
+def int_at_least(lo: int):
+  return _number(int, lambda x: x >= lo, f"an integer >= {lo}")
+
+
+def float_at_least(lo: float):
+  return _number(float, lambda x: math.isfinite(x) and x >= lo, f"a finite number >= {lo:g}")
+
+
+ratio = _number(float, lambda x: 0 < x <= 1, "in (0, 1]")
+
+
+def listed(item):
+  """A comma-separated list of `item`s (at least one)."""
+  def convert(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+      raise argparse.ArgumentTypeError("an empty list")
+    return [item(p.strip()) for p in parts]
+  convert.__name__ = f"comma-separated list of {item.__name__}"
+  return convert
 
 
 def write_json(out: str, result) -> str:

@@ -4,10 +4,12 @@ Trains the config's model into DIR, or resumes the run DIR holds. SIGTERM or Ctr
 exits 0 (a second Ctrl-C aborts at once); the same command then resumes."""
 from __future__ import annotations
 
-# Stop signals first: a SIGTERM or Ctrl-C during the imports below is then a clean stop, not a kill.
-from dba_jax.signals import StopSignals
+# Run as a script (python -m dba_jax.main), the stop handler comes first: a SIGTERM or Ctrl-C during the imports
+# below is then a clean stop, not a kill (the console script's launcher, dba_jax/tools.py, does the same).
+from dba_jax import signals
 
-STOP = StopSignals().install()  # dba_jax.main is imported only to run dba-train
+if __name__ == "__main__":
+  signals.install("dba-train", stops=True)
 
 import math  # noqa: E402
 import os  # noqa: E402
@@ -80,7 +82,7 @@ def init_distributed(fv: flags.FlagValues) -> None:
 
 
 @command("dba-train", errors=(ConfigError,))
-def main(argv, stop: StopSignals | None = None) -> int:
+def main(argv, stop: signals.StopSignals | None = None) -> int:
   fv = flags_of(argv, _train_flags, doc=__doc__)
   if fv.config is None:
     raise CommandError("--config=configs/NAME.py[:variant] is required")
@@ -93,7 +95,7 @@ def main(argv, stop: StopSignals | None = None) -> int:
   init_distributed(fv)
   try:
     summary = train.train(c, fv.workdir, stop=stop)
-  except (data.DataError, ckpt.CheckpointMismatch, OSError) as e:
+  except (data.DataError, ckpt.CheckpointMismatch) as e:
     raise CommandError(str(e)) from None
   except train.TrainingStopped as e:
     print(f"dba-train: stopped: {e}", file=sys.stderr)
@@ -110,7 +112,7 @@ def main(argv, stop: StopSignals | None = None) -> int:
   return 0
 
 
-cli = entry(main, STOP)
+cli = entry(main, stops=True)
 
 
 if __name__ == "__main__":

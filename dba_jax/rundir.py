@@ -6,6 +6,7 @@ Standard library only (and configlib's ConfigError), so any command can use it w
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -14,12 +15,18 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
+from dba_jax import signals
 from dba_jax.configlib import ConfigError
 
 # What dba-train and the LatentWire trainer write into a workdir; left empty by an interrupted start, they are no
 # reason to refuse the directory.
 OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "checkpoints_broken", "tb")
+TMP_NAMES = "*.tmp[0-9]*"  # atomic_output's temporary names, left by a kill
+# Fault injection for tests/test_fault_tools.py, "SECONDS:GLOB": an output whose name matches GLOB stays unfinished
+# that long, so a signal can land while it is written.
+PAUSE_IN_WRITE = os.environ.get("DBA_FAULT_PAUSE_IN_WRITE", "").partition(":")
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -27,10 +34,50 @@ OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkp
 
 def atomic_write(path: str, data: str | bytes):
   """`data` into `path` through a temporary file renamed over it: a kill leaves the old file or the new one, whole."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  with atomic_output(path) as tmp:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+
+
+@contextmanager
+def atomic_output(path: str):
+  """Yields a temporary name beside `path` (same extension, so writers that go by it, e.g. savefig, still do); on
+  success it is renamed to `path`, on an exception or an abort (signals.pending) removed: `path` is never left
+  half-written. A directory works the same: create it at the yielded name."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{os.getpid()}{ext}"
+  _remove_stale(root, ext)
+  signals.pending.add(tmp)
+  try:
+    yield tmp
+    if PAUSE_IN_WRITE[2] and fnmatch.fnmatch(os.path.basename(path), PAUSE_IN_WRITE[2]):
+      time.sleep(float(PAUSE_IN_WRITE[0]))
+    if os.path.isdir(tmp) and os.path.isdir(path):
+      replace_dir(tmp, path)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+    signals.pending.discard(tmp)
+
+
+def _remove_stale(root: str, ext: str):
+  """Temporary outputs of earlier processes (killed, SIGKILL leaves them) that are no longer running."""
+  for path in glob.glob(f"{glob.escape(root)}.tmp[0-9]*{glob.escape(ext)}"):
+    pid = path[len(root) + 4:len(path) - len(ext)]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def replace_dir(tmp: str, final: str):
@@ -78,12 +125,14 @@ def merge_saved(c, saved: dict, path: str, error=ValueError, where: str = ""):
   return c
 
 
-def check_workdir(c, workdir: str, read=read_saved, sections: tuple | None = ("model",), own=OWN_FILES) -> bool:
+def check_workdir(c, workdir: str, read=read_saved, sections: tuple | None = ("model",), own=OWN_FILES,
+                  tool: str = "") -> bool:
   """True when `workdir` holds an earlier run of this config to resume. Raises ConfigError before anything is
-  written when it is a file, cannot be written, holds a run whose config differs in `sections` (None: anywhere), or,
-  without config.json, holds anything but the tool's own empty start-up traces (`own`: names or glob patterns).
-  A missing workdir is a fresh start. `read(workdir)`: the saved config, a dict or a Config (the tool's reader, e.g.
-  loading.read_config over today's defaults: a field added since the run started takes its default)."""
+  written when it is a file, cannot be written, holds another tool's run (runs.jsonl names the tool that started
+  it) or a run whose config differs in `sections` (None: anywhere), or, without config.json, holds anything but the
+  tool's own empty start-up traces (`own`: names or glob patterns). A missing workdir is a fresh start.
+  `read(workdir)`: the saved config, a dict or a Config (the tool's reader, e.g. loading.read_config over today's
+  defaults: a field added since the run started takes its default)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory")
   check_writable(workdir)
@@ -91,23 +140,37 @@ def check_workdir(c, workdir: str, read=read_saved, sections: tuple | None = ("m
     return False
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
+    other = started_by(workdir)
+    if tool and other and other != tool:
+      raise ConfigError(f"{workdir} holds a {other} run; {tool} will not write into it (use another --workdir)")
     try:
       saved = read(workdir)
       saved = saved if isinstance(saved, dict) else json.loads(saved.to_json())
     except (OSError, ValueError, KeyError) as e:
-      raise ConfigError(f"{path} is unreadable ({e}); it was not written by dba_jax") from None
+      raise ConfigError(f"{path} is unreadable by {tool or 'this tool'} ({e}): another tool's run or not a dba_jax "
+                        "workdir; use another --workdir") from None
     diff = config_diff(saved, json.loads(c.to_json()), sections)
     if diff:
       what = "model" if sections == ("model",) else "config"
-      raise ConfigError(f"{workdir} holds a run of a different {what} (differs in {', '.join(diff)}); use another "
-                        "--workdir")
+      more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+      raise ConfigError(f"{workdir} holds a run of a different {what} (differs in {', '.join(diff[:6])}{more}); use "
+                        "another --workdir")
     return True
-  foreign = sorted(f for f in os.listdir(workdir) if f != "config.json.tmp" and (
+  foreign = sorted(f for f in os.listdir(workdir) if not fnmatch.fnmatch(f, TMP_NAMES) and (
       not any(fnmatch.fnmatch(f, p) for p in own) or not _empty_trace(os.path.join(workdir, f))))
   if foreign:
     raise ConfigError(f"{workdir} holds {foreign} but no config.json: not a dba_jax workdir, refusing to write "
                       "there (use a new or empty directory)")
   return False
+
+
+def started_by(workdir: str) -> str:
+  """The tool named by the first runs.jsonl record ('' for none, or a run from before tools were recorded)."""
+  try:
+    with open(os.path.join(workdir, "runs.jsonl")) as f:
+      return str(json.loads(f.readline()).get("tool", ""))
+  except (OSError, ValueError, AttributeError):
+    return ""
 
 
 def config_diff(saved: dict, now: dict, sections: tuple | None = None) -> list[str]:
@@ -164,10 +227,10 @@ def git_revision() -> str:
   return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def record_start(c, workdir: str, resumed_from: int | None, devices: int):
-  """One runs.jsonl line per start: when, which code, the command line, where, and the whole config."""
+def record_start(c, workdir: str, resumed_from: int | None, devices: int, tool: str):
+  """One runs.jsonl line per start: which tool, when, which code, the command line, where, and the whole config."""
   append_jsonl(os.path.join(workdir, "runs.jsonl"), {
-      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
+      "tool": tool, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_revision(), "argv": sys.argv,
       "host": socket.gethostname(), "devices": devices, "resumed_from": resumed_from,
       "config": json.loads(c.to_json())})
 
@@ -182,8 +245,16 @@ def truncate_jsonl(path: str, last_step: int):
   if not os.path.exists(path):
     return
   with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [line for line in f if line.endswith("\n") and _step_of(line) <= last_step]
   atomic_write(path, "".join(keep))  # a kill mid-write leaves the old file whole
+
+
+def _step_of(line: str) -> float:
+  """A record's step; a line a kill cut short (or any unreadable one) counts as after every step: dropped."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
 
 
 class Progress:

@@ -1,19 +1,46 @@
-"""Stop requests: SIGTERM (preemption) and SIGINT (Ctrl-C) ask a run to stop cleanly. Standard library only, so a
-command can install it before its heavy imports: a signal during start-up is then remembered, not fatal."""
+"""Stop requests, the one handler of every dba_jax console script. Standard library only, so a command installs it
+before its heavy imports (dba_jax/tools.py): a signal during start-up is then handled like any other, never lost in
+an import or a garbage-collector callback.
+
+Two kinds of command:
+- one that trains or sweeps (`stops=True`): the first SIGTERM (preemption) or Ctrl-C sets `received`; the run
+  saves at its next safe point and exits 0, and the same command resumes. A second signal aborts at once (exit 130
+  for SIGINT, 143 for SIGTERM) with a message that claims nothing about a save still being written.
+- one that computes and writes a result (evals, conversion, reports, benchmarks): the first signal aborts at once,
+  removing the temporary files of outputs not yet renamed into place (`pending`), so nothing half-written is left
+  and the same command can run again.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
 
+# Temporary files and directories of outputs being written (rundir.atomic_*): removed by an abort.
+pending: set[str] = set()
+
+EXIT_CODE = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def discard_pending():
+  for path in list(pending):
+    try:
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    except OSError:
+      pass
+    pending.discard(path)
+
 
 class StopSignals:
-  """The first SIGTERM or SIGINT sets `received` (its name); the run saves at its current step and exits 0.
-  A second SIGINT aborts at once (exit 130). Handlers are installed only from the main thread."""
+  """Handlers for SIGTERM and SIGINT. `prog` names the command in messages; `stops`: see the module doc.
+  `saving`: set by a trainer while a checkpoint is being written (what an abort then says)."""
 
-  def __init__(self):
+  def __init__(self, prog: str = "", stops: bool = True):
+    self.prog, self.stops = prog or os.path.basename(sys.argv[0]), stops
     self.received: str | None = None
+    self.saving: str | None = None
     self._old: dict = {}
 
   def install(self) -> "StopSignals":
@@ -22,17 +49,36 @@ class StopSignals:
         self._old[sig] = signal.signal(sig, self._handle)
     return self
 
+  def _say(self, msg: str):
+    try:
+      sys.stderr.write(msg)
+      sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stderr must not keep the process alive
+      pass
+
   def _handle(self, signum, frame):
-    if self.received is not None and signum == signal.SIGINT:
-      sys.stderr.write("\nsecond Ctrl-C: aborting now (the last checkpoint is kept)\n")
-      sys.stderr.flush()
-      os._exit(130)
-    if self.received is None:
-      self.received = signal.Signals(signum).name
-      sys.stderr.write(f"\n{self.received}: stopping at the next safe point (Ctrl-C again aborts at once)\n")
-      sys.stderr.flush()
+    name = signal.Signals(signum).name
+    if self.stops and self.received is None:
+      self.received = name
+      self._say(f"\n{self.prog}: {name}: stopping at the next safe point and saving (Ctrl-C again aborts at once)\n")
+      return
+    self.abort(name)
+
+  def abort(self, name: str):
+    """Exit now: temporary outputs removed, one line saying what is (and is not) on disk."""
+    discard_pending()
+    if self.stops:
+      what = (f"the {self.saving} being written is incomplete and will not be used; " if self.saving else "")
+      self._say(f"\n{self.prog}: second signal ({name}): aborting now; {what}the same command resumes from the last "
+                "complete save\n")
+    else:
+      self._say(f"\n{self.prog}: interrupted ({name}); no output was left half-written\n")
+    os._exit(EXIT_CODE.get(name, 130))
 
   def restore(self):
+    global _installed
+    if _installed is self:
+      _installed = None
     for sig, old in self._old.items():
       signal.signal(sig, old)
     self._old = {}
@@ -42,3 +88,15 @@ class StopSignals:
 
   def __exit__(self, *exc):
     self.restore()
+
+
+_installed: StopSignals | None = None
+
+
+def install(prog: str, stops: bool) -> StopSignals:
+  """The process's handler, installed by the first call (the console script's launcher, before heavy imports);
+  later calls return it."""
+  global _installed
+  if _installed is None:
+    _installed = StopSignals(prog, stops).install()
+  return _installed

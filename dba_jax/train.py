@@ -157,6 +157,9 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------- loop
 
 
+TOOL = "dba-train"
+
+
 class TrainingStopped(RuntimeError):
   """The run stopped on purpose (non-finite loss under nonfinite='stop'); the message says why and where."""
 
@@ -207,7 +210,7 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   t = c.train
   workdir = os.path.abspath(workdir)
   # Everything is validated (workdir, data, mesh, model) before the first file is written.
-  resuming = rundir.check_workdir(c, workdir, loading.read_config)
+  resuming = rundir.check_workdir(c, workdir, loading.read_config, tool=TOOL)
   splits = data.load_splits(c.data, c.model.vocab_size)
   mesh = mesh_lib.make_mesh(c.mesh.shape, micro_batch=t.batch_size // t.grad_accum)
   check_batch(t, mesh, jax.process_count())
@@ -246,12 +249,13 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
     latest, state = None, trainer.init_state(t.seed)
     if t.init_from:
       state["params"] = initial_params(c, trainer)
+  start = int(latest or 0)
+  ckpts.check_room(start, state["params"], state["opt"])  # a disk that cannot take a checkpoint: before training
   lead = jax.process_index() == 0
   if lead:
     for name in ("metrics.jsonl", "eval.jsonl"):
       rundir.truncate_jsonl(os.path.join(workdir, name), latest or 0)
-    rundir.record_start(c, workdir, latest, jax.device_count())
-  start = int(latest or 0)
+    rundir.record_start(c, workdir, latest, jax.device_count(), TOOL)
   writer = None
   if lead:
     from tensorboardX import SummaryWriter  # lazy: TensorBoard (and protobuf) only where the lead process logs
@@ -327,6 +331,9 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
         last_check = done
         save(done)
       if preempted:
+        stop.saving = f"checkpoint of step {done}"
+        ckpts.wait()  # the message below is true only once the save is complete
+        stop.saving = None
         say(f"\n{stop.received or 'SIGTERM'}: saved a checkpoint at step {done}; exiting. Start again with the "
             "same command to resume.")
         break

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -36,6 +37,7 @@ from dba_jax.addition import config as config_lib
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode, init_params, loss_fn
 from dba_jax.cli import CommandError, command, entry, flags_of
 from dba_jax.configlib import ConfigError
+from dba_jax.signals import StopSignals
 from dba_jax.conversion import ConversionError
 from dba_jax.optim import lr_schedule  # dba-train's warmup (s+1)/W, then cosine to min_lr_ratio, flat after
 
@@ -144,20 +146,18 @@ def _slice(tree, i: int):
   return jax.tree.map(lambda x: np.asarray(x[i]), tree)
 
 
+TOOL = "dba-addition-train"
 RESUME = "resume"  # workdir/resume/{state.npz, meta.json}: params, optimizer state and bests after an eval
-OWN_FILES = ("config.json", "model_*", RESUME, RESUME + ".old", RESUME + ".tmp", "summary.json", "curves.png")
+OWN_FILES = ("config.json", "runs.jsonl", "model_*", RESUME, RESUME + ".old", "summary.json", "curves.png")
 
 
 def _resume_point(workdir: str, c) -> dict | None:
-  """The saved resume metadata of an unfinished run in workdir (None for a new run). Refused before anything is
-  written: what rundir's guard refuses (a file, an unwritable or foreign directory, a run whose config differs
-  anywhere from `c`) and a run whose model directories exist without a resume point."""
-  rundir.check_workdir(c, workdir, sections=None, own=OWN_FILES)
+  """The saved resume metadata of an unfinished run in workdir (None for a new run, or one killed before its first
+  resume point: it starts again from step 0). Refused before anything is written: what rundir's guard refuses (a
+  file, an unwritable or foreign directory, another tool's run, a run whose config differs anywhere from `c`)."""
+  rundir.check_workdir(c, workdir, sections=None, own=OWN_FILES, tool=TOOL)
   meta_path = os.path.join(_resume_dir(workdir), "meta.json")
   if not os.path.exists(meta_path):
-    if os.path.isdir(os.path.join(workdir, "model_0")):
-      raise ConfigError(f"--workdir={workdir} holds a run that stopped before its first evaluation saved a resume "
-                        "point; choose a new workdir or delete that one")
     return None
   with open(meta_path) as f:
     return json.load(f)
@@ -171,13 +171,12 @@ def _save_resume(workdir: str, params, opt_state, best, best_step, last_val, ste
   """Atomically: the state after `step` steps, the samplers' RNG states included. The directory is replaced by
   rename, so a kill leaves the old or the new point, never half of one."""
   leaves = jax.tree.leaves((params, opt_state))
-  tmp = os.path.join(workdir, RESUME + ".tmp")
-  os.makedirs(tmp, exist_ok=True)
-  np.savez(os.path.join(tmp, "state.npz"), *[np.asarray(x) for x in jax.device_get(leaves)])
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump({"step": step, "best": best.tolist(), "best_step": best_step.tolist(), "last_val": last_val.tolist(),
-               "sampler_rng": [s.rng.bit_generator.state for s in samplers]}, f)  # the streams are stateful
-  rundir.replace_dir(tmp, os.path.join(workdir, RESUME))
+  with rundir.atomic_output(os.path.join(workdir, RESUME)) as tmp:
+    os.makedirs(tmp)
+    np.savez(os.path.join(tmp, "state.npz"), *[np.asarray(x) for x in jax.device_get(leaves)])
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump({"step": step, "best": best.tolist(), "best_step": best_step.tolist(),
+                 "last_val": last_val.tolist(), "sampler_rng": [s.rng.bit_generator.state for s in samplers]}, f)
 
 
 def _load_resume(workdir: str, params, opt_state, samplers):
@@ -198,8 +197,15 @@ def _load_resume(workdir: str, params, opt_state, samplers):
           int(meta["step"]))
 
 
-def train(c, workdir: str, quiet: bool = False) -> dict:
-  """Trains train.num_models models; returns the summary (also written to workdir/summary.json)."""
+def train(c, workdir: str, quiet: bool = False, stop: StopSignals | None = None) -> dict:
+  """Trains train.num_models models; returns the summary (also written to workdir/summary.json), or, stopped by a
+  signal (`stop`: the command's handler; installed here if not given), {"stopped": signal, "step": saved step}."""
+  stop = stop if stop is not None else StopSignals()
+  with stop:
+    return _train(c, workdir, quiet, stop)
+
+
+def _train(c, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   config_lib.validate(c)
   a, o, t = Arch.from_config(c.model), c.optim, c.train
   N = t.num_models
@@ -219,14 +225,19 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
   sched = lr_schedule(o, t.steps)
   params, opt_state = init_models(a, opt, seeds, t.init_from)
 
+  if stop.received:
+    print(f"{stop.received} during start-up: nothing was written; start again with the same command",
+          file=sys.stderr)
+    return {"workdir": workdir, "stopped": stop.received, "step": 0}
   os.makedirs(workdir, exist_ok=True)
   dirs = [os.path.join(workdir, f"model_{i}") for i in range(N)]
   best, best_step, last_val, start = np.full(N, -1.0), np.full(N, -1), np.zeros(N), 0
   if resume is not None:
     params, opt_state, best, best_step, last_val, start = _load_resume(workdir, params, opt_state, samplers)
-    for d in dirs:  # records after the saved step are written again by the resumed run
-      rundir.truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
+  for d in dirs:  # records after the saved step (all of them, without one) are written again by this run
+    rundir.truncate_jsonl(os.path.join(d, "metrics.jsonl"), start - 1)
   rundir.write_config(c, workdir)
+  rundir.record_start(c, workdir, start or None, jax.device_count(), TOOL)
   from tensorboardX import SummaryWriter  # lazy: TensorBoard (and protobuf) only where a run logs
   writers = [SummaryWriter(os.path.join(d, "tb")) for d in dirs]
   progress = rundir.Progress(t.steps, quiet=quiet, unit="steps/s", digits=1)
@@ -294,6 +305,13 @@ def train(c, workdir: str, quiet: bool = False) -> dict:
         if t_mark is not None:  # keep evaluation time out of steps/s
           t_mark += time.perf_counter() - t_eval
       step += 1
+      if stop.received and step < t.steps:
+        stop.saving = f"resume point of step {step}"
+        _save_resume(workdir, params, opt_state, best, best_step, last_val, step, samplers)
+        stop.saving = None
+        print(f"\n{stop.received}: saved a resume point at step {step}; exiting. Start again with the same command "
+              "to resume.", file=sys.stderr)
+        return {"workdir": workdir, "stopped": stop.received, "step": step}
   finally:
     progress.close()
     for w in writers:
@@ -335,8 +353,8 @@ def _flags(fv):
   flags.DEFINE_bool("dry_run", False, "Print the parameter count and exit", flag_values=fv)
 
 
-@command("dba-addition-train", errors=(ConfigError, ConversionError))
-def main(argv) -> int:
+@command(TOOL, errors=(ConfigError, ConversionError))
+def main(argv, stop: StopSignals | None = None) -> int:
   fv = flags_of(argv, _flags, doc=__doc__)
   if fv.config is None:
     raise CommandError("--config=configs/addition.py:VARIANT is required")
@@ -346,7 +364,10 @@ def main(argv) -> int:
     return 0
   if not fv.workdir:
     raise ConfigError("--workdir is required (where config, metrics and checkpoints go)")
-  s = train(c, fv.workdir)
+  s = train(c, fv.workdir, stop=stop)
+  if s.get("stopped"):
+    print(f"stopped by {s['stopped']} at step {s['step']} -> {s['workdir']}; the same command resumes")
+    return 0
   for m in s["models"]:
     print(f"model {m['model']} (seed {m['seed']}): best val {m['best_val_exact']:.5f} at step {m['best_step']}, "
           f"test {m['best_test_exact']:.5f}")
@@ -355,7 +376,7 @@ def main(argv) -> int:
   return 0
 
 
-cli = entry(main)
+cli = entry(main, stops=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dba_jax.cli import CommandError, command, entry, flags_of
 from dba_jax.configlib import Config, ConfigError, lock
 from dba_jax.latentwire import bridge as bridge_lib, interlingua, losses as lw_losses, sides
 from dba_jax.latentwire.optim import make_optimizer
+from dba_jax.signals import StopSignals
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -107,6 +108,9 @@ def make_system(c: Config, src: sides.LM, tgt: sides.LM):
 
 
 def validate(c: Config) -> Config:
+  if "kind" not in c.get("model", {}) or "loss" not in c:
+    raise ConfigError("--config is not a bridge config (it has no model.kind / loss section: an LM config is "
+                      "dba-train's); use e.g. --config=configs/latentwire.py:bridge_k8")
   if c.model.get("kind") == "interlingua":
     return interlingua.validate(c)
   m, ls, o, d, t = c.model, c.loss, c.optim, c.data, c.train
@@ -222,6 +226,9 @@ class Bridge:
     return new, metrics
 
 
+TOOL = "dba-latentwire-train"
+
+
 def batch_at(br: Bridge, pool, step: int) -> dict:
   """The training batch of `step`: drawn from (train.seed, step), so a resumed run sees the same batches."""
   c = br.c
@@ -243,7 +250,7 @@ def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None 
   br = make_system(validate(c), src or sides.load_lm(c.source, "source"), tgt or sides.load_lm(c.target, "target"))
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
-    _, params, _, _ = ckpts.restore_first_good(_placed(br.abstract_params))
+    _, params = ckpts.restore_for_reading(_placed(br.abstract_params), what="bridge checkpoint")
   except (ckpt.CheckpointDamaged, ckpt.CheckpointMismatch) as e:  # e.g. written before a parameter was renamed
     raise sides.SideError(f"bridge {workdir}: {e}") from None
   finally:
@@ -256,12 +263,19 @@ def _placed(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
-def train(c: Config, workdir: str, quiet: bool = False) -> dict:
+def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None = None) -> dict:
   """Trains (or resumes) the translator in `workdir`. The workdir guard is dba-train's (rundir.check_workdir) with a
-  bridge's reader: a different model section or kind of run (bridge / interlingua), or other LMs, are refused."""
+  bridge's reader: a different model section or kind of run (bridge / interlingua), or other LMs, are refused.
+  `stop`: the command's signal handler (installed here if not given); the first signal saves and stops."""
+  stop = stop if stop is not None else StopSignals()
+  with stop:
+    return _train(c, workdir, quiet, stop)
+
+
+def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   validate(c)
   workdir = os.path.abspath(workdir)
-  resuming = rundir.check_workdir(c, workdir, read_config)
+  resuming = rundir.check_workdir(c, workdir, read_config, tool=TOOL)
   if resuming:
     saved = rundir.read_saved(workdir)
     moved = [k for k in ("source", "target") if os.path.abspath(saved[k]) != os.path.abspath(c[k])]
@@ -273,6 +287,9 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
   dev = synthetic.qa_pairs(c.data.dev_questions, c.data.dev_seed, "test")
   batch_at(br, pool, 0)  # every length checked before anything is written
   say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+  if stop.received:
+    say(f"{stop.received} during start-up: nothing was written; start again with the same command")
+    return {"workdir": workdir, "stopped": stop.received, "step": 0}
   rundir.write_config(c, workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_ckpts, async_save=False)
   state = jax.device_put(br.init_state(c.train.seed), jax.devices()[0])  # committed, as the step's outputs: one compile
@@ -283,7 +300,7 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
     state = {"params": params, "opt": opt, "step": jnp.asarray(start, jnp.int32)}
   for name in ("metrics.jsonl", "eval.jsonl"):
     rundir.truncate_jsonl(os.path.join(workdir, name), start)
-  rundir.record_start(c, workdir, start or None, jax.device_count())
+  rundir.record_start(c, workdir, start or None, jax.device_count(), TOOL)
   say(br.describe(sum(x.size for x in jax.tree.leaves(state["params"])))
       + (f"; resumed at step {start}" if start else ""))
   key = jax.random.key(c.train.seed)
@@ -311,8 +328,16 @@ def train(c: Config, workdir: str, quiet: bool = False) -> dict:
         log("eval.jsonl", {"step": done, **ems, "dev_questions": len(dev)})
         say(f"\nstep {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ems.items()) + f" over {len(dev)} held-out "
             "questions")
-      if done % c.train.ckpt_every == 0 or done == c.train.steps:
+      stopping = stop.received is not None and done < c.train.steps
+      if done % c.train.ckpt_every == 0 or done == c.train.steps or stopping:
+        stop.saving = f"checkpoint of step {done}" if stopping else None
         ckpts.save(done, state["params"], state["opt"], {"step": done})
+        ckpts.wait()
+        stop.saving = None
+      if stopping:
+        say(f"\n{stop.received}: saved a checkpoint at step {done}; exiting. Start again with the same command to "
+            "resume.")
+        return {"workdir": workdir, "stopped": stop.received, "step": done}
   finally:
     progress.close()
     ckpts.close()
@@ -325,8 +350,8 @@ def _flags(fv):
   flags.DEFINE_string("workdir", None, "the bridge's run directory (config, metrics, checkpoints)", flag_values=fv)
 
 
-@command("dba-latentwire-train", errors=(ConfigError, sides.SideError, ckpt.CheckpointMismatch, OSError))
-def main(argv: list[str]) -> int:
+@command(TOOL, errors=(ConfigError, sides.SideError, ckpt.CheckpointMismatch))
+def main(argv: list[str], stop: StopSignals | None = None) -> int:
   fv = flags_of(argv, _flags, doc=__doc__)
   missing = [f"--{k}" for k in ("config", "source", "target", "workdir") if not getattr(fv, k)]
   if missing:
@@ -335,11 +360,11 @@ def main(argv: list[str]) -> int:
   c.unlock()
   c.source, c.target = fv.source, fv.target
   c.lock()
-  print(json.dumps(train(c, fv.workdir)))
+  print(json.dumps(train(c, fv.workdir, stop=stop)))
   return 0
 
 
-cli = entry(main)
+cli = entry(main, stops=True)
 
 
 if __name__ == "__main__":
