@@ -251,3 +251,40 @@ def test_stopped_then_the_same_command_finishes(tool, point, sig, inputs, uninte
   assert not _tmp_outputs(str(tmp_path)), _tmp_outputs(str(tmp_path))
   if row.results is not None:
     assert row.results(names) == uninterrupted(tool)
+
+
+def test_an_addition_run_killed_before_its_first_resume_point_starts_again(tmp_path, capsys):
+  """W6: config.json and model_0's first records exist, no resume point: the same command trains from step 0 (its
+  records written once), where it used to refuse the directory."""
+  from test_addition import _tiny  # lazy: the addition fixtures only here
+  from dba_jax.addition import train as add_train
+  c = _tiny(1, 0)
+  c.train.steps = 3
+  w = tmp_path / "w"
+  rundir.write_config(c, str(w))
+  (w / "model_0").mkdir()
+  (w / "model_0" / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n{"step": 1, "lo')  # cut by the kill
+  argv = ["dba-addition-train", f"--workdir={w}"] + [f"--config.train.{k}={v}" for k, v in c.train.items()
+                                                      if k in ("steps", "batch_size", "eval_interval", "val_size", "seed",
+                                                               "test_size", "eval_batch_size", "log_every")]
+  assert add_train.main(["dba-addition-train", "--config=configs/addition.py:456p", *argv[1:],
+                         "--config.optim.warmup_steps=5"]) == 0, capsys.readouterr().err
+  steps = [r["step"] for r in _lines(w / "model_0" / "metrics.jsonl") if "loss" in r]
+  assert steps == sorted(set(steps)) and 9.0 not in [r.get("loss") for r in _lines(w / "model_0" / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("tool,argv,kib", [("dba-train", TRAIN, 64), ("dba-addition-train", ADD, 4)])
+def test_a_disk_that_refuses_a_save_is_one_line_and_exit_4(tool, argv, kib, tmp_path):
+  """'File too large' (a file-size limit below a checkpoint; ENOSPC takes the same path): one line naming it, exit
+  code 4, no traceback and no half-written checkpoint."""
+  import resource
+
+  def limit():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (kib << 10, resource.RLIM_INFINITY))
+  args = [a.format(tmp=tmp_path) for a in argv.split()]
+  p = subprocess.run([sys.executable, "-m", "dba_jax.tools", tool, *args], cwd=REPO, env=cli_env(),
+                     capture_output=True, text=True, timeout=600, preexec_fn=limit)
+  assert p.returncode == 4, p.stderr[-3000:]
+  assert "Traceback" not in p.stderr and "File too large" in p.stderr, p.stderr[-3000:]
+  assert len([ln for ln in p.stderr.splitlines() if "error:" in ln]) == 1, p.stderr[-3000:]
+  assert not glob.glob(str(tmp_path / "w" / "**" / "*tmp*"), recursive=True)

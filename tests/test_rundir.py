@@ -3,6 +3,8 @@ the workdir guard of each tool, atomic writes, JSONL cut-back, the progress line
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -11,7 +13,7 @@ from dba_jax import cli, loading, rundir
 from dba_jax.addition import train as add_train
 from dba_jax.config import ConfigError
 from dba_jax.latentwire import train as lw_train
-from helpers import load_preset, tiny
+from helpers import REPO, load_preset, tiny
 
 
 def _addition(steps: int = 20):
@@ -122,9 +124,24 @@ def test_command_prologue(capsys, monkeypatch):
   assert main(["dba-x", "--config=nope.py"]) == 2
   assert capsys.readouterr().err == "dba-x: error: bad --config or override: config file nope.py does not exist\n"
 
-  def interrupted(argv=None):
-    raise KeyboardInterrupt
-  interrupted.prog = "dba-y"
-  with pytest.raises(SystemExit) as e:
-    cli.entry(interrupted)()
-  assert e.value.code == 130 and capsys.readouterr().err.strip() == "dba-y: interrupted"
+
+
+ABORT = """
+import os, signal, sys
+from dba_jax import rundir, signals
+signals.install("dba-y", stops=False)
+with rundir.atomic_output(sys.argv[1]) as tmp:
+  open(tmp, "w").write("half")
+  os.kill(os.getpid(), signal.SIG{sig})
+  print("not reached")
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("INT", 130), ("TERM", 143)])
+def test_a_tool_that_does_not_train_aborts_on_the_first_signal_leaving_nothing(tmp_path, sig, code):
+  out = tmp_path / "r.json"
+  p = subprocess.run([sys.executable, "-c", ABORT.format(sig=sig), str(out)], capture_output=True, text=True,
+                     cwd=REPO, timeout=60)
+  assert p.returncode == code and "not reached" not in p.stdout, p.stderr
+  assert p.stderr.strip() == f"dba-y: interrupted (SIG{sig}); no output was left half-written"
+  assert os.listdir(tmp_path) == []  # neither the output nor its temporary file
