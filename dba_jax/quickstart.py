@@ -4,14 +4,19 @@
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+from dba_jax import signals
 
-from dba_jax import train
-from dba_jax.cli import command, entry, parse_flags
-from dba_jax.configlib import ConfigError
-from dba_jax.evals import runs_table
+if __name__ == "__main__":  # the stop handler before the heavy imports below (as dba_jax/main.py)
+  signals.install("quickstart", stops=True)
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from dba_jax import rundir, train  # noqa: E402
+from dba_jax.cli import command, entry, int_at_least, parse_flags  # noqa: E402
+from dba_jax.configlib import ConfigError  # noqa: E402
+from dba_jax.evals import runs_table  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 
@@ -21,10 +26,10 @@ def load_config(variant: str):
 
 
 @command("quickstart", errors=(ConfigError,), argv0=False)
-def main(argv) -> int:
+def main(argv, stop=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/quickstart")
-  p.add_argument("--steps", type=int, default=None, help="override train.steps for both models")
+  p.add_argument("--steps", type=int_at_least(1), default=None, help="override train.steps for both models")
   args = p.parse_args(argv)
   rows = []
   for variant in ("baseline", "dba"):
@@ -33,11 +38,13 @@ def main(argv) -> int:
       c.train.steps = args.steps
     print(f"== training quickstart:{variant} ==", file=sys.stderr)
     run_dir = os.path.join(args.workdir, variant)
-    train.train(c, run_dir)
+    stopped = train.train(c, run_dir, stop=stop).get("stopped")
+    if stopped:
+      print(f"stopped by {stopped}; the same command resumes", file=sys.stderr)
+      return 0
     rows.append(runs_table.summarize(run_dir))
   text = runs_table.table(rows)
-  with open(os.path.join(args.workdir, "comparison.md"), "w") as f:
-    f.write(text + "\n")
+  rundir.atomic_write(os.path.join(args.workdir, "comparison.md"), text + "\n")
   plot = os.path.join(args.workdir, "loss_curves.svg")
   runs_table.loss_curves_svg([os.path.join(args.workdir, v) for v in ("baseline", "dba")], plot)
   print(text)
@@ -46,4 +53,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  entry(main)()
+  entry(main, stops=True)()

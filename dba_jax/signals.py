@@ -42,6 +42,7 @@ class StopSignals:
     self.received: str | None = None
     self.saving: str | None = None
     self._old: dict = {}
+    self._entered: list[bool] = []
 
   def install(self) -> "StopSignals":
     if not self._old and threading.current_thread() is threading.main_thread():
@@ -84,10 +85,12 @@ class StopSignals:
     self._old = {}
 
   def __enter__(self):
+    self._entered.append(not self._old)  # a `with` restores only handlers it installed itself
     return self.install()
 
   def __exit__(self, *exc):
-    self.restore()
+    if self._entered.pop():
+      self.restore()
 
 
 _installed: StopSignals | None = None
