@@ -160,11 +160,11 @@ def load_config(prog: str, config: str, overrides: list[str], validate):
     raise SystemExit(2) from None
 
 
-def refuse_existing(prog: str, out: str, force: bool, what: str = "file", also: tuple = ()):
-  """Exit 2 before any work when --out (or a file written beside it, `also`) exists and --force is not given:
-  nothing a user had is overwritten by accident. --out must not be a directory unless `what` is one."""
+def refuse_existing(prog: str, out: str, force: bool, what: str = "file", also: tuple = (), flag: str = "--out"):
+  """Exit 2 before any work when `flag`'s path `out` (or a file written beside it, `also`) exists and --force is not
+  given: nothing a user had is overwritten by accident. It must not be a directory unless `what` is one."""
   if out and os.path.isdir(out) and what == "file":
-    print(f"{prog}: error: --out {out} is a directory; give a file name", file=sys.stderr)
+    print(f"{prog}: error: {flag} {out} is a directory; give a file name", file=sys.stderr)
     raise SystemExit(EXIT_REFUSED)
   taken = [p for p in (out, *also) if p and os.path.exists(p)] if out else []
   if taken and not force:
@@ -174,7 +174,7 @@ def refuse_existing(prog: str, out: str, force: bool, what: str = "file", also: 
     raise SystemExit(EXIT_REFUSED)
   parent = os.path.dirname(os.path.abspath(out)) if out else ""
   if parent and os.path.exists(parent) and not os.path.isdir(parent):
-    print(f"{prog}: error: --out {out}: {parent} is a file, not a directory", file=sys.stderr)
+    print(f"{prog}: error: {flag} {out}: {parent} is a file, not a directory", file=sys.stderr)
     raise SystemExit(EXIT_REFUSED)
 
 

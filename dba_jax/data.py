@@ -61,8 +61,11 @@ def read_bin(path: str) -> np.ndarray:
 def read_npy(path: str) -> np.ndarray:
   try:
     arr = np.load(path, mmap_mode="r")
-  except ValueError as e:  # numpy reports truncation as "cannot reshape" / "mmap length is greater"
-    raise DataError(f"{path}: not a readable .npy token array ({e})") from None
+  except (ValueError, EOFError) as e:  # truncation: "cannot reshape" / "mmap length is greater"; 0 bytes: EOFError
+    raise DataError(f"{path}: not a readable .npy token array ({e or type(e).__name__})") from None
+  if not isinstance(arr, np.ndarray):  # an .npz archive
+    arr.close()
+    raise DataError(f"{path}: an .npz archive, not a .npy token array")
   if arr.ndim != 1 or arr.dtype not in (np.uint16, np.uint32):
     raise DataError(f"{path}: expected a 1-D uint16 or uint32 token array, got {arr.dtype} shape {arr.shape}")
   return arr

@@ -12,13 +12,19 @@
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged; evals/addition.py)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (evals/compare_checkpoints.py)
   dba-eval latentwire --manifest FILE.json [--out X.json]   (evals/latentwire.py)
+
+Numbers are range-checked by their argument types before any checkpoint is read (counts >= 1, ratios in (0, 1],
+finite temperatures >= 0; a 0 documented as "default" or "all" means that). Every file a subcommand writes (--out,
+hope's --plot and --save-state, latentwire's .md table, compare's directory) is refused when it exists, unless
+--force, and is written under a temporary name and renamed: a kill leaves the old file or the new one, whole.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from dba_jax.cli import command, entry, refuse_existing, write_json
+from dba_jax.cli import command, entry, float_at_least, int_at_least, listed, ratio, refuse_existing, write_json
 from dba_jax.evals import addition, compare_checkpoints, generation, hope_memory, latentwire, perplexity, pruning
 from dba_jax.evals.common import EvalError
 
@@ -31,62 +37,72 @@ COMMANDS = {"ppl": perplexity.command, "generate": generation.command, "prune": 
             "hope": hope_memory.command}
 
 
+# Range-checked argparse types: an impossible value is refused before any checkpoint is loaded.
+COUNT, SIZE = int_at_least(1), int_at_least(0)  # SIZE: 0 means the documented default
+
+
 def _parser():
   p = argparse.ArgumentParser(prog=PROG, description="Evaluate dba_jax checkpoints: perplexity and generation.")
   sub = p.add_subparsers(dest="command", required=True)
   q = sub.add_parser("ppl", help="perplexity on a split")
   q.add_argument("--checkpoint", required=True, help="a workdir or checkpoints/<step> directory")
   q.add_argument("--split", default="val", choices=("val", "train"))
-  q.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's data.seq_len)")
+  q.add_argument("--seq-len", type=SIZE, default=0, help="window length (default: the run's data.seq_len)")
   q.add_argument("--overlap", action="store_true", help="the anchor's overlapping windows (every --stride tokens)")
-  q.add_argument("--stride", type=int, default=1, help="window start spacing with --overlap")
-  q.add_argument("--vocab-limit", type=int, default=0, help="softmax over the first N logits (default vocab_size)")
-  q.add_argument("--max-windows", type=int, default=0, help="at most N windows, spread evenly (0: all)")
-  q.add_argument("--batch-size", type=int, default=8)
+  q.add_argument("--stride", type=COUNT, default=1, help="window start spacing with --overlap")
+  q.add_argument("--vocab-limit", type=SIZE, default=0, help="softmax over the first N logits (default vocab_size)")
+  q.add_argument("--max-windows", type=SIZE, default=0, help="at most N windows, spread evenly (0: all)")
+  q.add_argument("--batch-size", type=COUNT, default=8)
   q.add_argument("--out", default="", help="also write the JSON here")
   q.add_argument("--force", action="store_true", help="replace an existing --out file")
   g = sub.add_parser("generate", help="KV-cache generation from a text prompt")
   g.add_argument("--checkpoint", required=True)
   g.add_argument("--prompt", required=True)
-  g.add_argument("--max-new", type=int, default=64)
-  g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  g.add_argument("--max-new", type=COUNT, default=64)
+  g.add_argument("--temperature", type=float_at_least(0), default=0.0, help="0: greedy")
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--cache", default="float16", help="float32|bf16|fp16|q8_0|q4_0|nf4, or per stream: q4/q8/q4")
-  g.add_argument("--window", type=int, default=0, help="keep the W most recent tokens in float32")
-  g.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids (none by default)")
-  g.add_argument("--max-len", type=int, default=0, help="cache length (default prompt + max-new)")
+  g.add_argument("--window", type=SIZE, default=0, help="keep the W most recent tokens in float32")
+  g.add_argument("--stop", type=SIZE, nargs="*", default=[], help="stop token ids (none by default)")
+  g.add_argument("--max-len", type=SIZE, default=0, help="cache length (default prompt + max-new)")
   g.add_argument("--out", default="", help="also write the JSON here")
   g.add_argument("--force", action="store_true", help="replace an existing --out file")
   r = sub.add_parser("prune", help="selective-attention context pruning: keep ratios and per-layer KV budgets")
   r.add_argument("--checkpoint", required=True)
   r.add_argument("--split", default="val", choices=("val", "train"))
-  r.add_argument("--seq-len", type=int, default=0, help="window length (default: the run's data.seq_len)")
-  r.add_argument("--ratios", default="1,0.5,0.25", help="comma-separated keep ratios (the full-forward simulation)")
+  r.add_argument("--seq-len", type=SIZE, default=0, help="window length (default: the run's data.seq_len)")
+  r.add_argument("--ratios", type=listed(ratio), default=[1, 0.5, 0.25],
+                 help="comma-separated keep ratios in (0, 1] (the full-forward simulation)")
   r.add_argument("--rule", default="original", choices=("original", "per_row"))
-  r.add_argument("--budgets", default="", help="comma-separated shared KV budgets to decode with")
-  r.add_argument("--target-loss", type=float, default=0.0, help="search budgets meeting this loss (e.g. a baseline's)")
+  r.add_argument("--budgets", type=listed(int_at_least(2)), default=[],
+                 help="comma-separated shared KV budgets to decode with, from 2 (BOS and the current token) to the "
+                 "window length")
+  r.add_argument("--target-loss", type=float_at_least(0), default=0.0,
+                 help="search budgets meeting this loss (e.g. a baseline's)")
   r.add_argument("--target-from", default="", help="checkpoint whose full-context loss on the same windows is the "
                  "target (the paper's criterion: an unselective model's perplexity)")
-  r.add_argument("--within", type=float, default=0.0, help="also search budgets within this relative loss of the "
-                 "model's own full cache (e.g. 0.01)")
+  r.add_argument("--within", type=float_at_least(0), default=0.0,
+                 help="also search budgets within this relative loss of the model's own full cache (e.g. 0.01)")
   r.add_argument("--per-layer", action="store_true", help="refine the shared budget layer by layer")
-  r.add_argument("--max-windows", type=int, default=8)
-  r.add_argument("--batch-size", type=int, default=8)
+  r.add_argument("--max-windows", type=COUNT, default=8)
+  r.add_argument("--batch-size", type=COUNT, default=8)
   r.add_argument("--out", default="", help="also write the JSON here")
   r.add_argument("--force", action="store_true", help="replace an existing --out file")
   o = sub.add_parser("hope", help="memory evals (HOPE, Titans): passkey, NIAH, continual, with and without memory")
   o.add_argument("task", choices=("passkey", "niah", "continual", "read"))
   o.add_argument("--checkpoint", required=True)
-  o.add_argument("--lengths", default="", help="prompt lengths in tokens, comma-separated (default: the training "
-                 "length); continual: the segment length")
-  o.add_argument("--samples", type=int, default=32)
-  o.add_argument("--seed", type=int, default=0)
+  o.add_argument("--lengths", type=listed(COUNT), default=[],
+                 help="prompt lengths in tokens, comma-separated (default: the training length); continual: the "
+                 "segment length")
+  o.add_argument("--samples", type=COUNT, default=32)
+  o.add_argument("--seed", type=SIZE, default=0)
   o.add_argument("--plot", default="", help="passkey/niah: also plot accuracy against length (PNG)")
   o.add_argument("--text", default="", help="read: the text file the memory reads (and is scored on)")
   o.add_argument("--state", default="", help="read: start from this saved memory state (a --save-state directory)")
-  o.add_argument("--save-state", default="", help="read: save the memory state after reading to this new directory")
+  o.add_argument("--save-state", default="", help="read: save the memory state after reading to this directory "
+                 "(an existing one only with --force)")
   o.add_argument("--out", default="", help="also write the JSON here")
-  o.add_argument("--force", action="store_true", help="replace an existing --out file")
+  o.add_argument("--force", action="store_true", help="replace an existing --out, --plot or --save-state")
   sub.add_parser("addition", help="dba-addition-eval's arguments, forwarded", add_help=False)
   sub.add_parser("compare", help="compare checkpoints from a manifest (dba_jax/evals/compare_checkpoints.py)",
                  add_help=False)
@@ -99,18 +115,16 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in FORWARDED:
     return FORWARDED[argv[0]](argv[1:])
-  args = _parser().parse_args(argv)  # argparse exits 2 on a usage error
-  checks = [(getattr(args, "seq_len", 0) < 0, "--seq-len must be positive"),
-            (getattr(args, "stride", 1) < 1, "--stride must be >= 1"),
-            (getattr(args, "batch_size", 1) < 1, "--batch-size must be >= 1"),
-            (getattr(args, "max_new", 1) < 1, "--max-new must be >= 1"),
-            (getattr(args, "temperature", 0.0) < 0, "--temperature must be >= 0"),
-            (getattr(args, "window", 0) < 0, "--window must be >= 0")]
-  for bad, msg in checks:
-    if bad:
-      print(f"{PROG}: error: {msg}", file=sys.stderr)
+  args = _parser().parse_args(argv)  # argparse exits 2 on a usage error or an out-of-range number
+  # Every file the subcommand writes is checked before any work: nothing a user has is overwritten without --force.
+  outputs = [("--out", args.out)] + ([("--plot", args.plot)] if args.command == "hope" else [])
+  for flag, path in outputs:
+    refuse_existing(PROG, path, args.force, flag=flag)
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      print(f"{PROG}: error: {flag} {path}: its directory does not exist; create it first", file=sys.stderr)
       return 2
-  refuse_existing(PROG, args.out, args.force)
+  if args.command == "hope":
+    refuse_existing(PROG, args.save_state, args.force, what="memory state directory", flag="--save-state")
   try:
     result = COMMANDS[args.command](args)
   except EvalError as e:

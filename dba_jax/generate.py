@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import time
 
@@ -309,6 +310,8 @@ class Generator:
 
     Returns {"tokens": [[...] per row], "stopped": [bool per row], "prefill_s", "decode_s", "new_tokens",
     "decode_tokens_per_s"}. Sampling keys are fold_in(key(seed), step), so a seed reproduces the output."""
+    if not math.isfinite(temperature) or temperature < 0:  # a NaN would silently decode greedily
+      raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: greedy)")
     stop = np.asarray(list(stop_tokens), np.int32)
     key = jax.random.key(seed)
     start = time.perf_counter()

@@ -35,25 +35,41 @@ def locate(path: str) -> tuple[str, int | None]:
 
 
 def load_model(path: str, step: int | None = None) -> tuple[model_lib.Model, Config]:
-  """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab]. The latest good step unless `step`
-  (or a checkpoints/<step> path) names one: a damaged latest checkpoint is skipped with a warning naming it and
-  the step used; a damaged named one, or none usable, raises ckpt.CheckpointDamaged in one line."""
+  """(model, config); `model(tokens_BT)` returns logits [B, T, padded vocab], and model.step / model.checkpoint_dir
+  name the checkpoint read. The latest good step unless `step` (or a checkpoints/<step> path) names one: a damaged
+  latest checkpoint is skipped with a warning naming it and the step used; a damaged named one, or none usable,
+  raises ckpt.CheckpointDamaged in one line."""
   workdir, path_step = locate(path)
   step = step if step is not None else path_step
   c = read_config(workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     steps = ckpts.all_steps()
-    if step is not None and step not in steps or not steps:
+    if not steps:
+      raise FileNotFoundError(no_checkpoint(workdir))
+    if step is not None and step not in steps:
       raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {steps})")
     graphdef, state = model_lib.abstract(c.model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             nnx.to_pure_dict(state))
     skipped = []
-    step, params, _, _ = ckpts.restore_first_good(abstract, step=step, on_damaged=lambda s, why: skipped.append(why))
-    if skipped:
+    step, params, _, _ = ckpts.restore_first_good(
+        abstract, step=step, on_damaged=lambda s, why: skipped.append(f"{ckpts.step_dir(s)} ({why})"))
+    if skipped:  # one line naming every checkpoint skipped and the one read instead
       log.warning("skipped damaged checkpoint(s): %s; loaded step %d instead", "; ".join(skipped), step)
-    return model_lib.Model(c.model, graphdef, params), c
+    model = model_lib.Model(c.model, graphdef, params)
+    model.step, model.checkpoint_dir = step, ckpts.step_dir(step)
+    return model, c
   finally:
     ckpts.close()
+
+
+def no_checkpoint(workdir: str) -> str:
+  """What an empty checkpoints/ means: never saved, or every checkpoint set aside as broken by a resume."""
+  aside = os.path.join(workdir, "checkpoints_broken")
+  n = len(os.listdir(aside)) if os.path.isdir(aside) else 0
+  if n:
+    return (f"{workdir}/checkpoints holds no checkpoint ({n} set aside in checkpoints_broken as damaged): nothing "
+            "usable to load; train again or restore one by hand")
+  return f"{workdir}/checkpoints holds no checkpoint: the run saved none yet"

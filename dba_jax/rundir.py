@@ -23,7 +23,7 @@ from dba_jax.configlib import ConfigError
 # What dba-train and the LatentWire trainer write into a workdir; left empty by an interrupted start, they are no
 # reason to refuse the directory.
 OWN_FILES = ("config.json", "runs.jsonl", "metrics.jsonl", "eval.jsonl", "checkpoints", "checkpoints_broken", "tb")
-TMP_NAMES = "*.tmp[0-9]*"  # atomic_output's temporary names, left by a kill
+TMP_NAMES = ("*.tmp[0-9]*", "*.tmp")  # atomic_output's temporary names (and older versions'), left by a kill
 # Fault injection for tests/test_fault_tools.py, "SECONDS:GLOB": an output whose name matches GLOB stays unfinished
 # that long, so a signal can land while it is written.
 PAUSE_IN_WRITE = os.environ.get("DBA_FAULT_PAUSE_IN_WRITE", "").partition(":")
@@ -156,7 +156,7 @@ def check_workdir(c, workdir: str, read=read_saved, sections: tuple | None = ("m
       raise ConfigError(f"{workdir} holds a run of a different {what} (differs in {', '.join(diff[:6])}{more}); use "
                         "another --workdir")
     return True
-  foreign = sorted(f for f in os.listdir(workdir) if not fnmatch.fnmatch(f, TMP_NAMES) and (
+  foreign = sorted(f for f in os.listdir(workdir) if not any(fnmatch.fnmatch(f, p) for p in TMP_NAMES) and (
       not any(fnmatch.fnmatch(f, p) for p in own) or not _empty_trace(os.path.join(workdir, f))))
   if foreign:
     raise ConfigError(f"{workdir} holds {foreign} but no config.json: not a dba_jax workdir, refusing to write "

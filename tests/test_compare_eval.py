@@ -62,6 +62,42 @@ def test_every_output_file_is_written(out):
   assert not list(out.glob("panel_*.svg"))  # panels are PNGs now; only the aggregate is also an SVG
 
 
+def test_every_output_is_protected_and_replaced_whole(out, tmp_path, monkeypatch, capsys):
+  """Every file compare writes is refused without --force; a write that fails half-way leaves each file as it was,
+  a finished one replaces them and keeps what else the directory holds."""
+  assert sorted(compare_checkpoints.output_files()) == sorted(FILES)
+  d = tmp_path / "out"
+  d.mkdir()
+  for name in FILES:
+    (d / name).write_bytes((out / name).read_bytes())
+  (d / "notes.txt").write_text("the user's own file\n")
+  before = {p.name: p.read_bytes() for p in d.iterdir()}
+  result = json.loads((out / "results.json").read_text())
+
+  def half_drawn(result, stage):
+    (tmp_path / "stage").write_text(stage)
+    with open(f"{stage}/panel_scores.png", "wb") as f:
+      f.write(b"half")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(plots, "write_figures", half_drawn)
+  with pytest.raises(OSError):
+    compare_checkpoints.write_outputs(result, str(d))
+  assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stage"]  # the staging directory is gone
+  monkeypatch.setattr(plots, "write_figures", lambda result, stage: {"files": []})
+  compare_checkpoints.write_outputs(result, str(d))
+  assert (d / "notes.txt").read_bytes() == before["notes.txt"] and (d / "panel_scores.png").read_bytes() == \
+      before["panel_scores.png"]
+  assert json.loads((d / "results.json").read_text())["figure"] == {"files": []}
+  man = tmp_path / "m.py"
+  man.write_text(MANIFEST.format(std="a", dba="b"))
+  (d / "results.json").unlink()  # another of its files still there: refused all the same
+  with pytest.raises(SystemExit):
+    compare_checkpoints.main(["--manifest", str(man), "--out", str(d)])
+  assert "results.csv" in capsys.readouterr().err
+
+
 def test_json_has_both_models_and_baseline(out):
   r = json.loads((out / "results.json").read_text())
   models = {m["name"]: m for m in r["models"]}

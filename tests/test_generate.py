@@ -181,6 +181,9 @@ def test_temperature_sampling_is_reproducible_for_a_seed():
   b = gen.generate(prompt, 12, temperature=1.5, seed=7)["tokens"]
   c = gen.generate(prompt, 12, temperature=1.5, seed=8)["tokens"]
   assert a == b and a != c
+  for bad in (float("nan"), float("inf"), -0.5):  # NaN used to decode greedily without a word
+    with pytest.raises(ValueError, match="finite number >= 0"):
+      gen.generate(prompt, 2, temperature=bad)
 
 
 # --------------------------------------------------------------------------------------------- perplexity
@@ -234,6 +237,7 @@ def test_cli_ppl_and_generate(workdir, tmp_path, capsys):
   assert eval_cli.main(["ppl", "--checkpoint", str(workdir), "--seq-len", "16", "--out", str(out)]) == 0
   r = json.loads(out.read_text())
   assert r["mode"] == "non_overlapping" and r["ppl"] > 1 and r["scored_tokens"] % 16 == 0
+  assert r["step"] == 1 and r["checkpoint_dir"] == str(workdir / "checkpoints" / "1")  # which checkpoint was scored
   capsys.readouterr()
   assert eval_cli.main(["generate", "--checkpoint", str(workdir), "--prompt", "def f", "--max-new", "4",
                         "--cache", "q4/q8/q4"]) == 0
@@ -243,14 +247,15 @@ def test_cli_ppl_and_generate(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["ppl"], ["generate", "--checkpoint", "x"], ["nonsense"],
-                                  ["ppl", "--checkpoint", "x", "--overlap", "--stride", "two"]])
+                                  ["ppl", "--checkpoint", "x", "--overlap", "--stride", "two"],
+                                  ["ppl", "--checkpoint", "x", "--stride", "0"]])
 def test_cli_usage_errors_exit_2(argv):
   with pytest.raises(SystemExit) as e:
     eval_cli.main(argv)
   assert e.value.code == 2
 
 
-@pytest.mark.parametrize("extra", [["ppl", "--checkpoint", "{missing}"], ["ppl", "--checkpoint", "{run}", "--stride", "0"],
+@pytest.mark.parametrize("extra", [["ppl", "--checkpoint", "{missing}"],
                                    ["generate", "--checkpoint", "{run}", "--prompt", "hi", "--cache", "q3_k"]])
 def test_cli_errors_exit_2_with_a_message(extra, workdir, tmp_path, capsys):
   argv = [a.format(missing=tmp_path / "nope", run=workdir) for a in extra]

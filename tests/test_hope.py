@@ -260,7 +260,9 @@ def test_the_memory_evals_run(tmp_path, capsys):
                         "--out", str(out)]) == 0
   r = json.loads(out.read_text())
   assert r["tokens_before"] == r["tokens"] > 100 and r["updates_fired"] > 0 and r["memory_ce"] != r["baseline_ce"]
-  assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(doc), "--save-state", str(saved)]) == 2
+  with pytest.raises(SystemExit) as e:  # refused before any work, as an existing --out is (cli.refuse_existing)
+    eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(doc), "--save-state", str(saved)])
+  assert e.value.code == 2 and "--force" in capsys.readouterr().err
   assert eval_cli.main(["hope", "passkey", "--checkpoint", ckpt, "--state", str(saved)]) == 2
   assert eval_cli.main(["hope", "read", "--checkpoint", ckpt, "--text", str(tmp_path / "none.txt")]) == 2
   assert (saved / "state.npz").read_bytes() == before

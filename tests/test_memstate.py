@@ -1,6 +1,7 @@
 """Memory state files (dba_jax.hope.memstate, `dba-eval hope read`): a memory saved after reading one text and loaded
 for the next continues exactly as one call over both texts; states that do not fit are refused by name; nothing is
 overwritten."""
+import os
 import types
 
 import jax
@@ -58,6 +59,23 @@ def test_states_that_do_not_fit_are_refused_by_name(tmp_path):
   with pytest.raises(memstate.MemStateError, match="exists"):
     memstate.save(str(path), state, c.model, {})
   assert (path / "state.npz").read_bytes() == before
+  # A save that fails half-way (here: the disk, at the second file) leaves the old state whole and nothing else.
+  real_dump = memstate.json.dump
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  memstate.json.dump = full_disk
+  try:
+    with pytest.raises(OSError):
+      memstate.save(str(path), state, c.model, {"tokens_read": 9}, force=True)
+    with pytest.raises(OSError):
+      memstate.save(str(tmp_path / "new"), state, c.model, {})
+  finally:
+    memstate.json.dump = real_dump
+  assert (path / "state.npz").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["s"]
+  memstate.save(str(path), state, c.model, {"tokens_read": 9}, force=True)  # --force: replaced whole
+  assert memstate.load(str(path), scorer.zero_state(), c.model)[1]["tokens_read"] == 9
   wide = _config("hope_attention")
   wide.model.d_model = 64
   with pytest.raises(memstate.MemStateError, match="d_model=32"):
@@ -72,3 +90,6 @@ def test_states_that_do_not_fit_are_refused_by_name(tmp_path):
   with pytest.raises(memstate.MemStateError, match="carries no memory state"):
     evals.read(types.SimpleNamespace(params=None), mag, "some text", save_dir=str(tmp_path / "t"))
   assert not (tmp_path / "t").exists()
+  (path / "state.npz").write_bytes(before[:len(before) // 2])  # cut short: refused by name, no traceback
+  with pytest.raises(memstate.MemStateError, match="state.npz: unreadable"):
+    memstate.load(str(path), scorer.zero_state(), c.model)

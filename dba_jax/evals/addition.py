@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import numpy as np
 
 from dba_jax.addition import checkpoint, data
 from dba_jax.addition.model import Arch, count_params, forward, greedy_decode
-from dba_jax.cli import command, entry, refuse_existing, write_json
+from dba_jax.cli import command, entry, int_at_least, listed, refuse_existing, write_json
 
 
 def make_decoder(a: Arch):
@@ -112,18 +113,29 @@ def main(argv=None) -> int:
   p.add_argument("--strict", action="store_true", help="exact match also requires EOS as the 12th token")
   p.add_argument("--out", default="", help="write the JSON here (always printed)")
   p.add_argument("--force", action="store_true", help="replace an existing --out file")
-  p.add_argument("--batch-size", type=int, default=2000)
-  p.add_argument("--limit", type=int, default=0, help="first N problems of each seed's split (0: all 10,000)")
-  p.add_argument("--seeds", default=",".join(map(str, data.EVAL_SEEDS)), help="comma-separated split seeds")
-  p.add_argument("--failures", type=int, default=20, help="failure samples to keep")
+  # Range-checked by their types before any checkpoint is read (argparse: one line, exit 2).
+  p.add_argument("--batch-size", type=int_at_least(1), default=2000)
+  p.add_argument("--limit", type=int_at_least(0), default=0,
+                 help="first N problems of each seed's split (0, the default: all 10,000)")
+  p.add_argument("--seeds", type=listed(int_at_least(0)), default=list(data.EVAL_SEEDS),
+                 help="comma-separated split seeds (integers >= 0)")
+  p.add_argument("--failures", type=int_at_least(0), default=20, help="failure samples to keep")
   args = p.parse_args(argv)
+  twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+  if twice:
+    print(f"dba-addition-eval: error: --seeds lists {', '.join(map(str, twice))} more than once; each seed is one test "
+          "split, scored once", file=sys.stderr)
+    return 2
   refuse_existing("dba-addition-eval", args.out, args.force)
   try:
     models = checkpoint.load(args.checkpoint, args.which)
   except (ValueError, OSError) as e:  # ConversionError, torch_io.CheckpointReadError
     print(f"dba-addition-eval: error: {e}", file=sys.stderr)
     return 2
-  seeds = tuple(int(s) for s in args.seeds.split(",") if s)
+  except (EOFError, zipfile.BadZipFile) as e:  # a truncated params.npz
+    print(f"dba-addition-eval: error: {args.checkpoint}: a truncated or corrupt params.npz ({e})", file=sys.stderr)
+    return 2
+  seeds = tuple(args.seeds)
   results = [evaluate_checkpoint(m, seeds=seeds, limit=args.limit, batch_size=args.batch_size, strict=args.strict,
                                  max_failures=args.failures) for m in models]
   for r in results:

@@ -26,16 +26,18 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax import data, generate, losses, model as model_lib, plots
+from dba_jax import data, generate, losses, model as model_lib, plots, signals
 from dba_jax.cli import refuse_existing
 from dba_jax.evals import behavior, perplexity
 from dba_jax.evals.attention_probes import attention_probes, attention_record
+from dba_jax.evals.common import EvalError
 from dba_jax.loading import load_model
 
 PROG = "dba-eval compare"
@@ -55,13 +57,45 @@ DEFAULTS = {
 }
 
 
+# The smallest value of each numeric manifest field (0 where the module docstring gives 0 a meaning).
+AT_LEAST = {"eval": {"seq_len": 0, "max_windows": 0, "batch_size": 1},
+            "behavior": {"per_category": 1, "limit": 0, "max_new": 1, "n_resamples": 1, "seed": 0},
+            "latency": {"context_lengths": 1, "decode_tokens": 1, "repeats": 1},
+            "attention": {"probes": 0, "max_tokens": 1}}
+
+
+def run_manifest(path: str) -> dict:
+  """get_config() of the manifest file as a plain dict; a missing, unparsable or failing file is a ValueError in one
+  line (file:line for a syntax error)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"--manifest {path}: no such file")
+  spec = importlib.util.spec_from_file_location("dba_compare_manifest", path)
+  if spec is None:
+    raise ValueError(f"--manifest {path}: not a Python file (configs/compare/*.py are examples)")
+  mod = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  except SyntaxError as e:
+    raise ValueError(f"{path}:{e.lineno}: {e.msg} (manifest syntax)") from None
+  except Exception as e:  # noqa: BLE001 - the user's file: whatever it raises is reported in one line
+    raise ValueError(f"--manifest {path}: get_config() failed: {type(e).__name__}: {e}") from None
+
+
+def check_numbers(path: str, out: dict):
+  """Every numeric field an integer at least its AT_LEAST value (the lists element by element)."""
+  for section, mins in AT_LEAST.items():
+    for key, lo in mins.items():
+      value = out[section][key]
+      many = isinstance(value, (list, tuple))
+      if any(isinstance(v, bool) or not isinstance(v, int) or v < lo for v in (value if many else [value])):
+        raise ValueError(f"{path}: {section}.{key}={value!r} must be {'integers' if many else 'an integer'} >= {lo}")
+
+
 def load_manifest(path: str) -> dict:
   """The manifest as plain dicts with defaults filled in; raises ValueError on a malformed one."""
-  spec = importlib.util.spec_from_file_location("dba_compare_manifest", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
-  cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  cfg = run_manifest(path)
   out = {"name": cfg.get("name") or os.path.splitext(os.path.basename(path))[0],
          "cache": cfg.get("cache", "float16"), "path": os.path.abspath(path)}
   for section, defaults in DEFAULTS.items():
@@ -81,6 +115,9 @@ def load_manifest(path: str) -> dict:
   out["checkpoints"] = [{"name": c["name"], "path": c["path"], "baseline": bool(c.get("baseline"))} for c in cks]
   if out["behavior"]["suite"] not in ("v1", "v2"):
     raise ValueError(f"{path}: behavior.suite must be v1 or v2")
+  if out["eval"]["split"] not in ("val", "train"):
+    raise ValueError(f"{path}: eval.split must be val or train")
+  check_numbers(path, out)
   return out
 
 
@@ -163,14 +200,20 @@ def memory_and_latency(model, c, cache: str, lat: dict, tokens) -> list[dict]:
 def measure(ck: dict, man: dict, probes) -> dict:
   """Everything for one checkpoint; the model is dropped when this returns."""
   t0 = time.perf_counter()
-  model, c = load_model(ck["path"])
+  try:
+    model, c = load_model(ck["path"])
+  except (FileNotFoundError, ValueError) as e:  # a missing, damaged or foreign checkpoint: named, one line
+    raise EvalError(f"checkpoint {ck['name']}: {e}") from None
   m = c.model
-  log(f"[{ck['name']}] {ck['path']}: {m.attn_kind}, {model_lib.count_params(m):,} params")
+  log(f"[{ck['name']}] {ck['path']}: {m.attn_kind}, {model_lib.count_params(m):,} params, step {model.step}")
   ev = man["eval"]
-  tokens = getattr(data.load_splits(c.data, m.vocab_size), ev["split"])
   seq_len = ev["seq_len"] or c.data.seq_len
-  loss = perplexity.perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"],
-                               max_windows=ev["max_windows"], progress=True)
+  try:
+    tokens = getattr(data.load_splits(c.data, m.vocab_size), ev["split"])
+    loss = perplexity.perplexity(model, c, tokens, seq_len, batch_size=ev["batch_size"],
+                                 max_windows=ev["max_windows"], progress=True)
+  except ValueError as e:  # data.DataError, or a split with no window of seq_len + 1 tokens
+    raise EvalError(f"checkpoint {ck['name']}: {e}") from None
   log(f"[{ck['name']}] {ev['split']} loss {loss['nll']:.4f}, ppl {loss['ppl']:.3f}")
   gen_fn, lp_fn = behaviour_fns(model, c, man["behavior"]["max_new"])
   every = max(1, len(probes) // 10)
@@ -186,7 +229,7 @@ def measure(ck: dict, man: dict, probes) -> dict:
   del decoder
   log(f"[{ck['name']}] memory and latency, cache {man['cache']}")
   ctx = memory_and_latency(model, c, man["cache"], man["latency"], tokens)
-  result = {**ck, "attn_kind": m.attn_kind, "params": model_lib.count_params(m), "loss": loss,
+  result = {**ck, "step": model.step, "attn_kind": m.attn_kind, "params": model_lib.count_params(m), "loss": loss,
             "kv_bytes_per_token_analytic": generate.kv_bytes_per_token(m, man["cache"]),
             "kv_bytes_per_token_measured": next((r["measured_bytes_per_token"] for r in reversed(ctx)
                                                  if r["measured_bytes_per_token"] is not None), None),
@@ -256,8 +299,31 @@ def _tex(s: str) -> str:
   return s
 
 
+def output_files() -> list[str]:
+  """Every file `write_outputs` writes into the output directory."""
+  return ["results.json", "results.csv", "results.md", "results.tex", "compare.png", "compare.svg",
+          *(f"panel_{name}.png" for name in plots.PANEL_TITLES)]
+
+
 def write_outputs(result: dict, out_dir: str):
+  """Every output file, drawn and written into a temporary directory beside `out_dir` and then renamed into it one
+  by one: a kill or a failure leaves each file whole (the old one or the new one), never half-written, and files
+  of out_dir that compare does not write are left alone."""
   os.makedirs(out_dir, exist_ok=True)
+  stage = f"{os.path.abspath(out_dir)}.tmp{os.getpid()}"  # rundir.TMP_NAMES; removed by an abort (signals.pending)
+  signals.pending.add(stage)
+  try:
+    shutil.rmtree(stage, ignore_errors=True)
+    os.mkdir(stage)
+    _write_all(result, stage)
+    for name in sorted(os.listdir(stage)):
+      os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+    signals.pending.discard(stage)
+
+
+def _write_all(result: dict, out_dir: str):
   # The figure first, so that results.json records which panels (and axes) it drew.
   log(f"drawing the figure ({len(plots.PANEL_TITLES)} panels)")
   result["figure"] = plots.write_figures(result, out_dir)
@@ -296,10 +362,12 @@ def main(argv=None) -> int:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   out_dir = args.out or os.path.join("runs", "compare", man["name"])
-  refuse_existing(PROG, os.path.join(out_dir, "results.json"), args.force, "comparison")
+  files = [os.path.join(out_dir, name) for name in output_files()]
+  # Every file it writes, checked before any work: none is replaced without --force.
+  refuse_existing(PROG, files[0], args.force, "comparison", also=tuple(files[1:]))
   try:
     result = run(man, out_dir)
-  except (FileNotFoundError, data.DataError) as e:
+  except EvalError as e:  # a checkpoint or its data
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   with open(os.path.join(out_dir, "results.md")) as f:

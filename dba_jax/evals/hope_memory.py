@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dba_jax import data, losses, model as model_lib, plots
-from dba_jax.evals.common import EvalError, load_checkpoint
+from dba_jax.evals.common import EvalError, load_checkpoint, read_checkpoint_config
 from dba_jax.evals.stats import wilson_interval
 from dba_jax.hope import blocks, memstate, step as hope_step, synthetic
 
@@ -207,14 +207,17 @@ def passkey(model, config, samples: int = 32, n_filler: int = 12, seed: int = 0)
   return needle_task(model, config, "passkey", (n_tokens,), samples, seed)
 
 
-def read(model, config, text: str, state_dir: str = "", save_dir: str = "", source: str = "") -> dict:
+def read(model, config, text: str, state_dir: str = "", save_dir: str = "", source: str = "",
+         force: bool = False) -> dict:
   """CE of `text` read with memory (starting from the memory state in state_dir, else the meta weights) and without;
-  save_dir: write the memory state after reading (dba_jax.hope.memstate; `source` names the checkpoint in it)."""
+  save_dir: write the memory state after reading (dba_jax.hope.memstate; `source` names the checkpoint in it), an
+  existing one replaced only with `force`."""
   if (state_dir or save_dir) and not memstate.carries_state(config.model):
     raise memstate.MemStateError(f"model.block={config.model.block!r} carries no memory state between calls "
                                  "(hope_attention / hope_selfmod / hope_hybrid / titans_mac do)")
-  if save_dir and os.path.exists(save_dir):  # before any compute: nothing a user has is overwritten
-    raise memstate.MemStateError(f"{save_dir}: exists; the memory state goes to a new directory")
+  if save_dir and os.path.exists(save_dir) and not force:  # before any compute: nothing a user has is overwritten
+    raise memstate.MemStateError(f"{save_dir}: exists; the memory state goes to a new directory (or pass --force "
+                                 "to replace it)")
   tok = data.get_tokenizer(config.data.tokenizer)
   ids = tok.encode(text)
   if len(ids) < 2:
@@ -235,39 +238,55 @@ def read(model, config, text: str, state_dir: str = "", save_dir: str = "", sour
     memstate.save(save_dir, after, config.model, {
         "checkpoint": source, "tokens_read": out["tokens_before"] + len(ids), "positions_read": start + len(ids) - 1,
         "continued_from": state_dir or None,
-        "text_sha256": hashlib.sha256(text.encode()).hexdigest()})
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest()}, force=force)
     out["state_out"] = save_dir
   return out
 
 
-def command(args) -> dict:
-  """`dba-eval hope TASK`: load a memory model, run TASK (passkey, niah, continual or read) and print a summary."""
-  model, c = load_checkpoint(args.checkpoint)
-  if c.model.block not in hope_step.TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
-    raise EvalError(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
-                    f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
-  try:
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-  except ValueError:
-    raise EvalError(f"--lengths={args.lengths!r} must be comma-separated token counts") from None
+def check_args(args):
+  """What `dba-eval hope` can refuse before loading anything: flags of another task, a --save-state that is a file."""
   if args.task == "read":
     if not args.text:
       raise EvalError("hope read needs --text FILE (the text the memory reads)")
+    if args.save_state and os.path.exists(args.save_state) and not os.path.isdir(args.save_state):
+      raise EvalError(f"--save-state {args.save_state} is a file; a memory state is a directory")
+  elif args.state or args.save_state or args.text:
+    raise EvalError("--text, --state and --save-state belong to `dba-eval hope read`")
+  if args.plot and args.task not in TASKS:
+    raise EvalError(f"--plot belongs to `dba-eval hope passkey` and `niah` (accuracy against length), not {args.task}")
+  if args.task == "continual" and len(args.lengths) > 1:
+    raise EvalError(f"continual reads segments of one length; give one --lengths value, not {len(args.lengths)}")
+
+
+def command(args) -> dict:
+  """`dba-eval hope TASK`: load a memory model, run TASK (passkey, niah, continual or read) and print a summary."""
+  check_args(args)
+  c = read_checkpoint_config(args.checkpoint)  # what can be refused is, before the model loads
+  if c.model.block not in hope_step.TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
+    raise EvalError(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
+                    f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
+  lengths = list(args.lengths)  # token counts >= 1 (checked by dba-eval's argument types)
+  if args.task == "read":
     try:
       with open(args.text, encoding="utf-8") as f:
         text = f.read()
     except (OSError, UnicodeDecodeError) as e:
       raise EvalError(f"--text {args.text}: cannot read it ({e})") from None
+    if args.state:  # a state that does not fit or is cut short: refused before the model loads
+      try:
+        memstate.read(args.state, c.model)
+      except memstate.MemStateError as e:
+        raise EvalError(str(e)) from None
+  model, c = load_checkpoint(args.checkpoint)
+  if args.task == "read":
     try:
-      r = read(model, c, text, args.state, args.save_state, args.checkpoint)
+      r = read(model, c, text, args.state, args.save_state, args.checkpoint, force=args.force)
     except (memstate.MemStateError, ValueError) as e:
       raise EvalError(str(e)) from None
     print(f"read {r['tokens']} tokens ({r['tokens_before']} read before): CE with memory {r['memory_ce']:.4f}, "
           f"without {r['baseline_ce']:.4f} (delta {r['delta']:+.4f}), {r['updates_fired']} memory updates"
           + (f"; memory state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
     return {"checkpoint": args.checkpoint, **r}
-  if args.state or args.save_state or args.text:
-    raise EvalError("--text, --state and --save-state belong to `dba-eval hope read`")
   if args.task == "continual":
     r = continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
     for name in ("baseline", "memory"):
@@ -281,6 +300,6 @@ def command(args) -> dict:
       print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): baseline "
             f"{row['baseline_acc']:.3f}, with memory {row['memory_acc']:.3f} (delta {row['delta']:+.3f}), "
             f"{row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
-    if args.plot:
+    if args.plot:  # plots.save: drawn under a temporary name and renamed, a kill never leaves half a PNG
       plots.memory_accuracy(r, args.plot)
   return {"checkpoint": args.checkpoint, **r}

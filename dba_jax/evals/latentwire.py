@@ -33,8 +33,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from dba_jax import arith_qa as synthetic, generate
-from dba_jax.cli import refuse_existing, write_json
+from dba_jax import arith_qa as synthetic, generate, rundir
+from dba_jax.cli import refuse_existing, sidecar, write_json
 from dba_jax.evals.stats import wilson_interval
 from dba_jax.latentwire import sides
 from dba_jax.latentwire.sides import correct, soft_tokens
@@ -218,9 +218,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--manifest", required=True, help="JSON naming the source, target and bridge directories")
   p.add_argument("--out", default="", help="also write the JSON here (and the table to OUT with .md)")
-  p.add_argument("--force", action="store_true", help="replace an existing --out file")
+  p.add_argument("--force", action="store_true", help="replace an existing --out file and its .md table")
   args = p.parse_args(argv)
-  refuse_existing(PROG, args.out, args.force)
+  table_path = sidecar(args.out, ".md") if args.out else ""
+  if args.out and table_path == args.out:
+    print(f"{PROG}: error: --out {args.out}: the table goes to OUT with .md; give the JSON another extension "
+          "(e.g. .json)", file=sys.stderr)
+    return 2
+  refuse_existing(PROG, args.out, args.force, also=(table_path,))  # the table beside it is protected too
   try:
     result = evaluate(read_manifest(args.manifest))
   except sides.SideError as e:
@@ -230,6 +235,5 @@ def main(argv=None) -> int:
   print(table, file=sys.stderr)
   print(write_json(args.out, result))
   if args.out:
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-      f.write(table + "\n")
+    rundir.atomic_write(table_path, table + "\n")
   return 0

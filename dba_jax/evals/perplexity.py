@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dba_jax import data, losses
-from dba_jax.evals.common import EvalError, load_checkpoint
+from dba_jax.evals.common import EvalError, load_checkpoint, read_checkpoint_config
 
 
 def _nll_fn(model, vocab_limit: int):
@@ -49,6 +49,8 @@ def perplexity(model, config, tokens, seq_len: int, overlap: bool = False, vocab
   m = config.model if "model" in config else config
   vocab_limit = int(vocab_limit or m.vocab_size)
   w = windows(tokens, seq_len, stride if overlap else seq_len)
+  if len(w) == 0:
+    raise ValueError(f"the data holds no window of {seq_len + 1} tokens; give a smaller seq_len")
   n = len(w) if not max_windows else min(len(w), max_windows)
   # With max_windows, spread the windows evenly over the data rather than taking its start.
   idx = np.arange(n) if n == len(w) else np.linspace(0, len(w) - 1, n).astype(int)
@@ -74,17 +76,20 @@ def perplexity(model, config, tokens, seq_len: int, overlap: bool = False, vocab
 
 
 def command(args) -> dict:
-  """`dba-eval ppl`: perplexity of --checkpoint on its run's --split."""
-  model, c = load_checkpoint(args.checkpoint)
-  try:
-    splits = data.load_splits(c.data, c.model.vocab_size)
+  """`dba-eval ppl`: perplexity of --checkpoint on its run's --split; the JSON names the checkpoint step scored."""
+  c = read_checkpoint_config(args.checkpoint)
+  try:  # the data first: a missing or broken file is refused before the model loads
+    tokens = getattr(data.load_splits(c.data, c.model.vocab_size), args.split)
   except data.DataError as e:
     raise EvalError(str(e)) from None
-  tokens = getattr(splits, args.split)
-  seq_len = args.seq_len or c.data.seq_len
-  r = perplexity(model, c, tokens, seq_len, overlap=args.overlap, vocab_limit=args.vocab_limit, stride=args.stride,
-                 batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
-  r.update(checkpoint=args.checkpoint, split=args.split)
-  print(f"{args.checkpoint}: {args.split} ppl {r['ppl']:.4f} (nll {r['nll']:.4f}) over {r['scored_tokens']:,} "
-        f"tokens, {r['mode']}, {r['scored_tokens'] / r['seconds']:,.0f} tok/s", file=sys.stderr)
+  model, c = load_checkpoint(args.checkpoint)
+  try:
+    seq_len = args.seq_len or c.data.seq_len
+    r = perplexity(model, c, tokens, seq_len, overlap=args.overlap, vocab_limit=args.vocab_limit, stride=args.stride,
+                   batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
+  except ValueError as e:  # no window of seq_len + 1 tokens in the split
+    raise EvalError(str(e)) from None
+  r.update(checkpoint=args.checkpoint, step=model.step, checkpoint_dir=model.checkpoint_dir, split=args.split)
+  print(f"{args.checkpoint} (step {model.step}): {args.split} ppl {r['ppl']:.4f} (nll {r['nll']:.4f}) over "
+        f"{r['scored_tokens']:,} tokens, {r['mode']}, {r['scored_tokens'] / r['seconds']:,.0f} tok/s", file=sys.stderr)
   return r

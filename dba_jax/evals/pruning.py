@@ -29,7 +29,7 @@ from flax import nnx
 from dba_jax import attention, data, losses, model as model_lib
 from dba_jax.configlib import kv_heads
 from dba_jax.evals import perplexity
-from dba_jax.evals.common import EvalError, load_checkpoint
+from dba_jax.evals.common import EvalError, load_checkpoint, read_checkpoint_config
 from dba_jax.ops import base
 
 RULES = ("original", "per_row")
@@ -253,6 +253,8 @@ def prune_main(model, config, tokens, args, baseline=None) -> dict:
   if args.max_windows < 1:
     raise ValueError("--max-windows must be >= 1")
   w = perplexity.windows(tokens, seq_len, seq_len)
+  if len(w) == 0:
+    raise ValueError(f"the split holds no window of {seq_len + 1} tokens; give a smaller --seq-len")
   n = min(len(w), args.max_windows)
   windows = np.stack([w[int(i)] for i in np.linspace(0, len(w) - 1, n).astype(int)])
   target = args.target_loss if args.target_loss > 0 else None
@@ -276,17 +278,25 @@ def prune_main(model, config, tokens, args, baseline=None) -> dict:
   return out
 
 
-def parse_list(text: str, kind=float) -> list:
-  return [kind(x) for x in str(text).split(",") if x.strip()]
-
-
 def command(args) -> dict:
-  """`dba-eval prune`: keep ratios, shared budgets and the budget search of evals/pruning.py on --split."""
+  """`dba-eval prune`: keep ratios, shared budgets and the budget search of evals/pruning.py on --split. The ratios
+  (in (0, 1]) and budgets (>= 2) come range-checked from dba-eval's argument types; what depends on the run (a budget
+  above the window length, an attention kind without an eviction score) is refused here, before the model loads."""
+  if args.target_from and args.target_loss > 0:
+    raise EvalError("give --target-loss or --target-from, not both")
+  c = read_checkpoint_config(args.checkpoint)
+  seq_len = args.seq_len or c.data.seq_len
+  over = [b for b in args.budgets if b > seq_len]
+  if over:
+    raise EvalError(f"--budgets {','.join(map(str, over))}: larger than the window length T={seq_len} (--seq-len, "
+                    "default the run's data.seq_len); a budget keeps at most T tokens")
+  try:
+    check_prunable(c.model)
+  except (ValueError, NotImplementedError) as e:
+    raise EvalError(str(e)) from None
   model, c = load_checkpoint(args.checkpoint)
   baseline = None
   if args.target_from:
-    if args.target_loss > 0:
-      raise EvalError("give --target-loss or --target-from, not both")
     baseline, bc = load_checkpoint(args.target_from)
     mine, theirs = (c.data.source, c.data.tokenizer, c.model.vocab_size), (bc.data.source, bc.data.tokenizer,
                                                                            bc.model.vocab_size)
@@ -295,8 +305,8 @@ def command(args) -> dict:
                       f"{args.checkpoint} {mine}; the criterion compares losses on the same windows")
   try:
     splits = data.load_splits(c.data, c.model.vocab_size)
-    args.ratios, args.budgets = parse_list(args.ratios), parse_list(args.budgets, int)
-    return {"checkpoint": args.checkpoint, "split": args.split, "target_from": args.target_from or None,
+    return {"checkpoint": args.checkpoint, "step": model.step, "checkpoint_dir": model.checkpoint_dir,
+            "split": args.split, "target_from": args.target_from or None,
             **prune_main(model, c, getattr(splits, args.split), args, baseline)}
   except (data.DataError, ValueError, NotImplementedError) as e:
     raise EvalError(str(e)) from None

@@ -8,18 +8,20 @@ fast state) and titans_mac (its memory's M − M_0 and surprise; MAG / MAL need 
 
 A state directory holds state.npz (every leaf of the per-layer state, keyed by its tree path, leading axes [L, 1])
 and state.json (block, model sizes, the checkpoint it came from, tokens read, the text's sha256). It is written
-under a temporary name and renamed, so a save killed half-way leaves nothing that loads.
+under a temporary name and renamed (rundir.atomic_output), so a save killed half-way leaves nothing that loads and
+an earlier state replaced with --force is either the old one or the new one, whole.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import zipfile
+import zlib
 
 import jax
 import numpy as np
 
+from dba_jax import rundir
 from dba_jax.hope.step import TWO_PASS_BLOCKS
 
 FORMAT = "dba_jax.hope.memstate/1"
@@ -39,26 +41,23 @@ def _flat(tree) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def save(path: str, fast, m, meta: dict) -> None:
-  """Write `fast` (batch 1) to the new directory `path`; refuses an existing one (nothing is overwritten)."""
-  if os.path.exists(path):
+def save(path: str, fast, m, meta: dict, force: bool = False) -> None:
+  """Write `fast` (batch 1) to the directory `path`, built under a temporary name and renamed (rundir.atomic_output:
+  a kill leaves no half-written state). An existing `path` is refused unless `force`, then replaced whole."""
+  if os.path.exists(path) and not (force and os.path.isdir(path)):
     raise MemStateError(f"{path}: exists; the memory state goes to a new directory (move or remove this one)")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".memstate-", dir=parent)
-  try:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with rundir.atomic_output(path) as tmp:
+    os.mkdir(tmp)
     np.savez(os.path.join(tmp, "state.npz"), **_flat(fast))
     info = {"format": FORMAT, **{k: m[k] for k in SIZES}, **meta}
     with open(os.path.join(tmp, "state.json"), "w") as f:
       json.dump(info, f, indent=1)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
-def load(path: str, template, m) -> tuple[dict, dict]:
-  """(fast state shaped like `template`, its state.json) from a directory `save` wrote, checked against the model."""
+def read(path: str, m) -> tuple[dict, dict]:
+  """(the saved arrays by tree path, state.json) of a directory `save` wrote, checked against the model config `m`
+  (block and sizes) and read whole: a missing, truncated or foreign file is a MemStateError naming it."""
   info_file, arrays_file = os.path.join(path, "state.json"), os.path.join(path, "state.npz")
   for f in (info_file, arrays_file):
     if not os.path.isfile(f):
@@ -66,15 +65,25 @@ def load(path: str, template, m) -> tuple[dict, dict]:
   try:
     with open(info_file) as f:
       info = json.load(f)
-  except json.JSONDecodeError as e:
+  except ValueError as e:  # not JSON, not UTF-8
     raise MemStateError(f"{info_file}: not JSON ({e})") from None
-  if info.get("format") != FORMAT:
-    raise MemStateError(f"{info_file}: format {info.get('format')!r}, expected {FORMAT!r}")
+  if not isinstance(info, dict) or info.get("format") != FORMAT:
+    raise MemStateError(f"{info_file}: format {(info.get('format') if isinstance(info, dict) else info)!r}, "
+                        f"expected {FORMAT!r}")
   for k in SIZES:
     if info.get(k) != m[k]:
       raise MemStateError(f"{info_file}: saved with model.{k}={info.get(k)!r}, this model has {m[k]!r}")
-  with np.load(arrays_file) as z:
-    saved = {k: z[k] for k in z.files}
+  try:
+    with np.load(arrays_file) as z:
+      return {k: z[k] for k in z.files}, info
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated or not an .npz
+    raise MemStateError(f"{arrays_file}: unreadable ({type(e).__name__}: {e}); not a whole memory state") from None
+
+
+def load(path: str, template, m) -> tuple[dict, dict]:
+  """(fast state shaped like `template`, its state.json) from a directory `save` wrote, checked against the model."""
+  saved, info = read(path, m)
+  arrays_file = os.path.join(path, "state.npz")
   want = _flat(template)
   if set(saved) != set(want):
     missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
