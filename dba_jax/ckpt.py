@@ -249,17 +249,24 @@ class Checkpointer:
 
   def restore_for_reading(self, abstract_params, step: int | None = None, what: str = "checkpoint"):
     """A read-only tool's load: (step, params) of `step` or the newest that restores. Every damaged one skipped is
-    named in a warning (nothing is moved); none left is CheckpointDamaged saying what was tried."""
-    if step is None and not self.all_steps():
-      aside = os.path.join(os.path.dirname(self.directory), "checkpoints_broken")
-      n = len(os.listdir(aside)) if os.path.isdir(aside) else 0
-      raise CheckpointDamaged(f"{self.directory} holds no {what}" + (f" ({n} set aside in {aside})" if n else ""))
+    named in one warning with the step read instead (nothing is moved); none usable is CheckpointDamaged."""
+    if not self.all_steps():
+      raise CheckpointDamaged(self.nothing_saved(what))
     skipped = []
-    found, params, _, _ = self.restore_first_good(abstract_params, step=step,
-                                                  on_damaged=lambda s, why: skipped.append(why))
+    found, params, _, _ = self.restore_first_good(
+        abstract_params, step=step, on_damaged=lambda s, why: skipped.append(f"{self.step_dir(s)} ({why})"))
     if skipped:
       log.warning("skipped damaged %s(s): %s; loaded step %d instead", what, "; ".join(skipped), found)
     return found, params
+
+  def nothing_saved(self, what: str = "checkpoint") -> str:
+    """What an empty directory means: never saved, or every checkpoint set aside as broken by a resume."""
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_broken")
+    n = len(os.listdir(aside)) if os.path.isdir(aside) else 0
+    if n:
+      return (f"{self.directory} holds no {what} ({n} set aside in checkpoints_broken as damaged): nothing usable "
+              "to load; train again or restore one by hand")
+    return f"{self.directory} holds no {what}: the run saved none yet"
 
   def restore_latest_good(self, abstract_params, abstract_opt=None):
     """Training's resume: the newest complete checkpoint, broken newer ones set aside with a warning; None when

@@ -46,30 +46,16 @@ def load_model(path: str, step: int | None = None) -> tuple[model_lib.Model, Con
   try:
     steps = ckpts.all_steps()
     if not steps:
-      raise FileNotFoundError(no_checkpoint(workdir))
+      raise FileNotFoundError(ckpts.nothing_saved())
     if step is not None and step not in steps:
       raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {steps})")
     graphdef, state = model_lib.abstract(c.model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             nnx.to_pure_dict(state))
-    skipped = []
-    step, params, _, _ = ckpts.restore_first_good(
-        abstract, step=step, on_damaged=lambda s, why: skipped.append(f"{ckpts.step_dir(s)} ({why})"))
-    if skipped:  # one line naming every checkpoint skipped and the one read instead
-      log.warning("skipped damaged checkpoint(s): %s; loaded step %d instead", "; ".join(skipped), step)
+    step, params = ckpts.restore_for_reading(abstract, step=step)
     model = model_lib.Model(c.model, graphdef, params)
     model.step, model.checkpoint_dir = step, ckpts.step_dir(step)
     return model, c
   finally:
     ckpts.close()
-
-
-def no_checkpoint(workdir: str) -> str:
-  """What an empty checkpoints/ means: never saved, or every checkpoint set aside as broken by a resume."""
-  aside = os.path.join(workdir, "checkpoints_broken")
-  n = len(os.listdir(aside)) if os.path.isdir(aside) else 0
-  if n:
-    return (f"{workdir}/checkpoints holds no checkpoint ({n} set aside in checkpoints_broken as damaged): nothing "
-            "usable to load; train again or restore one by hand")
-  return f"{workdir}/checkpoints holds no checkpoint: the run saved none yet"
