@@ -12,8 +12,8 @@ run() { dba-seeds run --config=configs/selective_quick.py --seeds $SEEDS --jobs 
 run --variants selective unselective --workdir "$W/quick"
 run --variants selective_t512 unselective_t512 --workdir "$W/t512"
 run --variants leaky protect mempen --workdir "$W/quick"
-dba-seeds report --workdir "$W/quick" --baseline unselective
-dba-seeds report --workdir "$W/t512" --baseline unselective_t512
+dba-seeds report --workdir "$W/quick" --baseline unselective --force
+dba-seeds report --workdir "$W/t512" --baseline unselective_t512 --force
 mkdir -p "$W/pruning"
 for s in $SEEDS; do
   for pair in "quick:selective:unselective:256:32" "t512:selective_t512:unselective_t512:512:16"; do

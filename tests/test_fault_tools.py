@@ -132,15 +132,15 @@ ROWS = {
                                 mid=lambda n: len(_lines(f"{n['tmp']}/w/metrics.jsonl")) >= 2,
                                 writing=_exists("{tmp}/w/checkpoints/*.orbax-checkpoint-tmp*"),
                                 results=lambda n: _without(_lines(f"{n['tmp']}/w/metrics.jsonl"), "tokens_per_s")),
-    "dba-seeds": Row("run --config=configs/quickstart.py:dba --variants a b --seeds 0 --workdir={tmp}/w "
-                     "--config.model.n_layers=1 --config.train.steps=8 --config.train.log_every=1 "
-                     "--config.train.ckpt_every=4 --config.train.eval_every=4 --config.train.eval_batches=2",
-                     lambda root: {}, ("{tmp}/w",),
-                     mid=_exists("{tmp}/w/*/*/metrics.jsonl"),
+    "dba-seeds": Row("run --config=configs/selective_quick.py --variants selective unselective --seeds 0 --jobs 2 "
+                     "--config.train.steps=4 --config.train.eval_every=2 --config.train.eval_batches=1 "
+                     "--config.train.batch_size=2 --config.train.log_every=1 --config.train.ckpt_every=1 "
+                     "--config.model.n_layers=1 --config.data.seq_len=32 --config.model.max_seq_len=32 "
+                     "--workdir={tmp}/w", lambda root: {}, ("{tmp}/w",),
+                     mid=lambda n: bool(_lines(f"{n['tmp']}/w/selective/seed0/metrics.jsonl")),
                      writing=_exists("{tmp}/w/*/*/checkpoints/*.orbax-checkpoint-tmp*"),
-                     results=lambda n: sorted(
-                         (p[len(n["tmp"]):], _without(_lines(p), "tokens_per_s"))
-                         for p in glob.glob(f"{n['tmp']}/w/*/*/metrics.jsonl"))),
+                     results=lambda n: sorted((p[len(n["tmp"]):], _lines(p))
+                                              for p in glob.glob(f"{n['tmp']}/w/*/*/eval.jsonl"))),
     "dba-eval": Row("ppl --checkpoint {lm} --max-windows 4 --out {tmp}/ppl.json", _lm, ("{tmp}/ppl.json",),
                     mid=_after(4), writing=_exists("{tmp}/ppl.tmp[0-9]*.json")),
     "dba-addition-eval": Row("--checkpoint {add} --limit 64 --out {tmp}/e.json", _addition_ckpt, ("{tmp}/e.json",),

@@ -1,5 +1,5 @@
-"""dba-seeds: the statistics against closed forms, and a real 2-variant sweep (run in parallel) that resumes and
-reports."""
+"""dba-seeds: the statistics against closed forms, and a real 2-variant sweep (run in parallel) that resumes, trains
+further when asked for more steps, and reports. Its refusals are rows of the bad-input table (bad_input_seeds.py)."""
 import json
 import math
 import os
@@ -48,30 +48,42 @@ def _run(*args):
                         env=env)
 
 
-def test_sweep_runs_resumes_and_reports(tmp_path):
+def test_sweep_runs_resumes_extends_and_reports(tmp_path):
   w = str(tmp_path / "sweep")
-  tiny = ["--config.train.steps=2", "--config.train.eval_every=1", "--config.train.eval_batches=1",
-          "--config.train.batch_size=2", "--config.train.log_every=1", "--config.train.ckpt_every=1",
-          "--config.model.n_layers=1", "--config.data.seq_len=32", "--config.model.max_seq_len=32"]
-  args = ["run", "--config=configs/selective_quick.py", "--variants", "selective", "unselective", "--seeds", "3",
-          "--workdir", w, "--jobs", "2", *tiny]
-  r = _run(*args)
+  tiny = ["--config.train.eval_every=1", "--config.train.eval_batches=1", "--config.train.batch_size=2",
+          "--config.train.log_every=1", "--config.train.ckpt_every=1", "--config.model.n_layers=1",
+          "--config.data.seq_len=32", "--config.model.max_seq_len=32"]
+  args = ["run", "--config=configs/selective_quick.py", "--seeds", "3", "--workdir", w, "--jobs", "2", *tiny]
+  both = [*args, "--variants", "selective", "unselective", "--config.train.steps=2"]
+  r = _run(*both)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "2 of 2 runs finished" in r.stdout
-  again = _run(*args)
-  assert again.returncode == 0 and "2 already finished, 0 to train" in again.stdout
+  again = _run(*both)
+  assert again.returncode == 0 and "2 already finished, 0 to train" in again.stdout, again.stdout + again.stderr
+  # More steps train a finished run further: it resumes from its last checkpoint (W7).
+  sel = tmp_path / "sweep" / "selective" / "seed3"
+  longer = _run(*args, "--variants", "selective", "--config.train.steps=3")
+  assert longer.returncode == 0 and "0 already finished, 1 to train" in longer.stdout, longer.stdout + longer.stderr
+  starts = [json.loads(x) for x in (sel / "runs.jsonl").read_text().splitlines()]
+  assert [x["resumed_from"] for x in starts] == [None, 2]
+  assert [x["step"] for x in seeds.read_jsonl(str(sel / "eval.jsonl"))] == [1, 2, 3]
+  assert seeds.finished(str(sel))["step"] == 3 and seeds.finished(str(sel), 2) is None
   r = _run("report", "--workdir", w, "--baseline", "unselective")
   assert r.returncode == 0, r.stderr
   rep = json.loads((tmp_path / "sweep" / "report.json").read_text())
-  assert sorted((x["variant"], x["seed"]) for x in rep["runs"]) == [("selective", 3), ("unselective", 3)]
+  assert sorted((x["variant"], x["seed"], x["steps"]) for x in rep["runs"]) == [("selective", 3, 3),
+                                                                                  ("unselective", 3, 2)]
   losses = {(x["variant"], x["seed"]): x["final_eval_loss"] for x in rep["runs"]}
   assert all(v is not None and math.isfinite(v) for v in losses.values())
+  assert losses["selective", 3] == seeds.read_jsonl(str(sel / "eval.jsonl"))[-1]["eval_loss"]
   p = rep["paired"]["selective"]
   assert p["seeds"] == [3] and p["diffs"] == pytest.approx([losses["selective", 3] - losses["unselective", 3]])
   assert rep["variants"]["selective"]["mean"] == losses["selective", 3]
   assert (tmp_path / "sweep" / "report.md").exists() and (tmp_path / "sweep" / "report.png").stat().st_size > 1000
-  bad = _run("report", "--workdir", w, "--baseline", "nope")
+  assert not [f for f in os.listdir(w) if ".tmp" in f]
+  bad = _run("report", "--workdir", w, "--baseline", "nope", "--force")
   assert bad.returncode == 2 and "nope" in bad.stderr
+  assert _run("report", "--workdir", w, "--force").returncode == 0  # the report files exist: replaced with --force
 
 
 def test_sigterm_stops_the_sweep_cleanly_and_the_same_command_resumes(tmp_path):
@@ -91,7 +103,8 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_same_command_resumes(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "stopped; every run saved its step" in out, out
+  assert proc.returncode == 0 and "every run it had started saved its step" in out, out
+  assert "Traceback" not in out
   log = (tmp_path / "sweep" / "selective" / "seed0.log").read_text()
   assert "saved a checkpoint at step" in log and seeds.finished(os.path.join(w, "selective", "seed0")) is None
   r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
