@@ -261,7 +261,7 @@ def main(argv) -> int:
     fv = parse_flags(argv, _flags, doc=__doc__)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     return _fail(2, f"bad --config or override: {flag_error(e)}")
-  refuse_existing(PROG, fv.out, fv.force, "report")
+  refuse_existing(PROG, fv.out, fv.force)
   if fv.kernels:
     return kernels_main(fv)
   if fv.config is None or not fv.topology:

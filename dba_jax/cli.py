@@ -7,6 +7,7 @@ below range-check numbers before any work starts.
 
 Exit codes, the same for every tool (README "Exit codes"):
   0    done; or stopped by a first SIGTERM / Ctrl-C after saving (a training tool: the same command resumes)
+  1    dba-seeds run: one of its runs failed (its log says why)
   2    refused: bad input, a workdir or --out it will not write into; nothing was written
   3    training stopped on purpose (a non-finite loss under train.nonfinite='stop', no usable checkpoint)
   4    the disk refused a write (full, file too large, read-only); the last complete save is kept

@@ -112,3 +112,41 @@ def field_of(section, dotted: str):
   for key in path:
     section = section[key]
   return section, name
+
+
+def json_safe(x):
+  """`x` (metadata read from a checkpoint) with every value JSON can hold as it is and the rest as strings: numpy
+  scalars and arrays become numbers and lists; a path (a pathlib object, or the stand-in torch_io reads one
+  pickled as) its path string; a numpy scalar read from a pickle (a stand-in of numpy's `scalar`) its number;
+  anything else `str(x)`."""
+  if isinstance(x, dict):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, set, frozenset)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)):
+    return json_safe(x.tolist())
+  if x is None or isinstance(x, (str, int, float)):
+    return x
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
+  path = getattr(type(x), "class_path", "")  # a torch_io.StandIn: what the pickle named, never loaded
+  args = getattr(x, "args", None)
+  if path.startswith("pathlib.") and isinstance(args, tuple) and all(isinstance(a, str) for a in args):
+    return os.path.join(*args) if args else "."
+  if path.endswith("multiarray.scalar"):
+    return json_safe(_pickled_scalar(args))
+  return str(x)
+
+
+def _pickled_scalar(args):
+  """numpy's pickle of a scalar is scalar(dtype(code, ...), raw bytes); decoded as data (numbers only)."""
+  try:
+    dtype, raw = args
+    code, state = dtype.args[0], getattr(dtype, "state", None)
+    order = state[1] if isinstance(state, tuple) and len(state) > 1 and state[1] in "<>" else "<"
+    dt = np.dtype(code).newbyteorder(order)
+    if dt.kind in "biuf" and isinstance(raw, bytes) and len(raw) == dt.itemsize:
+      return np.frombuffer(raw, dt)[0].item()
+  except (TypeError, ValueError, AttributeError, IndexError):
+    pass
+  return f"numpy scalar {args!r}"

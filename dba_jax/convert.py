@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dba_jax import ckpt, conversion, formats, loading, model as model_lib, optim, torch_io
+from dba_jax import ckpt, conversion, formats, loading, model as model_lib, optim, rundir, signals, torch_io
 from dba_jax.cli import FLAG_ERRORS, HELP, CommandError, check_config_file, command, entry, flag_error
 from dba_jax.config import ConfigError, base_config, lock, validate
 from dba_jax.conversion import ConversionError
@@ -103,8 +104,21 @@ def _nbytes(tensors: dict) -> int:
   return sum(n for _, n in seen)
 
 
+@contextmanager
+def _format_errors(name: str, src: str):
+  """A key the format needs but the file lacks (a --format that does not fit it) is one ConversionError."""
+  try:
+    yield
+  except KeyError as e:
+    raise ConversionError(f"{src}: not a {name} checkpoint: it has no key {e} (drop --format to detect the format "
+                          "from the keys)") from None
+
+
 def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
-  """Convert `src` into a new workdir `out`; returns a summary."""
+  """Convert `src` into a new workdir `out`; returns a summary. Everything is written under a temporary name
+  beside `out` and renamed at the end (rundir.atomic_output): a failure or a Ctrl-C leaves no trace of `out`, and
+  the same command runs again."""
+  out = os.path.normpath(out)
   conversion.refuse_existing_dir(out)
   size = os.path.getsize(src) if os.path.isfile(src) else 0
   if size > LARGE:
@@ -113,16 +127,19 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   name, fmt = pick_format(fmt_name, tensors, src)
   say(f"{src}: {len(tensors)} tensors, {_nbytes(tensors) / 2**20:,.1f} MiB, format {name}")
   if hasattr(fmt, "import_file"):  # a model family of its own (addition models, bridges), converted file to file
-    summary = fmt.import_file(src, out, c) if getattr(fmt, "IMPORT_WITH_CONFIG", False) else fmt.import_file(src, out)
+    with _format_errors(name, src), _new_dir(out) as tmp:
+      summary = fmt.import_file(src, tmp, c) if getattr(fmt, "IMPORT_WITH_CONFIG", False) else \
+          fmt.import_file(src, tmp)
     say(f"wrote {out} ({name} model)")
-    return summary
+    return {**summary, "workdir": out}
   torch_step = extras.get("step")
-  if hasattr(fmt, "config_from_saved") and "config" in extras:
-    c = fmt.config_from_saved(extras["config"], c, tensors)
-  c = fmt.config_from(tensors, c)
-  validate(c)
-  params = fmt.to_params(tensors, c)
-  layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else None
+  with _format_errors(name, src):
+    if hasattr(fmt, "config_from_saved") and "config" in extras:
+      c = fmt.config_from_saved(extras["config"], c, tensors)
+    c = fmt.config_from(tensors, c)
+    validate(c)
+    params = fmt.to_params(tensors, c)
+    layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else None
   del tensors, extras  # unmaps the file: from here on the converted params are the only copy
   _check_tree(params, c)
   extra = fmt.companion_state(src, c, torch_io.load) if hasattr(fmt, "companion_state") else {}
@@ -136,38 +153,38 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
     meta["torch_step"] = int(torch_step)
   if size > LARGE:
     say(f"writing {out} (step {step})")
-  _write_workdir(out, c, step, params, opt, meta, fresh_opt="mu" not in extra)
+  _write_workdir(out, c, step, params, opt, conversion.json_safe(meta), fresh_opt="mu" not in extra)
   n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   say(f"wrote {out}: {n:,} parameters at step {step}" + (" with AdamW moments" if "mu" in extra else ""))
   return {"workdir": out, "format": name, "step": step, "config": c}
 
 
+@contextmanager
+def _new_dir(out: str):
+  """A temporary directory name beside `out` that becomes `out` when the block succeeds (replacing an empty
+  `out`), and is removed when it fails or the command is interrupted: `out` is never left half-written."""
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with rundir.atomic_output(out) as tmp:
+    yield tmp
+    conversion.refuse_existing_dir(out)  # nothing appeared there meanwhile
+
+
 def _write_workdir(out: str, c, step: int, params, opt, meta: dict, fresh_opt: bool = True):
-  """Everything goes to a temporary sibling first and is moved into `out` at the end, so a failure leaves no
-  half-written workdir behind. The numpy trees are written as they are (no copy in Orbax; see ckpt.py): the
-  peak stays the params (+ converted moments); fresh zero moments are compressed to almost nothing."""
-  out = os.path.abspath(out)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.converting-", dir=parent)
-  try:
+  """config.json, converted_from.json and the Orbax checkpoint, written under a temporary name (_new_dir). The
+  numpy trees are written as they are (no copy in Orbax; see ckpt.py): the peak stays the params (+ converted
+  moments); fresh zero moments are compressed to almost nothing."""
+  with _new_dir(out) as tmp:
+    os.makedirs(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(c.to_json(indent=2))
     with open(os.path.join(tmp, RECORD), "w") as f:
       json.dump({k: meta[k] for k in ("source", "format", "layout", "step")}, f, indent=2)
     ckpts = ckpt.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False, host_arrays=True,
                               compress_opt=fresh_opt)
-    ckpts.save(step, params, opt, meta)
-    ckpts.close()
-    conversion.refuse_existing_dir(out)  # nothing appeared meanwhile
-    if not os.path.exists(out):
-      os.rename(tmp, out)
-      return
-    for name in ("checkpoints", RECORD, "config.json"):  # an existing directory without our files: move them in
-      os.rename(os.path.join(tmp, name), os.path.join(out, name))
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp)
+    try:
+      ckpts.save(step, params, opt, meta)
+    finally:
+      ckpts.close()
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -215,7 +232,7 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
   if hasattr(fmt, "export_dir"):
     obj = fmt.export_dir(workdir, out)
     bare = out.endswith(".pt") or fmt.CONTAINER is None  # a bare state dict is the same in either file
-    torch_io.save(out, obj if bare else obj[fmt.CONTAINER])
+    _save_new(out, obj if bare else obj[fmt.CONTAINER])
     say(f"wrote {out}: format {name}")
     return out
   layout = record.get("layout") if record.get("format") == name else None
@@ -235,7 +252,7 @@ def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
     return out
   wrapper = getattr(fmt, "SAVE_WRAPPER", SAVE_WRAPPER.get(name))
   obj = {wrapper: state} if wrapper and out.endswith(".pt") else state
-  torch_io.save(out, obj)
+  _save_new(out, obj)
   say(f"wrote {out}: {len(state)} tensors, {_nbytes(state) / 2**20:,.1f} MiB, format {name}")
   return out
 
@@ -264,13 +281,23 @@ def _restore_all(workdir: str):
   return jax.tree.map(np.asarray, params), c, jax.tree.map(np.asarray, opt), meta
 
 
+def _save_new(out: str, obj):
+  """torch_io.save under a temporary name renamed to `out` at the end: a failure or Ctrl-C leaves no `out`."""
+  with rundir.atomic_output(out) as tmp:
+    torch_io.save(tmp, obj)
+    if os.path.exists(out):
+      raise ConversionError(f"refusing to overwrite {out} (it appeared while writing); nothing was written")
+
+
 def _write_new(files: dict):
   """Write {path: object} as .pt files (all in one folder), all or none, never over an existing file: they go to
-  a temporary folder beside them first, then are hard-linked to their names (which fails if a name exists)."""
+  a temporary folder beside them first, then are hard-linked to their names (which fails if a name exists). All
+  of them are in signals.pending until the last is linked, so a Ctrl-C in between leaves none."""
   taken = [p for p in files if os.path.exists(p)]
   if taken:
     raise ConversionError(f"refusing to overwrite {', '.join(taken)}; nothing was written")
   tmp = tempfile.mkdtemp(prefix=".dba-convert-", dir=os.path.dirname(os.path.abspath(next(iter(files)))))
+  signals.pending.add(tmp)
   done = []
   try:
     for i, obj in enumerate(files.values()):
@@ -282,11 +309,15 @@ def _write_new(files: dict):
         raise ConversionError(f"refusing to overwrite {path} (it appeared while writing); nothing was written") \
             from None
       done.append(path)
+      signals.pending.add(path)
+    signals.pending.difference_update(done)
     done = []  # all linked: keep them
   finally:
     for path in done:
       os.remove(path)
+      signals.pending.discard(path)
     shutil.rmtree(tmp)
+    signals.pending.discard(tmp)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -320,7 +351,7 @@ USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addi
          "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
 
 
-@command("dba-convert", errors=(ConversionError, ConfigError, torch_io.CheckpointReadError, OSError, ValueError))
+@command("dba-convert", errors=(ConversionError, ConfigError, torch_io.CheckpointReadError, ValueError))
 def main(argv: list[str]) -> int:
   argv = [a.replace("--to-torch", "--to_torch", 1) if a.startswith("--to-torch") else a for a in argv]
   try:

@@ -1,11 +1,14 @@
 """muP coordinate check: train a few steps at several widths and record mean |activation| per layer type.
 
   dba-coord-check --config=configs/selective_mup.py [--config.model.mup=False] --heads=1,2,4,8 --steps=10 --out=DIR
+                  [--force]
 
 Width grows through the head count at a fixed head dim (d_model = heads x head_dim, d_ff keeps its ratio), as in
 the original's sweeps. Layers are unrolled so every site can be tapped. Writes `coords.csv` (heads, d_model, step,
 site, mean_abs) and `coords.svg` (one panel per site: mean |activation| against width, one line per step). Under
 muP the lines are flat in width; under the standard parametrisation logits and attention outputs grow with it.
+Every width's config and the output files are checked before the first width trains; both files are written
+atomically, and existing ones are replaced only with --force.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import jax
 from absl import flags
 from flax import nnx
 
-from dba_jax import data, layers, mesh as mesh_lib, train
-from dba_jax.cli import FLAG_ERRORS, CommandError, command, entry, flag_error, parse_flags
+from dba_jax import data, layers, mesh as mesh_lib, rundir, train
+from dba_jax.cli import FLAG_ERRORS, CommandError, command, entry, flag_error, parse_flags, refuse_existing
 from dba_jax.config import ConfigError, attn_dim, validate
 
 
@@ -42,10 +45,10 @@ def width_config(c, n_heads: int):
 
 def run(c, heads: list[int], steps: int, seed: int = 0) -> list[dict]:
   """Rows {heads, d_model, step, site, mean_abs}: each site's mean over layers, on each step's training batch
-  before that step's update (step 0 = initialisation)."""
+  before that step's update (step 0 = initialisation). Every width's config is validated before the first trains."""
   rows = []
-  for h in heads:
-    cw = width_config(c, h)
+  widths = [width_config(c, h) for h in heads]
+  for h, cw in zip(heads, widths):
     trainer = train.Trainer(cw, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
     state = trainer.init_state(seed)
     splits = data.load_splits(cw.data, cw.model.vocab_size)
@@ -78,7 +81,7 @@ def growth(rows: list[dict], site: str, step: int) -> float:
 
 
 def write_csv(rows: list[dict], path: str):
-  with open(path, "w", newline="") as f:
+  with rundir.atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["heads", "d_model", "step", "site", "mean_abs"])
     w.writeheader()
     w.writerows(rows)
@@ -115,37 +118,65 @@ def write_svg(rows: list[dict], path: str, panel_w: int = 260, panel_h: int = 19
       out.append(f'<polyline points="{line}" fill="none" stroke="{COLORS[j % len(COLORS)]}" stroke-width="1.5"/>')
   legend = ", ".join(f'<tspan fill="{COLORS[j % len(COLORS)]}">step {s}</tspan>' for j, s in enumerate(steps))
   out.append(f'<text x="10" y="{H - 8}">{legend} (log-log axes)</text></svg>')
-  with open(path, "w") as f:
-    f.write("\n".join(out))
+  rundir.atomic_write(path, "\n".join(out))
 
 
 def _flags(fv):
   flags.DEFINE_list("heads", ["1", "2", "4", "8"], "head counts (widths) to check", flag_values=fv)
-  flags.DEFINE_integer("steps", 10, "training steps per width", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "training steps per width (0: the coordinates at initialisation only)",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_string("out", "coord_check", "output directory for coords.csv and coords.svg", flag_values=fv)
+  flags.DEFINE_bool("force", False, "replace coords.csv and coords.svg in an existing --out", flag_values=fv)
+
+
+def _heads(given: list[str]) -> list[int]:
+  try:
+    heads = [int(h) for h in given]
+  except ValueError:
+    raise ConfigError(f"--heads={','.join(given)}: give comma-separated head counts, e.g. 1,2,4,8") from None
+  if any(h <= 0 for h in heads) or len(set(heads)) < 2 or len(set(heads)) != len(heads):
+    raise ConfigError(f"--heads={','.join(given)} needs at least two different positive head counts, each once")
+  return heads
+
+
+def _check_out(out: str):
+  """--out is (or can become) a writable directory: checked before the training, not found out after it."""
+  probe = os.path.abspath(out)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise CommandError(f"--out {out}: {probe} is a file; give a directory (coords.csv and coords.svg are written "
+                       "into it)")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise CommandError(f"--out {out}: {probe} is not writable")
 
 
 @command("dba-coord-check", errors=(ConfigError,))
 def main(argv) -> int:
   try:
     fv = parse_flags(argv, _flags, doc=__doc__)
-    if fv.config is None:
-      raise ConfigError("--config=configs/NAME.py[:variant] is required")
-    heads = [int(h) for h in fv.heads]
-    if any(h <= 0 for h in heads) or len(heads) < 2:
-      raise ConfigError(f"--heads={fv.heads} needs at least two positive head counts")
+  except FLAG_ERRORS as e:
+    raise CommandError(flag_error(e)) from None
+  if fv.config is None:
+    raise ConfigError("--config=configs/NAME.py[:variant] is required")
+  heads = _heads(fv.heads)
+  out = fv.out
+  csv_path, svg_path = os.path.join(out, "coords.csv"), os.path.join(out, "coords.svg")
+  _check_out(out)
+  refuse_existing("dba-coord-check", csv_path, fv.force, also=(svg_path,))  # before any training
+  try:
     rows = run(fv.config, heads, fv.steps)
   except ConfigError:
     raise
   except FLAG_ERRORS as e:
     raise CommandError(flag_error(e)) from None
-  os.makedirs(fv.out, exist_ok=True)
-  write_csv(rows, os.path.join(fv.out, "coords.csv"))
-  write_svg(rows, os.path.join(fv.out, "coords.svg"))
+  os.makedirs(out, exist_ok=True)
+  write_csv(rows, csv_path)
+  write_svg(rows, svg_path)
   last = max(r["step"] for r in rows)
   for site in sorted({r["site"] for r in rows}):
     print(f"{site:>10}: max/min over widths at step {last} = {growth(rows, site, last):.2f}")
-  print(f"wrote {fv.out}/coords.csv and coords.svg")
+  print(f"wrote {csv_path} and {svg_path}")
   return 0
 
 

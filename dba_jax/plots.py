@@ -5,6 +5,7 @@ and the per-panel PNGs come from the same code. Checkpoint i is drawn in PALETTE
 bar also splits into parts (match types, attention mass), the parts are shades and hatches of that colour.
 Figures are built on the Agg canvas directly, never through pyplot: no display, no global figure state.
 Both colour palettes live here: PALETTE (matplotlib figures) and SVG_COLORS (the dependency-free SVG charts).
+Every file is written atomically (`save`): a failure or a Ctrl-C never leaves a truncated image.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+
+from dba_jax import rundir
 
 PALETTE = ("#0DB6AE", "#F68512", "#FFC600", "#DE3D82")
 # Line colours of the dependency-free SVG charts (evals/runs_table.py loss curves, dba-coord-check).
@@ -226,6 +229,13 @@ def _new_figure(size) -> Figure:
   return fig
 
 
+def save(fig, path: str, **kwargs) -> str:
+  """fig.savefig under a temporary name (same extension: the format) renamed to `path` when complete."""
+  with rundir.atomic_output(path) as tmp:
+    fig.savefig(tmp, **kwargs)
+  return path
+
+
 def _describe(fig) -> dict:
   """What a panel holds, read back from matplotlib: its axes' titles and how many images (heat-maps) it has."""
   axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
@@ -240,7 +250,7 @@ def write_figures(result: dict, out_dir: str, cols: int = 2) -> dict:
   for name, draw in DRAW.items():
     fig = _new_figure(_heatmap_size(result) if name == "attention_heatmaps" else PANEL_SIZE)
     draw(fig, result)
-    fig.savefig(os.path.join(out_dir, f"panel_{name}.png"), dpi=DPI)
+    save(fig, os.path.join(out_dir, f"panel_{name}.png"), dpi=DPI)
     files.append(f"panel_{name}.png")
   rows = -(-len(small) // cols)
   hm_w, hm_h = _heatmap_size(result)
@@ -254,10 +264,10 @@ def write_figures(result: dict, out_dir: str, cols: int = 2) -> dict:
     panels[name] = {"title": PANEL_TITLES[name], "file": f"panel_{name}.png", **_describe(subs[name])}
   fig.suptitle(f"{result['name']}: baseline {result['baseline']}, cache {result['manifest']['cache']}",
                fontsize=14, fontweight="bold")
-  fig.savefig(os.path.join(out_dir, "compare.png"), dpi=DPI)
+  save(fig, os.path.join(out_dir, "compare.png"), dpi=DPI)
   # Text stays text in the SVG (searchable, small); no date, so reruns give the same file.
   with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dba-eval-compare"}):
-    fig.savefig(os.path.join(out_dir, "compare.svg"), metadata={"Date": None})
+    save(fig, os.path.join(out_dir, "compare.svg"), metadata={"Date": None})
   files += ["compare.png", "compare.svg"]
   return {"files": files, "panels": panels}
 
@@ -269,7 +279,8 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
   fig = _new_figure((11.0, 4.0))
   ax_loss, ax_val = fig.subplots(1, 2)
   for i, d in enumerate(model_dirs):
-    rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val/exact_match"]) for r in rows if "val/exact_match" in r]
     label = os.path.basename(d.rstrip(os.sep))
@@ -285,8 +296,7 @@ def addition_curves(model_dirs: list[str], out_path: str, title: str) -> str:
   if len(model_dirs) <= 16:
     ax_val.legend(fontsize=7, ncol=2)
   fig.suptitle(title)
-  fig.savefig(out_path, dpi=DPI)
-  return out_path
+  return save(fig, out_path, dpi=DPI)
 
 
 def memory_accuracy(results, out_path: str) -> str:
@@ -307,5 +317,4 @@ def memory_accuracy(results, out_path: str) -> str:
     ax.set(title=r.get("title", r["task"]), xlabel="prompt tokens", ylabel="accuracy", ylim=(-0.02, 1.02), xscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.savefig(out_path, dpi=DPI)
-  return out_path
+  return save(fig, out_path, dpi=DPI)

@@ -221,6 +221,8 @@ def test_report_lists_every_seed_with_its_grokking_steps_and_scores(tmp_path, ca
   from dba_jax.addition import report
   from dba_jax.evals import addition as eval_lib
   run = tmp_path / "run"
+  assert report.main([str(run)]) == 2 and "no such run directory" in capsys.readouterr().err
+  run.mkdir()
   assert report.main([str(run)]) == 2 and "not finished" in capsys.readouterr().err
   s = train_lib.train(_tiny(2, 5, "map"), str(run), quiet=True)
   assert eval_lib.main(["--checkpoint", str(run), "--limit", "50", "--seeds", "1,2", "--out",

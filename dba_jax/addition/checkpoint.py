@@ -21,9 +21,9 @@ import os
 
 import numpy as np
 
-from dba_jax import torch_io
+from dba_jax import rundir, torch_io
 from dba_jax.addition.model import Arch, param_spec
-from dba_jax.conversion import ConversionError, Keys
+from dba_jax.conversion import ConversionError, Keys, json_safe
 
 # ----------------------------------------------------------------------------------- state dict <-> params
 
@@ -108,16 +108,19 @@ def from_params(params: dict) -> dict:
 
 
 def save(directory: str, params: dict, a: Arch, meta: dict) -> None:
-  """Write params.npz and meta.json into `directory` (replacing what is there; files renamed into place)."""
-  os.makedirs(directory, exist_ok=True)
+  """Write params.npz and meta.json as the directory `directory`, replacing what is there: both are written into
+  a temporary directory beside it that is then renamed into place (rundir.atomic_output), so a failure or a
+  kill leaves the old model or the new one, never half of one. Metadata JSON cannot hold (a path or a numpy
+  scalar from an original checkpoint) is stored as a string or number (conversion.json_safe)."""
   flat = {".".join(p): np.asarray(x, np.float32) for p, x in _leaf_paths(params)}
-  tmp = os.path.join(directory, "params.tmp.npz")
-  np.savez(tmp, **flat)
-  os.replace(tmp, os.path.join(directory, "params.npz"))
-  tmp = os.path.join(directory, "meta.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump({**meta, "arch": dataclasses.asdict(a)}, f, indent=2)
-  os.replace(tmp, os.path.join(directory, "meta.json"))
+  text = json.dumps({**json_safe(meta), "arch": dataclasses.asdict(a)}, indent=2)  # fails before anything is written
+  directory = os.path.normpath(directory)
+  os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+  with rundir.atomic_output(directory) as tmp:
+    os.makedirs(tmp)
+    np.savez(os.path.join(tmp, "params.npz"), **flat)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      f.write(text)
 
 
 @dataclasses.dataclass
@@ -151,22 +154,27 @@ def _load_torch(path: str) -> Loaded:
     raise ConversionError(f"{path}: expected a dict with model_state and model_config (the addition format)")
   a = arch_from_torch_config(obj["model_config"])
   params = to_params({k: np.asarray(v) for k, v in obj["model_state"].items()}, a, path)
-  tc = obj.get("train_config") or {}
-  meta = {"step": obj.get("step"), "val_exact": obj.get("val_exact"), "params": obj.get("params"),
-          "seed": tc.get("seed"), "total_steps": tc.get("train_steps"), "train_config": tc}
+  tc = json_safe(obj.get("train_config") or {})  # the original's scripts may save paths and numpy scalars here
+  tc = tc if isinstance(tc, dict) else {"value": tc}
+  meta = json_safe({"step": obj.get("step"), "val_exact": obj.get("val_exact"), "params": obj.get("params"),
+                    "seed": tc.get("seed"), "total_steps": tc.get("train_steps"), "train_config": tc})
   return Loaded(path, a, params, meta)
 
 
 def load(path: str, which: str = "best") -> list[Loaded]:
   """Every model `path` names: a .pt file; a best/ or last/ directory; a model_<i>/ directory (its `which`);
-  or a run directory (each model_<i>'s `which`)."""
+  or a run directory (each model_<i>'s `which`). A model directory a kill caught between the two renames of
+  its replacement is read where it then is (rundir.settled_dir)."""
   if os.path.isfile(path):
     return [_load_torch(path)]
+  path = rundir.settled_dir(os.path.normpath(path))
   if os.path.isfile(os.path.join(path, "params.npz")):
     return [_load_ours(path)]
-  if os.path.isdir(os.path.join(path, which)):
-    return [_load_ours(os.path.join(path, which))]
-  models = sorted(glob.glob(os.path.join(path, "model_*", which)), key=lambda p: int(p.split("model_")[-1].split(os.sep)[0]))
+  if os.path.isdir(rundir.settled_dir(os.path.join(path, which))):
+    return [_load_ours(rundir.settled_dir(os.path.join(path, which)))]
+  number = lambda d: int(d.rsplit("model_", 1)[-1])
+  models = sorted((d for d in glob.glob(os.path.join(path, "model_*")) if d.rsplit("model_", 1)[-1].isdigit()
+                   and os.path.isdir(rundir.settled_dir(os.path.join(d, which)))), key=number)
   if not models:
     raise ConversionError(f"{path}: no .pt file, params.npz, {which}/ or model_*/{which}/ found")
-  return [_load_ours(m) for m in models]
+  return [_load_ours(rundir.settled_dir(os.path.join(m, which))) for m in models]

@@ -26,13 +26,17 @@ def _step(s) -> str:
 def run_table(run_dir: str, eval_name: str) -> tuple[list[str], dict]:
   """Markdown lines for one run and what the cross-run line needs; raises ValueError naming what is missing."""
   path = os.path.join(run_dir, "summary.json")
+  if not os.path.isdir(run_dir):
+    raise ValueError("no such run directory")
   if not os.path.isfile(path):
     raise ValueError(f"{path} does not exist: the run is not finished (dba-addition-train resumes it)")
-  s = json.load(open(path))
+  with open(path) as f:
+    s = json.load(f)
   by_seed = {}
   eval_path = os.path.join(run_dir, eval_name)
   if os.path.isfile(eval_path):
-    e = json.load(open(eval_path))
+    with open(eval_path) as f:
+      e = json.load(f)
     for r in e.get("models", [e]):
       by_seed[r["training"]["seed"]] = r["multi_seed_validation"]
   hours = s["steps"] / s["steps_per_s"] / 3600 if s.get("steps_per_s") else float("nan")
@@ -73,12 +77,16 @@ def main(argv) -> int:
   p.add_argument("--out", default="", help="also write the markdown here")
   p.add_argument("--force", action="store_true", help="replace an existing --out file")
   args = p.parse_args(argv)
+  seen = [os.path.realpath(r) for r in args.runs]
+  twice = sorted({r for r, real in zip(args.runs, seen) if seen.count(real) > 1})
+  if twice:
+    raise CommandError(f"{', '.join(twice)}: the same run given more than once; list each run once")
   refuse_existing("dba-addition-report", args.out, args.force)
   out, heads = [], []
   for run in args.runs:
     try:
       lines, head = run_table(run, args.eval)
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
       raise CommandError(f"{run}: {e}") from None
     out += lines + [""]
     heads.append(head)

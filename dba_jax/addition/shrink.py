@@ -8,7 +8,10 @@ shareA_tieKV becomes shareA_folded exactly (M = B_q·B_kvᵀ, the value factor B
 Widths and the norm kind must match. Fine-tuning then repairs what a truncation lost.
 
   python -m dba_jax.addition.shrink --config=configs/addition.py:456p+ft --checkpoint=SRC --out=DIR \
-      --config.model.tie_qkv=shareA_folded --config.model.block_norm_weight=False
+      --config.model.tie_qkv=shareA_folded --config.model.block_norm_weight=False [--force]
+
+--out is a new directory, written whole under a temporary name and renamed at the end; --force replaces an
+existing --out only when it holds an addition model (params.npz and meta.json) and nothing else.
 """
 from __future__ import annotations
 
@@ -144,6 +147,28 @@ def shrink(src_arch: Arch, src: dict, dst: Arch) -> dict:
 def _flags(fv):
   flags.DEFINE_string("checkpoint", None, "trained model: a .pt file or a best/ / last/ directory", flag_values=fv)
   flags.DEFINE_string("out", None, "new directory for the shrunk model (params.npz, meta.json)", flag_values=fv)
+  flags.DEFINE_bool("force", False, "replace an existing --out that holds an addition model", flag_values=fv)
+
+
+MODEL_FILES = {"params.npz", "meta.json"}
+
+
+def check_out(out: str, force: bool):
+  """Before any work: --out is new, or with --force an addition model directory (nothing else is ever replaced)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConfigError(f"--out {out} is a file; give a new directory")
+  if os.path.isdir(out):
+    if not force:
+      raise ConfigError(f"--out {out} already exists; refusing to overwrite it (pass --force to replace the model "
+                        "in it)")
+    if set(os.listdir(out)) != MODEL_FILES:
+      raise ConfigError(f"--out {out} holds {sorted(os.listdir(out))[:5]}, not an addition model (params.npz, "
+                        "meta.json); refusing to replace it even with --force")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
 
 
 @command("dba-addition-shrink", errors=(ValueError, OSError))  # ConfigError, ConversionError, CheckpointReadError
@@ -152,8 +177,7 @@ def main(argv) -> int:
   fv = flags_of(argv, _flags, doc=__doc__, bad="bad flag or override")
   if fv.config is None or not fv.checkpoint or not fv.out:
     raise ConfigError("--config=configs/addition.py:VARIANT, --checkpoint and --out are required")
-  if os.path.exists(fv.out):
-    raise ConfigError(f"--out {fv.out} already exists; refusing to overwrite it")
+  check_out(fv.out, fv.force)
   dst = Arch.from_config(validate(fv.config).model)
   src = checkpoint.load(fv.checkpoint)[0]
   params = shrink(src.arch, src.params, dst)

@@ -1,7 +1,7 @@
 """`dba-bench`: train-step time, with and without async checkpointing, on chosen meshes; tokens/s and MFU.
 
   dba-bench --config=configs/quickstart.py:dba [--config.x=...] [--steps 20] [--ckpt-every 5]
-            [--devices 8 --meshes 8,1,1 2,4,1 2,2,2 1,1,8] [--peak-tflops 989] [--out bench.json]
+            [--devices 8 --meshes 8,1,1 2,4,1 2,2,2 1,1,8] [--peak-tflops 989] [--out bench.json [--force]]
 
   dba-bench attention [--seq 256 512 1024 2048 4096] [--heads 4] [--head-dim 64] [--out attn.json]
 
@@ -19,6 +19,9 @@
 6 x (matmul parameters) per token plus attention, causal-halved as MaxText does; MFU = model FLOP/s / peak (given,
 or known for H100/H200: 989 TFLOP/s dense bf16).
 
+Every mode checks its numbers (counts >= 1, meshes that fit the devices) and --out before any work; --out is
+written atomically and never replaced without --force.
+
 One module per mode: train_step (the default), attention, decode, convert, addition, gpt; timing holds what they
 share. `dba_jax.bench.train_step.flops_per_token` is the FLOP count aot's MFU uses too.
 """
@@ -30,6 +33,7 @@ import os
 import sys
 
 from dba_jax.cli import command, entry
+from dba_jax.configlib import ConfigError
 
 MODES = ("attention", "decode", "convert", "addition", "gpt")  # dba_jax/bench/MODE.py; the default: train_step.py
 
@@ -45,7 +49,7 @@ def simulate_cpu_devices(argv) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-@command("dba-bench", argv0=False)
+@command("dba-bench", errors=(ConfigError,), argv0=False)
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   mode = argv[0] if argv and argv[0] in MODES else "train_step"

@@ -12,8 +12,8 @@ import numpy as np
 from dba_jax.addition import config as config_lib, data
 from dba_jax.addition import train as add_train
 from dba_jax.addition.model import Arch, _is_spec, count_params, param_spec
-from dba_jax.bench.timing import median_ms, write_report
-from dba_jax.cli import load_config
+from dba_jax.bench.timing import add_out, check_out, median_ms, write_report
+from dba_jax.cli import int_at_least, load_config
 
 
 def addition_params(a, seeds) -> dict:
@@ -40,25 +40,27 @@ def main(argv) -> int:
   original's HEAD trainer for N > 1 (torch_ref.BatchedTinyDecoderLM: stacked params, one AdamW, a vectorised
   torch sampler per model). Model 0 of every row starts from the same parameters."""
   p = argparse.ArgumentParser(prog="dba-bench addition")
+  count, at_least_0 = int_at_least(1), int_at_least(0)
   p.add_argument("--config", default="configs/addition.py:456p", help="configs/addition.py:VARIANT")
-  p.add_argument("--steps", type=int, default=300, help="timed steps per row (rounded up to whole chunks)")
-  p.add_argument("--warmup", type=int, default=20, help="untimed steps first (JAX compiles on the first)")
-  p.add_argument("--chunk", type=int, default=10, help="steps per timing chunk; the median chunk is reported")
-  p.add_argument("--num-models", type=int, nargs="*", default=[1, 8], help="JAX rows: models per step")
-  p.add_argument("--batching", nargs="*", default=[],
+  p.add_argument("--steps", type=count, default=300, help="timed steps per row (rounded up to whole chunks)")
+  p.add_argument("--warmup", type=at_least_0, default=20, help="untimed steps first (JAX compiles on the first)")
+  p.add_argument("--chunk", type=count, default=10, help="steps per timing chunk; the median chunk is reported")
+  p.add_argument("--num-models", type=count, nargs="+", default=[1, 8], help="JAX rows: models per step")
+  p.add_argument("--batching", nargs="*", default=[], choices=["vmap", "map"],
                  help="JAX rows with N > 1: vmap and/or map over the models (default: train.model_batching's pick)")
-  p.add_argument("--steps-per-call", type=int, nargs="*", default=[1], help="JAX rows: steps scanned per call")
+  p.add_argument("--steps-per-call", type=count, nargs="+", default=[1], help="JAX rows: steps scanned per call")
   p.add_argument("--full-positions", action="store_true",
                  help="also a JAX row per N with the loss over all 33 positions, one step per call (the old step)")
   p.add_argument("--torch-samplers", nargs="*", default=["loop", "vectorised"], choices=["loop", "vectorised"])
   p.add_argument("--torch-batched", action="store_true",
                  help="torch rows of the original's batched trainer for every N > 1 in --num-models")
-  p.add_argument("--torch-threads", type=int, nargs="*", default=[0],
+  p.add_argument("--torch-threads", type=at_least_0, nargs="+", default=[0],
                  help="torch rows for each intra-op thread count (0: torch's default)")
-  p.add_argument("--start-step", type=int, default=7000,
+  p.add_argument("--start-step", type=at_least_0, default=7000,
                  help="curriculum step of the first batch (7000: 1-10 digits, the phase most of a run is spent in)")
-  p.add_argument("--out", default="")
+  add_out(p)
   args, overrides = p.parse_known_args(argv)
+  check_out(p.prog, args)
   import torch  # lazy: optional heavy dependency, only for the torch rows' comparison
 
   from dba_jax.addition import torch_ref  # lazy: imports torch

@@ -8,21 +8,24 @@ import jax
 import jax.numpy as jnp
 
 from dba_jax import ops
-from dba_jax.bench.timing import timed, write_report
+from dba_jax.bench.timing import add_out, check_out, timed, write_report
+from dba_jax.cli import int_at_least
 from dba_jax.ops import selective
 from dba_kernels import cumsum as kcumsum, flash_attention as kflash, protect_attack as kpa
 
 
 def main(argv) -> int:
   p = argparse.ArgumentParser(prog="dba-bench attention", description=__doc__)
-  p.add_argument("--seq", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--head-dim", type=int, default=64)
-  p.add_argument("--dba-qk", type=int, default=40, help="DBA q/k head dim (semantic + geometric, e.g. 8 + 32)")
-  p.add_argument("--dba-v", type=int, default=40, help="DBA value head dim")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--out", default="")
+  count = int_at_least(1)
+  p.add_argument("--seq", type=count, nargs="+", default=[256, 512, 1024, 2048, 4096])
+  p.add_argument("--heads", type=count, default=4)
+  p.add_argument("--head-dim", type=count, default=64)
+  p.add_argument("--dba-qk", type=count, default=40, help="DBA q/k head dim (semantic + geometric, e.g. 8 + 32)")
+  p.add_argument("--dba-v", type=count, default=40, help="DBA value head dim")
+  p.add_argument("--repeats", type=count, default=3)
+  add_out(p)
   args = p.parse_args(argv)
+  check_out(p.prog, args)
   rows = []
 
   def record(name, T, fn, *xs):

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from dba_jax import generate, model as model_lib
-from dba_jax.bench.timing import write_report
+from dba_jax.bench.timing import add_out, check_out, write_report
+from dba_jax.cli import int_at_least
 from dba_jax.config import base_config, validate
 
 
@@ -35,19 +36,28 @@ def _policy_for(m, spec: str) -> str:
 
 def main(argv) -> int:
   p = argparse.ArgumentParser(prog="dba-bench decode", description=__doc__)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--d-model", type=int, default=256)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=256)
-  p.add_argument("--prompt", type=int, nargs="*", default=[512], help="prompt lengths")
-  p.add_argument("--gen", type=int, default=64, help="tokens generated per run")
-  p.add_argument("--caches", nargs="*", default=["fp16", "q4/q8/q4"])
-  p.add_argument("--window", type=int, default=0)
-  p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the median is reported")
-  p.add_argument("--out", default="")
+  count = int_at_least(1)
+  p.add_argument("--layers", type=count, default=12)
+  p.add_argument("--d-model", type=count, default=256)
+  p.add_argument("--heads", type=count, default=4)
+  p.add_argument("--vocab", type=count, default=256)
+  p.add_argument("--prompt", type=count, nargs="+", default=[512], help="prompt lengths")
+  p.add_argument("--gen", type=count, default=64, help="tokens generated per run")
+  p.add_argument("--caches", nargs="+", default=["fp16", "q4/q8/q4"])
+  p.add_argument("--window", type=int_at_least(0), default=0)
+  p.add_argument("--repeats", type=count, default=2, help="timed runs after one warm-up; the median is reported")
+  add_out(p)
   args = p.parse_args(argv)
+  check_out(p.prog, args)
+  models = decode_models(args.layers, args.d_model, args.heads, args.vocab)  # ConfigError: impossible widths
+  for m in models.values():  # every cache policy is checked before the first model is timed
+    for spec in args.caches:
+      try:
+        generate.kv_bytes_per_token(m, _policy_for(m, spec))
+      except ValueError as e:
+        p.error(f"--caches {spec}: {e}")
   rows = []
-  for name, m in decode_models(args.layers, args.d_model, args.heads, args.vocab).items():
+  for name, m in models.items():
     graphdef, _ = model_lib.abstract(m)
     model = model_lib.Model(m, graphdef, model_lib.init_params(m, jax.random.key(0)))
     for spec in args.caches:

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 from dba_jax import losses, mesh as mesh_lib, model as model_lib, train
-from dba_jax.bench.timing import cost_gflop, median_ms, steps_per_s, write_report
-from dba_jax.cli import load_config
+from dba_jax.bench.timing import add_out, check_out, cost_gflop, median_ms, steps_per_s, write_report
+from dba_jax.cli import int_at_least, load_config
 from dba_jax.config import validate
 
 
@@ -26,13 +26,13 @@ GPT_SHAPES = {
 
 
 def gpt_shape(spec: str) -> tuple[str, tuple]:
-  """A preset name or 'L:d:H:T:B:V' (e.g. 2:32:2:16:2:64)."""
+  """A preset name or 'L:d:H:T:B:V' (e.g. 2:32:2:16:2:64); an argparse type."""
   if spec in GPT_SHAPES:
     return spec, GPT_SHAPES[spec]
   parts = spec.split(":")
   if len(parts) != 6 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise SystemExit(f"dba-bench gpt: error: --shapes {spec!r} is neither a preset ({', '.join(GPT_SHAPES)}) "
-                     "nor L:d:H:T:B:V with positive integers")
+    raise argparse.ArgumentTypeError(f"{spec!r} is neither a preset ({', '.join(GPT_SHAPES)}) nor L:d:H:T:B:V "
+                                     "with positive integers")
   return spec, tuple(int(p) for p in parts)
 
 
@@ -132,25 +132,32 @@ def main(argv) -> int:
       ", ".join(f"{k} (L,d,H,T,B,V={v})" for k, v in GPT_SHAPES.items())))
   p.add_argument("--torch", action="store_true", required=True, help="time the eager-PyTorch GPT too (required)")
   p.add_argument("--attn", nargs="+", default=["standard", "selective"], choices=["standard", "selective"])
-  p.add_argument("--shapes", nargs="+", default=list(GPT_SHAPES))
-  p.add_argument("--steps", type=int, default=4, help="timed steps per implementation per round")
-  p.add_argument("--rounds", type=int, default=3, help="alternating rounds (jax then torch); the median is reported")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (JAX compiles on the first)")
-  p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+  count = int_at_least(1)
+  p.add_argument("--shapes", nargs="+", type=gpt_shape, default=[gpt_shape(s) for s in GPT_SHAPES])
+  p.add_argument("--steps", type=count, default=4, help="timed steps per implementation per round")
+  p.add_argument("--rounds", type=count, default=3, help="alternating rounds (jax then torch); the median is reported")
+  p.add_argument("--warmup", type=int_at_least(0), default=2,
+                 help="untimed steps of each first (JAX compiles on the first)")
+  p.add_argument("--torch-threads", type=int_at_least(0), default=0, help="torch intra-op threads (0: torch's default)")
   p.add_argument("--breakdown", action="store_true", help="also time the pieces of the step (forward, backward, ...)")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per breakdown piece")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="")
+  p.add_argument("--repeats", type=count, default=3, help="timed runs per breakdown piece")
+  p.add_argument("--seed", type=int_at_least(0), default=0)
+  add_out(p)
   args, overrides = p.parse_known_args(argv)
-  if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-    p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+  check_out(p.prog, args)
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
-  shapes = [gpt_shape(s) for s in args.shapes]
+  shapes = args.shapes
   import torch  # lazy: optional heavy dependency, the model this mode compares against
 
   from dba_jax import torch_gpt  # lazy: imports torch
+  for name, shape in shapes:  # every shape and layout checked before the first is timed
+    for attn in args.attn:
+      try:
+        torch_gpt.check_config(gpt_config(attn, shape, overrides).model)
+      except ValueError as e:
+        p.error(str(e))
   torch_default = torch.get_num_threads()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
@@ -160,10 +167,6 @@ def main(argv) -> int:
     for name, shape in shapes:
       for attn in args.attn:
         c = gpt_config(attn, shape, overrides)
-        try:
-          torch_gpt.check_config(c.model)
-        except ValueError as e:
-          p.error(str(e))
         L, d, H, T, B, V = shape
         mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
         trainer = train.Trainer(c, mesh)

@@ -2,13 +2,15 @@
 FLOP count, and the JSON report."""
 from __future__ import annotations
 
-import json
+import argparse
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+
+from dba_jax.cli import CommandError, refuse_existing, write_json
 
 
 def timed(fn, *args, repeats=3):
@@ -64,19 +66,34 @@ def cost_gflop(compiled) -> float | None:
 
 def child_run(cmd: list[str]) -> tuple[float, int]:
   """(seconds, peak RSS bytes) of a child process; ru_maxrss of the children is the max over those waited for,
-  so each measurement runs in its own fresh child that runs the command."""
+  so each measurement runs in its own fresh child that runs the command. A failing child is a CommandError with
+  the last line it printed."""
   probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
            "dt = time.perf_counter() - t; print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
            "sys.exit(r.returncode)")
-  out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+  if out.returncode:
+    last = next((ln for ln in reversed(out.stderr.splitlines()) if ln.strip()), "no message")
+    raise CommandError(f"{' '.join(cmd[1:4])} ... failed (exit {out.returncode}): {last.strip()}")
   sec, kib = out.stdout.split()[-2:]
   return float(sec), int(kib) * 1024
 
 
+def add_out(p: argparse.ArgumentParser, what: str = "the JSON report"):
+  """--out and --force, the same in every mode."""
+  p.add_argument("--out", default="", help=f"write {what} here (atomically)")
+  p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def check_out(prog: str, args):
+  """Before any work: --out is not replaced without --force, and can be written where it is named."""
+  refuse_existing(prog, args.out, args.force)
+
+
 def write_report(path: str, report: dict) -> int:
-  """Every dba-bench mode's JSON output (when --out is given), stamped with the date and JAX version."""
+  """Every dba-bench mode's JSON output (when --out is given, written atomically), stamped with the date and JAX
+  version."""
   report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, **report}
   if path:
-    with open(path, "w") as f:
-      json.dump(report, f, indent=2)
+    write_json(path, report)
   return 0

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from dba_jax import attention as attention_kinds, ckpt, mesh as mesh_lib, model as model_lib, train
-from dba_jax.bench.timing import write_report
-from dba_jax.cli import load_config
-from dba_jax.config import padded_vocab, validate
+from dba_jax.bench.timing import add_out, check_out, write_report
+from dba_jax.cli import CommandError, float_at_least, int_at_least, listed, load_config
+from dba_jax.config import ConfigError, padded_vocab, validate
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -56,29 +56,50 @@ def time_steps(c, mesh_shape, steps: int, ckpt_every: int, devices=None) -> dict
           "tokens_per_s": t.batch_size * c.data.seq_len / step_s}
 
 
+def mesh_devices(c, shape) -> list:
+  """The devices a mesh shape runs on (a -1 takes them all), checked before any work: the shape fits the devices
+  there are (mesh.resolve_shape) and the batch splits over its data-parallel shards (train.check_batch)."""
+  if len(shape) != len(mesh_lib.MESH_AXES):
+    raise CommandError(f"--meshes {','.join(map(str, shape))}: give {len(mesh_lib.MESH_AXES)} sizes "
+                       f"({', '.join(mesh_lib.MESH_AXES)}), e.g. 2,2,1")
+  n = math.prod(shape) if -1 not in shape else jax.device_count()
+  if n > jax.device_count():
+    raise CommandError(f"--meshes {','.join(map(str, shape))} needs {n} devices but {jax.device_count()} are "
+                       "present (--devices N simulates N CPU devices)")
+  devices = jax.devices()[:max(n, 1)]
+  try:
+    train.check_batch(c.train, mesh_lib.make_mesh(shape, devices), 1)
+  except (ValueError, ConfigError) as e:
+    raise CommandError(f"--meshes {','.join(map(str, shape))}: {e}") from None
+  return devices
+
+
 def main(argv, description: str = "") -> int:
   p = argparse.ArgumentParser(prog="dba-bench", description=description or __doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
-  p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--ckpt-every", type=int, default=5, help="also time with an async save every N steps (0: skip)")
-  p.add_argument("--devices", type=int, default=0,
+  p.add_argument("--steps", type=int_at_least(1), default=20)
+  p.add_argument("--ckpt-every", type=int_at_least(0), default=5,
+                 help="also time with an async save every N steps (0: skip)")
+  p.add_argument("--devices", type=int_at_least(0), default=0,
                  help="simulate this many CPU devices (dba_jax.bench.main sets them up before JAX starts)")
-  p.add_argument("--meshes", nargs="*", default=[], help="mesh shapes like 2,2,2 (default: the config's)")
-  p.add_argument("--peak-tflops", type=float, default=0.0)
-  p.add_argument("--out", default="")
+  p.add_argument("--meshes", nargs="+", type=listed(int), default=[],
+                 help="mesh shapes like 2,2,2 (default: the config's)")
+  p.add_argument("--peak-tflops", type=float_at_least(0), default=0.0)
+  add_out(p)
   args, overrides = p.parse_known_args(argv)
+  check_out(p.prog, args)
   c = load_config("dba-bench", args.config, overrides, validate)
+  meshes = [tuple(m) for m in args.meshes] or [tuple(c.mesh.shape)]
+  devices = [mesh_devices(c, shape) for shape in meshes]  # every mesh checked before the first is timed
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), 0.0)
   fpt = flops_per_token(c.model, c.data.seq_len)
   rows = []
-  meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes] or [tuple(c.mesh.shape)]
-  for shape in meshes:
+  for shape, devs in zip(meshes, devices):
     for every in ([0, args.ckpt_every] if args.ckpt_every else [0]):
-      n = math.prod(shape) if -1 not in shape else jax.device_count()
-      r = time_steps(c, shape, args.steps, every, jax.devices()[:n])
-      r["mfu"] = fpt * r["tokens_per_s"] / (peak * 1e12 * n) if peak else None
+      r = time_steps(c, shape, args.steps, every, devs)
+      r["mfu"] = fpt * r["tokens_per_s"] / (peak * 1e12 * len(devs)) if peak else None
       rows.append(r)
       mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
       print(f"mesh {r['mesh']:>7} | ckpt every {every or '-':>3} | {r['step_ms']:8.1f} ms/step | "

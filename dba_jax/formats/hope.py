@@ -99,6 +99,9 @@ def config_from_saved(saved, c, tensors: dict | None = None):
 
 def config_from(tensors: dict, c):
   t, m = tensors, c.model
+  if not detect(t):
+    raise ConversionError(f"not a nested_learning HOPE checkpoint: no embed.weight with blocks.0.attn.qkv.weight or "
+                          f"{SELFMOD}; its {len(t)} keys include {sorted(t)[:12]}")
   V, d = t["embed.weight"].shape
   layers = sorted({int(mt.group(1)) for k in t if (mt := BLOCK.match(k))})
   if layers != list(range(len(layers))):
