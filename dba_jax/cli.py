@@ -85,7 +85,9 @@ def entry(main, stops: bool = False):
   def cli():
     prog = getattr(main, "prog", os.path.basename(sys.argv[0]))
     stop = signals.install(prog, stops)
-    sys.exit(main(None, stop) if stops else main(None))
+    code = main(None, stop) if stops else main(None)
+    signals.ignore()  # the exit code is decided: a signal during interpreter shutdown must not turn it into -2
+    sys.exit(code)
   return cli
 
 

@@ -97,9 +97,15 @@ def unwrap(obj, source: str) -> tuple[dict, dict]:
 
 
 def refuse_existing_dir(out: str):
-  """An --out that is a file or a non-empty directory is refused: a conversion never overwrites or adds to it."""
+  """An --out that is a file or a non-empty directory is refused: a conversion never overwrites or adds to it; so
+  is one that cannot be made (under a file), before any work."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConversionError(f"--out {out} exists and is not a directory")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConversionError(f"--out {out}: {parent} is a file, not a directory")
   taken = sorted(os.listdir(out)) if os.path.isdir(out) else []
   if taken:
     raise ConversionError(f"--out {out} is not empty (it holds {taken[:5]}); refusing to overwrite or add to it, "

@@ -10,8 +10,10 @@ unwrapped (`system_state_dict`, `model_state_dict`, `state_dict`, `model`, or a 
 starts from --config (+ overrides), or base_config() plus overrides, and the format sets what the shapes tell. DIR
 becomes a dba_jax workdir: config.json plus an Orbax checkpoint (params, the optax state of dba-train's optimizer,
 meta with the source and format), so `dba_jax.load_model(DIR)`, `dba-train --config.train.init_from=DIR` and, with
-the same model config, `dba-train --workdir=DIR` (resume) read it. Nothing is written when anything fails, and an
-existing workdir is never written into.
+the same model config, `dba-train --workdir=DIR` (resume) read it. DIR is written under a temporary name beside it
+and renamed at the end: nothing is left when anything fails or Ctrl-C interrupts (exit 130), so the same command
+runs again; an existing workdir is never written into. Metadata JSON cannot hold (paths, numpy scalars) is stored
+as strings and numbers.
 
 Memory: the storages are memory-mapped and converted tensor by tensor into one params tree, which Orbax writes as it
 is (ckpt.Checkpointer(host_arrays=True): no defensive copy, params uncompressed); a fresh optimizer state is

@@ -81,7 +81,7 @@ def growth(rows: list[dict], site: str, step: int) -> float:
 
 
 def write_csv(rows: list[dict], path: str):
-  with rundir.atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+  with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["heads", "d_model", "step", "site", "mean_abs"])
     w.writeheader()
     w.writerows(rows)
@@ -118,7 +118,8 @@ def write_svg(rows: list[dict], path: str, panel_w: int = 260, panel_h: int = 19
       out.append(f'<polyline points="{line}" fill="none" stroke="{COLORS[j % len(COLORS)]}" stroke-width="1.5"/>')
   legend = ", ".join(f'<tspan fill="{COLORS[j % len(COLORS)]}">step {s}</tspan>' for j, s in enumerate(steps))
   out.append(f'<text x="10" y="{H - 8}">{legend} (log-log axes)</text></svg>')
-  rundir.atomic_write(path, "\n".join(out))
+  with open(path, "w") as f:
+    f.write("\n".join(out))
 
 
 def _flags(fv):
@@ -171,8 +172,11 @@ def main(argv) -> int:
   except FLAG_ERRORS as e:
     raise CommandError(flag_error(e)) from None
   os.makedirs(out, exist_ok=True)
-  write_csv(rows, csv_path)
-  write_svg(rows, svg_path)
+  # Both files are written under temporary names first and renamed together at the end: an interrupted run
+  # leaves neither, so the same command runs again.
+  with rundir.atomic_output(svg_path) as svg_tmp, rundir.atomic_output(csv_path) as csv_tmp:
+    write_csv(rows, csv_tmp)
+    write_svg(rows, svg_tmp)
   last = max(r["step"] for r in rows)
   for site in sorted({r["site"] for r in rows}):
     print(f"{site:>10}: max/min over widths at step {last} = {growth(rows, site, last):.2f}")

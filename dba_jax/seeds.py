@@ -391,7 +391,7 @@ def plot(rep: dict, path: str) -> str:
   ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="eval loss, one line per seed")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.savefig(path, dpi=plots.DPI)
+  plots.save(fig, path, dpi=plots.DPI)
   return path
 
 

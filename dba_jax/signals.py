@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 # Temporary files and directories of outputs being written (rundir.atomic_*): removed by an abort.
 pending: set[str] = set()
@@ -24,13 +25,24 @@ pending: set[str] = set()
 EXIT_CODE = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def discard_pending():
-  for path in list(pending):
-    try:
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    except OSError:
-      pass
-    pending.discard(path)
+def discard_pending(patience_s: float = 5.0):
+  """Remove every pending temporary output. A writer thread (Orbax's) may still be creating files in one: repeat
+  until each stays gone, for up to `patience_s`."""
+  deadline = time.monotonic() + patience_s
+  while True:
+    for path in list(pending):
+      shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
+    if not any(os.path.lexists(p) for p in pending) or time.monotonic() > deadline:
+      break
+    time.sleep(0.05)
+  pending.clear()
+
+
+def _remove(path: str):
+  try:
+    os.remove(path)
+  except OSError:
+    pass
 
 
 class StopSignals:
@@ -66,14 +78,19 @@ class StopSignals:
     self.abort(name)
 
   def abort(self, name: str):
-    """Exit now: temporary outputs removed, one line saying what is (and is not) on disk."""
-    discard_pending()
+    """Exit now: one line saying what is (and is not) on disk, temporary outputs removed. Writer threads cut off
+    mid-write print tracebacks of their own: stderr is closed to them once the line is out."""
     if self.stops:
       what = (f"the {self.saving} being written is incomplete and will not be used; " if self.saving else "")
       self._say(f"\n{self.prog}: second signal ({name}): aborting now; {what}the same command resumes from the last "
                 "complete save\n")
     else:
       self._say(f"\n{self.prog}: interrupted ({name}); no output was left half-written\n")
+    try:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+      pass
+    discard_pending()
     os._exit(EXIT_CODE.get(name, 130))
 
   def restore(self):
@@ -103,3 +120,10 @@ def install(prog: str, stops: bool) -> StopSignals:
   if _installed is None:
     _installed = StopSignals(prog, stops).install()
   return _installed
+
+
+def ignore():
+  """SIGINT and SIGTERM ignored from here on (a finished command shutting down)."""
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, signal.SIG_IGN)

@@ -42,8 +42,9 @@ def simulate_cpu_devices(argv) -> None:
   """--devices N: N CPU devices, set in the environment before JAX starts its backend (importing dba_jax.model
   starts it, so this runs before any mode module is imported)."""
   p = argparse.ArgumentParser(add_help=False)
-  p.add_argument("--devices", type=int, default=0)
+  p.add_argument("--devices", default="0")
   n = p.parse_known_args(argv)[0].devices
+  n = int(n) if n.isdigit() else 0  # anything else is refused by the mode's own parser, before JAX starts
   if n:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
