@@ -337,3 +337,25 @@ def test_harness_runs_every_method_and_the_answer_never_reaches_the_bridged_targ
   assert "none.json" in capsys.readouterr().err
   man.write_text(json.dumps({"source": src, "target": tgt, "questionz": 3}))
   assert eval_cli.main(["latentwire", "--manifest", str(man)]) == 2 and "questionz" in capsys.readouterr().err
+
+
+def test_a_damaged_latest_bridge_checkpoint_is_named_when_skipped(lms, tmp_path, caplog):
+  """W5: load_bridge (dba-eval latentwire's loader) skips a truncated latest checkpoint only with a warning naming
+  it and the step it read instead."""
+  src, tgt = lms
+  c = _cpu_config(src, tgt)
+  wd = tmp_path / "bridge"
+  rundir.write_config(c, str(wd))
+  params = lw_train.Bridge(c, sides.load_lm(src, "source"), sides.load_lm(tgt, "target")).init_state(0)["params"]
+  ck = ckpt.Checkpointer(os.path.join(wd, "checkpoints"), async_save=False)
+  for step in (1, 2):
+    ck.save(step, params, {"none": jnp.zeros(())}, {"step": step})
+  ck.close()
+  files = [os.path.join(d, f) for d, _, fs in os.walk(wd / "checkpoints" / "2") for f in fs if f != ckpt.MANIFEST]
+  victim = max(files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  with caplog.at_level("WARNING", logger="dba_jax"):
+    lw_train.load_bridge(str(wd))
+  assert "skipped damaged bridge checkpoint" in caplog.text and "loaded step 1" in caplog.text
+  assert os.path.join("checkpoints", "2") in caplog.text
