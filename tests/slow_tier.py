@@ -3,6 +3,8 @@ every parametrization but the first of heavy parametrized tests (the first stays
 
 # test id (file::function or file::function[param]) -> the default test that still covers its case
 SLOW = {
+    "test_resume.py::test_sigterm_saves_current_step_exits_zero_and_resumes":
+        "test_fault_tools dba-train writing-SIGTERM (saved step complete, resumed equal to uninterrupted)",
     "test_hope.py::test_global_teach_trains": "test_hope closed-form teach and memory tests, test_memstate",
     "test_addition.py::test_loss_from_first_label_equals_full_loss": "test_addition scanned / vmapped[map] training",
     "test_addition.py::test_vmapped_training_equals_separate_runs[vmap]": "its [map] case",
