@@ -63,7 +63,8 @@ def _parser():
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--cache", default="float16", help="float32|bf16|fp16|q8_0|q4_0|nf4, or per stream: q4/q8/q4")
   g.add_argument("--window", type=SIZE, default=0, help="keep the W most recent tokens in float32")
-  g.add_argument("--stop", type=SIZE, nargs="*", default=[], help="stop token ids (none by default)")
+  g.add_argument("--stop", type=SIZE, nargs="*", default=[],
+                 help="stop token ids (default: the tokenizer's own, e.g. an hf: tokenizer's EOS; none for byte)")
   g.add_argument("--max-len", type=SIZE, default=0, help="cache length (default prompt + max-new)")
   g.add_argument("--out", default="", help="also write the JSON here")
   g.add_argument("--force", action="store_true", help="replace an existing --out file")

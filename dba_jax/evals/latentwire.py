@@ -130,17 +130,17 @@ def evaluate(man: dict, progress: bool = True) -> dict:
   max_new, src_new = man["max_new"], man["source_max_new"]
   for i, (q, a) in enumerate(pairs):
     prompt = synthetic.PROMPT.format(q=q)
-    t_prompt = tgt.encode(prompt)
+    t_prompt = tgt.encode_prompt(prompt)  # a sequence's start: the tokenizer's BOS where it has one
     r = t_spk.greedy(t_prompt, max_new)
     tally.add("target_text", correct(r["text"], a), 0, utf8(prompt), tb * r["cached"], len(t_prompt), r["text"])
-    s = s_spk.greedy(src.encode(prompt), src_new)
+    s = s_spk.greedy(src.encode_prompt(prompt), src_new)
     tally.add("source_text", correct(s["text"], a), sb * s["cached"], 0, 0, 0, s["text"])
     working = s["text"].split("####")[0]
     c_ids = np.concatenate([t_prompt, tgt.encode(working)]) if working else t_prompt
     r = t_spk.greedy(c_ids, max_new)
     tally.add("cascade", correct(r["text"], a), sb * s["cached"], utf8(prompt) + utf8(working), tb * r["cached"],
               len(c_ids), working + "|" + r["text"])
-    src_prefill = sb * len(src.encode(prompt))
+    src_prefill = sb * len(src.encode_prompt(prompt))
     for (br, params, bc), soft, tag in zip(bridges, softs, tags):
       if bc.model.kind == "interlingua":
         interlingua_rows(tally, br, params, bc, soft[i], a, man, {"source": s_spk, "target": t_spk}, tag)
@@ -151,7 +151,7 @@ def evaluate(man: dict, progress: bool = True) -> dict:
         r = t_spk.greedy(stub, max_new, received[None])
         tally.add(f"bridge_{tag}_{fmt}", correct(r["text"], a), src_prefill, nbytes, tb * r["cached"], K + len(stub),
                   r["text"])
-      cut = tgt.encode("Q: " + q)[:K]
+      cut = tgt.encode_prompt("Q: " + q)[:K]
       ids = np.concatenate([cut, stub])
       r = t_spk.greedy(ids, max_new)
       tally.add(f"budget_{tag}", correct(r["text"], a), 0, utf8(tgt.tok.decode(cut) + synthetic.STUB), tb * r["cached"],
