@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from dba_jax import attention
+from dba_jax import attention, tokenizers
 from dba_jax.configlib import Config, ConfigError, Field, Section, attn_dim, kv_heads, lock, need, padded_vocab
 from dba_jax.hope import config as hope_config
 
@@ -19,6 +19,19 @@ __all__ = ["BLOCK_NAMES", "Config", "ConfigError", "attn_dim", "base_config", "k
 
 BLOCK_NAMES = ("pre_norm",) + hope_config.HOPE_BLOCKS + hope_config.TITANS_BLOCKS
 DEFAULT_KIND = "standard"
+
+
+# Hugging Face's `rope_scaling` (ops.RopeScaling): the defaults leave RoPE as it is.
+ROPE_SCALING = Section(
+    "RoPE frequencies stretched beyond the pretraining context (model.positions='rope')",
+    kind=Field("none", "none | linear: every frequency / factor | llama3: Llama 3.1's, long wavelengths / factor, "
+               "short ones kept, a ramp between", choices=("none", "linear", "llama3")),
+    factor=Field(1.0, "linear, llama3: the stretch factor", gt=0.0),
+    low_freq_factor=Field(1.0, "llama3: wavelengths above original_max_positions / this are divided by factor",
+                          gt=0.0),
+    high_freq_factor=Field(4.0, "llama3: wavelengths below original_max_positions / this are kept", gt=0.0),
+    original_max_positions=Field(8192, "llama3: the pretraining context length", ge=1),
+)
 
 
 def _model_section() -> Section:
@@ -37,10 +50,14 @@ def _model_section() -> Section:
       attn_dim=Field(0, "0: d_model. Smaller gives the 'bottleneck' baseline; for DBA it is the value width", ge=0),
       positions=Field("rope", "position encoding", choices=("rope", "learned", "none")),
       rope_base=Field(10000.0, "RoPE base frequency", gt=0.0),
+      rope_scaling=ROPE_SCALING,
       norm=Field("rmsnorm", "normalisation", choices=("rmsnorm", "layernorm")),
       norm_eps=Field(1e-5, "normalisation epsilon", gt=0.0),
       mlp=Field("swiglu", "swiglu (fused gate|up) | gelu", choices=("swiglu", "gelu")),
       bias=Field(False, "biases in linear layers (and LayerNorm)"),
+      qkv_bias=Field(False, "biases on the q, k and v projections only (Qwen2); model.bias puts them everywhere"),
+      sliding_window=Field(0, "0: full causal attention; W > 0: a query sees the W most recent positions, its own "
+                           "included (Mistral's sliding_window)", ge=0),
       tie_embeddings=Field(False, "the head is the embedding transposed"),
       dropout=Field(0.0, "on embeddings and residual branches", ge=0.0, lt=1.0),
       init_std=Field(0.02, "normal init std", ge=0.0),
@@ -72,8 +89,9 @@ DATA = Section(
     train_path=Field("", "file or glob for npy / bin / text"),
     val_path=Field("", "empty: hold out `val_fraction` of the train tokens (stdlib splits by file hash)"),
     val_fraction=Field(0.05, "held-out fraction", gt=0.0, lt=1.0),
-    tokenizer=Field("byte", "gpt2: tiktoken, only from files already on this machine; bpe_qa: in-process BPE",
-                    choices=("byte", "gpt2", "bpe_qa")),
+    tokenizer=Field("byte", "gpt2: tiktoken, only from files already on this machine; bpe_qa: in-process BPE; "
+                    "hf:PATH: a Hugging Face tokenizer.json (or a directory holding one), specials from its files",
+                    choices=tokenizers.NAMES),
     sampling=Field("random", "random windows (DBA runs) | contiguous windows (nanoGPT runs)",
                    choices=("random", "contiguous")),
     seq_len=Field(128, "tokens per training sequence", ge=1),
@@ -143,6 +161,7 @@ def validate(c: Config) -> Config:
       changed = sorted(k for k, v in m[other.name].items() if v != other.section.entries[k].default)
       need(not changed, f"model.{other.name}.{(changed or [''])[0]} is set but model.attn_kind={m.attn_kind!r}")
   kind.validate(m)
+  _check_standard_features(m, kind)
   if m.positions == "learned":
     need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if d.source == "synthetic":
@@ -160,6 +179,26 @@ def validate(c: Config) -> Config:
   need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   hope_config.validate(c, DEFAULT_KIND)
   return c
+
+
+def _check_standard_features(m: Config, kind):
+  """q/k/v biases and RoPE scaling live in the standard kind's projection, the sliding window in its attend: a
+  kind or block that does not run them refuses them."""
+  r = m.rope_scaling
+  used = [(key, value) for key, value, on in (("qkv_bias", m.qkv_bias, m.qkv_bias),
+                                              ("rope_scaling.kind", r.kind, r.kind != "none"),
+                                              ("sliding_window", m.sliding_window, m.sliding_window > 0)) if on]
+  for key, value in used:
+    need(m.block == "pre_norm", f"model.{key}={value!r} needs model.block='pre_norm' (model.block={m.block!r})")
+    projects = issubclass(kind.module, attention.standard.StandardAttention)
+    attends = key != "sliding_window" or kind.module.attend is attention.standard.StandardAttention.attend
+    need(projects and attends,
+         f"model.{key}={value!r} is not supported by model.attn_kind={m.attn_kind!r} (standard attention's)")
+  need(m.rope_scaling.kind == "none" or m.positions == "rope",
+       f"model.rope_scaling.kind={m.rope_scaling.kind!r} needs model.positions='rope'")
+  need(m.rope_scaling.kind != "llama3" or m.rope_scaling.high_freq_factor > m.rope_scaling.low_freq_factor,
+       f"model.rope_scaling.high_freq_factor={m.rope_scaling.high_freq_factor} must exceed "
+       f"model.rope_scaling.low_freq_factor={m.rope_scaling.low_freq_factor} (llama3 scaling)")
 
 
 # ------------------------------------------------------------------------------------- old config.json names

@@ -1,8 +1,12 @@
 """`dba-convert`: PyTorch checkpoints <-> dba_jax workdirs.
 
-  dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire]
+  dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire|hf]
               [--config configs/X.py[:variant]] [--config.a.b=value ...]
   dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]
+  dba-convert --to-torch DIR --out HF_DIR --format hf
+
+INPUT may also be a Hugging Face save_pretrained directory (config.json + safetensors; formats/hf.py): GPT-2,
+Llama, Mistral and Qwen2 causal LMs. `--format hf` exports to such a directory.
 
 Import: INPUT (.pt zip or legacy, or .safetensors; read by dba_jax.torch_io, torch never needed to read) is
 unwrapped (`system_state_dict`, `model_state_dict`, `state_dict`, `model`, or a raw state dict), `_orig_mod.` and
@@ -75,6 +79,22 @@ def pick_format(name: str, tensors: dict, source: str):
   raise ConversionError(f"{source}: keys fit several formats {hits}; choose one with --format")
 
 
+def pick_dir_format(name: str, src: str):
+  """The format that reads the directory `src` (formats with `read_dir`; --format, or the one whose `detect_dir`
+  accepts it)."""
+  known = {n: mod for n, mod in formats.available().items() if hasattr(mod, "read_dir")}
+  if name != "auto":
+    if name not in known:
+      raise ConversionError(f"{src} is a directory; --format={name} reads files (directories: {sorted(known)})")
+    return name, known[name]
+  hits = [n for n, mod in known.items() if mod.detect_dir(src)]
+  if len(hits) != 1:
+    raise ConversionError(f"{src}: a directory no format reads (hf: config.json and model.safetensors, a sharded "
+                          "index or pytorch_model.bin)" if not hits else
+                          f"{src}: fits several formats {hits}; choose one with --format")
+  return hits[0], known[hits[0]]
+
+
 def _check_tree(params: dict, c):
   """The built tree must be init_params's exactly (paths and shapes), checked abstractly."""
   flat = lambda tree: {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
@@ -125,8 +145,14 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
   size = os.path.getsize(src) if os.path.isfile(src) else 0
   if size > LARGE:
     say(f"reading {src} ({size / 2**20:,.0f} MiB, memory-mapped)")
-  tensors, extras = conversion.unwrap(torch_io.load(src), src)
-  name, fmt = pick_format(fmt_name, tensors, src)
+  if os.path.isdir(src):  # a directory of files (a Hugging Face save_pretrained): a format that reads directories
+    name, fmt = pick_dir_format(fmt_name, src)
+    tensors, extras = fmt.read_dir(src)
+    dir_layout = extras.pop("layout", None)  # what the format records to write the directory back
+  else:
+    tensors, extras = conversion.unwrap(torch_io.load(src), src)
+    name, fmt = pick_format(fmt_name, tensors, src)
+    dir_layout = None
   say(f"{src}: {len(tensors)} tensors, {_nbytes(tensors) / 2**20:,.1f} MiB, format {name}")
   if hasattr(fmt, "import_file"):  # a model family of its own (addition models, bridges), converted file to file
     with _format_errors(name, src), _new_dir(out) as tmp:
@@ -141,7 +167,7 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
     c = fmt.config_from(tensors, c)
     validate(c)
     params = fmt.to_params(tensors, c)
-    layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else None
+    layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else dir_layout
   del tensors, extras  # unmaps the file: from here on the converted params are the only copy
   _check_tree(params, c)
   extra = fmt.companion_state(src, c, torch_io.load) if hasattr(fmt, "companion_state") else {}
@@ -221,23 +247,45 @@ def _native_format(workdir: str) -> str:
   return name
 
 
+def _writes_dir(fmt_name: str, workdir: str) -> bool:
+  """Whether the export goes to a directory: --format names a directory format (hf), or auto and the workdir was
+  converted from one."""
+  if fmt_name == "auto":
+    try:
+      fmt_name = _saved_record(workdir).get("format", "")
+    except FileNotFoundError:  # not a workdir: said below, where it is read
+      fmt_name = ""
+  return hasattr(formats.get(fmt_name) if fmt_name else None, "write_dir")
+
+
 def export_checkpoint(workdir: str, out: str, fmt_name: str) -> str:
-  if not out.endswith((".pt", ".safetensors")):
-    raise ConversionError(f"--out {out}: write FILE.pt or FILE.safetensors")
-  if os.path.exists(out):
+  to_dir = _writes_dir(fmt_name, workdir)
+  if to_dir and out.endswith((".pt", ".safetensors")):
+    raise ConversionError(f"--out {out}: a Hugging Face export is a directory (config.json, model.safetensors)")
+  if not to_dir and not out.endswith((".pt", ".safetensors")):
+    raise ConversionError(f"--out {out}: write FILE.pt or FILE.safetensors (or a directory with --format hf)")
+  if not to_dir and os.path.exists(out):
     raise ConversionError(f"--out {out} exists; refusing to overwrite it")
   record = _saved_record(workdir)
   name = fmt_name if fmt_name != "auto" else record.get("format") or _native_format(workdir)
   fmt = formats.get(name)
   if fmt is None:
     raise ConversionError(f"--format={name}: that format is not implemented yet")
+  layout = record.get("layout") if record.get("format") == name else None
+  if to_dir:  # a new directory, written whole or not at all
+    conversion.refuse_existing_dir(out)
+    model, c = loading.load_model(workdir)
+    with _new_dir(out) as tmp:
+      os.makedirs(tmp)
+      arch = fmt.write_dir(tmp, model.params, c, layout)  # tensor by tensor from the restored arrays
+    say(f"wrote {out}: format {name} ({arch})")
+    return out
   if hasattr(fmt, "export_dir"):
     obj = fmt.export_dir(workdir, out)
     bare = out.endswith(".pt") or fmt.CONTAINER is None  # a bare state dict is the same in either file
     _save_new(out, obj if bare else obj[fmt.CONTAINER])
     say(f"wrote {out}: format {name}")
     return out
-  layout = record.get("layout") if record.get("format") == name else None
   trio = out.endswith(".pt") and bool(getattr(fmt, "trio_paths", lambda _: {})(out))
   if trio:  # a training-loop checkpoint: the optimizer state and meta too
     params, c, opt, meta = _restore_all(workdir)
@@ -348,9 +396,9 @@ def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   return fv, rest[1:]
 
 
-USAGE = ("usage: dba-convert INPUT --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire] "
+USAGE = ("usage: dba-convert INPUT|HF_DIR --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire|hf] "
          "[--config FILE.py[:variant]] [--config.a.b=value ...]\n"
-         "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors [--format ...]")
+         "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors|HF_DIR [--format ...]")
 
 
 @command("dba-convert", errors=(ConversionError, ConfigError, torch_io.CheckpointReadError, ValueError))

@@ -12,13 +12,12 @@ import hashlib
 import importlib
 import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 
 import grain
 import numpy as np
 
-from dba_jax.tokenizers import bpe_qa
+from dba_jax import tokenizers
 
 BIN_MAGIC = 20240520
 BIN_HEADER_INTS = 256
@@ -82,50 +81,19 @@ def check_vocab(path: str, tokens: np.ndarray, vocab_size: int, chunk: int = 1 <
 
 # ------------------------------------------------------------------------------------------------ tokenizers
 
-class ByteTokenizer:
-  vocab_size = 256
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.uint16)
-
-  def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-_GPT2_FILES = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-               "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
-
-
-def gpt2_tokenizer():
-  """tiktoken's GPT-2 BPE, only when its files are already cached here: dba_jax never downloads."""
+def get_tokenizer(name: str, vocab_size: int | None = None) -> tokenizers.Tokenizer:
+  """The tokenizer data.tokenizer=`name` names (dba_jax/tokenizers.py: byte, gpt2, bpe_qa, hf:PATH). With
+  `vocab_size` (model.vocab_size) every id it can produce must be an id of the model. DataError (one line) if not."""
   try:
-    import tiktoken  # lazy: optional (data.tokenizer='gpt2' only), and may be missing: the error says so
-  except ImportError:
-    raise DataError("data.tokenizer='gpt2' needs the tiktoken package (pip install tiktoken) "
-                    "and its GPT-2 files in TIKTOKEN_CACHE_DIR") from None
-  cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-  missing = [u for u in _GPT2_FILES if not os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))]
-  if missing:
-    raise DataError(f"GPT-2 tokenizer files are not cached in {cache} (missing {missing}); dba_jax does not "
-                    "download. Copy a tiktoken cache there or set TIKTOKEN_CACHE_DIR, or use pre-tokenised .bin/.npy")
-  enc = tiktoken.get_encoding("gpt2")
-
-  class _Gpt2:
-    vocab_size = enc.n_vocab
-
-    def encode(self, text):
-      return np.asarray(enc.encode_ordinary(text), np.uint16)
-
-    def decode(self, ids):
-      return enc.decode([int(i) for i in ids])
-
-  return _Gpt2()
-
-
-def get_tokenizer(name: str):
-  if name == "bpe_qa":  # LatentWire's tiny in-process BPE (dba_jax/tokenizers.py)
-    return bpe_qa()
-  return ByteTokenizer() if name == "byte" else gpt2_tokenizer()
+    tok = tokenizers.get(name)
+  except tokenizers.TokenizerError as e:
+    raise DataError(str(e)) from None
+  if vocab_size is not None and tok.vocab_size > vocab_size:
+    ids = {k: getattr(tok, f"{k}_id") for k in tok.specials}  # the special tokens that fall outside, by name
+    over = [f"{k} {tok.specials[k]!r} is id {i}" for k, i in ids.items() if i >= vocab_size]
+    raise DataError(f"data.tokenizer={name!r} has {tok.vocab_size} ids but model.vocab_size={vocab_size}"
+                    + (f" ({', '.join(over)})" if over else ""))
+  return tok
 
 
 # ----------------------------------------------------------------------------------------- the stdlib corpus
@@ -209,7 +177,7 @@ def _read_split(pattern: str, key: str, source: str, tokenizer, vocab_size: int)
       arr = read_npy(path)
     else:
       with open(path, encoding="utf-8", errors="replace") as f:
-        arr = tokenizer.encode(f.read())
+        arr = tokenizer.encode_document(f.read())  # a file is one document: framed as its tokenizer frames one
     if len(arr) == 0:
       raise DataError(f"data.{key}: {path} holds no tokens")
     check_vocab(path, arr, vocab_size)
@@ -242,7 +210,8 @@ def generator(name: str):
 def synthetic_corpus(d, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   fn = generator(d.generator)
   n_val = max(1, int(d.synthetic_chars * d.val_fraction))
-  train, val = (tokenizer.encode(fn(n, seed)) for n, seed in ((d.synthetic_chars, d.seed), (n_val, d.seed + 10_000)))
+  train, val = (tokenizer.encode_document(fn(n, seed))
+                for n, seed in ((d.synthetic_chars, d.seed), (n_val, d.seed + 10_000)))
   if d.mix_stdlib > 0:
     def mix(part, stdlib_bytes):
       want = int(len(part) * d.mix_stdlib / (1 - d.mix_stdlib))  # tokens, so that stdlib is mix_stdlib of the whole
@@ -254,13 +223,18 @@ def synthetic_corpus(d, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(train, np.int32), np.asarray(val, np.int32)
 
 
+# Tokenizers whose first 256 ids are the bytes: the stdlib corpus's byte ids are valid (unmerged) input for them.
+BYTE_IDS = ("byte", "bpe_qa")
+
+
 def load_splits(d, vocab_size: int) -> Splits:
   """Train/val shards for config.data `d`; every token id is checked against the model's vocab."""
-  tokenizer = get_tokenizer(d.tokenizer) if d.source in ("text", "stdlib", "synthetic") else None
-  if tokenizer is not None and tokenizer.vocab_size > vocab_size:
-    raise DataError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size={vocab_size}")
+  tokenizer = get_tokenizer(d.tokenizer, vocab_size) if d.source in ("text", "stdlib", "synthetic") else None
   if d.source == "stdlib":
     train, val = stdlib_corpus(d.val_fraction)
+    if d.tokenizer not in BYTE_IDS:  # the corpus comes as byte ids: another tokenizer reads its text
+      train, val = (tokenizer.encode_document(bytes(s.astype(np.uint8)).decode("utf-8", "replace"))
+                    for s in (train, val))
     return Splits([train], [val])
   if d.source == "synthetic":
     train, val = synthetic_corpus(d, tokenizer)

@@ -1,4 +1,6 @@
-"""Standard softmax attention: MHA, GQA and the bottleneck baseline (attn_dim < d_model). Op: dba_jax.ops.standard."""
+"""Standard softmax attention: MHA, GQA and the bottleneck baseline (attn_dim < d_model), with what the Hugging Face
+families add: biases on q/k/v only (model.qkv_bias), scaled RoPE (model.rope_scaling) and a sliding window
+(model.sliding_window). Op: dba_jax.ops.standard."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ class StandardAttention(nnx.Module):
     self.H, self.K = m.n_heads, kv_heads(m)
     self.D = attn_dim(m) // self.H
     self.Hp, self.Kp = self.H + extra_heads, self.K + extra_heads
-    lin = lambda n, axes: Linear(m.d_model, n * self.D, axes, bias=m.bias, std=m.init_std, rngs=rngs)
+    qkv_bias = m.bias or m.get("qkv_bias", False)
+    lin = lambda n, axes: Linear(m.d_model, n * self.D, axes, bias=qkv_bias, std=m.init_std, rngs=rngs)
     self.q, self.k, self.v = lin(self.Hp, ("embed", "heads")), lin(self.Kp, ("embed", "kv_heads")), \
         lin(self.Kp, ("embed", "kv_heads"))
     self.out = Linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
@@ -45,15 +48,21 @@ class StandardAttention(nnx.Module):
     k_BTKD = constrain(self.k(x_BTd).reshape(B, T, K, D), ops.ACT_HEADS)
     v_BTKD = constrain(self.v(x_BTd).reshape(B, T, K, D), ops.ACT_HEADS)
     if self.m.positions == "rope":
-      q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base)
-      k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base)
+      scaling = ops.RopeScaling(**self.m.rope_scaling) if "rope_scaling" in self.m else None
+      q_BTHD = ops.apply_rope(q_BTHD, positions_T, self.m.rope_base, scaling)
+      k_BTKD = ops.apply_rope(k_BTKD, positions_T, self.m.rope_base, scaling)
     return q_BTHD, k_BTKD, v_BTKD
 
   def attend(self, q_BTHD, k_BSKD, v_BSKD, positions_T, keys, io: LayerIO, hooks: Hooks):
     """keys: (key positions, visibility) from a cache, or None (causal over the chunk)."""
     no_keep_hook(hooks, "standard")
-    o = ops.attention(q_BTHD, k_BSKD, v_BSKD, scale=self.scale, mask=None if keys is None else keys[1],
-                      return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    mask = None if keys is None else keys[1]
+    window = self.m.get("sliding_window", 0)
+    if window:  # an explicit mask: the flash kernel serves causal masks only, so this runs on the xla path
+      k_pos = positions_T[None] if keys is None else keys[0]
+      mask = ops.positions_mask(positions_T, k_pos, window)
+    o = ops.attention(q_BTHD, k_BSKD, v_BSKD, scale=self.scale, mask=mask, return_probs=hooks.return_probs,
+                      impl=self.m.attn_impl)
     return with_probs(o, io, hooks)
 
 

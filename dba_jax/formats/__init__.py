@@ -23,6 +23,9 @@ Optional hooks (dba-convert uses them when present):
       --to-torch into the original's training-loop files (model, optimizer, data position).
   layout_of(tensors) / from_params(..., layout=)     a key layout to write back as it came.
   import_file(src, out) / export_dir(workdir, out)   a model family converted file to file.
+  detect_dir(path) / read_dir(path) -> (tensors, extras) / write_dir(out, params, c, layout)
+      a directory in and out (Hugging Face save_pretrained): extras["config"] goes to config_from_saved,
+      extras["layout"] is recorded and handed back to write_dir.
 
 PyTorch Linear weights are [out, in]; dba_jax kernels are [in, out]. Scanned layers stack every block
 parameter on a leading layer axis.
@@ -35,7 +38,7 @@ import importlib
 from dba_jax.conversion import GIVEN, ConversionError, Keys, given, is_float  # noqa: F401
 
 # Every format dba-convert knows, in detection order; a module not written yet is skipped.
-NAMES = ("caramba", "nanogpt", "addition", "hope", "latentwire")
+NAMES = ("caramba", "nanogpt", "addition", "hope", "latentwire", "hf")
 
 
 def get(name: str):

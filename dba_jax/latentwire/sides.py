@@ -43,18 +43,24 @@ class LM:
     return self.model.module
 
   def encode(self, text: str) -> np.ndarray:
+    """The text alone: a piece that continues a sequence."""
     return np.asarray(self.tok.encode(text), np.int32)
+
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """The text opening a sequence, with the BOS its tokenizer opens one with (an hf: Llama's; none for bytes)."""
+    return np.asarray(self.tok.encode_document(text, end=False), np.int32)
 
   @functools.cached_property
   def stop_ids(self) -> tuple:
-    """Token ids whose text holds a newline: an answer ends at its line."""
-    return tuple(i for i in range(self.tok.vocab_size) if "\n" in self.tok.decode([i]))
+    """Token ids whose text holds a newline (an answer ends at its line), and the tokenizer's own (EOS)."""
+    lines = [i for i in range(self.tok.vocab_size) if "\n" in self.tok.decode([i])]
+    return tuple(dict.fromkeys(lines + list(self.tok.stop_ids)))
 
 
 def load_lm(path: str, role: str) -> LM:
   try:
     model, c = load_model(path)
-    tok = data.get_tokenizer(c.data.tokenizer)
+    tok = data.get_tokenizer(c.data.tokenizer, c.model.vocab_size)
   except (FileNotFoundError, ValueError, data.DataError) as e:
     raise SideError(f"{role} model {path}: {e}") from None
   model_lib.check_cacheable(c.model)
@@ -80,9 +86,9 @@ def bridge_batch(src: LM, tgt: LM, pairs, src_len: int, tgt_len: int, prompt_len
   same tgt_ids row, so teacher_off[b] + i - 1 is the position predicting tgt_ids[b, i]; prompt_mask marks the prompt
   (question + stub) for InfoNCE."""
   stub = tgt.encode(arith_qa.STUB)
-  src_rows = [src.encode(arith_qa.PROMPT.format(q=q)) for q, _ in pairs]
+  src_rows = [src.encode_prompt(arith_qa.PROMPT.format(q=q)) for q, _ in pairs]
   answers = [tgt.encode(a + "\n\n") for _, a in pairs]
-  questions = [tgt.encode("Q: " + q) for q, _ in pairs]
+  questions = [tgt.encode_prompt("Q: " + q) for q, _ in pairs]
   src_ids, src_n = pad(src_rows, src_len, "data.src_len (source prompt)")
   tgt_ids, tgt_n = pad([np.concatenate([stub, a]) for a in answers], tgt_len, "data.tgt_len (stub + answer)")
   q_ids, q_n = pad(questions, prompt_len, "data.prompt_len (target question prompt)")
@@ -167,7 +173,7 @@ def target_speaker(br):
 
 def soft_tokens(br, params, questions) -> np.ndarray:
   """Soft tokens [N, K, target width] from the source's reading of each question's text prompt (and nothing else)."""
-  src_rows = [br.src.encode(arith_qa.PROMPT.format(q=q)) for q in questions]
+  src_rows = [br.src.encode_prompt(arith_qa.PROMPT.format(q=q)) for q in questions]
   ids, n = pad(src_rows, br.c.data.src_len, "data.src_len (source prompt)")
   mask = np.arange(ids.shape[1])[None] < n[:, None]
   out = [br._soft(params, br.frozen, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))

@@ -9,11 +9,12 @@ Each module has a float64-capable `reference`, an `xla` path, the kernel path, a
 resolves `impl` once through `base.dispatch` ('auto': pallas on GPU/TPU, xla on CPU; a kernel request the kernel
 cannot serve runs on XLA and logs why once). Masks (`causal_mask`, `positions_mask`) and RoPE live in `base`.
 """
-from dba_jax.ops.base import (ACT_HEADS, IMPLS, _warned, apply_rope, causal_mask, causal_zero, fallback,
-                              positions_mask, resolve_impl, rope_angles)
+from dba_jax.ops.base import (ACT_HEADS, IMPLS, RopeScaling, _warned, apply_rope, causal_mask, causal_zero, fallback,
+                              positions_mask, resolve_impl, rope_angles, rope_inv_freq)
 from dba_jax.ops.dba import dba_attention
 from dba_jax.ops.selective import SelectiveSpec, selective_attention
 from dba_jax.ops.standard import attention
 
-__all__ = ["ACT_HEADS", "IMPLS", "apply_rope", "attention", "causal_mask", "causal_zero", "dba_attention", "fallback",
-           "positions_mask", "resolve_impl", "rope_angles", "SelectiveSpec", "selective_attention"]
+__all__ = ["ACT_HEADS", "IMPLS", "RopeScaling", "SelectiveSpec", "apply_rope", "attention", "causal_mask",
+           "causal_zero", "dba_attention", "fallback", "positions_mask", "resolve_impl", "rope_angles", "rope_inv_freq",
+           "selective_attention"]

@@ -6,6 +6,7 @@ D q/k head dim, E value head dim.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,14 @@ def causal_mask(T: int, S: int | None = None, n_prefix: int = 0) -> jax.Array:
   return positions_mask(jnp.arange(T), jnp.arange(S) - n_prefix) | (jnp.arange(S) < n_prefix)[None, :]
 
 
-def positions_mask(q_pos_T, k_pos_S) -> jax.Array:
+def positions_mask(q_pos_T, k_pos_S, window: int = 0) -> jax.Array:
   """[..., T, S] bool from absolute positions: key position p is visible to query position t iff 0 <= p <= t
-  (key positions < 0 are empty cache slots). k_pos may carry leading batch dims [..., S]."""
+  (key positions < 0 are empty cache slots) and, with a sliding `window` W > 0, t - p < W (the W most recent
+  positions, the query's own included: Mistral's window). k_pos may carry leading batch dims [..., S]."""
   k = jnp.expand_dims(k_pos_S, -2)
   q = q_pos_T.reshape((1,) * (k.ndim - 2) + (-1, 1))
-  return (k >= 0) & (k <= q)
+  visible = (k >= 0) & (k <= q)
+  return visible & (k > q - window) if window > 0 else visible
 
 
 def causal_zero(x_TS, fill=0):
@@ -87,19 +90,49 @@ def causal_zero(x_TS, fill=0):
 
 # ---------------------------------------------------------------------------------------------------- RoPE
 
-def rope_angles(positions_T: jax.Array, dim: int, base: float, dtype) -> tuple[jax.Array, jax.Array]:
-  """cos/sin [T, dim/2] for rotate-half RoPE; angles in at least float32 (float64 under float64 inputs)."""
+class RopeScaling(NamedTuple):
+  """RoPE frequencies stretched for contexts beyond the pretraining length, as Hugging Face's `rope_scaling`:
+  "none"; "linear" (every frequency / factor: positions interpolated); "llama3" (Llama 3.1: wavelengths longer
+  than original_max_positions / low_freq_factor are divided by factor, those shorter than
+  original_max_positions / high_freq_factor kept, a linear ramp in 1 / wavelength between)."""
+  kind: str = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+
+def rope_inv_freq(dim: int, base: float, dtype, scaling: RopeScaling | None = None) -> jax.Array:
+  """[dim/2] inverse frequencies base^(-2i/dim), scaled; in at least float32 (float64 under float64 inputs)."""
   ft = jnp.promote_types(dtype, jnp.float32)
   inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=ft) / dim)
-  angle_TF = positions_T.astype(ft)[:, None] * inv_freq[None, :]
+  s = scaling or RopeScaling()
+  if s.kind == "none":
+    return inv_freq
+  if s.kind == "linear":
+    return inv_freq / s.factor
+  if s.kind != "llama3":
+    raise ValueError(f"RoPE scaling kind {s.kind!r} is not one of none, linear, llama3")
+  wavelen = 2 * jnp.pi / inv_freq
+  ramp = (s.original_max_positions / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  between = (1 - ramp) * inv_freq / s.factor + ramp * inv_freq
+  return jnp.where(wavelen > s.original_max_positions / s.low_freq_factor, inv_freq / s.factor,
+                   jnp.where(wavelen < s.original_max_positions / s.high_freq_factor, inv_freq, between))
+
+
+def rope_angles(positions_T: jax.Array, dim: int, base: float, dtype,
+                scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [T, dim/2] for rotate-half RoPE; angles in at least float32 (float64 under float64 inputs)."""
+  inv_freq = rope_inv_freq(dim, base, dtype, scaling)
+  angle_TF = positions_T.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]
   # Tables are cast to the activation dtype before use, as in the PyTorch original.
   return jnp.cos(angle_TF).astype(dtype), jnp.sin(angle_TF).astype(dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, positions_T: jax.Array, base: float) -> jax.Array:
+def apply_rope(x_BTHD: jax.Array, positions_T: jax.Array, base: float, scaling: RopeScaling | None = None) -> jax.Array:
   """Half-split ("rotate_half", NeoX/Llama) RoPE over the full head dim."""
   D = x_BTHD.shape[-1]
-  cos_TF, sin_TF = rope_angles(positions_T, D, base, x_BTHD.dtype)
+  cos_TF, sin_TF = rope_angles(positions_T, D, base, x_BTHD.dtype, scaling)
   cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
   x1, x2 = x_BTHD[..., : D // 2], x_BTHD[..., D // 2:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

@@ -1,0 +1,151 @@
+"""dba-convert on Hugging Face save_pretrained directories (formats/hf.py): GPT-2, Llama (llama3 RoPE scaling, tied
+embeddings), Mistral (head_dim != hidden / heads, one KV head, a sliding window) and Qwen2 (q/k/v biases). Each
+model is built by transformers from a small config with random weights, its norms and biases randomised too, saved,
+converted in, compared by logits with transformers' eager forward (float32, 1e-4), exported back and loaded by
+transformers with the same logits. GPT-2 is saved in shards, Qwen2 in bfloat16 (the reference then runs the same
+bf16 values in float32). Lengths reach past the llama3 original context and the sliding window, and a check shows
+each of those features changes the logits there (so the comparison would catch it missing)."""
+import copy
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from dba_jax import convert, loading, model as model_lib
+from dba_jax.config import ConfigError, base_config, validate
+from dba_jax.conversion import field_of
+from dba_jax.formats import hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+T = 32
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+          "original_max_position_embeddings": 24}
+# (config class, its arguments, how it is saved, model fields whose default value changes the logits at length T)
+CASES = {
+    "gpt2": ("GPT2Config", dict(vocab_size=96, n_positions=T, n_embd=32, n_layer=2, n_head=4, initializer_range=0.1,
+                                bos_token_id=0, eos_token_id=0), dict(max_shard_size="40KB"), {}),
+    # head_dim 16: RoPE wavelengths 6.3, 20, 63, ...: kept (< 24 / 2), ramped (12 .. 24), divided by the factor
+    "llama": ("LlamaConfig", dict(SMALL, hidden_size=64, num_key_value_heads=2, tie_word_embeddings=True,
+                                  rope_theta=10000.0, rope_scaling=LLAMA3), {}, {"rope_scaling.kind": "none"}),
+    "mistral": ("MistralConfig", dict(SMALL, num_key_value_heads=1, head_dim=16, sliding_window=6), {},
+                {"sliding_window": 0}),
+    "qwen2": ("Qwen2Config", dict(SMALL, num_key_value_heads=2), dict(dtype="bfloat16"), {}),
+}
+
+
+def _randomise(model, seed: int):
+  """Norm weights around 1 and every bias away from 0 (transformers initialises them to 1 and 0)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:  # norm weights (scales) and biases
+        p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _hf_logits(path: str, tokens) -> np.ndarray:
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+  with torch.no_grad():
+    return model.eval()(torch.tensor(tokens)).logits.numpy()
+
+
+def _save(tmp_path, name: str) -> str:
+  cls, kwargs, save, _ = CASES[name]
+  torch.manual_seed(0)
+  # (a copy: transformers fills in the rope dict it is given)
+  model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**copy.deepcopy(kwargs)))
+  _randomise(model, 1)
+  path = str(tmp_path / f"{name}_hf")
+  if save.get("dtype"):
+    model = model.to(getattr(torch, save["dtype"]))
+  model.save_pretrained(path, **{k: v for k, v in save.items() if k != "dtype"})
+  return path
+
+
+def _ours(model, c, tokens, **fields) -> np.ndarray:
+  """Our logits for the converted params under the model config with `fields` changed (none: as converted)."""
+  m = copy.deepcopy(c.model)
+  for dotted, value in fields.items():
+    node, name = field_of(m, dotted)
+    node[name] = value
+  logits = model_lib.Model(m, model_lib.abstract(m)[0], model.params)(tokens)
+  return np.asarray(logits)[..., :c.model.vocab_size]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hf_logits_both_ways(tmp_path, capsys, name):
+  src = _save(tmp_path, name)
+  tokens = np.random.RandomState(0).randint(0, 96, (2, T))
+  want = _hf_logits(src, tokens)
+  out, back = str(tmp_path / "run"), str(tmp_path / "back")
+  assert convert.main(["dba-convert", src, "--out", out]) == 0, capsys.readouterr().err
+  model, c = loading.load_model(out)
+  got = np.asarray(model(tokens))
+  assert got.shape[-1] == 128 and np.all(got[..., 96:] == 0)  # pad_vocab_to's rows: zero, never read
+  got = got[..., :96]
+  assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+  assert np.abs(want).max() > 1.0  # logits large enough for 1e-4 to mean something
+  for field, off in CASES[name][3].items():  # the feature changes the logits at this length
+    assert np.abs(_ours(model, c, tokens, **{field: off}) - want).max() > 100 * TOL, field
+  assert convert.main(["dba-convert", "--to-torch", out, "--out", back, "--format", "hf"]) == 0, \
+      capsys.readouterr().err
+  assert np.abs(_hf_logits(back, tokens) - want).max() < TOL
+  written = json.load(open(os.path.join(back, "config.json")))
+  assert written["architectures"] == [json.load(open(os.path.join(src, "config.json")))["architectures"][0]]
+  assert written["bos_token_id"] == CASES[name][1]["bos_token_id"]  # the recorded config's other entries kept
+
+
+def test_transformers_4_and_5_configs_read_alike():
+  """4.x writes rope_theta + rope_scaling ("type" or "rope_type"), 5.x rope_parameters: the same model fields."""
+  v5 = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+        "rope_parameters": {"rope_theta": 500000.0, **LLAMA3}}
+  v4 = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "rope_theta": 500000.0,
+        "rope_scaling": {**{k: v for k, v in LLAMA3.items() if k != "rope_type"}, "type": "llama3"}}
+  fields = hf.model_fields(v5, "llama", "config.json")
+  assert fields == hf.model_fields(v4, "llama", "config.json")
+  assert (fields["rope_base"], fields["rope_scaling.kind"], fields["rope_scaling.original_max_positions"]) == \
+      (500000.0, "llama3", 24)
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"architectures": ["GemmaForCausalLM"]}, "architectures ['GemmaForCausalLM'] not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn' is not supported"),
+    ({"attention_bias": True}, "not supported: attention_bias=True"),
+    ({"hidden_act": "gelu"}, "not supported: hidden_act='gelu'"),
+])
+def test_unsupported_configs_stop_with_one_line(tmp_path, capsys, change, error):
+  cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+         "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+  src = tmp_path / "hf"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({**cfg, **change}))
+  (src / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
+  assert convert.main(["dba-convert", str(src), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("dba-convert: error: ") and error in err[0], err
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fields,error", [
+    ({"attn_kind": "selective", "sliding_window": 8}, "model.sliding_window=8 is not supported by model.attn_kind="
+                                                      "'selective'"),
+    ({"attn_kind": "dba", "dba.sem_dim": 8, "dba.geo_dim": 8, "qkv_bias": True}, "model.qkv_bias=True is not "
+                                                                                  "supported by model.attn_kind='dba'"),
+    ({"positions": "learned", "rope_scaling.kind": "linear"}, "model.rope_scaling.kind='linear' needs "
+                                                              "model.positions='rope'"),
+    ({"rope_scaling.kind": "llama3", "rope_scaling.low_freq_factor": 4.0}, "high_freq_factor=4.0 must exceed"),
+])
+def test_hf_model_fields_are_refused_where_nothing_applies_them(fields, error):
+  """qkv_bias, rope_scaling and sliding_window live in standard attention; elsewhere they would do nothing."""
+  c = base_config()
+  for dotted, value in fields.items():
+    node, name = field_of(c.model, dotted)
+    node[name] = value
+  with pytest.raises(ConfigError, match=re.escape(error)):
+    validate(c)
