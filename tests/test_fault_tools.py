@@ -242,6 +242,9 @@ def test_stopped_then_the_same_command_finishes(tool, point, sig, inputs, uninte
       assert p.poll() is None, f"{tool} ended before the {point} point: {p.communicate()[1][-2000:]}"
       assert time.time() - t0 < 300, f"timed out waiting for the {point} point"
       time.sleep(0.005)
+  if p.poll() is not None:  # a stdlib-only tool (dba-addition-report) can finish within the start-up wait
+    assert p.returncode == 0 and point == "startup", p.communicate()[1][-2000:]
+    pytest.skip(f"{tool} finished before the start-up signal")
   p.send_signal(getattr(signal, sig))
   out, err = p.communicate(timeout=300)
   assert "Traceback" not in err, err[-3000:]
