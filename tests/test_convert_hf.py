@@ -4,8 +4,12 @@ model is built by transformers from a small config with random weights, its norm
 converted in, compared by logits with transformers' eager forward (float32, 1e-4), exported back and loaded by
 transformers with the same logits. GPT-2 is saved in shards, Qwen2 in bfloat16 (the reference then runs the same
 bf16 values in float32). Lengths reach past the llama3 original context and the sliding window, and a check shows
-each of those features changes the logits there (so the comparison would catch it missing)."""
+each of those features changes the logits there (so the comparison would catch it missing). Each directory also
+holds a tokenizer.json trained here, which becomes the converted run's data.tokenizer; `dba-eval generate` through it
+decodes greedily exactly as transformers' generate does."""
 import copy
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -13,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from dba_jax import convert, loading, model as model_lib
+from dba_jax import convert, data, eval_cli, loading, model as model_lib
 from dba_jax.config import ConfigError, base_config, validate
 from dba_jax.conversion import field_of
 from dba_jax.formats import hf
@@ -65,7 +69,32 @@ def _save(tmp_path, name: str) -> str:
   if save.get("dtype"):
     model = model.to(getattr(torch, save["dtype"]))
   model.save_pretrained(path, **{k: v for k, v in save.items() if k != "dtype"})
+  _save_tokenizer(path)
   return path
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+  """A 96-token BPE (sentencepiece-style spaces) trained here by `tokenizers` (no download): <unk> <s> </s> <pad>
+  are ids 0-3, BOS added in front of every text, as Llama's tokenizer does."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  from dba_jax.arith_qa import arith_qa_text
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  tok.train_from_iterator([arith_qa_text(2000, 0)], trainers.BpeTrainer(
+      vocab_size=96, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return tok.to_str()
+
+
+def _save_tokenizer(path: str):
+  """tokenizer.json and tokenizer_config.json beside the weights, as AutoTokenizer.save_pretrained writes them."""
+  with open(os.path.join(path, "tokenizer.json"), "w") as f:
+    f.write(_tokenizer_json())
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
 
 
 def _ours(model, c, tokens, **fields) -> np.ndarray:
@@ -87,6 +116,9 @@ def test_hf_logits_both_ways(tmp_path, capsys, name):
   assert convert.main(["dba-convert", src, "--out", out]) == 0, capsys.readouterr().err
   model, c = loading.load_model(out)
   got = np.asarray(model(tokens))
+  assert c.data.tokenizer == f"hf:{os.path.abspath(src)}"  # the directory's own tokenizer.json, and its specials
+  tok = data.get_tokenizer(c.data.tokenizer, c.model.vocab_size)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 96)
   assert got.shape[-1] == 128 and np.all(got[..., 96:] == 0)  # pad_vocab_to's rows: zero, never read
   got = got[..., :96]
   assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
@@ -96,6 +128,9 @@ def test_hf_logits_both_ways(tmp_path, capsys, name):
   assert convert.main(["dba-convert", "--to-torch", out, "--out", back, "--format", "hf"]) == 0, \
       capsys.readouterr().err
   assert np.abs(_hf_logits(back, tokens) - want).max() < TOL
+  # the tokenizer went along (AutoTokenizer would pick Qwen2's own class for qwen2, which rebuilds the pre-tokenizer)
+  ids = transformers.PreTrainedTokenizerFast.from_pretrained(back)("Q: 25 - 8")["input_ids"]
+  assert ids == list(tok.encode_document("Q: 25 - 8")) and ids[0] == 1, ids
   written = json.load(open(os.path.join(back, "config.json")))
   assert written["architectures"] == [json.load(open(os.path.join(src, "config.json")))["architectures"][0]]
   assert written["bos_token_id"] == CASES[name][1]["bos_token_id"]  # the recorded config's other entries kept
@@ -149,3 +184,49 @@ def test_hf_model_fields_are_refused_where_nothing_applies_them(fields, error):
     node[name] = value
   with pytest.raises(ConfigError, match=re.escape(error)):
     validate(c)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_greedy_decoding_equals_transformers(tmp_path, capsys, name):
+  """`dba-eval generate` on the converted model (KV cache, float32, greedy; the prompt read by the HF directory's
+  own tokenizer.json) equals transformers' generate(do_sample=False) on the same prompt ids, token for token:
+  llama with llama3 scaling and GQA (2 kv heads), mistral with one kv head, head_dim 16 and a window of 6. 8 prompt
+  + 24 new tokens reach past llama3's original context (24) and many windows. No stop token on either side (--stop
+  999 is never generated; transformers' eos off), so all 24 tokens are compared."""
+  src = _save(tmp_path, name)
+  out = str(tmp_path / "run")
+  assert convert.main(["dba-convert", src, "--out", out]) == 0, capsys.readouterr().err
+  capsys.readouterr()
+  assert eval_cli.main(["generate", "--checkpoint", out, "--prompt", "Q: 25 - 8", "--max-new", "24", "--cache",
+                        "float32", "--stop", "999"]) == 0
+  g = json.loads(capsys.readouterr().out)
+  # README's continued-training config: the converted run's model and tokenizer (dba-train then checks init_from)
+  spec = importlib.util.spec_from_file_location("from_workdir", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "configs", "from_workdir.py"))
+  preset = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(preset)
+  c = preset.get_config(out)
+  assert c.model.to_dict() == loading.read_config(out).model.to_dict()
+  assert c.data.tokenizer == f"hf:{os.path.abspath(src)}"
+  prompt = g["prompt_tokens"]
+  assert prompt[0] == 1 and len(prompt) == 8  # BOS from the tokenizer's post-processor
+  ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+  with torch.no_grad():
+    want = ref.eval().generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                               eos_token_id=None, pad_token_id=3)[0, len(prompt):].tolist()
+  assert len(want) == 24 and g["tokens"] == want, (g["tokens"], want)
+  # Random tied-embedding models repeat tokens; this prompt's llama output still switches token 5 times, the last
+  # two past the original context (24), and mistral's holds 15 distinct tokens
+  assert len(set(want)) >= 6
+
+
+def test_a_tokenizer_the_user_chose_is_kept():
+  """The directory's tokenizer.json becomes data.tokenizer only when the config leaves data.tokenizer alone."""
+  saved = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           hf.TOKENIZER: "hf:/models/llama"}
+  assert hf.config_from_saved(saved, base_config()).data.tokenizer == "hf:/models/llama"
+  c = base_config()
+  c.data.tokenizer = "bpe_qa"
+  assert hf.config_from_saved(saved, c).data.tokenizer == "bpe_qa"
+  assert hf.config_from_saved({k: v for k, v in saved.items() if k != hf.TOKENIZER},
+                              base_config()).data.tokenizer == "byte"

@@ -38,6 +38,11 @@ zero padding of model.pad_vocab_to, its logits never read):
   norm.weight ; lm_head.weight (untied)                                       final_norm.scale ; head.kernel[:, :V]
   ...rotary_emb.inv_freq                                                      recomputed buffers: not parameters
 
+A directory that holds tokenizer.json sets the run's data.tokenizer to hf:<that directory, absolute> (unless the
+config sets data.tokenizer), so the converted model reads and writes text with its own tokenizer. Export copies an
+hf: data.tokenizer's files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json)
+into the new directory.
+
 Export picks the architecture recorded on import (keeping its config.json's other entries: token ids, ...), else
 the one the model fits: learned positions + LayerNorm + GELU -> GPT-2; RoPE + RMSNorm + SwiGLU -> Qwen2 with q/k/v
 biases, Mistral with a sliding window, Llama otherwise. RoPE settings are written the 4.x way (`rope_theta`,
@@ -50,6 +55,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -69,6 +75,11 @@ MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral"
                "qwen2": "Qwen2ForCausalLM"}
 PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
 HEAD = "lm_head.weight"
+# A directory holding tokenizer.json becomes the converted run's data.tokenizer (hf:DIR, its special tokens from the
+# files beside it), unless the user set data.tokenizer: read_dir passes it to config_from_saved under this key.
+TOKENIZER_FILE, TOKENIZER = "tokenizer.json", "_dba_jax_tokenizer"
+# What an export copies beside the tokenizer.json of an hf: data.tokenizer (its special tokens, generation's EOS).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 BUFFERS = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation dba_jax's MLP computes
 
@@ -178,7 +189,10 @@ def read_dir(src: str) -> tuple[dict, dict]:
   prefix = PREFIX[family]
   if not any(k.startswith(prefix) for k in tensors):  # saved from the base model (GPT2Model, LlamaModel)
     tensors = {(k if k == HEAD else prefix + k): x for k, x in tensors.items()}
-  return tensors, {"config": cfg, "layout": {"architecture": arch, "config": cfg}}
+  # config_from_saved sees only the config: the directory's own tokenizer travels in a key of a copy of it
+  saved = {**cfg, TOKENIZER: f"hf:{os.path.abspath(src)}"} if os.path.isfile(os.path.join(src, TOKENIZER_FILE)) \
+      else cfg
+  return tensors, {"config": saved, "layout": {"architecture": arch, "config": cfg}}
 
 
 # -------------------------------------------------------------------------------------------------- config
@@ -294,6 +308,8 @@ def config_from_saved(saved: dict, c, tensors: dict | None = None):
     raise ConversionError(f"a {family} checkpoint is a plain decoder: {', '.join(bad)} cannot hold it")
   if m.positions == "learned" and c.data.seq_len > m.max_seq_len and not given(c, "data.seq_len"):
     c.data.seq_len = m.max_seq_len  # the default training length would not fit the position table
+  if saved.get(TOKENIZER) and not given(c, "data.tokenizer"):
+    c.data.tokenizer = saved[TOKENIZER]  # evals, decoding and training read text with the model's own tokenizer
   return c
 
 
@@ -534,5 +550,21 @@ def write_dir(out: str, params: dict, c, layout: dict | None = None) -> str:
   with open(os.path.join(out, CONFIG), "x") as f:
     json.dump(hf_config(c.model, arch, base), f, indent=2)
   _write_safetensors(os.path.join(out, "model.safetensors"), params, c, arch)
+  _copy_tokenizer(c.data.tokenizer, out)
   return arch
+
+
+def _copy_tokenizer(name: str, out: str):
+  """An hf: tokenizer's files go along, so transformers' AutoTokenizer.from_pretrained(out) reads the same one."""
+  if not name.startswith("hf:"):
+    return
+  path = name[len("hf:"):]
+  src = path if os.path.isdir(path) else os.path.dirname(path)
+  files = [TOKENIZER_FILE, *TOKENIZER_FILES] if os.path.isdir(path) else [os.path.basename(path), *TOKENIZER_FILES]
+  if not os.path.isfile(os.path.join(src, files[0])):
+    _warn(f"data.tokenizer={name!r}: {os.path.join(src, files[0])} is gone; the export has no tokenizer")
+    return
+  for f in files:
+    if os.path.isfile(os.path.join(src, f)):
+      shutil.copyfile(os.path.join(src, f), os.path.join(out, TOKENIZER_FILE if f == files[0] else f))
 
