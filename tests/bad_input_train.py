@@ -1,4 +1,5 @@
-"""Bad-input rows of the training tools (dba-train, dba-addition-train, dba-latentwire-train): tests/test_bad_input.py."""
+"""Bad-input rows of the training tools (dba-train, dba-addition-train, dba-latentwire-train), run by
+tests/test_bad_input.py."""
 import os
 
 from bad_input import Case

@@ -103,18 +103,19 @@ def _addition_run(root):
     with open(os.path.join(run, "model_0", "metrics.jsonl"), "w") as f:
       f.write(json.dumps({"step": 0, "val/exact_match": 0.0, "val/digit_acc": 0.1}) + "\n")
     with open(os.path.join(run, "summary.json"), "w") as f:
-      json.dump({"params": 456, "steps": 1, "num_models": 1, "steps_per_s": 10.0, "models": [{"model": 0, "seed": 43, "best_val_exact": 0.0,
-                 "best_step": 0, "last_val_exact": 0.0, "best_test_exact": 0.0, "final_loss": 1.0}]}, f)
+      model = {"model": 0, "seed": 43, "best_val_exact": 0.0, "best_step": 0, "last_val_exact": 0.0,
+               "best_test_exact": 0.0, "final_loss": 1.0}
+      json.dump({"params": 456, "steps": 1, "num_models": 1, "steps_per_s": 10.0, "models": [model]}, f)
   return {**names, "run": run}
 
 
-TRAIN = ("--config=configs/quickstart.py:dba --config.model.n_layers=1 --config.train.steps=16 "
-         "--config.train.log_every=1 --config.train.ckpt_every=4 --config.train.eval_every=8 "
+TRAIN = ("--config=configs/quickstart.py:dba --config.model.n_layers=1 --config.train.steps=12 "
+         "--config.train.log_every=1 --config.train.ckpt_every=4 --config.train.eval_every=6 "
          "--config.train.eval_batches=4 --config.optim.warmup_steps=2 --workdir={tmp}/w")
-ADD = ("--config=configs/addition.py:456p --config.train.steps=40 --config.train.batch_size=32 "
-       "--config.train.eval_interval=10 --config.train.val_size=64 --config.train.test_size=64 "
+ADD = ("--config=configs/addition.py:456p --config.train.steps=20 --config.train.batch_size=32 "
+       "--config.train.eval_interval=5 --config.train.val_size=64 --config.train.test_size=64 "
        "--config.train.eval_batch_size=64 --config.train.log_every=1 --config.optim.warmup_steps=5 --workdir={tmp}/w")
-BRIDGE = ("--config=configs/latentwire.py:cpu --source={src} --target={tgt} --config.train.steps=12 "
+BRIDGE = ("--config=configs/latentwire.py:cpu --source={src} --target={tgt} --config.train.steps=8 "
           "--config.train.log_every=1 --config.train.ckpt_every=4 --config.train.eval_every=100 --workdir={tmp}/w")
 
 ROWS = {
@@ -155,13 +156,13 @@ ROWS = {
                        mid=_after(4), writing=_exists("{tmp}/m.tmp[0-9]*.pt")),
     "dba-bench": Row("attention --seq 64 --heads 2 --head-dim 16 --out {tmp}/b.json", lambda root: {},
                      ("{tmp}/b.json",), mid=_after(4), writing=_exists("{tmp}/b.tmp[0-9]*.json")),
-    "dba-coord-check": Row("--config=configs/selective_mup.py:cpu --heads=1,2 --steps=0 --out={tmp}/cc", lambda root: {},
-                           ("{tmp}/cc/coords.csv", "{tmp}/cc/coords.svg"), mid=_after(5),
+    "dba-coord-check": Row("--config=configs/selective_mup.py:cpu --heads=1,2 --steps=0 --out={tmp}/cc",
+                           lambda root: {}, ("{tmp}/cc/coords.csv", "{tmp}/cc/coords.svg"), mid=_after(5),
                            writing=_exists("{tmp}/cc/*.tmp[0-9]*")),
     "dba-aot": Row("--config=configs/quickstart.py:baseline --config.model.n_layers=1 --config.model.d_model=32 "
                    "--config.model.d_ff=64 --config.model.n_heads=2 --config.data.seq_len=32 "
-                   "--config.train.batch_size=2 --topology=v5e:1x1 --out {tmp}/a.json", lambda root: {}, ("{tmp}/a.json",),
-                   mid=_after(5), writing=_exists("{tmp}/a.tmp[0-9]*.json")),
+                   "--config.train.batch_size=2 --topology=v5e:1x1 --out {tmp}/a.json", lambda root: {},
+                   ("{tmp}/a.json",), mid=_after(5), writing=_exists("{tmp}/a.tmp[0-9]*.json")),
 }
 
 # One case per tool in the default tier: a stop while writing (the hardest point for what is on disk) where the
@@ -278,11 +279,10 @@ def test_an_addition_run_killed_before_its_first_resume_point_starts_again(tmp_p
   rundir.write_config(c, str(w))
   (w / "model_0").mkdir()
   (w / "model_0" / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n{"step": 1, "lo')  # cut by the kill
-  argv = ["dba-addition-train", f"--workdir={w}"] + [f"--config.train.{k}={v}" for k, v in c.train.items()
-                                                      if k in ("steps", "batch_size", "eval_interval", "val_size", "seed",
-                                                               "test_size", "eval_batch_size", "log_every")]
-  assert add_train.main(["dba-addition-train", "--config=configs/addition.py:456p", *argv[1:],
-                         "--config.optim.warmup_steps=5"]) == 0, capsys.readouterr().err
+  keys = ("steps", "batch_size", "eval_interval", "val_size", "seed", "test_size", "eval_batch_size", "log_every")
+  argv = [f"--workdir={w}", "--config.optim.warmup_steps=5"] + [f"--config.train.{k}={c.train[k]}" for k in keys]
+  assert add_train.main(["dba-addition-train", "--config=configs/addition.py:456p", *argv]) == 0, \
+      capsys.readouterr().err
   steps = [r["step"] for r in _lines(w / "model_0" / "metrics.jsonl") if "loss" in r]
   assert steps == sorted(set(steps)) and 9.0 not in [r.get("loss") for r in _lines(w / "model_0" / "metrics.jsonl")]
 
