@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from dba_jax import rundir
 from dba_jax.config import base_config
 
 
@@ -101,9 +102,7 @@ def refuse_existing_dir(out: str):
   is one that cannot be made (under a file), before any work."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConversionError(f"--out {out} exists and is not a directory")
-  parent = os.path.dirname(os.path.abspath(out))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = rundir.nearest_existing(os.path.dirname(os.path.abspath(out)))
   if not os.path.isdir(parent):
     raise ConversionError(f"--out {out}: {parent} is a file, not a directory")
   taken = sorted(os.listdir(out)) if os.path.isdir(out) else []

@@ -187,11 +187,17 @@ def config_diff(saved: dict, now: dict, sections: tuple | None = None) -> list[s
   return out
 
 
-def check_writable(workdir: str):
-  """The workdir (or the nearest existing parent it would be made in) must accept new files."""
-  probe = workdir
+def nearest_existing(path: str) -> str:
+  """`path`, or its nearest ancestor that exists (where it would be made)."""
+  probe = path
   while not os.path.exists(probe):
     probe = os.path.dirname(probe) or "."
+  return probe
+
+
+def check_writable(workdir: str):
+  """The workdir (or the nearest existing parent it would be made in) must accept new files."""
+  probe = nearest_existing(workdir)
   if not os.access(probe, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir {workdir}: {probe} is not writable")
 

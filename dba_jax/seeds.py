@@ -50,7 +50,7 @@ from dba_jax import plots  # noqa: E402
 from dba_jax.cli import (FLAG_ERRORS, CommandError, command, entry, flag_error, int_at_least, parse_flags,  # noqa: E402
                          refuse_existing, sidecar)
 from dba_jax.evals.stats import paired, summary  # noqa: E402
-from dba_jax.rundir import atomic_output  # noqa: E402
+from dba_jax.rundir import atomic_output, nearest_existing  # noqa: E402
 
 DONE = "eval.jsonl"
 
@@ -143,9 +143,7 @@ def check_sweep_dir(workdir: str):
   """Refused before anything is written: a workdir that is a file, lies under a file, or is a single run."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise CommandError(f"--workdir {workdir} is a file, not a directory")
-  probe = os.path.dirname(os.path.abspath(workdir))
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
+  probe = nearest_existing(os.path.dirname(os.path.abspath(workdir)))
   if not os.path.isdir(probe):
     raise CommandError(f"--workdir {workdir}: {probe} is a file, not a directory")
   if os.path.exists(os.path.join(workdir, "config.json")):

@@ -30,6 +30,20 @@ class Case:
     return self.id
 
 
+def files(**names):
+  """A setup writing each name's file (content 'mine') under the test dir: what must survive the refusal."""
+  def setup(tmp):
+    out = {}
+    for key, rel in names.items():
+      path = os.path.join(tmp, rel)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        f.write("mine\n")
+      out[key] = path
+    return out
+  return setup
+
+
 def snapshot(root: str) -> dict:
   out = {}
   for d, _, files in os.walk(root):

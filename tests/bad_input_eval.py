@@ -5,26 +5,12 @@ not exist; the rest read a config.json or an untrained checkpoint (helpers.untra
 import json
 import os
 
-from bad_input import Case
+from bad_input import Case, files
 from dba_jax import rundir
 from dba_jax.config import validate
 from dba_jax.hope import memstate
 from helpers import tiny
 from test_hope import hope_config
-
-
-def _files(**names):
-  """A setup writing each name's file (content 'mine') into the test dir: the outputs that must survive."""
-  def setup(tmp):
-    out = {}
-    for key, rel in names.items():
-      path = os.path.join(tmp, rel)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        f.write("mine\n")
-      out[key] = path
-    return out
-  return setup
 
 
 def _config_only(kind="standard", **model):
@@ -87,7 +73,7 @@ def _manifest(text):
 
 def _compare_out_taken(tmp):
   names = _manifest(ONE_CHECKPOINT + "}\n")(tmp)
-  return {**names, **_files(svg="out/compare.svg")(tmp), "out": os.path.join(tmp, "out")}
+  return {**names, **files(svg="out/compare.svg")(tmp), "out": os.path.join(tmp, "out")}
 
 
 NONE = "--checkpoint {tmp}/none"  # never read: the row is refused first
@@ -123,25 +109,25 @@ CASES = [
     Case("eval-addition-batch-size-0", "dba-eval", "addition --checkpoint {tmp}/none --batch-size 0", "integer >= 1"),
     # W4: every file a subcommand writes, sidecars included, is refused before any work without --force.
     Case("eval-latentwire-md-exists", "dba-eval", "latentwire --manifest {tmp}/m.json --out {tmp}/r.json",
-         "r.md exists", setup=_files(md="r.md"), absent=("{tmp}/r.json",)),
+         "r.md exists", setup=files(md="r.md"), absent=("{tmp}/r.json",)),
     Case("eval-latentwire-out-is-md", "dba-eval", "latentwire --manifest {tmp}/m.json --out {tmp}/r.md",
          "give the JSON another extension"),
     Case("eval-hope-plot-exists", "dba-eval", f"hope passkey {NONE} --plot {{png}}", "exists; refusing",
-         setup=_files(png="existing.png")),
+         setup=files(png="existing.png")),
     Case("eval-hope-plot-not-a-needle-task", "dba-eval", f"hope continual {NONE} --plot {{tmp}}/c.png",
          "--plot belongs to"),
     Case("eval-hope-save-state-exists", "dba-eval", f"hope read {NONE} --text {{txt}} --save-state {{tmp}}/mem",
-         "exists; refusing", setup=_files(txt="doc.txt", state="mem/state.json")),
+         "exists; refusing", setup=files(txt="doc.txt", state="mem/state.json")),
     Case("eval-hope-save-state-is-a-file", "dba-eval",
-         f"hope read {NONE} --text {{txt}} --save-state {{txt}} --force", "is a file", setup=_files(txt="doc.txt")),
+         f"hope read {NONE} --text {{txt}} --save-state {{txt}} --force", "is a file", setup=files(txt="doc.txt")),
     Case("eval-ppl-out-exists", "dba-eval", f"ppl {NONE} --out {{out}}", "exists; refusing",
-         setup=_files(out="p.json")),
+         setup=files(out="p.json")),
     Case("eval-ppl-out-dir-missing", "dba-eval", f"ppl {NONE} --out {{tmp}}/no/such/p.json", "does not exist",
          absent=("{tmp}/no",)),
     Case("eval-compare-output-exists", "dba-eval", "compare --manifest {m} --out {out}", "compare.svg exists",
          setup=_compare_out_taken),
     Case("eval-addition-out-exists", ADD, "--checkpoint {tmp}/none --out {out}", "exists; refusing",
-         setup=_files(out="a.json")),
+         setup=files(out="a.json")),
     # Tracebacks that are one line now.
     Case("eval-compare-manifest-syntax", "dba-eval", "compare --manifest {m}", "m.py:1: ",
          setup=_manifest("def get_config(:\n  pass\n")),

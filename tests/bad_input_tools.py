@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from bad_input import Case
+from bad_input import Case, files
 from dba_jax import torch_io
 from dba_jax.addition import checkpoint
 from dba_jax.addition.model import Arch, _is_spec, param_spec
@@ -16,20 +16,6 @@ from dba_jax.addition.model import Arch, _is_spec, param_spec
 QUICK = "--config=configs/quickstart.py:dba"
 MUP = "--config=configs/selective_mup.py:cpu"
 ADD = "--config=configs/addition.py:456p"
-
-
-def _files(**names):
-  """A setup writing each name's file (content 'mine') into the test dir: what must survive the refusal."""
-  def setup(tmp):
-    out = {}
-    for key, rel in names.items():
-      path = os.path.join(tmp, rel)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        f.write("mine\n")
-      out[key] = path
-    return out
-  return setup
 
 
 def addition_state(seed: int = 0) -> dict:
@@ -49,7 +35,7 @@ def _addition_pt(tmp):
 
 def _addition_pt_and(**names):
   def setup(tmp):
-    return {**_addition_pt(tmp), **_files(**names)(tmp)}
+    return {**_addition_pt(tmp), **files(**names)(tmp)}
   return setup
 
 
@@ -73,7 +59,7 @@ CASES = [
     Case("convert-missing-input", "dba-convert", "{tmp}/nope.pt --out {tmp}/o", "no such file",
          absent=("{tmp}/o",)),
     Case("convert-to-torch-out-exists", "dba-convert", "--to-torch {tmp}/w --out {mine}", "refusing to overwrite",
-         setup=_files(mine="back.pt")),
+         setup=files(mine="back.pt")),
     Case("convert-to-torch-bad-suffix", "dba-convert", "--to-torch {tmp}/w --out {tmp}/back.bin",
          "write FILE.pt or FILE.safetensors", absent=("{tmp}/back.bin",)),
     # --------------------------------------------------------------------------------------------- dba-bench
@@ -85,39 +71,39 @@ CASES = [
     Case("bench-ckpt-every-negative", "dba-bench", f"{QUICK} --ckpt-every -1", "--ckpt-every: -1 is out of range"),
     Case("bench-peak-nan", "dba-bench", f"{QUICK} --peak-tflops nan", "--peak-tflops: nan is out of range"),
     Case("bench-out-exists", "dba-bench", f"{QUICK} --out {{mine}}", "refusing to overwrite",
-         setup=_files(mine="existing.json")),
+         setup=files(mine="existing.json")),
     Case("bench-out-is-dir", "dba-bench", f"{QUICK} --out {{tmp}}", "is a directory"),
     Case("bench-attention-seq-0", "dba-bench", "attention --seq 0", "--seq: 0 is out of range"),
     Case("bench-attention-repeats-0", "dba-bench", "attention --repeats 0", "--repeats: 0 is out of range"),
     Case("bench-attention-out-exists", "dba-bench", "attention --seq 16 --out {mine}", "refusing to overwrite",
-         setup=_files(mine="attn.json")),
+         setup=files(mine="attn.json")),
     Case("bench-decode-gen-0", "dba-bench", "decode --gen 0", "--gen: 0 is out of range"),
     Case("bench-decode-bad-cache", "dba-bench", "decode --layers 1 --d-model 32 --heads 2 --caches q3",
          "--caches q3"),
     Case("bench-decode-heads-do-not-divide", "dba-bench", "decode --layers 1 --d-model 30 --heads 4",
          "not divisible by model.n_heads=4"),
     Case("bench-decode-out-exists", "dba-bench", "decode --out {mine}", "refusing to overwrite",
-         setup=_files(mine="decode.json")),
+         setup=files(mine="decode.json")),
     Case("bench-convert-out-exists", "dba-bench", "convert --out {mine}", "refusing to overwrite",
-         setup=_files(mine="conv.json")),
+         setup=files(mine="conv.json")),
     Case("bench-convert-dir-not-empty", "dba-bench", "convert --dir {tmp}/scratch", "is not empty",
-         setup=_files(mine="scratch/notes.txt")),
+         setup=files(mine="scratch/notes.txt")),
     Case("bench-addition-chunk-0", "dba-bench", f"addition {ADD} --chunk 0", "--chunk: 0 is out of range"),
     Case("bench-addition-num-models-0", "dba-bench", f"addition {ADD} --num-models 0",
          "--num-models: 0 is out of range"),
     Case("bench-addition-out-exists", "dba-bench", f"addition {ADD} --out {{mine}}", "refusing to overwrite",
-         setup=_files(mine="add.json")),
+         setup=files(mine="add.json")),
     Case("bench-gpt-rounds-0", "dba-bench", "gpt --torch --rounds 0", "--rounds: 0 is out of range"),
     Case("bench-gpt-bad-shape", "dba-bench", "gpt --torch --shapes 4:128", "neither a preset"),
     Case("bench-gpt-out-exists", "dba-bench", "gpt --torch --out {mine}", "refusing to overwrite",
-         setup=_files(mine="gpt.json")),
+         setup=files(mine="gpt.json")),
     # ---------------------------------------------------------------------------------------- dba-coord-check
     Case("coord-out-is-file", "dba-coord-check", f"{MUP} --out {{mine}}", "is a file",
-         setup=_files(mine="report.txt")),
+         setup=files(mine="report.txt")),
     Case("coord-out-under-file", "dba-coord-check", f"{MUP} --out {{mine}}/sub", "is a file",
-         setup=_files(mine="report.txt")),
+         setup=files(mine="report.txt")),
     Case("coord-out-exists", "dba-coord-check", f"{MUP} --out {{tmp}}/cc", "refusing to overwrite",
-         setup=_files(mine="cc/coords.svg")),
+         setup=files(mine="cc/coords.svg")),
     Case("coord-heads-one", "dba-coord-check", f"{MUP} --heads=2 --out {{tmp}}/cc", "at least two",
          absent=("{tmp}/cc",)),
     Case("coord-heads-not-numbers", "dba-coord-check", f"{MUP} --heads=1,a --out {{tmp}}/cc",
@@ -127,7 +113,7 @@ CASES = [
     # ------------------------------------------------------------------------------------------------ dba-aot
     Case("aot-out-is-dir", "dba-aot", "--kernels --out {tmp}", "is a directory"),
     Case("aot-out-exists", "dba-aot", "--kernels --out {mine}", "refusing to overwrite",
-         setup=_files(mine="kernels.json")),
+         setup=files(mine="kernels.json")),
     # ---------------------------------------------------------------------------------------- dba-addition-shrink
     Case("shrink-out-exists", "dba-addition-shrink", f"{ADD} --checkpoint={{pt}} --out={{tmp}}/m",
          "already exists", setup=_addition_pt_and(a="m/params.npz", b="m/meta.json")),
@@ -137,7 +123,7 @@ CASES = [
          setup=_addition_pt_and(mine="m")),
     # ---------------------------------------------------------------------------------------- dba-addition-report
     Case("report-out-exists", "dba-addition-report", "{run} --out {mine}", "refusing to overwrite",
-         setup=lambda tmp: {**_run_dir(tmp), **_files(mine="table.md")(tmp)}),
+         setup=lambda tmp: {**_run_dir(tmp), **files(mine="table.md")(tmp)}),
     Case("report-same-run-twice", "dba-addition-report", "{run} {run}/", "more than once", setup=_run_dir),
     Case("report-missing-run", "dba-addition-report", "{tmp}/nope --out {tmp}/t.md", "no such run directory",
          absent=("{tmp}/t.md",)),
