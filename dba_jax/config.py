@@ -72,8 +72,11 @@ def _model_section() -> Section:
       mup_zero_query=Field(False, "mup_zero_init: zero the query projections"),
       attn_impl=Field("auto", "reference | xla | pallas (flash kernels) | auto (pallas on GPU/TPU, xla on CPU)",
                       choices=("reference", "xla", "pallas", "auto")),
-      compute_dtype=Field("float32", "activations; parameters and optimizer state are always float32",
+      compute_dtype=Field("float32", "activations; the optimizer state is always float32",
                           choices=("float32", "bfloat16", "float64")),
+      param_dtype=Field("float32", "stored parameters. bfloat16 halves a frozen or evaluated model's memory (the "
+                        "forward promotes them to compute_dtype); dba-train trains float32 parameters",
+                        choices=("float32", "bfloat16")),
       hope=hope_config.SECTION,
       **{k.name: k.section for k in attention.KINDS.values() if k.section is not None},
   )

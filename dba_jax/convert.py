@@ -168,6 +168,8 @@ def import_checkpoint(src: str, out: str, fmt_name: str, c) -> dict:
     validate(c)
     params = fmt.to_params(tensors, c)
     layout = fmt.layout_of(tensors) if hasattr(fmt, "layout_of") else dir_layout
+  dtype = model_lib.DTYPES[c.model.param_dtype]  # a format that fills the params in this dtype is not copied
+  params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
   del tensors, extras  # unmaps the file: from here on the converted params are the only copy
   _check_tree(params, c)
   extra = fmt.companion_state(src, c, torch_io.load) if hasattr(fmt, "companion_state") else {}
@@ -388,6 +390,9 @@ def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   flags.DEFINE_enum("format", "auto", ["auto", *formats.NAMES], "Checkpoint format (auto: from the keys)",
                     flag_values=fv)
   flags.DEFINE_string("to_torch", None, "Export this dba_jax workdir to PyTorch", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bf16"], "Import: the stored parameters' dtype (model.param_dtype; "
+                    "bf16 keeps a bfloat16 file's weights as they are, at half the memory of float32)",
+                    flag_values=fv)
   if any(a in HELP for a in argv[1:]):
     print(USAGE + "\n\n" + (__doc__ or "").strip() + "\n\n" + fv.get_help())
     raise SystemExit(0)
@@ -397,7 +402,7 @@ def _parse(argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
 
 
 USAGE = ("usage: dba-convert INPUT|HF_DIR --out DIR [--format auto|caramba|nanogpt|addition|hope|latentwire|hf] "
-         "[--config FILE.py[:variant]] [--config.a.b=value ...]\n"
+         "[--dtype float32|bf16] [--config FILE.py[:variant]] [--config.a.b=value ...]\n"
          "       dba-convert --to-torch DIR --out FILE.pt|FILE.safetensors|HF_DIR [--format ...]")
 
 
@@ -411,6 +416,8 @@ def main(argv: list[str]) -> int:
   if not fv.out:
     raise ConversionError("--out is required")
   if fv.to_torch:
+    if fv.dtype:
+      raise ConversionError("--dtype applies to an import; an export writes the run's own model.param_dtype")
     if positional:
       raise ConversionError(f"--to-torch takes no INPUT file; got {positional}")
     export_checkpoint(fv.to_torch, fv.out, fv.format)
@@ -419,6 +426,9 @@ def main(argv: list[str]) -> int:
     raise ConversionError(f"expected one INPUT checkpoint, got {positional or 'none'}")
   conversion.GIVEN.clear()
   conversion.GIVEN.update(a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config."))
+  if fv.dtype:
+    fv.config.model.param_dtype = {"bf16": "bfloat16"}.get(fv.dtype, fv.dtype)
+    conversion.GIVEN.add("model.param_dtype")
   try:
     import_checkpoint(positional[0], fv.out, fv.format, copy.deepcopy(fv.config))
   finally:

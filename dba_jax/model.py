@@ -129,6 +129,10 @@ class Decoder(nnx.Module):
                                                      std=m.init_std, rngs=rngs)
     if m.mup:
       _mup_init(self, m)
+    if m.param_dtype != "float32":  # stored narrow; the layers' matmuls promote them to the activations' dtype
+      for _, p in nnx.iter_graph(self):
+        if isinstance(p, nnx.Param):
+          p.set_value(p.get_value().astype(DTYPES[m.param_dtype]))
 
   def __call__(self, tokens_BT, rng=None):
     return self.forward(tokens_BT, rng).logits

@@ -186,6 +186,7 @@ def initial_params(c: Config, trainer: Trainer):
          for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
   if bad:
     raise ckpt.CheckpointMismatch(f"train.init_from={t.init_from} does not fit this model:\n  " + "\n  ".join(bad))
+  params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, trainer.abstract_params)  # a bf16 model widened
   return jax.device_put(params, trainer.param_shardings)
 
 
@@ -193,6 +194,9 @@ def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None
   """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s, and `stopped`:
   the signal that ended it early, if one did). `stop`: the command's StopSignals (installed here if not given)."""
   validate(c)
+  if c.model.param_dtype != "float32":
+    raise ConfigError(f"model.param_dtype={c.model.param_dtype!r}: dba-train trains float32 parameters (drop it; "
+                      "train.init_from reads a bfloat16 run and widens it)")
   stop = stop if stop is not None else StopSignals()
   with stop:
     return _train(c, workdir, quiet, stop)

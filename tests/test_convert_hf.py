@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -230,3 +231,36 @@ def test_a_tokenizer_the_user_chose_is_kept():
   assert hf.config_from_saved(saved, c).data.tokenizer == "bpe_qa"
   assert hf.config_from_saved({k: v for k, v in saved.items() if k != hf.TOKENIZER},
                               base_config()).data.tokenizer == "byte"
+
+
+def test_bf16_weights_kept_and_written_in_pieces(tmp_path, capsys, monkeypatch):
+  """`--dtype bf16`: the bf16 file's weights are stored as they are (model.param_dtype=bfloat16; the forward
+  promotes them, so the logits equal transformers' float32 forward of the same bf16 values), exported back
+  bit-exact as BF16, and widened by dba-train's train.init_from. The checkpoint writer's pieces are made tiny here so
+  that every stacked array is written in several row chunks, and read back whole."""
+  from dba_jax import ckpt, torch_io, train
+  writes = []
+  monkeypatch.setattr(ckpt._Piecewise, "PIECE", 2048)
+  original = ckpt._Piecewise._write
+  monkeypatch.setattr(ckpt._Piecewise, "_write", lambda self, t, v: writes.append(v.shape) or original(self, t, v))
+  src = _save(tmp_path, "qwen2")
+  tokens = np.random.RandomState(0).randint(0, 96, (2, T))
+  out, back = str(tmp_path / "run"), str(tmp_path / "back")
+  assert convert.main(["dba-convert", src, "--out", out, "--dtype", "bf16"]) == 0, capsys.readouterr().err
+  assert any(s[0] < 2 for s in writes if len(s) == 3)  # stacked [layers, ...] arrays went in pieces
+  model, c = loading.load_model(out)
+  assert c.model.param_dtype == "bfloat16"
+  assert {str(x.dtype) for x in jax.tree.leaves(model.params)} == {"bfloat16"}
+  got = np.asarray(model(tokens))[..., :96]
+  assert np.abs(got - _hf_logits(src, tokens)).max() < TOL
+  assert convert.main(["dba-convert", "--to-torch", out, "--out", back, "--format", "hf"]) == 0
+  ours, theirs = (torch_io.read_safetensors(os.path.join(d, "model.safetensors"))[0] for d in (back, src))
+  assert set(ours) == set(theirs) and all(ours[k].dtype == torch_io.BF16 for k in ours)
+  assert all(np.array_equal(ours[k].view(np.int16), theirs[k].view(np.int16)) for k in ours)
+  assert json.load(open(os.path.join(back, "config.json")))["dtype"] == "bfloat16"
+  assert convert.main(["dba-convert", src, "--out", str(tmp_path / "x"), "--dtype", "bf16",
+                                        "--to-torch", out]) == 2
+  assert "--dtype applies to an import" in capsys.readouterr().err
+  c.train.init_from = out
+  with pytest.raises(ConfigError, match="param_dtype='bfloat16': dba-train trains float32"):
+    train.train(c, str(tmp_path / "t"))

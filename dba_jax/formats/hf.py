@@ -3,8 +3,9 @@ MistralForCausalLM and Qwen2ForCausalLM.
 
   dba-convert HF_DIR --out DIR [--format hf]             config.json + model.safetensors (or a sharded
                                                           model.safetensors.index.json; pytorch_model.bin also)
-  dba-convert --to-torch DIR --out HF_DIR --format hf     config.json + model.safetensors (float32), which
-                                                          transformers.AutoModelForCausalLM.from_pretrained loads
+  dba-convert --to-torch DIR --out HF_DIR --format hf     config.json + model.safetensors (in the run's
+                                                          model.param_dtype), which transformers'
+                                                          AutoModelForCausalLM.from_pretrained loads
 
 Reading: config.json (transformers 4.x `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`) sets the model
 config; every field that changes the logits is either mapped or checked, and one that dba_jax cannot honour (an
@@ -12,7 +13,8 @@ o_proj or MLP bias, a rope type other than default / linear / llama3, per-layer 
 stops the conversion with a line naming it. Fields that leave the logits alone (dropouts, init ranges, token ids,
 generation settings) are not carried over; keys transformers' own class does not know are listed in a warning.
 Tensors are memory-mapped (safetensors: dba_jax.torch_io's reader) and converted one at a time into the params
-tree, which is allocated once: bf16 / fp16 / fp32 files read alike, the peak is the float32 params.
+tree, which is allocated once in model.param_dtype (float32; bfloat16 with dba-convert --dtype bf16): bf16 / fp16 /
+fp32 files read alike, and the peak is the params plus the checkpoint writer's pieces (ckpt._Piecewise).
 
 Key map (i = layer; Linear weights [out, in] become kernels [in, out]; GPT-2's Conv1D weights are already
 [in, out]; A = heads x head_dim, A_kv = kv heads x head_dim; V = the HF vocab, the embedding's rows beyond it are the
@@ -75,6 +77,7 @@ MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral"
                "qwen2": "Qwen2ForCausalLM"}
 PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
 HEAD = "lm_head.weight"
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": torch_io.BF16}
 # A directory holding tokenizer.json becomes the converted run's data.tokenizer (hf:DIR, its special tokens from the
 # files beside it), unless the user set data.tokenizer: read_dir passes it to config_from_saved under this key.
 TOKENIZER_FILE, TOKENIZER = "tokenizer.json", "_dba_jax_tokenizer"
@@ -401,7 +404,7 @@ def to_params(tensors: dict, c) -> dict:
   stacked = copy.deepcopy(m)
   stacked.scan_layers = True  # built stacked [L, ...], split per layer at the end when the model is not scanned
   shapes = nnx.to_pure_dict(model_lib.abstract(stacked)[1])
-  params = _tree_map(lambda a: np.zeros(a.shape, np.float32), shapes)
+  params = _tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes)  # float32, or bfloat16 (--dtype bf16)
   keys = Keys(tensors, "Hugging Face checkpoint")
   keys.ignore(lambda k: bool(BUFFERS.match(k)))
   for key, rows in _by_key(_table(m, _family_for(m))).items():
@@ -413,7 +416,7 @@ def to_params(tensors: dict, c) -> dict:
     _release(tensors[key])
   if m.tie_embeddings and HEAD in tensors:  # a tied head saved anyway must be the embedding
     keys.take(HEAD, (m.vocab_size, m.d_model))
-    if not keys.problems and not np.array_equal(np.asarray(tensors[HEAD], np.float32),
+    if not keys.problems and not np.array_equal(np.asarray(tensors[HEAD]).astype(params["embed"].dtype),
                                                 params["embed"][:m.vocab_size]):
       keys.problems.append(f"{HEAD} differs from the embedding but tie_word_embeddings is true")
   keys.finish()
@@ -476,7 +479,7 @@ def hf_config(m, arch: str, base: dict | None = None) -> dict:
   family = ARCHITECTURES[arch]
   out = {k: v for k, v in (base or {}).items() if k in INERT and k not in ("dtype", "torch_dtype")}
   out.update(architectures=[arch], model_type=family, vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings,
-             dtype="float32")
+             dtype=m.param_dtype)
   if family == "gpt2":
     out.update(n_positions=m.max_seq_len, n_embd=m.d_model, n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.d_ff,
                activation_function="gelu_new", layer_norm_epsilon=m.norm_eps, scale_attn_weights=True,
@@ -504,10 +507,10 @@ def hf_config(m, arch: str, base: dict | None = None) -> dict:
   return out
 
 
-def _hf_tensor(params: dict, rows: list, scanned: bool) -> np.ndarray:
-  """One HF tensor (float32, C order) from its table rows."""
+def _hf_tensor(params: dict, rows: list, scanned: bool, dtype) -> np.ndarray:
+  """One HF tensor (C order) from its table rows."""
   key, shape = rows[0][:2]
-  out = np.empty(shape, np.float32)
+  out = np.empty(shape, dtype)
   for _, _, path, p_idx, h_idx, t in rows:
     src, idx = _locate(params, path, p_idx, scanned)
     part = np.asarray(src[idx])  # sliced first: a restored (jax) param is never copied whole
@@ -516,21 +519,24 @@ def _hf_tensor(params: dict, rows: list, scanned: bool) -> np.ndarray:
 
 
 def from_params(params: dict, c, layout: dict | None = None) -> dict:
-  """The HF state dict (float32, torch's key names; a tied head is not written, as transformers saves it)."""
+  """The HF state dict (in model.param_dtype, torch's key names; a tied head is not written, as transformers saves
+  it)."""
   m = c.model
   arch = architecture_for(m, (layout or {}).get("architecture"))
-  return {key: _hf_tensor(params, rows, m.scan_layers) for key, rows in _by_key(_table(m, ARCHITECTURES[arch])).items()}
+  return {key: _hf_tensor(params, rows, m.scan_layers, DTYPES[m.param_dtype])
+          for key, rows in _by_key(_table(m, ARCHITECTURES[arch])).items()}
 
 
 def _write_safetensors(path: str, params: dict, c, arch: str):
-  """model.safetensors written tensor by tensor (float32, transformers' `format: pt` metadata): the header from
-  the table's shapes, then each tensor built, written and dropped; the peak stays the params."""
+  """model.safetensors written tensor by tensor (in model.param_dtype, transformers' `format: pt` metadata): the
+  header from the table's shapes, then each tensor built, written and dropped; the peak stays the params."""
   m = c.model
   by_key = _by_key(_table(m, ARCHITECTURES[arch]))
+  dtype, code = DTYPES[m.param_dtype], {"float32": "F32", "bfloat16": "BF16"}[m.param_dtype]
   header, offset = {}, 0
   for key, rows in by_key.items():
-    n = 4 * int(np.prod(rows[0][1]))
-    header[key] = {"dtype": "F32", "shape": list(rows[0][1]), "data_offsets": [offset, offset + n]}
+    n = dtype.itemsize * int(np.prod(rows[0][1]))
+    header[key] = {"dtype": code, "shape": list(rows[0][1]), "data_offsets": [offset, offset + n]}
     offset += n
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -538,7 +544,7 @@ def _write_safetensors(path: str, params: dict, c, arch: str):
   with open(path, "xb") as f:
     f.write(len(blob).to_bytes(8, "little") + blob)
     for rows in by_key.values():
-      _hf_tensor(params, rows, m.scan_layers).astype("<f4", copy=False).tofile(f)
+      _hf_tensor(params, rows, m.scan_layers, dtype).tofile(f)
 
 
 def write_dir(out: str, params: dict, c, layout: dict | None = None) -> str:
