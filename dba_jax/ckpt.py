@@ -7,8 +7,9 @@ separate lets `load_model` read a model without its optimizer state.
 Saves are asynchronous (dba-train's, from jax arrays). `host_arrays=True` is for trees of numpy arrays that stay
 untouched until `save` returns (dba-convert): Orbax's default numpy handler deep-copies every array before writing
 and zstd holds each compressed array until the commit, each about one more copy of the tree in memory; this mode
-writes the arrays as they are, in pieces (_Piecewise), params uncompressed (weights barely compress) and opt compressed unless told otherwise
-(fresh zero moments, passed as zero-stride views, shrink to almost nothing). The files are read back the same way.
+writes the arrays as they are, in pieces (_Piecewise), params uncompressed (weights barely compress) and opt
+compressed unless told otherwise (fresh zero moments, passed as zero-stride views, shrink to almost nothing). The
+files are read back the same way.
 
 Once a save has finished, process 0 writes `dba_manifest.json` into the step directory
 (every file with its size), so a later start can tell a complete checkpoint from one truncated or missing files

@@ -27,10 +27,17 @@ def _with_shardings(abstract_tree, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
 
 
+def check_trainable(c: Config):
+  if c.model.param_dtype != "float32":
+    raise ConfigError(f"model.param_dtype={c.model.param_dtype!r}: dba-train trains float32 parameters (drop it; "
+                      "train.init_from reads a bfloat16 run and widens it)")
+
+
 class Trainer:
   """Builds the model, shardings and jitted steps for one config on one mesh."""
 
   def __init__(self, c: Config, mesh):
+    check_trainable(c)
     self.c, self.mesh = c, mesh
     m = c.model
     self.graphdef, abstract_state = model_lib.abstract(m)
@@ -194,9 +201,7 @@ def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None
   """Trains (or resumes) the run in `workdir`; returns a summary (final eval loss, params, tokens/s, and `stopped`:
   the signal that ended it early, if one did). `stop`: the command's StopSignals (installed here if not given)."""
   validate(c)
-  if c.model.param_dtype != "float32":
-    raise ConfigError(f"model.param_dtype={c.model.param_dtype!r}: dba-train trains float32 parameters (drop it; "
-                      "train.init_from reads a bfloat16 run and widens it)")
+  check_trainable(c)  # before the workdir is touched
   stop = stop if stop is not None else StopSignals()
   with stop:
     return _train(c, workdir, quiet, stop)
