@@ -1,8 +1,9 @@
 """Arithmetic word problems with checkable answers ("Q: Tom has 37 apples, gets 48 more. ...\nA: 37 + 48 = 85 #### 85").
 
-Problems are (template, name, item, a, b); a hash of that tuple puts each one in the train or the held-out ("test")
-split, so no held-out question ever appears in the LM corpus or the bridge's training set, whatever the seeds. A seed
-picks the draw within a split. `arith_qa` (a data.generator) is the LM corpus of train-split documents, and the
+Problems are (template, name, item, a, b). A hash of the fact they ask, (operator, a, b), puts each one in the train
+or the held-out ("test") split: no held-out fact appears in the LM corpus or the bridge's training set under any
+wording, whatever the seeds, so held-out accuracy measures transfer rather than recall of a fact seen in another
+template. A seed picks the draw within a split. `arith_qa` (a data.generator) is the LM corpus of train-split documents, and the
 text dba_jax.tokenizers.bpe_qa learns its merges from. LatentWire (dba_jax/latentwire) trains and scores on it.
 """
 from __future__ import annotations
@@ -29,8 +30,14 @@ STUB = "\nA:"          # what the target sees after the soft tokens: the prompt'
 ANSWER_RE = re.compile(r"####\s*(-?[\d,]+)")
 
 
+def fact(problem: tuple) -> tuple:
+  """(operator, a, b): what the problem asks, whatever its template, name and item."""
+  t, _, _, a, b = problem
+  return TEMPLATES[t][1], a, b
+
+
 def _split(problem: tuple) -> str:
-  h = int.from_bytes(hashlib.sha256(repr(problem).encode()).digest()[:8], "little")
+  h = int.from_bytes(hashlib.sha256(repr(fact(problem)).encode()).digest()[:8], "little")
   return "test" if h / 2**64 < TEST_FRACTION else "train"
 
 
