@@ -25,6 +25,7 @@ TOOLS = {
     "dba-bench": ("dba_jax.bench", False),
     "dba-coord-check": ("dba_jax.coord_check", False),
     "dba-aot": ("dba_jax.aot", False),
+    "dba-upcycle": ("dba_jax.upcycle.cli", False),
 }
 
 

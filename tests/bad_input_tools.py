@@ -1,5 +1,5 @@
 """Bad-input rows of the tools that convert, measure and report (dba-convert, dba-bench and its modes,
-dba-coord-check, dba-aot, dba-addition-shrink, dba-addition-report): tests/test_bad_input.py.
+dba-coord-check, dba-aot, dba-addition-shrink, dba-addition-report, dba-upcycle): tests/test_bad_input.py.
 
 Every row is refused before any work: no training, no timing, no conversion. Their inputs are small files written
 here (an addition checkpoint of ~450 parameters, or files that only have to exist), never a training run."""
@@ -14,6 +14,7 @@ from dba_jax.addition import checkpoint
 from dba_jax.addition.model import Arch, _is_spec, param_spec
 
 QUICK = "--config=configs/quickstart.py:dba"
+UPCYCLE = "--config=configs/dba_upcycle.py:tiny"
 MUP = "--config=configs/selective_mup.py:cpu"
 ADD = "--config=configs/addition.py:456p"
 
@@ -114,6 +115,19 @@ CASES = [
     Case("aot-out-is-dir", "dba-aot", "--kernels --out {tmp}", "is a directory"),
     Case("aot-out-exists", "dba-aot", "--kernels --out {mine}", "refusing to overwrite",
          setup=files(mine="kernels.json")),
+    # -------------------------------------------------------------------------------------------- dba-upcycle
+    Case("upcycle-no-config", "dba-upcycle", "{tmp} --out {tmp}/o", "--config is required", absent=("{tmp}/o",)),
+    Case("upcycle-no-out", "dba-upcycle", f"{{tmp}} {UPCYCLE}", "--out is required"),
+    Case("upcycle-out-not-empty", "dba-upcycle", f"{{tmp}}/t {UPCYCLE} --out {{tmp}}/o", "is not empty",
+         setup=files(mine="o/thesis.txt")),
+    Case("upcycle-missing-teacher", "dba-upcycle", f"{{tmp}}/nope {UPCYCLE} --out {{tmp}}/o", "no such directory",
+         absent=("{tmp}/o",)),
+    Case("upcycle-not-a-teacher", "dba-upcycle", f"{{tmp}}/t {UPCYCLE} --out {{tmp}}/o", "neither a Hugging Face",
+         setup=files(mine="t/notes.txt"), absent=("{tmp}/o",)),
+    Case("upcycle-bad-init", "dba-upcycle", f"{{tmp}}/t {UPCYCLE} --init svd --out {{tmp}}/o", "--init",
+         absent=("{tmp}/o",)),
+    Case("upcycle-negative-steps", "dba-upcycle", f"{{tmp}}/t {UPCYCLE} --upcycle.blockwise.steps=-1 --out {{tmp}}/o",
+         "upcycle.blockwise.steps=-1 must be >= 0", absent=("{tmp}/o",)),
     # ---------------------------------------------------------------------------------------- dba-addition-shrink
     Case("shrink-out-exists", "dba-addition-shrink", f"{ADD} --checkpoint={{pt}} --out={{tmp}}/m",
          "already exists", setup=_addition_pt_and(a="m/params.npz", b="m/meta.json")),

@@ -76,6 +76,10 @@ def _lm(root):
   return {"lm": untrained_run(os.path.join(root, "lm"), tiny("standard"))}
 
 
+def _teacher(root):
+  return {"teacher": untrained_run(os.path.join(root, "teacher"), tiny("gqa"))}
+
+
 def _lms(root):
   from test_latentwire import _lm_config, _write_lm  # lazy: the latentwire fixtures only where used
   return {"src": _write_lm(os.path.join(root, "src"), _lm_config("byte", 256, 32), 0),
@@ -163,6 +167,9 @@ ROWS = {
                    "--config.model.d_ff=64 --config.model.n_heads=2 --config.data.seq_len=32 "
                    "--config.train.batch_size=2 --topology=v5e:1x1 --out {tmp}/a.json", lambda root: {},
                    ("{tmp}/a.json",), mid=_after(5), writing=_exists("{tmp}/a.tmp[0-9]*.json")),
+    "dba-upcycle": Row("{teacher} --config=configs/dba_upcycle.py:tiny --out {tmp}/u --config.data.seq_len=16 "
+                       "--upcycle.blockwise.steps=2 --upcycle.kd.steps=1 --upcycle.eval_batches=1", _teacher,
+                       ("{tmp}/u",), mid=_after(5), writing=_exists("{tmp}/u.tmp[0-9]*")),
 }
 
 # One case per tool in the default tier: a stop while writing (the hardest point for what is on disk) where the
@@ -173,7 +180,8 @@ DEFAULT = {"dba-train": ("writing", "SIGTERM"), "dba-addition-train": ("writing"
            "dba-eval": ("writing", "SIGINT"), "dba-addition-eval": ("startup", "SIGTERM"),
            "dba-addition-shrink": ("writing", "SIGKILL"), "dba-addition-report": ("writing", "SIGINT"),
            "dba-convert": ("writing", "SIGINT"), "dba-bench": ("startup", "SIGTERM"),
-           "dba-coord-check": ("startup", "SIGTERM"), "dba-aot": ("startup", "SIGINT")}
+           "dba-coord-check": ("startup", "SIGTERM"), "dba-aot": ("startup", "SIGINT"),
+           "dba-upcycle": ("startup", "SIGINT")}
 POINTS = ("startup", "mid", "writing")
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
 
