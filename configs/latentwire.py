@@ -8,14 +8,21 @@
 
 Both LMs train on arithmetic word problems (data.generator="arith_qa", train split only) mixed with stdlib text.
 Bridge variants: bridge_k4, bridge_k8, bridge_k16 (b 64, depth 2, 4 heads: others.md C.7's CPU size) and cpu (tiny,
-for tests and smoke runs). Every field of a bridge config is described in dba_jax/latentwire/train.py.
+for tests and smoke runs). Every field of a bridge config is described in dba_jax/latentwire/train.py; the task
+fields (data.task synthetic | gsm8k | squad, data.prompt / stub, data.*_path) in dba_jax/latentwire/tasks.py.
+gsm8k_32: the original's 2a_stable_32tok shape (K 32, b 768, 12 heads, depth 4, lr 1e-4, warmup 600, batch 40, 3000
+steps, early stopping every 250 steps with patience 5) on local GSM8K jsonl files between two converted LMs:
+
+  dba-latentwire-train --config=configs/latentwire.py:gsm8k_32 --source runs/mistral7b --target runs/llama31_8b \
+      --config.data.train_path=gsm8k/train.jsonl --config.data.dev_path=gsm8k/dev.jsonl \
+      --config.data.test_path=gsm8k/test.jsonl --workdir runs/lw/m2l_k32
 Interlingua (dba_jax/latentwire/interlingua.py, same trainer): interlingua (M 8, d_z 64, 2 encoder layers, both LMs
 receive) and interlingua_cpu (tiny).
 """
 from dba_jax.config import base_config, lock
 
 LMS = ("source_lm", "target_lm")
-BRIDGES = ("bridge_k4", "bridge_k8", "bridge_k16", "cpu")
+BRIDGES = ("bridge_k4", "bridge_k8", "bridge_k16", "cpu", "gsm8k_32")
 INTERLINGUAS = ("interlingua", "interlingua_cpu")
 
 

@@ -6,7 +6,7 @@ for NAME (v4:2x2x1, v5e:2x2, v5p:4x4x4, v6e:2x2, ...; every device of a multi-ho
 them by dba_jax/mesh.py's rules, abstract inputs only (nothing is allocated). The step is the one its command runs:
 dba-train's Trainer step (sharded state, donation, gradient accumulation; HOPE / Titans included), the LatentWire
 bridge / interlingua step of dba-latentwire-train (both frozen LMs: config.source / config.target workdirs, else the
-config file's source_lm / target_lm presets; one device), or with --decode the KV-cache decode step of
+config file's source_lm / target_lm presets, split over the config's mesh), or with --decode the KV-cache decode step of
 dba_jax/generate.py (train.batch_size rows, a model.max_seq_len cache, one device).
 
 Prints and reports per-device memory against the chip's HBM and the compiler's own cost estimate. Exit 0: compiles
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from dba_jax import aot_kernels, arith_qa, data, generate, loading, mesh as mesh_lib, model as model_lib
+from dba_jax import aot_kernels, data, generate, loading, mesh as mesh_lib, model as model_lib
 from dba_jax import train
 from dba_jax.aot_kernels import first_line
 from dba_jax.bench.train_step import flops_per_token
@@ -109,22 +109,37 @@ def decode_program(c, devices) -> Program:
   return Program("decode", gen, gen._decode, args, None, B, B * flops_per_token(m, m.max_seq_len) / 3)
 
 
+def _placed(tree, sharding):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding)
+
+
 def bridge_program(c, devices, config_file: str) -> Program:
-  """dba-latentwire-train's step (bridge or interlingua) with both frozen LMs as abstract params, on one device."""
+  """dba-latentwire-train's step (bridge or interlingua) as a run lays it out: both frozen LMs' abstract params
+  split over the config's mesh by their logical axes (in their model.param_dtype), the translator and its optimizer
+  replicated, a batch of the configured task's training examples split over the batch axes where it divides."""
+  mesh = mesh_lib.make_mesh(c.get("mesh", {}).get("shape", (1, 1, 1)), devices)
+  rep = mesh_lib.replicated(mesh)
 
   def side(role):
     path = c[role]  # a trained LM's workdir, else the config file's preset of that LM
     preset = lambda: validate(parse_flags([PROG, f"--config={config_file}:{role}_lm"]).config)
     lc = loading.read_config(path) if path else preset()
     graphdef, state = model_lib.abstract(lc.model)
-    model = model_lib.Model(lc.model, graphdef, _on(devices[0], nnx.to_pure_dict(state)))
+    params = nnx.to_pure_dict(state)
+    shardings = mesh_lib.tree_shardings(model_lib.param_axes(lc.model, state), params, mesh)
+    model = model_lib.Model(lc.model, graphdef, _placed(params, shardings))
     return sides.LM(role, path, model, lc, data.get_tokenizer(lc.data.tokenizer))
 
   br = lw_train.make_system(c, side("source"), side("target"))
-  state = _on(devices[0], jax.eval_shape(lambda: br.init_state(c.train.seed)))
-  batch = _on(devices[0], br.batch(arith_qa.qa_pairs(c.train.batch_size, c.data.train_seed, "train")))
-  args = (state, br.frozen, batch, _on(devices[0], _KEY))
-  return Program(c.model.kind, br, br.train_step, args, None, br.tokens_per_step, None)
+  state = jax.eval_shape(lambda: br.init_state(c.train.seed))
+  state = _placed(state, jax.tree.map(lambda _: rep, state))
+  examples = lw_train.task_examples(c, br.task, "train")[:c.train.batch_size]
+  batch = jax.eval_shape(lambda: br.batch(examples))
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  where = mesh_lib.batch_sharding(mesh) if c.train.batch_size % rows == 0 else rep
+  batch = _placed(batch, jax.tree.map(lambda _: where, batch))
+  args = (state, br.frozen, batch, jax.ShapeDtypeStruct(_KEY.shape, _KEY.dtype, sharding=rep))
+  return Program(c.model.kind, br, br.train_step, args, mesh, br.tokens_per_step, None)
 
 
 # ---------------------------------------------------------------------------------------------- compile

@@ -36,9 +36,18 @@ def fact(problem: tuple) -> tuple:
   return TEMPLATES[t][1], a, b
 
 
-def _split(problem: tuple) -> str:
-  h = int.from_bytes(hashlib.sha256(repr(fact(problem)).encode()).digest()[:8], "little")
+def fact_split(fact_: tuple) -> str:
+  """train | test of a fact (operator, a, b)."""
+  h = int.from_bytes(hashlib.sha256(repr(fact_).encode()).digest()[:8], "little")
   return "test" if h / 2**64 < TEST_FRACTION else "train"
+
+
+def draw(rng, split: str) -> tuple:
+  """One problem of `split`, drawn as arith_qa draws them (train-split draws are what the LM corpus holds)."""
+  while True:
+    p = _draw(rng)
+    if fact_split(fact(p)) == split:
+      return p
 
 
 def _draw(rng) -> tuple:
@@ -62,12 +71,7 @@ def qa_pairs(n: int, seed: int, split: str = "train") -> list[tuple[str, str]]:
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r} is not 'train' or 'test'")
   rng = np.random.default_rng(seed)
-  out = []
-  while len(out) < n:
-    p = _draw(rng)
-    if _split(p) == split:
-      out.append(render(p))
-  return out
+  return [render(draw(rng, split)) for _ in range(n)]
 
 
 def gold(answer: str) -> str:
@@ -91,9 +95,6 @@ def arith_qa_text(n_chars: int, seed: int) -> str:
   rng = np.random.default_rng(seed)
   out, size = [], 0
   while size < n_chars:
-    p = _draw(rng)
-    if _split(p) == "train":
-      doc = document(*render(p))
-      out.append(doc)
-      size += len(doc)
+    out.append(document(*render(draw(rng, "train"))))
+    size += len(out[-1])
   return "".join(out)

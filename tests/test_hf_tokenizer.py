@@ -14,7 +14,8 @@ import dba_jax  # noqa: E402
 from dba_jax import data, eval_cli, main as train_cli  # noqa: E402
 from dba_jax.arith_qa import arith_qa_text  # noqa: E402
 from dba_jax.config import ConfigError, base_config, validate  # noqa: E402
-from dba_jax.latentwire import sides  # noqa: E402
+from dba_jax.latentwire import sides, tasks  # noqa: E402
+from dba_jax.latentwire.train import bridge_config  # noqa: E402
 from dba_jax.tokenizers import HFTokenizer  # noqa: E402
 from helpers import tiny, untrained_run  # noqa: E402
 
@@ -174,7 +175,8 @@ def test_train_ppl_generate_and_latentwire_sides(hf_dir, tmp_path, capsys):
   q = lm.encode_prompt("Q: 1 + 2?")
   assert q[0] == tok.bos_id and list(q[1:]) == list(lm.encode("Q: 1 + 2?"))
   assert tok.eos_id in lm.stop_ids and all("\n" in tok.decode([i]) for i in lm.stop_ids if i != tok.eos_id)
-  b = sides.bridge_batch(lm, lm, [("Tom has 1 apple. How many?", "1 #### 1")], 32, 24, 32)
+  task = tasks.from_config(bridge_config("cpu").data)
+  b = sides.bridge_batch(task, lm, lm, tasks.as_examples([("Tom has 1 apple. How many?", "1 #### 1")]), 32, 24, 32)
   assert b["src_ids"][0, 0] == b["teacher_ids"][0, 0] == tok.bos_id
   assert tok.bos_id not in b["tgt_ids"][0]  # what follows the soft tokens continues the sequence: no BOS inside
   out = sides.Speaker(lm, 64).greedy(q, 4)

@@ -12,7 +12,7 @@ from flax import nnx
 from dba_jax import arith_qa as synthetic, ckpt, data, generate, model as model_lib, rundir
 from dba_jax.config import base_config, validate
 from dba_jax.evals import latentwire as harness, stats
-from dba_jax.latentwire import bridge, losses, sides
+from dba_jax.latentwire import bridge, losses, sides, tasks
 from dba_jax.latentwire import train as lw_train
 from dba_jax.tokenizers import bpe_qa
 
@@ -87,6 +87,12 @@ def test_bpe_qa_round_trip_and_lm_presets():
   assert tgt.model.vocab_size >= tok.vocab_size
   for v, K in (("bridge_k4", 4), ("bridge_k8", 8), ("bridge_k16", 16), ("cpu", 4)):
     assert lw_train.validate(load_preset("latentwire.py", v)).model.K == K
+  g = load_preset("latentwire.py", "gsm8k_32")  # the original's 2a_stable_32tok, on local GSM8K files
+  with pytest.raises(lw_train.ConfigError, match="data.train_path"):
+    lw_train.validate(g)
+  g.data.train_path = g.data.dev_path = g.data.test_path = "gsm8k.jsonl"
+  m = lw_train.validate(g).model
+  assert bridge.param_count(4096, 4096, m.b, m.K, m.depth) == 61_456_904 and g.train.patience == 5
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
@@ -186,8 +192,10 @@ def test_losses_match_float64_references():
 
 def test_label_masks_and_teacher_alignment_are_exact(lms):
   src, tgt = (sides.load_lm(p, r) for p, r in zip(lms, ("source", "target")))
-  pairs = synthetic.qa_pairs(3, 4, "train")
-  b = sides.bridge_batch(src, tgt, pairs, 128, 32, 64)
+  task = tasks.Task({"task": "synthetic"})
+  exs = task.examples("train", 3, 4)
+  pairs = [(ex.question, ex.answer) for ex in exs]
+  b = sides.bridge_batch(task, src, tgt, exs, 128, 32, 64)
   stub = tgt.encode(synthetic.STUB)
   for i, (q, a) in enumerate(pairs):
     ans = tgt.encode(a + "\n\n")
@@ -205,7 +213,7 @@ def test_teacher_forced_nll_equals_a_float64_reference(lms):
   c = _cpu_config(*lms)
   br = lw_train.Bridge(lw_train.validate(c), sides.load_lm(lms[0], "source"), sides.load_lm(lms[1], "target"))
   params = br.init_state(0)["params"]
-  batch = {k: jnp.asarray(v) for k, v in lw_train.batch_at(br, synthetic.qa_pairs(16, 0), 0).items()}
+  batch = {k: jnp.asarray(v) for k, v in lw_train.batch_at(br, br.task.examples("train", 16, 0), 0).items()}
   _, parts = jax.jit(br.loss)(params, br.frozen, batch, None, 0)
   soft = br._soft(params, br.frozen, batch["src_ids"], batch["src_mask"])
   fwd = jax.jit(lambda p, t, e: nnx.merge(br.tgt.model.graphdef, p).forward(t, embeds_BPd=e).logits)
@@ -306,32 +314,36 @@ def test_harness_runs_every_method_and_the_answer_never_reaches_the_bridged_targ
   ck.close()
   man = tmp_path / "manifest.json"
   man.write_text(json.dumps({"source": src, "target": tgt, "bridges": [str(wd)], "questions": 2, "max_new": 3,
-                             "source_max_new": 3, "wire_formats": ["fp32", "q4"]}))
+                             "source_max_new": 3, "wire_formats": ["fp32", "q4"], "batch_size": 2}))
   seen = []
-  greedy = sides.Speaker.greedy
+  generate_ = sides.Speaker.generate
 
-  def spy(self, ids, max_new, prefix_1Pd=None):
-    seen.append((self.lm.role, np.asarray(ids).tolist(), prefix_1Pd is not None))
-    return greedy(self, ids, max_new, prefix_1Pd)
+  def spy(self, rows, max_new, prefix_NPd=None, task=None):
+    seen.extend((self.lm.role, np.asarray(ids).tolist(), prefix_NPd is not None) for ids in rows)
+    return generate_(self, rows, max_new, prefix_NPd, task)
 
-  monkeypatch.setattr(sides.Speaker, "greedy", spy)
+  monkeypatch.setattr(sides.Speaker, "generate", spy)
   out = tmp_path / "r.json"
   assert eval_cli.main(["latentwire", "--manifest", str(man), "--out", str(out)]) == 0
   r = json.loads(out.read_text())
-  assert set(r["methods"]) == {"target_text", "source_text", "cascade", "bridge_k4_fp32", "bridge_k4_q4", "budget_k4",
-                               "text_soft_k4"}
+  assert set(r["methods"]) == {"target_text", "source_text", "cascade", "joint_text", "bridge_k4_fp32", "bridge_k4_q4",
+                               "budget_k4", "text_soft_k4", "joint_bridge_k4"}
   assert all(v["n"] == 2 and 0 <= v["wilson95"][0] <= v["wilson95"][1] <= 1 for v in r["methods"].values())
+  for name in ("joint_text", "joint_bridge_k4"):
+    j = r["methods"][name]
+    assert j["exact_match"] <= j["oracle_exact_match"] and 0 <= j["agreement"] <= 1
   tb = r["kv_bytes_per_token"]
   assert tb["target"] == tb["target_formula"] and tb["source"] == tb["source_formula"]
   assert r["methods"]["bridge_k4_fp32"]["wire_bytes"] == 4 * 24 * 4
+  assert r["bridges"][0]["step"] == 1 and not r["bridges"][0]["best"]
   assert os.path.exists(tmp_path / "r.md")
   # Soft-token decoding (the calls with a prefix and no question text) gets the stub and nothing else.
   stub = sides.load_lm(tgt, "target").encode(synthetic.STUB).tolist()
   tok = bpe_qa()
   bridged = [ids for role, ids, pre in seen if role == "target" and pre and "Q:" not in tok.decode(ids)]
   assert len(bridged) == 2 * 2 and all(ids == stub for ids in bridged)
-  for q, a in synthetic.qa_pairs(2, 12345, "test"):
-    assert all(synthetic.gold(a) not in tok.decode(ids) for ids in bridged)
+  for ex in tasks.Task({"task": "synthetic"}).examples("test", 2, 12345):
+    assert all(ex.golds[0] not in tok.decode(ids) for ids in bridged)
   # Errors name the file and exit 2.
   assert eval_cli.main(["latentwire", "--manifest", str(tmp_path / "none.json")]) == 2
   assert "none.json" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_shapes_rms_and_every_parameter_gets_a_gradient(lms):
   il = _system(lms)
   m = il.c.model
   params = il.init_state(0)["params"]
-  batch = {k: jnp.asarray(v) for k, v in il.batch(synthetic.qa_pairs(5, 3, "train")).items()}
+  batch = {k: jnp.asarray(v) for k, v in il.batch(il.task.examples("train", 5, 3)).items()}
   z = il.latents(params, batch["bytes"], batch["bytes_mask"])
   assert z.shape == (5, m.M, m.d_z)
   for r in ("source", "target"):
@@ -105,8 +105,9 @@ def test_harness_rows_and_the_answer_never_reaches_an_input(lms, tmp_path, monke
   c = _config(src, tgt)
   il = lw_train.make_system(c, sides.load_lm(src, "source"), sides.load_lm(tgt, "target"))
   # Training batches: the encoder's bytes are the text prompt, never the answer.
-  pairs = synthetic.qa_pairs(4, 5, "train")
-  b = il.batch(pairs)
+  exs = il.task.examples("train", 4, 5)
+  pairs = [(ex.question, ex.answer) for ex in exs]
+  b = il.batch(exs)
   for i, (q, a) in enumerate(pairs):
     sent = bytes(b["bytes"][i][b["bytes_mask"][i]].astype(np.uint8)).decode()
     assert sent == synthetic.PROMPT.format(q=q) and "####" not in sent
@@ -114,19 +115,19 @@ def test_harness_rows_and_the_answer_never_reaches_an_input(lms, tmp_path, monke
   _write_interlingua(wd, c, il)
   man = tmp_path / "manifest.json"
   man.write_text(json.dumps({"source": src, "target": tgt, "bridges": [str(wd)], "questions": 2, "max_new": 3,
-                             "source_max_new": 3, "wire_formats": ["fp16", "q8"]}))
+                             "source_max_new": 3, "wire_formats": ["fp16", "q8"], "batch_size": 2}))
   seen, encoded = [], []
-  greedy, rows = sides.Speaker.greedy, interlingua.utf8_rows
+  generate_, rows = sides.Speaker.generate, interlingua.utf8_rows
 
-  def spy(self, ids, max_new, prefix_1Pd=None):
-    seen.append((self.lm.role, np.asarray(ids).tolist(), prefix_1Pd is not None))
-    return greedy(self, ids, max_new, prefix_1Pd)
+  def spy(self, ids_rows, max_new, prefix_NPd=None, task=None):
+    seen.extend((self.lm.role, np.asarray(ids).tolist(), prefix_NPd is not None) for ids in ids_rows)
+    return generate_(self, ids_rows, max_new, prefix_NPd, task)
 
   def spy_rows(texts, length):
     encoded.extend(texts)
     return rows(texts, length)
 
-  monkeypatch.setattr(sides.Speaker, "greedy", spy)
+  monkeypatch.setattr(sides.Speaker, "generate", spy)
   monkeypatch.setattr(interlingua, "utf8_rows", spy_rows)
   out = tmp_path / "r.json"
   assert eval_cli.main(["latentwire", "--manifest", str(man), "--out", str(out)]) == 0
@@ -134,6 +135,8 @@ def test_harness_rows_and_the_answer_never_reaches_an_input(lms, tmp_path, monke
   M = c.model.M
   mine = {f"interlingua_m{M}_{lm}_{f}" for lm in ("source", "target") for f in ("fp16", "q8")}
   assert mine <= set(r["methods"]) and all(r["methods"][k]["n"] == 2 for k in mine)
+  j = r["methods"][f"joint_interlingua_m{M}"]  # both receivers: the original's joint rescoring
+  assert j["n"] == 2 and j["exact_match"] <= j["oracle_exact_match"] and 0 <= j["agreement"] <= 1
   assert r["methods"][f"interlingua_m{M}_target_fp16"]["wire_bytes"] == M * c.model.d_z * 2
   assert all(r["methods"][k]["source_kv_bytes"] == 0 for k in mine)
   assert r["bridges"][0]["kind"] == "interlingua"
@@ -142,7 +145,7 @@ def test_harness_rows_and_the_answer_never_reaches_an_input(lms, tmp_path, monke
            "target": sides.load_lm(tgt, "target").encode(synthetic.STUB).tolist()}
   prefixed = [(role, ids) for role, ids, pre in seen if pre]
   assert len(prefixed) == 2 * 2 * 2 and all(ids == stubs[role] for role, ids in prefixed)
-  questions = synthetic.qa_pairs(2, 12345, "test")
+  questions = [(ex.question, ex.answer) for ex in il.task.examples("test", 2, 12345)]
   assert encoded == [synthetic.PROMPT.format(q=q) for q, _ in questions]
   tok = bpe_qa()
   for _, a in questions:

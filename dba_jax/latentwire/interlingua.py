@@ -29,9 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dba_jax import arith_qa
 from dba_jax.configlib import Config, ConfigError, lock
-from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides
+from dba_jax.latentwire import bridge as bridge_lib, losses as lw_losses, sides, tasks as tasks_lib
 from dba_jax.latentwire.bridge import Attention, _layernorm, _linear
 from dba_jax.latentwire.optim import make_optimizer
 from dba_jax.layers import normal_init
@@ -66,7 +65,9 @@ def interlingua_config() -> Config:
   o.warmup_steps = 50
   o.clip_norm = 1.0
   c.data = d = Config()
+  tasks_lib.add_fields(d)  # as the bridge's (dba_jax/latentwire/tasks.py)
   d.train_seed, d.train_pairs, d.dev_seed, d.dev_questions = 0, 20_000, 1, 32
+  d.eval_batch = 16
   d.byte_len = 128  # the encoder's input: the text prompt as UTF-8 bytes
   d.tgt_len = (64, 32)  # stub + answer, per receiver in RECEIVERS order (source bytes, target BPE)
   d.prompt_len = (128, 64)  # the teacher's question prompt, per receiver
@@ -74,6 +75,9 @@ def interlingua_config() -> Config:
   c.train = t = Config()
   t.steps, t.batch_size, t.seed = 300, 32, 0
   t.log_every, t.eval_every, t.ckpt_every, t.keep_ckpts = 25, 150, 150, 2
+  t.patience = 0  # early stopping on the target's dev exact match (0: never stop early)
+  c.mesh = ms = Config()
+  ms.shape = (1, -1, 1)
   c.source = ""
   c.target = ""
   return lock(c)
@@ -115,6 +119,12 @@ def validate(c: Config) -> Config:
     need(d[key] > 0, f"data.{key}={d[key]} must be positive")
   for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     need(t[key] > 0, f"train.{key}={t[key]} must be positive")
+  need(t.patience >= 0 and d.eval_batch > 0, f"train.patience={t.patience} must be >= 0 and data.eval_batch="
+       f"{d.eval_batch} positive")
+  try:
+    tasks_lib.from_config(d)
+  except tasks_lib.TaskError as e:
+    raise ConfigError(str(e)) from None
   return c
 
 
@@ -217,6 +227,7 @@ class Interlingua:
 
   def __init__(self, c: Config, src: sides.LM, tgt: sides.LM):
     self.c, self.src, self.tgt = c, src, tgt
+    self.task = tasks_lib.from_config(c.data)
     self.lms = {"source": src, "target": tgt}
     m = c.model
     self.receivers = tuple(m.receivers)
@@ -248,14 +259,15 @@ class Interlingua:
     soft = self.net(params).adapt(z_BMz, receiver)
     return bridge_lib.rms_match(soft, self.rms[receiver], tuple(self.c.model.rms_clamp))
 
-  def batch(self, pairs) -> dict:
-    d = self.c.data
-    ids, n = utf8_rows([arith_qa.PROMPT.format(q=q) for q, _ in pairs], d.byte_len)
+  def batch(self, examples) -> dict:
+    d, examples = self.c.data, tasks_lib.as_examples(examples)
+    ids, n = utf8_rows([self.task.prompt(ex) for ex in examples], d.byte_len)
     out = {"bytes": ids, "bytes_mask": np.arange(d.byte_len)[None] < n[:, None]}
     for r in self.receivers:
       i = RECEIVERS.index(r)
       lm = self.lms[r]  # only the receiver's own rows (stub + answer, its teacher) are used
-      b = sides.bridge_batch(lm, lm, pairs, d.prompt_len[i] + d.tgt_len[i], d.tgt_len[i], d.prompt_len[i])
+      b = sides.bridge_batch(self.task, lm, lm, examples, d.prompt_len[i] + d.tgt_len[i], d.tgt_len[i],
+                             d.prompt_len[i])
       out.update({f"{r}/{k}": v for k, v in b.items() if not k.startswith("src_")})
     return out
 
@@ -307,28 +319,32 @@ class Interlingua:
 
   def speaker(self, receiver: str) -> sides.Speaker:
     if receiver not in self._speakers:
-      self._speakers[receiver] = sides.Speaker(self.lms[receiver], sides.SPEAKER_LEN)
+      lm = self.lms[receiver]
+      n = self.c.model.M + len(lm.encode(self.task.stub))
+      self._speakers[receiver] = sides.Speaker(lm, sides.speaker_len(n, self.c.data.max_new, lm),
+                                               batch=self.c.data.get("eval_batch", 16))
     return self._speakers[receiver]
 
-  def z_of(self, params, questions) -> np.ndarray:
-    """Z [N, M, d_z] from each question's text prompt (and nothing else)."""
-    ids, n = utf8_rows([arith_qa.PROMPT.format(q=q) for q in questions], self.c.data.byte_len)
+  def z_of(self, params, examples) -> np.ndarray:
+    """Z [N, M, d_z] from each example's text prompt (and nothing else)."""
+    ids, n = utf8_rows([self.task.prompt(ex) for ex in examples], self.c.data.byte_len)
     mask = np.arange(ids.shape[1])[None] < n[:, None]
     out = [self._latents(params, jnp.asarray(ids[i:i + 64]), jnp.asarray(mask[i:i + 64]))
            for i in range(0, len(ids), 64)]
     return np.concatenate([np.asarray(o) for o in out])
 
-  def decode(self, params, z_Mz, receiver: str, max_new: int) -> dict:
-    """The receiver's greedy answer from [prefix(Z) ; stub] (the question reaches it only through Z)."""
-    lm = self.lms[receiver]
-    prefix = self._prefix(params, jnp.asarray(z_Mz, jnp.float32)[None], receiver)
-    return self.speaker(receiver).greedy(lm.encode(arith_qa.STUB), max_new, np.asarray(prefix))
+  def decode(self, params, z_NMz, receiver: str, max_new: int, task=None) -> list[dict]:
+    """The receiver's greedy answers from [prefix(Z) ; stub] (the question reaches it only through Z), a batch of
+    Z rows [N, M, d_z] at a time."""
+    lm, task = self.lms[receiver], task or self.task
+    prefix = np.asarray(self._prefix(params, jnp.asarray(z_NMz, jnp.float32), receiver))
+    return self.speaker(receiver).generate([lm.encode(task.stub)] * len(prefix), max_new, prefix, task)
 
-  def dev_eval(self, params, pairs, max_new: int) -> dict:
-    z = self.z_of(params, [q for q, _ in pairs])
+  def dev_eval(self, params, examples, max_new: int) -> dict:
+    z = self.z_of(params, examples)
     out = {}
     for r in self.receivers:
-      hits = [sides.correct(self.decode(params, z[i], r, max_new)["text"], a) for i, (_, a) in enumerate(pairs)]
+      hits = [self.task.score(o["text"], ex)[0] for o, ex in zip(self.decode(params, z, r, max_new), examples)]
       out[f"dev_exact_match_{r}"] = float(np.mean(hits)) if hits else float("nan")
     out["dev_exact_match"] = out.get("dev_exact_match_target", next(iter(out.values())))
     return out

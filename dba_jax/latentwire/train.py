@@ -1,12 +1,20 @@
 """`dba-latentwire-train --config=configs/latentwire.py:bridge_k8 --source DIR --target DIR --workdir DIR`.
 
-Trains the translator between two frozen dba_jax LMs (dba_jax/latentwire/bridge.py) on train-split arithmetic
-problems: target input [soft tokens ; stub ; answer], loss = answer NLL + kl_weight·KL (after warmup) +
+Trains the translator between two frozen LMs (dba-train workdirs or dba-convert'ed Hugging Face models, each with
+its own tokenizer; dba_jax/latentwire/bridge.py) on the configured task's training split (data.task: synthetic
+arithmetic, or local GSM8K / SQuAD jsonl files, dba_jax/latentwire/tasks.py): target input [open ids ; soft tokens ;
+stub ; answer] (open ids: the BOS the target's tokenizer opens a text with, if any), loss = answer NLL + kl_weight·KL (after warmup) +
 nce_weight·InfoNCE (after warmup / 2) (dba_jax/latentwire/losses.py). AdamW (0.9, 0.98) in three groups: matrices
 and queries with weight decay, biases and norms without, the tanh gates at gate_lr_mult x lr without; linear warmup
-then linear decay to 0; global-norm clipping; float32 weights and compute. The workdir works as dba-train's: a new
-or empty directory starts a run, one holding this bridge resumes from its latest good checkpoint, anything else is
-refused (exit 2). Logs step, losses, gates and tokens/s to stderr and metrics.jsonl; dev exact match to eval.jsonl.
+then linear decay to 0; global-norm clipping; float32 weights and compute. The frozen LMs' params are placed on the
+mesh (mesh.shape, default all devices on fsdp) by their logical axes; the translator is replicated.
+
+Every train.eval_every steps the bridged target answers the dev questions (exact match; the original's early
+stopping): the best state so far is kept in DIR/best (the bridge dba-eval latentwire reads), and with
+train.patience > 0 training stops after that many evaluations without improvement. The workdir works as dba-train's:
+a new or empty directory starts a run, one holding this bridge resumes from its latest good checkpoint (the early-
+stopping state is rebuilt from eval.jsonl), anything else is refused (exit 2). Logs step, losses, gates and tokens/s
+to stderr and metrics.jsonl; dev exact match to eval.jsonl.
 
 With --config=configs/latentwire.py:interlingua (model.kind="interlingua") the same loop trains the interlingua
 instead: byte encoder -> M latents -> one adapter per receiving LM (dba_jax/latentwire/interlingua.py); --source and
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -26,16 +35,16 @@ import optax
 from absl import flags
 from flax import nnx
 
-from dba_jax import arith_qa as synthetic, ckpt, rundir
+from dba_jax import ckpt, mesh as mesh_lib, rundir
 from dba_jax.cli import CommandError, command, entry, flags_of
 from dba_jax.configlib import Config, ConfigError, lock
-from dba_jax.latentwire import bridge as bridge_lib, interlingua, losses as lw_losses, sides
+from dba_jax.latentwire import bridge as bridge_lib, interlingua, losses as lw_losses, sides, tasks as tasks_lib
 from dba_jax.latentwire.optim import make_optimizer
 from dba_jax.signals import StopSignals
 
 # ------------------------------------------------------------------------------------------------- config
 
-SHAPES = {"bridge_k4": 4, "bridge_k8": 8, "bridge_k16": 16, "cpu": 4}
+SHAPES = {"bridge_k4": 4, "bridge_k8": 8, "bridge_k16": 16, "cpu": 4, "gsm8k_32": 32}
 
 
 def bridge_config(variant: str = "bridge_k8") -> Config:
@@ -63,20 +72,25 @@ def bridge_config(variant: str = "bridge_k8") -> Config:
   o.warmup_steps = 100
   o.clip_norm = 1.0
   c.data = d = Config()
-  d.train_seed = 0  # draws of train-split problems (synthetic.qa_pairs)
-  d.train_pairs = 20_000  # pool size
-  d.dev_seed = 1  # dev questions: held-out split, another seed than the harness's
-  d.dev_questions = 32
+  tasks_lib.add_fields(d)  # task, split, prompt, stub, train/dev/test paths (dba_jax/latentwire/tasks.py)
+  d.train_seed = 0  # synthetic: draws of train-split problems
+  d.train_pairs = 20_000  # synthetic: pool size (a file task's pool is its whole train file)
+  d.dev_seed = 1  # synthetic: dev questions (dev facts, another seed than the harness's test draws)
+  d.dev_questions = 32  # a file task: the dev file's first rows
   d.src_len, d.tgt_len, d.prompt_len = 128, 32, 64  # padded lengths (source prompt, stub + answer, target prompt)
   d.max_new = 24  # dev decoding budget (target tokens)
+  d.eval_batch = 16  # rows decoded at once in the dev evaluation
   c.train = t = Config()
   t.steps = 1500
   t.batch_size = 32
   t.seed = 0
   t.log_every = 25
   t.eval_every = 250
+  t.patience = 5  # early stopping: evaluations without a better dev exact match (0: never stop early)
   t.ckpt_every = 250
   t.keep_ckpts = 2
+  c.mesh = ms = Config()
+  ms.shape = (1, -1, 1)  # (data, fsdp, tensor) for the frozen LMs' params; -1 takes the remaining devices
   c.source = ""  # set from --source / --target (recorded in config.json)
   c.target = ""
   if variant == "cpu":  # tests and smoke runs
@@ -84,6 +98,13 @@ def bridge_config(variant: str = "bridge_k8") -> Config:
     o.warmup_steps = 2
     t.steps, t.batch_size, t.log_every, t.eval_every, t.ckpt_every = 4, 4, 1, 2, 2
     d.train_pairs, d.dev_questions, d.max_new = 64, 2, 8
+  if variant == "gsm8k_32":  # the original's 2a_stable_32tok between two 7-8B LMs (configs/latentwire.py)
+    m.b, m.depth, m.heads = 768, 4, 12
+    o.lr, o.warmup_steps = 1e-4, 600
+    t.steps, t.batch_size, t.log_every, t.eval_every, t.ckpt_every = 3000, 40, 25, 250, 250
+    d.task = "gsm8k"
+    d.src_len, d.tgt_len, d.prompt_len = 320, 320, 320  # GSM8K prompts and solutions in 7-8B tokenizers
+    d.max_new, d.dev_questions, d.eval_batch = 256, 200, 50
   return lock(c)
 
 
@@ -137,10 +158,24 @@ def validate(c: Config) -> Config:
   for key in ("train_pairs", "src_len", "tgt_len", "prompt_len", "max_new"):
     need(d[key] > 0, f"data.{key}={d[key]} must be positive")
   need(d.dev_questions >= 0, f"data.dev_questions={d.dev_questions} must be >= 0")
-  for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
-    need(t[key] > 0, f"train.{key}={t[key]} must be positive")
+  for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts", "eval_batch"):
+    sec = d if key == "eval_batch" else t
+    need(sec[key] > 0, f"{'data' if key == 'eval_batch' else 'train'}.{key}={sec[key]} must be positive")
+  need(t.patience >= 0, f"train.patience={t.patience} must be >= 0")
   need(t.batch_size >= 2 or ls.nce_weight == 0, "InfoNCE needs train.batch_size >= 2 (in-batch negatives)")
+  check_task(c)
   return c
+
+
+def check_task(c: Config):
+  """The task section builds (a bad choice, template or missing path is a ConfigError); the files are read later."""
+  try:
+    tasks_lib.from_config(c.data)
+  except tasks_lib.TaskError as e:
+    raise ConfigError(str(e)) from None
+  if c.train.get("patience", 0) > 0 and c.data.get("task", "synthetic") != "synthetic" and not c.data.dev_path:
+    raise ConfigError("train.patience > 0 stops early on the dev exact match: set data.dev_path (or "
+                      "--config.train.patience=0)")
 
 
 # ---------------------------------------------------------------------------------------------- the bridge
@@ -150,6 +185,7 @@ class Bridge:
 
   def __init__(self, c: Config, src: sides.LM, tgt: sides.LM):
     self.c, self.src, self.tgt = c, src, tgt
+    self.task = make_task(c)
     m = c.model
     build = lambda key: bridge_lib.Translator(src.width, tgt.width, m.b, m.K, m.depth, m.heads, m.ffn_mult,
                                               m.dropout, rngs=nnx.Rngs(key))
@@ -160,7 +196,16 @@ class Bridge:
     self.frozen = {"src": src.model.params, "tgt": tgt.model.params}
     self.tx = make_optimizer(c, self.abstract_params)
     self._soft = jax.jit(self.soft_tokens)
+    self._open = jax.jit(lambda tgt_params, soft: sides.with_open(tgt, tgt_params, soft))
     self.train_step = jax.jit(self._train_step, donate_argnums=0)
+    self.eval_batch = c.data.get("eval_batch", 16)
+    n_open, n_stub = len(tgt.open_ids), len(tgt.encode(self.task.stub))
+    self.speaker_len = sides.speaker_len(n_open + m.K + n_stub, c.data.max_new, tgt)
+    d = c.data
+    for lm, n, what in ((src, d.src_len, "data.src_len"), (tgt, d.prompt_len + d.tgt_len, "data.prompt_len + "
+                        "data.tgt_len (the teacher's row)"), (tgt, n_open + m.K + d.tgt_len, "the student's row")):
+      if lm.m.positions == "learned" and n > lm.m.max_seq_len:  # no table row past it (a gather would give NaN)
+        raise ConfigError(f"{what} = {n} exceeds the {lm.role}'s learned position table ({lm.m.max_seq_len})")
 
   def init_state(self, seed: int) -> dict:
     params = nnx.to_pure_dict(nnx.state(self.build(seed)))
@@ -177,8 +222,9 @@ class Bridge:
     c, V = self.c, self.tgt.vocab
     soft = self.soft_tokens(params, frozen, batch["src_ids"], batch["src_mask"], rng)
     tgt = nnx.merge(self.tgt.model.graphdef, frozen["tgt"])
-    K, T = soft.shape[1], batch["tgt_ids"].shape[1]
-    student = tgt.forward(batch["tgt_ids"], embeds_BPd=soft).logits[:, K - 1:K - 1 + T]
+    prefix = sides.with_open(self.tgt, frozen["tgt"], soft)  # [BOS ; soft] where the target's texts open with one
+    P, T = prefix.shape[1], batch["tgt_ids"].shape[1]
+    student = tgt.forward(batch["tgt_ids"], embeds_BPd=prefix).logits[:, P - 1:P - 1 + T]
     teacher_all = jax.lax.stop_gradient(tgt.forward(batch["teacher_ids"]).logits)
     idx_BT = batch["teacher_off"][:, None] + jnp.arange(T)[None, :] - 1
     teacher = jnp.take_along_axis(teacher_all, idx_BT[:, :, None], axis=1)
@@ -193,9 +239,10 @@ class Bridge:
     parts = {"nll": nll, "kl": kl, "nce": nce, "teacher_nll": lw_losses.answer_nll(teacher, batch["tgt_ids"], mask, V)}
     return nll + w_kl * kl + w_nce * nce, parts
 
-  def batch(self, pairs) -> dict:
+  def batch(self, examples) -> dict:
     d = self.c.data
-    return sides.bridge_batch(self.src, self.tgt, pairs, d.src_len, d.tgt_len, d.prompt_len)
+    return sides.bridge_batch(self.task, self.src, self.tgt, tasks_lib.as_examples(examples), d.src_len, d.tgt_len,
+                              d.prompt_len)
 
   def describe(self, n_params: int) -> str:
     m = self.c.model
@@ -211,8 +258,8 @@ class Bridge:
     return (f" | nll {last['nll']:.3f} (text {last['teacher_nll']:.3f}) kl {last['kl']:.3f} nce {last['nce']:.3f}"
             f" | gates {last['gate_abs']:.3f}")
 
-  def dev_eval(self, params, pairs, max_new: int) -> dict:
-    return {"dev_exact_match": sides.bridged_exact_match(self, params, pairs, max_new)}
+  def dev_eval(self, params, examples, max_new: int) -> dict:
+    return {"dev_exact_match": sides.bridged_exact_match(self, params, examples, max_new)}
 
   def _train_step(self, state, frozen, batch, key):
     rng = jax.random.fold_in(key, state["step"]) if self.c.model.dropout > 0 else None
@@ -238,29 +285,103 @@ def batch_at(br: Bridge, pool, step: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- loop
 
-def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None = None):
-  """(Bridge, params, config) of a trained bridge workdir. Its source and target are those its config.json names;
-  already loaded ones may be passed in, and must be those."""
+def make_task(c: Config) -> tasks_lib.Task:
+  try:
+    return tasks_lib.from_config(c.data)
+  except tasks_lib.TaskError as e:
+    raise ConfigError(str(e)) from None
+
+
+def make_mesh(c: Config):
+  """The mesh the frozen LMs' params are laid out on (mesh.shape; configs written before it had one: 1 device)."""
+  shape = c.get("mesh", {}).get("shape", (1, 1, 1))
+  try:
+    return mesh_lib.make_mesh(shape)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def task_examples(c: Config, task: tasks_lib.Task, split: str) -> list:
+  """The training pool or the dev questions of the configured task (a file task reads its files here)."""
+  d = c.data
+  try:
+    if split == "train":
+      return task.examples("train", d.train_pairs if task.name == "synthetic" else None, d.train_seed)
+    if task.name != "synthetic" and not task.paths["dev"]:
+      return []
+    return task.examples("dev", d.dev_questions, d.dev_seed)
+  except tasks_lib.TaskError as e:
+    raise sides.SideError(str(e)) from None
+
+
+def load_bridge(workdir: str, src: sides.LM | None = None, tgt: sides.LM | None = None, mesh=None):
+  """(Bridge, params, config) of a trained bridge workdir: its best state (DIR/best, the highest dev exact match)
+  where it has one, else its latest good checkpoint. Its source and target are those its config.json names; already
+  loaded ones may be passed in, and must be those."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise sides.SideError(f"bridge {workdir}: no config.json (not a dba-latentwire-train workdir)")
   c = read_config(workdir, sides.SideError)
   for role, lm in (("source", src), ("target", tgt)):
     if lm is not None and os.path.abspath(lm.path) != os.path.abspath(c[role]):
       raise sides.SideError(f"bridge {workdir} was trained with {role} {c[role]}, not {lm.path}")
-  br = make_system(validate(c), src or sides.load_lm(c.source, "source"), tgt or sides.load_lm(c.target, "target"))
-  ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
-    _, params = ckpts.restore_for_reading(_placed(br.abstract_params), what="bridge checkpoint")
+    validate(c)
+  except ConfigError as e:
+    raise sides.SideError(f"bridge {workdir}: {e}") from None
+  mesh = mesh if mesh is not None else make_mesh(c)
+  br = make_system(c, src or sides.load_lm(c.source, "source", mesh), tgt or sides.load_lm(c.target, "target", mesh))
+  best = os.path.join(workdir, "best")
+  use_best = os.path.isdir(best) and ckpt.Checkpointer(best, read_only=True).all_steps()
+  ckpts = ckpt.Checkpointer(best if use_best else os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    step, params = ckpts.restore_for_reading(_placed(br.abstract_params, mesh), what="bridge checkpoint")
   except (ckpt.CheckpointDamaged, ckpt.CheckpointMismatch) as e:  # e.g. written before a parameter was renamed
     raise sides.SideError(f"bridge {workdir}: {e}") from None
   finally:
     ckpts.close()
+  br.loaded = {"step": step, "best": bool(use_best)}
   return br, params, c
 
 
-def _placed(tree):
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+def _placed(tree, mesh=None):
+  """Abstract arrays replicated over the mesh (one device without one): what a bridge checkpoint restores into."""
+  where = mesh_lib.replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
+
+
+def dev_score(ems: dict) -> float:
+  """The early-stopping score of a dev evaluation: the bridged (or interlingua target's) dev exact match."""
+  return float(ems["dev_exact_match"])
+
+
+class EarlyStop:
+  """Best dev score so far, its step, and evaluations since it improved (rebuilt from eval.jsonl on resume)."""
+
+  def __init__(self, patience: int):
+    self.patience, self.best, self.best_step, self.bad = patience, -1.0, None, 0
+
+  def update(self, step: int, score: float) -> bool:
+    """Records an evaluation; True when it is a new best (strictly higher: the earlier state wins a tie)."""
+    if score > self.best:
+      self.best, self.best_step, self.bad = score, step, 0
+      return True
+    self.bad += 1
+    return False
+
+  @property
+  def stop(self) -> bool:
+    return self.patience > 0 and self.bad >= self.patience
+
+  @classmethod
+  def replay(cls, patience: int, path: str) -> "EarlyStop":
+    es = cls(patience)
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          rec = json.loads(line)
+          if "dev_exact_match" in rec:
+            es.update(rec["step"], dev_score(rec))
+    return es
 
 
 def train(c: Config, workdir: str, quiet: bool = False, stop: StopSignals | None = None) -> dict:
@@ -282,9 +403,10 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
     if moved:
       raise ConfigError(f"{workdir} holds a bridge for " + ", ".join(f"{k} {saved[k]}" for k in moved)
                         + "; use another --workdir")
-  br = make_system(c, sides.load_lm(c.source, "source"), sides.load_lm(c.target, "target"))
-  pool = synthetic.qa_pairs(c.data.train_pairs, c.data.train_seed, "train")
-  dev = synthetic.qa_pairs(c.data.dev_questions, c.data.dev_seed, "test")
+  mesh = make_mesh(c)
+  br = make_system(c, sides.load_lm(c.source, "source", mesh), sides.load_lm(c.target, "target", mesh))
+  task = br.task
+  pool, dev = task_examples(c, task, "train"), task_examples(c, task, "dev")
   batch_at(br, pool, 0)  # every length checked before anything is written
   say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
   if stop.received:
@@ -292,25 +414,39 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
     return {"workdir": workdir, "stopped": stop.received, "step": 0}
   rundir.write_config(c, workdir)
   ckpts = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_ckpts, async_save=False)
-  state = jax.device_put(br.init_state(c.train.seed), jax.devices()[0])  # committed, as the step's outputs: one compile
-  restored = ckpts.restore_latest_good(_placed(state["params"]), _placed(state["opt"])) if resuming else None
+  best_ckpts = ckpt.Checkpointer(os.path.join(workdir, "best"), 1, async_save=False)
+  rep = mesh_lib.replicated(mesh)
+  state = jax.device_put(br.init_state(c.train.seed), rep)  # committed, as the step's outputs: one compile
+  restored = ckpts.restore_latest_good(_placed(state["params"], mesh), _placed(state["opt"], mesh)) \
+      if resuming else None
   start = 0
   if restored is not None:
     start, params, opt, _ = restored
-    state = {"params": params, "opt": opt, "step": jnp.asarray(start, jnp.int32)}
+    state = {"params": params, "opt": opt, "step": jax.device_put(jnp.asarray(start, jnp.int32), rep)}
   for name in ("metrics.jsonl", "eval.jsonl"):
     rundir.truncate_jsonl(os.path.join(workdir, name), start)
+  for step in best_ckpts.all_steps():  # a best state from steps about to be run again is not this run's
+    if step > start:
+      shutil.rmtree(best_ckpts.step_dir(step), ignore_errors=True)
+  early = EarlyStop.replay(c.train.patience, os.path.join(workdir, "eval.jsonl"))
   rundir.record_start(c, workdir, start or None, jax.device_count(), TOOL)
   say(br.describe(sum(x.size for x in jax.tree.leaves(state["params"])))
-      + (f"; resumed at step {start}" if start else ""))
+      + (f"; resumed at step {start}" if start else "") + f"; task {task.name} ({len(pool)} training examples, "
+      f"{len(dev)} dev questions)")
   key = jax.random.key(c.train.seed)
   log = lambda name, rec: rundir.append_jsonl(os.path.join(workdir, name), rec)
   tokens_per_step = br.tokens_per_step
   progress = rundir.Progress(c.train.steps, quiet=quiet)
   t_mark, step_mark, last = None, start, {}
+  frozen = br.frozen
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch split over the batch axes where it divides
+  place = (lambda b: jax.device_put(b, mesh_lib.batch_sharding(mesh))) if c.train.batch_size % rows == 0 and \
+      rows > 1 else (lambda b: b)
   try:
     for step in range(start, c.train.steps):
-      state, metrics = br.train_step(state, br.frozen, batch_at(br, pool, step), key)
+      if early.stop:
+        break
+      state, metrics = br.train_step(state, frozen, place(batch_at(br, pool, step)), key)
       done = step + 1
       if t_mark is None:
         jax.block_until_ready(metrics)
@@ -325,11 +461,18 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
         t_mark, step_mark = now, done
       if dev and (done % c.train.eval_every == 0 or done == c.train.steps):
         ems = br.dev_eval(state["params"], dev, c.data.max_new)
-        log("eval.jsonl", {"step": done, **ems, "dev_questions": len(dev)})
+        if early.update(done, dev_score(ems)):
+          best_ckpts.save(done, state["params"], {"none": jnp.zeros(())}, {"step": done, **ems})
+          best_ckpts.wait()
+        log("eval.jsonl", {"step": done, **ems, "dev_questions": len(dev), "best_step": early.best_step,
+                           "best_dev_exact_match": early.best})
         say(f"\nstep {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ems.items()) + f" over {len(dev)} held-out "
-            "questions")
+            f"questions (best {early.best:.3f} at step {early.best_step})")
+        if early.stop:
+          say(f"early stop: {early.bad} evaluations without a better dev exact match; the best state (step "
+              f"{early.best_step}) is in {workdir}/best")
       stopping = stop.received is not None and done < c.train.steps
-      if done % c.train.ckpt_every == 0 or done == c.train.steps or stopping:
+      if done % c.train.ckpt_every == 0 or done == c.train.steps or stopping or early.stop:
         stop.saving = f"checkpoint of step {done}" if stopping else None
         ckpts.save(done, state["params"], state["opt"], {"step": done})
         ckpts.wait()
@@ -341,12 +484,16 @@ def _train(c: Config, workdir: str, quiet: bool, stop: StopSignals) -> dict:
   finally:
     progress.close()
     ckpts.close()
-  return {"workdir": workdir, "steps": c.train.steps, **last}
+    best_ckpts.close()
+  out = {"workdir": workdir, "steps": c.train.steps, **last}
+  if dev:
+    out.update(best_step=early.best_step, best_dev_exact_match=early.best, early_stopped=early.stop)
+  return out
 
 
 def _flags(fv):
-  flags.DEFINE_string("source", None, "the source LM's dba-train workdir", flag_values=fv)
-  flags.DEFINE_string("target", None, "the target LM's dba-train workdir", flag_values=fv)
+  flags.DEFINE_string("source", None, "the source LM: a dba-train workdir or a dba-convert output", flag_values=fv)
+  flags.DEFINE_string("target", None, "the target LM: a dba-train workdir or a dba-convert output", flag_values=fv)
   flags.DEFINE_string("workdir", None, "the bridge's run directory (config, metrics, checkpoints)", flag_values=fv)
 
 
