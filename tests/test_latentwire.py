@@ -336,6 +336,12 @@ def test_harness_runs_every_method_and_the_answer_never_reaches_the_bridged_targ
   assert tb["target"] == tb["target_formula"] and tb["source"] == tb["source_formula"]
   assert r["methods"]["bridge_k4_fp32"]["wire_bytes"] == 4 * 24 * 4
   assert r["bridges"][0]["step"] == 1 and not r["bridges"][0]["best"]
+  # the paired tests count the questions one method got right and the other wrong, from the rows themselves
+  ok = {m: [ch == "1" for ch in v["correct_by_question"]] for m, v in r["methods"].items()}
+  assert all(len(v) == 2 and sum(v) == r["methods"][m]["correct"] for m, v in ok.items())
+  assert [(t["a"], t["b"]) for t in r["paired"]] == [("bridge_k4_fp32", "target_text"), ("bridge_k4_fp32", "budget_k4")]
+  for t in r["paired"]:
+    assert t["only_a"] == sum(x and not y for x, y in zip(ok[t["a"]], ok[t["b"]])) and 0 < t["p"] <= 1
   assert os.path.exists(tmp_path / "r.md")
   # Soft-token decoding (the calls with a prefix and no question text) gets the stub and nothing else.
   stub = sides.load_lm(tgt, "target").encode(synthetic.STUB).tolist()

@@ -48,7 +48,8 @@ def converted(tmp_path_factory):
   out = {}
   for name, hf_dir in (("llama", _save(root, "llama")), ("gpt2", _gpt2(root))):
     out[name] = str(root / f"{name}_run")
-    assert convert.main(["dba-convert", hf_dir, "--out", out[name]]) == 0
+    bf16 = ["--dtype", "bf16"] if name == "llama" else []  # a frozen side held in bf16, as a 7B source would be
+    assert convert.main(["dba-convert", hf_dir, "--out", out[name], *bf16]) == 0
   rows = []
   for p in tasks.synthetic_problems(24, 3, "train"):
     q, a = arith_qa.render(p)
@@ -83,6 +84,7 @@ def test_converted_sides_use_their_own_tokenizers(converted):
   assert src.open_ids.tolist() == [1] and src.encode_prompt("Q: 3")[0] == 1 and 2 in src.stop_ids
   assert tgt.open_ids.tolist() == [] and tgt.tok.eos_id == 0 and 0 in tgt.stop_ids
   assert tgt.m.positions == "learned" and src.m.positions == "rope"
+  assert str(src.model.params["embed"].dtype) == "bfloat16" and str(tgt.model.params["embed"].dtype) == "float32"
   task = tasks.Task(_config(runs["llama"], runs["gpt2"], files).data)
   exs = task.examples("train", 3)
   b = sides.bridge_batch(task, src, tgt, exs, 96, 48, 80)

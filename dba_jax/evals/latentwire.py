@@ -53,7 +53,7 @@ import numpy as np
 from dba_jax import generate, rundir
 from dba_jax.cli import refuse_existing, sidecar, write_json
 from dba_jax.configlib import Config, ConfigError
-from dba_jax.evals.stats import wilson_interval
+from dba_jax.evals.stats import mcnemar_exact, wilson_interval
 from dba_jax.latentwire import sides, tasks as tasks_lib
 from dba_jax.latentwire.sides import soft_tokens
 from dba_jax.latentwire.train import load_bridge, make_mesh
@@ -159,7 +159,8 @@ class Tally:
       out[method] = {"exact_match": k / n, "correct": k, "n": n, "wilson95": [lo, hi],
                      "source_kv_bytes": mean("source_kv"), "wire_bytes": mean("wire"),
                      "target_kv_bytes": mean("target_kv"), "target_input_tokens": mean("tokens"),
-                     "examples": [r["text"] for r in rows[:3]]}
+                     "examples": [r["text"] for r in rows[:3]],
+                     "correct_by_question": "".join("1" if r["ok"] else "0" for r in rows)}
       if self.has_f1:
         out[method]["f1"] = mean("f1")
       if "oracle" in rows[0]:
@@ -310,7 +311,22 @@ def evaluate(man: dict, progress: bool = True) -> dict:
                       {"dir": d, "kind": "interlingua", "M": bc.model.M, "d_z": bc.model.d_z,
                        "receivers": list(bc.model.receivers), "step": br.loaded["step"]}
                       for d, (br, _, bc) in zip(man["bridges"], bridges)],
-          "methods": tally.summary()}
+          "methods": (methods := tally.summary()), "paired": paired_tests(methods)}
+
+
+def paired_tests(methods: dict) -> list[dict]:
+  """Exact McNemar tests on the same questions: each bridge (fp32 on the wire) against the target reading the
+  question and against its own token budget (the first K tokens of the question as text)."""
+  out = []
+  for name in methods:
+    if not (name.startswith("bridge_") and name.endswith("_fp32")):
+      continue
+    tag = name[len("bridge_"):-len("_fp32")]
+    for other in ("target_text", f"budget_{tag}"):
+      if other in methods:
+        a, b = (np.frombuffer(methods[m]["correct_by_question"].encode(), np.uint8) == ord("1") for m in (name, other))
+        out.append({"a": name, "b": other, **mcnemar_exact(a, b)})
+  return out
 
 
 def method_tags(dirs, configs) -> list[str]:
@@ -364,6 +380,9 @@ def markdown(result: dict) -> str:
                  + (f"{opt(r, 'f1')} | " if f1 else "") + f"{opt(r, 'oracle_exact_match')} | {opt(r, 'agreement')} | "
                  f"{r['source_kv_bytes']:,.0f} | {r['wire_bytes']:,.0f} | {r['target_kv_bytes']:,.0f} | "
                  f"{r['target_input_tokens']:.1f} |")
+  if result.get("paired"):
+    lines += ["", "| paired (exact McNemar) | right only in a | right only in b | p |", "|---|---|---|---|"]
+    lines += [f"| {t['a']} vs {t['b']} | {t['only_a']} | {t['only_b']} | {t['p']:.3g} |" for t in result["paired"]]
   return "\n".join(lines)
 
 
