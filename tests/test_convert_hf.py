@@ -60,12 +60,12 @@ def _hf_logits(path: str, tokens) -> np.ndarray:
     return model.eval()(torch.tensor(tokens)).logits.numpy()
 
 
-def _save(tmp_path, name: str) -> str:
+def _save(tmp_path, name: str, seed: int = 0) -> str:
   cls, kwargs, save, _ = CASES[name]
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   # (a copy: transformers fills in the rope dict it is given)
   model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**copy.deepcopy(kwargs)))
-  _randomise(model, 1)
+  _randomise(model, seed + 1)
   path = str(tmp_path / f"{name}_hf")
   if save.get("dtype"):
     model = model.to(getattr(torch, save["dtype"]))
@@ -194,7 +194,7 @@ def test_greedy_decoding_equals_transformers(tmp_path, capsys, name):
   llama with llama3 scaling and GQA (2 kv heads), mistral with one kv head, head_dim 16 and a window of 6. 8 prompt
   + 24 new tokens reach past llama3's original context (24) and many windows. No stop token on either side (--stop
   999 is never generated; transformers' eos off), so all 24 tokens are compared."""
-  src = _save(tmp_path, name)
+  src = _save(tmp_path, name, seed={"llama": 6}.get(name, 0))  # a seed whose random llama does not repeat at once
   out = str(tmp_path / "run")
   assert convert.main(["dba-convert", src, "--out", out]) == 0, capsys.readouterr().err
   capsys.readouterr()
@@ -216,9 +216,9 @@ def test_greedy_decoding_equals_transformers(tmp_path, capsys, name):
     want = ref.eval().generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                eos_token_id=None, pad_token_id=3)[0, len(prompt):].tolist()
   assert len(want) == 24 and g["tokens"] == want, (g["tokens"], want)
-  # Random tied-embedding models repeat tokens; this prompt's llama output still switches token 5 times, the last
-  # two past the original context (24), and mistral's holds 15 distinct tokens
-  assert len(set(want)) >= 6
+  # Random tied-embedding models repeat tokens; this llama's output still switches token 4 times, three of them past
+  # the original context (24 positions), and mistral's holds 13 distinct tokens
+  assert len(set(want)) >= 5
 
 
 def test_a_tokenizer_the_user_chose_is_kept():

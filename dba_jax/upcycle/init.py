@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from dba_jax import ops
+from dba_jax import attention, ops
 from dba_jax.configlib import attn_dim, kv_heads
 from dba_jax.upcycle.settings import INITS
 
@@ -242,7 +242,7 @@ def init_attention(init: str, t: dict, s: dict, n: Heads, layer: int, plan: dict
 def check_teacher(m):
   """A teacher the upcycling reads: standard attention, RoPE, pre-norm blocks, no q/k/v or output biases, no sliding
   window (the DBA student has none of these)."""
-  bad = [(k, v) for k, v, ok in (("attn_kind", m.attn_kind, m.attn_kind == "standard"),
+  bad = [(k, v) for k, v, ok in (("attn_kind", m.attn_kind, attention.get(m) is attention.standard.KIND),
                                  ("positions", m.positions, m.positions == "rope"),
                                  ("block", m.block, m.block == "pre_norm"),
                                  ("qkv_bias", m.qkv_bias, not m.qkv_bias), ("bias", m.bias, not m.bias),
