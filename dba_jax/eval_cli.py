@@ -2,7 +2,7 @@
 
   dba-eval ppl --checkpoint DIR [--split val] [--seq-len N] [--overlap [--stride S]] [--vocab-limit V]
                [--max-windows N] [--batch-size B] [--out X.json]          (evals/perplexity.py)
-  dba-eval generate --checkpoint DIR --prompt TEXT [--max-new N] [--temperature T] [--seed S]
+  dba-eval generate --checkpoint DIR --prompt TEXT|--prompt-ids 1,2,3 [--max-new N] [--temperature T] [--seed S]
                     [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (evals/generation.py)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X | --target-from DIR]
                  [--within 0.01] [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]
@@ -57,7 +57,10 @@ def _parser():
   q.add_argument("--force", action="store_true", help="replace an existing --out file")
   g = sub.add_parser("generate", help="KV-cache generation from a text prompt")
   g.add_argument("--checkpoint", required=True)
-  g.add_argument("--prompt", required=True)
+  which = g.add_mutually_exclusive_group(required=True)
+  which.add_argument("--prompt", help="text, read by the run's tokenizer (with its BOS)")
+  which.add_argument("--prompt-ids", type=listed(int), help="token ids as they are, comma-separated (e.g. a "
+                     "prompt another framework tokenised)")
   g.add_argument("--max-new", type=COUNT, default=64)
   g.add_argument("--temperature", type=float_at_least(0), default=0.0, help="0: greedy")
   g.add_argument("--seed", type=int, default=0)

@@ -216,6 +216,12 @@ def test_greedy_decoding_equals_transformers(tmp_path, capsys, name):
     want = ref.eval().generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                eos_token_id=None, pad_token_id=3)[0, len(prompt):].tolist()
   assert len(want) == 24 and g["tokens"] == want, (g["tokens"], want)
+  if name == "llama":  # the same ids given as ids decode the same; an id the model lacks is one line
+    assert eval_cli.main(["generate", "--checkpoint", out, "--prompt-ids", ",".join(map(str, prompt)), "--max-new",
+                          "24", "--cache", "float32", "--stop", "999"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want
+    assert eval_cli.main(["generate", "--checkpoint", out, "--prompt-ids", "1,96"]) == 2
+    assert "--prompt-ids 96 is not a token id of this model (0 to 95)" in capsys.readouterr().err
   # Random tied-embedding models repeat tokens; this llama's output still switches token 4 times, three of them past
   # the original context (24 positions), and mistral's holds 13 distinct tokens
   assert len(set(want)) >= 5

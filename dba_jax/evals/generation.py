@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from dba_jax import data, generate
 from dba_jax.evals.common import EvalError, load_checkpoint, read_checkpoint_config
 
@@ -18,7 +20,13 @@ def command(args) -> dict:
   except data.DataError as e:
     raise EvalError(str(e)) from None
   model, c = load_checkpoint(args.checkpoint)
-  prompt = tok.encode_document(args.prompt, end=False)  # with the BOS the tokenizer opens a text with (if any)
+  if args.prompt_ids is not None:
+    bad = [i for i in args.prompt_ids if not 0 <= i < c.model.vocab_size]
+    if bad:
+      raise EvalError(f"--prompt-ids {bad[0]} is not a token id of this model (0 to {c.model.vocab_size - 1})")
+    prompt = np.asarray(args.prompt_ids, np.int32)
+  else:
+    prompt = tok.encode_document(args.prompt, end=False)  # with the BOS the tokenizer opens a text with (if any)
   if len(prompt) == 0:
     raise EvalError("--prompt is empty after tokenisation")
   stop = args.stop or list(tok.stop_ids)  # default: where the tokenizer's files say a generation ends (EOS)
