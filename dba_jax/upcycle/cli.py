@@ -22,7 +22,6 @@ import copy
 import importlib.util
 import json
 import os
-import sys
 import time
 
 import jax
@@ -284,4 +283,4 @@ cli = entry(main)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()
