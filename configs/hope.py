@@ -6,14 +6,25 @@
 
 Variants built so far: attention (hope_attention at the pilot's shapes), selfmod (hope_selfmod: self-modifying Titans
 → CMS), hybrid (hope_hybrid: attention → Titan level → CMS, the original's default), transformer (its baseline
-block), cpu (any block via --config.model.block); titans_mac / titans_mag / titans_mal (the Titans paper's memory
-as context / gate / layer at the cpu sizes, trained with the plain next-token loss; dba_jax/hope/titans_blocks.py).
+block), cpu (any block via --config.model.block); titans_mac / titans_mag / titans_mal / titans_lmm (the Titans
+paper's memory as context / gate / layer / alone, at the cpu sizes, trained with the plain next-token loss;
+dba_jax/hope/titans_blocks.py).
 The memory learns during each sequence: `hope.online_chunk` tokens at a time, two passes per chunk (read, then the
 teach-signal update of the CMS fast weights), one fast state per batch row (dba_jax/hope/step.py).
+
+cpu has a live inner loop (issue 29): teach 1, inner lr 1, β 0 (the original's teach 0.1, inner lr 3e-4, β 0.9 move
+the CMS weights by ~1e-7 of themselves: logits change at float noise), and for hope_selfmod α = σ(M_α(x) + 4) with
+M_memory stepping every 8 tokens (the original's σ(M_α(x)) ≈ ½ halves every memory per token). M_α learns through
+the decay at every size (hope.selfmod_alpha_grad). The pilot-shape variants keep the original's values (not
+verified at d 512). The original's values at the cpu sizes (parity runs):
+  --config.model.hope.teach_scale=0.1 --config.model.hope.inner_lr=3e-4 --config.model.hope.inner_beta=0.9
+  --config.model.hope.selfmod_alpha_init=0 --config.model.hope.selfmod_chunk_memory=32
+  --config.model.hope.selfmod_alpha_grad=false
 """
 from dba_jax.config import base_config, lock
 
-BUILT = ("attention", "selfmod", "hybrid", "transformer", "cpu", "titans_mac", "titans_mag", "titans_mal")
+BUILT = ("attention", "selfmod", "hybrid", "transformer", "cpu", "titans_mac", "titans_mag", "titans_mal",
+         "titans_lmm")
 PLANNED = ()
 
 
@@ -29,6 +40,9 @@ def get_config(variant: str = "cpu"):
   m.positions, m.norm, m.tie_embeddings, m.bias = "none", "layernorm", True, True
   m.scale_residual_init = False
   o, t = c.optim, c.train
+  # Outer optimiser: the original's CPU configs (and others.md B.9's small version) train with AdamW; its pilot with
+  # the Muon + AdamW hybrid (optim.name="muon": torch.optim.Muon on the matrices, AdamW on embedding, norms and
+  # biases, one lr and weight decay) at a constant lr (no schedule).
   if variant == "cpu" or variant.startswith("titans_"):  # others.md B.9: bytes, CMS 4/16/64, AdamW 3e-4, 1-2k steps
     m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 256, 128, 128, 2, 4, 128
     h.cms_periods, h.online_chunk = (4, 16, 64), 32
@@ -39,7 +53,7 @@ def get_config(variant: str = "cpu"):
     m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.max_seq_len = 256, 128, 512, 12, 8, 2048
     h.cms_periods, h.online_chunk = (1, 4, 32, 128), 256
     c.data.seq_len = 2048
-    o.lr, o.warmup_steps, o.weight_decay = 2.5e-4, 0, 0.02
+    o.name, o.lr, o.momentum, o.weight_decay, o.warmup_steps, o.min_lr_ratio = "muon", 2.5e-4, 0.95, 0.02, 0, 1.0
     t.steps, t.batch_size = 246_667, 6
   h.teach_scale, h.teach_clip, h.surprise_threshold = 0.1, 5.0, 0.0  # no surprise gate (it silenced the original)
   h.inner_opt, h.inner_lr = "nl_l2_precond", 3e-4
@@ -47,6 +61,11 @@ def get_config(variant: str = "cpu"):
   # preset); hybrid: the pilot's Titan level (period 8, DeepMomentum lr 6e-4), on the token clock.
   h.selfmod_lr, h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_skip = 1e-3, 8, 32 if variant == "cpu" else 64, False
   h.titan_period, h.titan_lr, h.titan_clock = 8, 6e-4, "tokens"
+  if variant == "cpu":  # a live inner loop (docstring): at the values above the CMS moves by ~1e-7 of its weights
+    h.teach_scale, h.inner_lr, h.inner_beta = 1.0, 1.0, 0.0
+    # α = σ(M_α(x) + 4) ≈ 0.98 (σ(0) = ½ erased every memory within a chunk); M_memory steps every 8 tokens, so reads
+    # inside an online chunk of 32 see its steps and M_α's decay gradient reaches the loss
+    h.selfmod_alpha_init, h.selfmod_chunk_memory = 4.0, 8
   if variant.startswith("titans_"):  # the Titans paper's memory blocks (dba_jax/hope/titans_blocks.py), plain LM loss
     # RoPE: attention is local (segment / window), so relative distances never outgrow training; MAC restarts the
     # positions every segment (the position-free persistent keys would otherwise tie every score to the query's

@@ -5,6 +5,8 @@ topology. `compile_case` lowers it with no patching (the kernels choose Mosaic b
 for TPU), compiles it, and reports compile seconds, per-device temp bytes (HBM), the number of Mosaic kernels in
 the compiled HLO (a CPU interpreter fallback would have none), and for a failure the compiler's first line
 (scoped-VMEM overflows name their size). `matrix(full)` lists the cases of issue 24; `dba-aot --kernels` runs them.
+Beside the kernels: ops.window_attention (Titans' sliding window, an XLA program with no Mosaic kernel yet) at long
+T, where a dense [T, T] mask would be large: its temp bytes show the blocked program stays O(T·window).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dba_jax.configlib import ConfigError
+from dba_jax.ops import window as window_op
 from dba_kernels import cumsum, flash_attention, protect_attack, selective_flash
 
 if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
@@ -40,7 +43,7 @@ MOSAIC = "tpu_custom_call"
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  kernel: str  # flash_attention | selective_flash | cumsum | protect_attack
+  kernel: str  # flash_attention | selective_flash | cumsum | protect_attack | window_attention
   chip: str  # a key of CHIPS
   T: int
   dtype: str  # float32 | bfloat16
@@ -48,13 +51,14 @@ class Case:
   kv_heads: int = 12
   head_dim: int = 64  # D (q, k)
   v_dim: int = 64  # E
-  n_prefix: int = 0  # flash_attention: always-visible leading keys (DBA's null token)
+  n_prefix: int = 0  # flash_attention, window_attention: always-visible leading keys (DBA's null token)
+  window: int = 0  # window_attention: the sliding window
 
   @property
   def name(self) -> str:
     shape = f"H{self.heads}K{self.kv_heads}D{self.head_dim}E{self.v_dim}" + (f"p{self.n_prefix}" if self.n_prefix
                                                                           else "")
-    return f"{self.kernel}/{self.chip}/T{self.T}/{self.dtype}/{shape}"
+    return f"{self.kernel}/{self.chip}/T{self.T}/{self.dtype}/{shape}" + (f"w{self.window}" if self.window else "")
 
 
 def _fn_and_args(c: Case):
@@ -63,6 +67,11 @@ def _fn_and_args(c: Case):
   if c.kernel == "flash_attention":
     S = c.T + c.n_prefix
     fn = functools.partial(flash_attention.flash_attention, n_prefix=c.n_prefix)
+    return fn, [(1, c.T, c.heads, c.head_dim), (1, S, c.kv_heads, c.head_dim), (1, S, c.kv_heads, c.v_dim)], \
+        (1, c.T, c.heads, c.v_dim), dt
+  if c.kernel == "window_attention":
+    S = c.T + c.n_prefix
+    fn = functools.partial(window_op.window_attention, window=c.window, n_prefix=c.n_prefix, impl="xla")
     return fn, [(1, c.T, c.heads, c.head_dim), (1, S, c.kv_heads, c.head_dim), (1, S, c.kv_heads, c.v_dim)], \
         (1, c.T, c.heads, c.v_dim), dt
   if c.kernel == "selective_flash":
@@ -138,7 +147,8 @@ def matrix(full: bool) -> list[Case]:
     return [Case("flash_attention", "v5p", 2048, "bfloat16", kv_heads=4, v_dim=32, n_prefix=1),
             Case("selective_flash", "v5p", 2048, "bfloat16"),
             Case("cumsum", "v5p", 2048, "float32"),
-            Case("protect_attack", "v5p", 2048, "float32")]
+            Case("protect_attack", "v5p", 2048, "float32"),
+            Case("window_attention", "v5p", 8192, "bfloat16", n_prefix=8, window=512)]
   cases = []
   for chip, T, dtype, hd in itertools.product(CHIPS, (2048, 8192, 32768), ("float32", "bfloat16"), (64, 128)):
     cases += [Case("flash_attention", chip, T, dtype, head_dim=hd, v_dim=hd),
@@ -147,6 +157,8 @@ def matrix(full: bool) -> list[Case]:
               Case("selective_flash", chip, T, dtype, kv_heads=4, head_dim=hd, v_dim=hd)]
   for chip, T in itertools.product(CHIPS, (2048, 8192)):  # the scans run on materialised [T, T] columns
     cases += [Case("cumsum", chip, T, "float32"), Case("protect_attack", chip, T, "float32")]
+  for chip, T in itertools.product(CHIPS, (8192, 32768)):
+    cases.append(Case("window_attention", chip, T, "bfloat16", n_prefix=8, window=512))
   return cases
 
 

@@ -102,7 +102,10 @@ DATA = Section(
 )
 
 OPTIM = Section(
-    "AdamW with warmup and cosine decay",
+    "AdamW (or Muon / M3 on the matrices) with warmup and cosine decay",
+    name=Field("adamw", "adamw | muon: torch.optim.Muon on the matrices, AdamW on the rest (the HOPE original's "
+               "hybrid) | m3: the Nested Learning paper's multi-scale-momentum Muon there (dba_jax/optim.py)",
+               choices=("adamw", "muon", "m3")),
     lr=Field(3e-4, "peak learning rate", gt=0.0),
     b1=Field(0.9, "Adam beta1", ge=0.0, lt=1.0),
     b2=Field(0.999, "Adam beta2", ge=0.0, lt=1.0),
@@ -112,6 +115,12 @@ OPTIM = Section(
     warmup_steps=Field(100, "linear warmup steps", ge=0),
     min_lr_ratio=Field(0.0, "final lr / peak lr", ge=0.0, le=1.0),
     clip_norm=Field(1.0, "global gradient-norm clip; 0 disables clipping", ge=0.0),
+    momentum=Field(0.95, "muon: the matrices' (Nesterov) momentum", ge=0.0, lt=1.0),
+    ns_steps=Field(0, "muon / m3: Newton–Schulz iterations; 0: the optimizer's own (muon 5 quintic, m3 3 cubic)",
+                   ge=0),
+    m3_beta3=Field(0.9, "m3: weight of each slow chunk's gradient sum in the slow momentum M2", ge=0.0),
+    m3_alpha=Field(1.0, "m3: weight of the orthogonalised slow momentum in the step", ge=0.0),
+    m3_slow_chunk=Field(100, "m3: steps between slow-momentum updates (0: never)", ge=0),
 )
 
 TRAIN = Section(
@@ -179,9 +188,19 @@ def validate(c: Config) -> Config:
   need(not (t.ce_chunk and (m.mup or m.block != "pre_norm")),
        f"train.ce_chunk={t.ce_chunk} needs model.mup=False and model.block='pre_norm' (the plain readout)")
   need(t.surgery == "none" or bool(t.init_from), "train.surgery needs train.init_from (the model to operate on)")
+  _check_optim_fields(c.optim)
   need(len(c.mesh.shape) == 3, f"mesh.shape={tuple(c.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   hope_config.validate(c, DEFAULT_KIND)
   return c
+
+
+def _check_optim_fields(o: Config):
+  """Another optimizer's fields do nothing: setting one is a mistake."""
+  users = {"momentum": ("muon",), "ns_steps": ("muon", "m3"), "m3_beta3": ("m3",), "m3_alpha": ("m3",),
+           "m3_slow_chunk": ("m3",)}
+  for key, names in users.items():
+    need(o.name in names or o[key] == OPTIM.entries[key].default,
+         f"optim.{key}={o[key]!r} is for optim.name in {list(names)} (optim.name={o.name!r})")
 
 
 def _check_standard_features(m: Config, kind):

@@ -3,7 +3,8 @@
   dba-eval ppl --checkpoint DIR [--split val] [--seq-len N] [--overlap [--stride S]] [--vocab-limit V]
                [--max-windows N] [--batch-size B] [--out X.json]          (evals/perplexity.py)
   dba-eval generate --checkpoint DIR --prompt TEXT|--prompt-ids 1,2,3 [--max-new N] [--temperature T] [--seed S]
-                    [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N]   (evals/generation.py)
+                    [--cache q4/q8/q4] [--window W] [--stop ID ...] [--max-len N] [--state MEMSTATE_DIR]
+                                                                            (evals/generation.py)
   dba-eval prune --checkpoint DIR [--ratios 1,0.5,0.25] [--budgets 64,32] [--target-loss X | --target-from DIR]
                  [--within 0.01] [--per-layer] [--rule original|per_row] [--max-windows N] [--out X.json]
                                                                             (evals/pruning.py)
@@ -55,7 +56,7 @@ def _parser():
   q.add_argument("--batch-size", type=COUNT, default=8)
   q.add_argument("--out", default="", help="also write the JSON here")
   q.add_argument("--force", action="store_true", help="replace an existing --out file")
-  g = sub.add_parser("generate", help="KV-cache generation from a text prompt")
+  g = sub.add_parser("generate", help="KV-cache generation from a text prompt (memory blocks: with their memory)")
   g.add_argument("--checkpoint", required=True)
   which = g.add_mutually_exclusive_group(required=True)
   which.add_argument("--prompt", help="text, read by the run's tokenizer (with its BOS)")
@@ -64,8 +65,11 @@ def _parser():
   g.add_argument("--max-new", type=COUNT, default=64)
   g.add_argument("--temperature", type=float_at_least(0), default=0.0, help="0: greedy")
   g.add_argument("--seed", type=int, default=0)
-  g.add_argument("--cache", default="float16", help="float32|bf16|fp16|q8_0|q4_0|nf4, or per stream: q4/q8/q4")
+  g.add_argument("--cache", default=None, help="float32|bf16|fp16|q8_0|q4_0|nf4, or per stream: q4/q8/q4 (default "
+                 "float16; not for memory blocks)")
   g.add_argument("--window", type=SIZE, default=0, help="keep the W most recent tokens in float32")
+  g.add_argument("--state", default="", help="memory blocks: start from this saved memory state (a `dba-eval hope "
+                 "read --save-state` directory); the prompt continues the text it read")
   g.add_argument("--stop", type=SIZE, nargs="*", default=[],
                  help="stop token ids (default: the tokenizer's own, e.g. an hf: tokenizer's EOS; none for byte)")
   g.add_argument("--max-len", type=SIZE, default=0, help="cache length (default prompt + max-new)")

@@ -18,7 +18,7 @@ from flax import nnx
 
 from dba_jax import attention, losses, ops
 from dba_jax.configlib import Config, padded_vocab
-from dba_jax.hope import titans_blocks
+from dba_jax.hope import titans_blocks, torch_init
 from dba_jax.hope.blocks import HopeBlock
 from dba_jax.hope.selfmod import HybridBlock, SelfModBlock
 from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, Linear, MLP, NO_HOOKS, Norm, dense, dropout, normal_init, tap
@@ -129,6 +129,8 @@ class Decoder(nnx.Module):
                                                      std=m.init_std, rngs=rngs)
     if m.mup:
       _mup_init(self, m)
+    if m.hope.init == "torch_default":  # the HOPE original's torch default draws (validate: HOPE blocks only)
+      torch_init.apply(self, rngs)
     if m.param_dtype != "float32":  # stored narrow; the layers' matmuls promote them to the activations' dtype
       for _, p in nnx.iter_graph(self):
         if isinstance(p, nnx.Param):

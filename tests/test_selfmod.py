@@ -119,7 +119,7 @@ def _reference_write(meta, x, q, rule):
       k, v = np.asarray(_ref_apply(cur("k"), x[t])), np.asarray(_ref_apply(cur("v"), x[t]))
       k = k / max(np.linalg.norm(k), 1e-6) if rule.qk_norm else k
       eta = float(jax.nn.softplus(_ref_apply(cur("eta"), x[t])[0])) * rule.lr
-      alpha = float(jax.nn.sigmoid(_ref_apply(cur("alpha"), x[t])[0])) if rule.alpha else 1.0
+      alpha = float(jax.nn.sigmoid(_ref_apply(cur("alpha"), x[t])[0] + rule.alpha_init)) if rule.alpha else 1.0
       q_t = q[t]
       if rule.adaptive_q:
         q_t = np.asarray(_ref_apply(cur("q"), x[t]))
@@ -140,8 +140,8 @@ def _reference_write(meta, x, q, rule):
 RULES = {  # lr 0.1 (0.003 for the unbounded dot objective without forgetting): the weights move by O(1)
     "per_token": selfmod.Rule(chunk=1, chunk_memory=1, lr=0.1),
     "chunk_8_16": selfmod.Rule(chunk=8, chunk_memory=16, lr=0.1),
-    "momentum_skip_adaptive_q": selfmod.Rule(chunk=8, chunk_memory=16, lr=0.1, momentum=0.5, adaptive_q=True,
-                                             qk_norm=True),
+    "momentum_skip_adaptive_q_alpha_init": selfmod.Rule(chunk=8, chunk_memory=16, lr=0.1, momentum=0.5,
+                                                        adaptive_q=True, qk_norm=True, alpha_init=3.0),
     "no_rank1_no_alpha_dot": selfmod.Rule(chunk=4, chunk_memory=8, lr=0.003, rank1=False, alpha=False,
                                           objective="dot", stopgrad_vhat=False),
 }
@@ -151,9 +151,10 @@ SLOW_RULES = ("chunk_8_16",)  # the switches' variant takes the same chunks
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RULES else n for n in RULES])
 def test_selfmod_write_equals_the_float64_reference(name):
   """Chunk 1: the per-token rule; chunks 8 / 16 over 20 tokens (a partial tail): per-token gradients at the chunk
-  start applied sequentially; and the switches (momentum, W_skip, adaptive q, q/k norm, no rank-1, no α, dot)."""
+  start applied sequentially; and the switches (momentum, W_skip, adaptive q, q/k norm, α offset, no rank-1, no α,
+  dot)."""
   rule, T, d = RULES[name], 20, 6
-  skip = name == "momentum_skip_adaptive_q"
+  skip = name == "momentum_skip_adaptive_q_alpha_init"
   with jax.enable_x64(True):
     meta, x, q = _memories(0, d, skip), _normal(1, (T, d)), _normal(2, (T, d))
     W0 = {n: meta[n] for n in rule.learned}
@@ -377,17 +378,44 @@ def test_selfmod_lr_zero_is_memory_off_and_learning_changes_the_output():
 
 
 def test_selfmod_meta_weights_get_gradients():
-  """Straight-through: M_memory learns, M_k, M_v, M_η, M_α (which only drive the write, a constant then) do not;
-  with selfmod_write_grad every memory does."""
-  rule, T, d = selfmod.Rule(chunk=2, chunk_memory=4, lr=0.3), 8, 6
+  """Straight-through: M_memory learns; M_α through the decay (selfmod_alpha_grad, the default), exactly nothing with
+  the original's frozen α; M_k, M_v, M_η (which only drive the write, a constant then) never; with
+  selfmod_write_grad every memory does. The outputs are the same either way."""
+  T, d = 8, 6
   meta, x = _memories(0, d, False, 0.3, np.float32), _normal(1, (T, d), dtype=np.float32)
-  st = {"delta": {n: jax.tree.map(jnp.zeros_like, meta[n]) for n in rule.learned}}
-  for write_grad in (False, True):
-    loss = lambda m: jnp.mean(selfmod.selfmod_context(m, st, x, x, jnp.ones(T, bool), rule, True, write_grad)[0] ** 2)
-    g = jax.jit(jax.grad(loss))(meta)
+  outs = []
+  for write_grad, alpha_grad in ((False, True), (False, False), (True, False)):
+    rule = selfmod.Rule(chunk=2, chunk_memory=4, lr=0.3, alpha_grad=alpha_grad)
+    st = {"delta": {n: jax.tree.map(jnp.zeros_like, meta[n]) for n in rule.learned}}
+    o = lambda m: selfmod.selfmod_context(m, st, x, x, jnp.ones(T, bool), rule, True, write_grad)[0]
+    (_, out), g = jax.jit(jax.value_and_grad(lambda m: (jnp.mean(o(m) ** 2), o(m)), has_aux=True))(meta)
+    outs.append(np.asarray(out))
     assert float(jnp.abs(g["memory"]["w1"]).max()) > 0
     for n in ("k", "v", "eta", "alpha"):
-      assert (max(float(jnp.abs(x_).max()) for x_ in jax.tree.leaves(g[n])) > 0) == write_grad, (n, write_grad)
+      want = write_grad or (alpha_grad and n == "alpha")
+      assert (max(float(jnp.abs(x_).max()) for x_ in jax.tree.leaves(g[n])) > 0) == want, (n, write_grad, alpha_grad)
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_alpha_grad_is_the_decay_gradient():
+  """With η = 0 the write is the decay alone (W_b = Π α · W0), so the α gradient of selfmod_alpha_grad equals
+  autograd through the whole write (selfmod_write_grad), 1e-10 in float64 (measured 1e-17); M_α's own weights stay
+  put (chunk 16 > T), so both read the same α, here with the offset b = 2 (α ≈ 0.88; at b = 0 the gradient is 1e-5,
+  the memory being ½^t of itself)."""
+  T, d = 12, 5
+  with jax.enable_x64(True):
+    meta, x = _memories(3, d, True, 0.4), _normal(4, (T, d))
+    rule = selfmod.Rule(chunk=16, chunk_memory=4, lr=0.0, alpha_init=2.0)
+    st = {"delta": {n: jax.tree.map(jnp.zeros_like, meta[n]) for n in rule.learned}}
+
+    def grad_alpha(write_grad):
+      run = lambda m: selfmod.selfmod_context(m, st, x, x, jnp.ones(T, bool), rule, True, write_grad)[0]
+      return jax.jit(jax.grad(lambda m: jnp.sum(jnp.sin(run(m)))))(meta)["alpha"]
+
+    got, want = grad_alpha(False), grad_alpha(True)
+    assert float(jnp.abs(want["w1"]).max()) > 1e-2
+    for k in want:
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=0, atol=1e-10, err_msg=k)
 
 
 def _grads(decoder, loss):
@@ -436,6 +464,8 @@ def test_rule_reads_the_config():
   h = hope_config("hope_selfmod", selfmod_adaptive_q=True, selfmod_alpha=False).model.hope
   rule = selfmod.Rule.of(h)
   assert rule.learned == ("k", "v", "eta", "q", "memory")
+  assert (rule.alpha_grad, rule.alpha_init) == (True, h.selfmod_alpha_init)
+  assert not selfmod.Rule.of(hope_config("hope_selfmod", selfmod_alpha_grad=False).model.hope).alpha_grad
   assert dataclasses.replace(rule, alpha=True).learned == ("k", "v", "eta", "q", "alpha", "memory")
 
 

@@ -80,3 +80,22 @@ def test_linear_scan_equals_the_loop():
       x = a[t] * x + b[t]
       want.append(x)
     np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-12, atol=1e-12)
+
+
+def test_token_steps_at_chunk_start_gradients_are_the_chunked_form():
+  """titans.token_step one token at a time with the gradient at the chunk-start memory (what one-token decoding
+  runs), 10 tokens in chunks of 4 (the last partial): the memory, surprise and every read (store first: M_t;
+  retrieve first: the chunk start's) equal scan_chunks'."""
+  with jax.enable_x64(True):
+    W, S, k, v, eta, theta, alpha = _inputs(T=10)
+    q = jnp.roll(k, 1, axis=0)
+    step = jax.jit(titans.token_step)
+    Wt, St, W0, reads = W, S, W, {True: [], False: []}
+    for t in range(10):
+      W0 = Wt if t % 4 == 0 else W0  # the chunk-start memory
+      Wt, St = step(Wt, St, W0, k[t], v[t], eta[t], theta[t], alpha[t])
+      reads[True].append(memory_apply(Wt, q[t]))
+      reads[False].append(memory_apply(W0, q[t]))
+    for store_first in (True, False):
+      want_W, want_S, _, want = titans.scan_chunks(W, S, k, v, eta, theta, alpha, 4, None, q, store_first)
+      _close((Wt, St, jnp.stack(reads[store_first])), (want_W, want_S, want))

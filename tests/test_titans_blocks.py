@@ -14,7 +14,7 @@ from dba_jax.hope import titans, titans_blocks
 from dba_jax.layers import Hooks
 from helpers import load_preset
 
-BLOCKS = ("titans_mac", "titans_mag", "titans_mal")
+BLOCKS = ("titans_mac", "titans_mag", "titans_mal", "titans_lmm")
 recurrence, memory_apply = jax.jit(titans.recurrence), jax.jit(titans.memory_apply)
 
 
@@ -143,6 +143,30 @@ def test_memory_is_the_only_way_across_mac_segments():
     assert (diff > 1e-5) if on else (diff == 0.0), (on, diff)
 
 
+def test_lmm_is_causal_and_a_per_token_stack_without_memory():
+  """titans_lmm (memory then MLP, no attention): later tokens never change earlier logits. Earlier tokens reach later
+  positions through the memory, and (memory off too) through the q conv's titans_conv − 1 previous tokens per layer
+  only; with the memory off and no conv every position's logits are its own token's alone (a per-token MLP stack)."""
+  tok = jax.random.randint(jax.random.key(6), (2, 16), 0, 256)
+  bump = lambda where: jnp.where(where, (tok + 3) % 256, tok)
+  pos = jnp.arange(16)[None]
+  rows = jnp.concatenate([tok, bump(pos >= 8), bump(pos < 4)])  # as is, the second half changed, the first quarter
+  for on in (True, False):
+    c, _, params, fwd = _model("titans_lmm") if on else _model("titans_lmm", memory=False)
+    out = fwd(params, rows, jnp.ones((16,), bool))
+    assert out.probs is None
+    same, later, earlier = out.logits[:2], out.logits[2:4], out.logits[4:]
+    np.testing.assert_allclose(np.asarray(later[:, :8]), np.asarray(same[:, :8]), atol=1e-6, rtol=0)
+    far = 4 + (c.model.hope.titans_conv - 1) * c.model.n_layers  # beyond the convs' reach
+    diff = float(jnp.abs(earlier[:, far:] - same[:, far:]).max())
+    assert (diff > 1e-5) if on else (diff == 0.0), (on, diff)
+  c = titans_config("titans_lmm", memory=False, titans_conv=0)
+  graphdef, params = model_lib.abstract(c.model)[0], model_lib.init_params(c.model, jax.random.key(0))
+  out = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, jnp.concatenate([tok, bump(pos % 2 == 0)]))
+  np.testing.assert_array_equal(np.asarray(out[2:, 1::2]), np.asarray(out[:2, 1::2]))  # every other token changed
+  assert float(jnp.abs(out[2:, ::2] - out[:2, ::2]).min()) > 0
+
+
 def _one_step(c, shape, batch):
   """(loss, grads) of one train.Trainer loss on a (data, fsdp, tensor) mesh (the test_sharding pattern)."""
   mesh = mesh_lib.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
@@ -157,7 +181,7 @@ def _one_step(c, shape, batch):
 @pytest.mark.parametrize("block", ["titans_mac"] + [pytest.param(b, marks=pytest.mark.slow) for b in BLOCKS[1:]])
 def test_gradients_reach_every_meta_parameter(block):
   """The plain LM loss trains every parameter through the memory's trajectory: M_0, W_Q/W_K/W_V, the conv, the
-  η/θ/α gates, the persistent tokens (no stop_gradient anywhere)."""
+  η/θ/α gates, the persistent tokens (none in LMM; no stop_gradient anywhere)."""
   _, graphdef, params, _ = _model(block)
   tok = jax.random.randint(jax.random.key(5), (2, 17), 0, 256)
   loss = lambda p: losses.nll(nnx.merge(graphdef, p)(tok[:, :-1]), tok[:, 1:], 256).mean()
@@ -166,7 +190,7 @@ def test_gradients_reach_every_meta_parameter(block):
   flat = {"/".join(map(str, p)): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
   dead = [name for name, g in flat.items() if not np.abs(g).max() > 0]
   assert not dead, dead
-  assert any("m0" in name for name in flat) and any("persistent" in name for name in flat)
+  assert any("m0" in name for name in flat) and (block == "titans_lmm") != any("persistent" in name for name in flat)
 
 
 @pytest.mark.slow
@@ -195,15 +219,16 @@ def test_each_preset_trains_three_steps(tmp_path, block):
 @pytest.mark.parametrize("block", BLOCKS)
 def test_parameter_counts(block):
   """The presets' counts from the formula: attention 4d² + Pd; memory W_Q/W_K/W_V 3d², conv 3wd, gates 3d + 3,
-  M_0 depth·d²; MLP 2·d·d_ff; norms d each (no biases); MAC / MAG gate d² + 2d; MAC norm(h) d; MAL W_o d² + norm d;
-  tied embedding Vd and the final norm d."""
+  M_0 depth·d²; MLP 2·d·d_ff; norms d each (no biases); MAC / MAG gate d² + 2d; MAC norm(h) d; MAL and LMM W_o d² +
+  norm d (LMM: no attention); tied embedding Vd and the final norm d."""
   c = load_preset("hope.py", block)
   m, h = c.model, c.model.hope
   d = m.d_model
-  attn = 4 * d * d + h.titans_persistent * d
+  attn = 4 * d * d + h.titans_persistent * d + d  # with its norm
   memory = 3 * d * d + 3 * h.titans_conv * d + 3 * d + 3 + h.titans_memory_depth * d * d
-  own = {"titans_mac": d + (d * d + 2 * d), "titans_mag": d * d + 2 * d, "titans_mal": d * d + d}[block]
-  per = attn + memory + 2 * d * m.d_ff + 2 * d + own
+  own = {"titans_mac": d + (d * d + 2 * d), "titans_mag": d * d + 2 * d, "titans_mal": d * d + d,
+         "titans_lmm": d * d + d - attn}[block]  # LMM: W_o and the norm before the memory, no attention
+  per = attn + memory + 2 * d * m.d_ff + d + own
   assert model_lib.count_params(m) == m.n_layers * per + padded_vocab(m) * m.d_model + m.d_model
 
 

@@ -13,8 +13,8 @@ import pytest
 from dba_jax import aot_kernels as ak
 
 # Mosaic kernels per forward + backward: flash (fwd, dQ, dK/dV), selective (carry, fwd; carry again, sel_kv, sel_q,
-# dkdv, dq), the scans (fwd, bwd).
-MOSAIC_CALLS = {"flash_attention": 3, "selective_flash": 7, "cumsum": 2, "protect_attack": 2}
+# dkdv, dq), the scans (fwd, bwd); Titans' window attention is an XLA program (no kernel yet).
+MOSAIC_CALLS = {"flash_attention": 3, "selective_flash": 7, "cumsum": 2, "protect_attack": 2, "window_attention": 0}
 
 
 @functools.cache
@@ -35,6 +35,8 @@ def _check(case: ak.Case):
   r = _compile(case)
   assert r["ok"], f"{case.name}: {r['error']}"
   assert r["mosaic_kernels"] == MOSAIC_CALLS[case.kernel], r
+  if case.kernel == "window_attention":  # blocked: below half of one [H, T, T] float32 logits array (measured, v5p
+    assert r["temp_bytes"] < case.heads * case.T * case.T * 4 / 2, r  # T 8192: 0.8 GiB; the dense path 4.7 GiB)
 
 
 @pytest.mark.parametrize("case", ak.matrix(full=False), ids=lambda c: c.name)

@@ -40,7 +40,8 @@ SAVED_SELFMOD = [("self_mod_lr", "selfmod_lr", 1e-3), ("self_mod_chunk_size", "s
                  ("self_mod_stopgrad_vhat", "selfmod_stopgrad_vhat", True),
                  ("self_mod_use_rank1_precond", "selfmod_rank1", True), ("self_mod_use_alpha", "selfmod_alpha", True),
                  ("self_mod_momentum", "selfmod_momentum", 0.0), ("self_mod_adaptive_q", "selfmod_adaptive_q", False),
-                 ("qk_l2_norm", "qk_l2_norm", False)]
+                 ("qk_l2_norm", "qk_l2_norm", False),
+                 ("self_mod_alpha_init", "selfmod_alpha_init", 0.0)]  # not in its configs: its α = σ(M_α(x))
 
 
 def detect(keys) -> bool:
@@ -280,6 +281,9 @@ def _tree_map(fn, *trees):
 
 def from_params(params: dict, c, layout: dict | None = None) -> dict:
   m = c.model
+  if m.block == "hope_selfmod" and m.hope.selfmod_alpha_init:
+    raise ConversionError(f"model.hope.selfmod_alpha_init={m.hope.selfmod_alpha_init}: the original's α = σ(M_α(x)) "
+                          "has no offset to carry it (its M_α has no bias)")
   d = m.d_model
   f32 = lambda x: np.asarray(x, np.float32)
   out = {"embed.weight": f32(params["embed"])[:m.vocab_size]}

@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-OPTIMIZERS = ("nl_l2_precond", "preconditioned", "dmgd", "muon", "muon_ns")
+OPTIMIZERS = ("nl_l2_precond", "preconditioned", "dmgd", "muon", "muon_ns", "l2_objective")
 # The axis of each parameter that holds d in torch's layout's *last* axis (nl_l2_precond projects it); None: skipped.
 NL_AXIS = {"norm_scale": 0, "norm_bias": 0, "w1": 0, "b1": None, "w2": None, "b2": 0}
 NS_COEFFS = (3.4445, -4.775, 2.0315)  # Muon's quintic Newton–Schulz iteration
@@ -124,6 +124,8 @@ def deep_momentum(grads: dict, opt: dict, context_d, variant: str, beta: float =
       return jnp.where(norm > 0, jnp.moveaxis(gm, -1, axis), g)
 
     u = {name: project(name, g) for name, g in grads.items()}
+  if variant == "l2_objective":  # g + 0.1·mean over torch's last axis: the input axis, every leaf's first here
+    u = jax.tree.map(lambda g: g + 0.1 * g.mean(axis=0, keepdims=True), grads)
   if variant in ("dmgd", "muon"):
     u = jax.tree.map(jnp.tanh, u)
   if variant == "muon_ns":  # a true Muon direction for matrices, the plain gradient for vectors

@@ -9,7 +9,8 @@ Self-modifying Titans, one context. A causal depthwise conv, then residual memor
   M(x) = x + W1·GELU(W2·x)  for M_k, M_v, M_q, M_memory (d → d);  W1·GELU(W2·x) [+ W_skip·x]  for M_η, M_α (d → 1)
   read   q = W_q·x (fixed; or M_q(x) with selfmod_adaptive_q; unit-normalised with qk_l2_norm), o = M_memory(q);
          the block outputs CMS(o): there is no residual path from x.
-  write  k = M_k(x) (unit with qk_l2_norm), v = M_v(x), η_t = softplus(M_η(x))·selfmod_lr, α_t = σ(M_α(x)) or 1;
+  write  k = M_k(x) (unit with qk_l2_norm), v = M_v(x), η_t = softplus(M_η(x))·selfmod_lr,
+         α_t = σ(M_α(x) + selfmod_alpha_init) or 1;
          per-token gradients G_t of ‖M(k_t) − sg(M(v_t))‖² (or −⟨M(k_t), sg(M(v_t))⟩) at the memory's chunk-start
          weights, applied one token at a time (G through a heavy-ball buffer b ← β b + G when selfmod_momentum):
            W2 ← W2(α_t I − η_t k_t k_tᵀ) − η_t G2   (W_skip the same; without selfmod_rank1: α_t W2 − η_t G2)
@@ -20,11 +21,15 @@ Self-modifying Titans, one context. A causal depthwise conv, then residual memor
 The memories learn in every forward (selfmod_learn "always": the read pass too, from the meta weights when there
 is no state; "update_pass": only in the pass with a teach signal, as the original). With a state they start from
 meta + its deltas and return the deltas after the last token. Meta-gradients are straight-through (reads use
-meta + sg(fast − meta)): M_memory (M_q), W_q and the conv learn; with selfmod_write_grad the write is
-differentiated too and M_k, M_v, M_η, M_α learn as well. selfmod_lr = 0 or hope.memory False stops every write
-(the original's "self-mod off" changed nothing); each batch row has its own memories (vmap). As in the original, a
-fresh M_α(x) ≈ 0 gives α ≈ σ(0) = 1/2: every memory's weights halve per token until M_α learns (write_grad) or
-selfmod_alpha is off.
+meta + sg(fast − meta)): M_memory (M_q), W_q and the conv learn; with selfmod_alpha_grad (default) M_α learns
+through the decay alone: a read after a boundary sees its weights as c·W0 + (the writes, constants), c = Π α_t since
+the call's start weights W0 (exact when the writes are small, e.g. η → 0; O(1) extra memory, where differentiating
+the token scan would keep every token's weights). selfmod_alpha_grad False: the original's frozen α (parity). With
+selfmod_write_grad the whole write is differentiated and M_k, M_v, M_η, M_α all learn. selfmod_lr = 0 or
+hope.memory False stops every write (the original's "self-mod off" changed nothing); each batch row has its own
+memories (vmap). In the original a fresh M_α(x) ≈ 0 gives α ≈ σ(0) = 1/2: every memory's weights halve per token
+(after 64 tokens nothing of W0 is left, so the decay's gradient vanishes too); selfmod_alpha_init b starts α at
+σ(b) instead (4: 0.98).
 
 Layout (dba_jax [in, out]): a memory is {"w2": [d, d] (torch w2.weight [hidden, in]ᵀ, applied first),
 "w1": [d, out] (torch w1.weight ᵀ), "w_skip": [d, out]}; in it W2 ← W2(αI − η k kᵀ) reads w2 ← α w2 − η k (kᵀ w2).
@@ -44,6 +49,10 @@ Titan level (hybrid), on the attention output a:
 Fast state (LayerIO.state, leading batch axis), besides HopeBlock's "cms":
   "selfmod": {"delta": {memory: {w2, w1[, w_skip]}}[, "mom": same]}   the memories that learn (Rule.learned)
   "titan":   {"delta", "m"[, "v"], "acc_g", "acc_x", "acc_n", "count", "updates", "ticks"}
+One-token decoding (dba_jax.hope.decode) adds "decode" (zeros at an online chunk's start): the hybrid's is its
+attention's (blocks.py); hope_selfmod's holds "n" (tokens of the chunk read), the conv's tail and selfmod_write's
+carry (boundary weights Wb, running weights Wr, momentum buffers), so each token costs one gradient and one step per
+learned memory and reads exactly what the chunk's forward gives it.
 """
 from __future__ import annotations
 
@@ -55,7 +64,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba_jax.hope import cms
-from dba_jax.hope.blocks import CMSLevel, HopeBlock, causal_conv, conv_param
+from dba_jax.hope.blocks import CMSLevel, HopeBlock, cache_refused, causal_conv, conv_param, conv_step, conv_tail
 from dba_jax.layers import ACT_EMBED, Hooks, LayerIO, NO_HOOKS, dense, normal_init
 from dba_jax.mesh import constrain
 
@@ -70,11 +79,6 @@ def _unit(x):
 
 def _where(c, new, old):
   return jax.tree.map(lambda a, b: jnp.where(c, a, b), new, old)
-
-
-def _check_hooks(hooks: Hooks):
-  if hooks.cache is not None or hooks.keep_fn is not None:
-    raise NotImplementedError("HOPE blocks take no KV cache or key keep hook (their memory is LayerIO.state)")
 
 
 # --------------------------------------------------------------------------------- self-modifying Titans
@@ -93,11 +97,14 @@ class Rule:
   momentum: float = 0.0
   adaptive_q: bool = False
   qk_norm: bool = False
+  alpha_grad: bool = True
+  alpha_init: float = 0.0
 
   @classmethod
   def of(cls, h) -> "Rule":
     return cls(h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_lr, h.selfmod_objective, h.selfmod_stopgrad_vhat,
-               h.selfmod_rank1, h.selfmod_alpha, h.selfmod_momentum, h.selfmod_adaptive_q, h.qk_l2_norm)
+               h.selfmod_rank1, h.selfmod_alpha, h.selfmod_momentum, h.selfmod_adaptive_q, h.qk_l2_norm,
+               h.selfmod_alpha_grad, h.selfmod_alpha_init)
 
   @property
   def others(self) -> tuple:
@@ -149,11 +156,38 @@ def _reader(meta: dict, write_grad: bool):
   return lambda name, W: jax.tree.map(lambda mt, w: mt + sg(w - mt), meta[name], W[name])
 
 
+def _read_and_step(base: dict, read, Wb: dict, Wr: dict, buf: dict, x, x_w, q, ok_T, rule: Rule):
+  """Tokens x [T, d] that all read the boundary weights Wb (no boundary inside): (o [T, d], the running weights Wr
+  and momentum buffers after their token steps at Wb's gradients). base: the memories that do not learn."""
+  cur = lambda name: memory_apply(Wb[name] if name in Wb else base[name], x_w)
+  k, v = cur("k"), cur("v")
+  k = _unit(k) if rule.qk_norm else k
+  eta = jax.nn.softplus(cur("eta")[:, 0]) * rule.lr
+  alpha = jax.nn.sigmoid(cur("alpha")[:, 0] + rule.alpha_init) if rule.alpha else jnp.ones_like(eta)
+  if rule.adaptive_q:
+    q = memory_apply(read("q", Wb), x)
+    q = _unit(q) if rule.qk_norm else q
+  o = memory_apply(read("memory", Wb), q)
+  grads = {name: jax.vmap(token_grad, (None, 0, 0, None))(Wb[name], k, v, rule) for name in rule.learned}
+
+  def token(c, ts):
+    Wr_, buf_ = c
+    g_t, k_t, eta_t, alpha_t, ok_t = ts
+    new = {name: token_step(Wr_[name], buf_.get(name), g_t[name], k_t, eta_t, alpha_t, rule) for name in Wr_}
+    Wr_new = _where(ok_t, {name: w for name, (w, _) in new.items()}, Wr_)
+    buf_new = _where(ok_t, {name: b for name, (_, b) in new.items() if b is not None}, buf_)
+    return (Wr_new, buf_new), None
+
+  (Wr, buf), _ = jax.lax.scan(token, (Wr, buf), (grads, k, eta, alpha, ok_T))
+  return o, Wr, buf
+
+
 def selfmod_write(meta: dict, W0: dict, buf0: dict, x_Td, q_Td, valid_T, rule: Rule, write_grad: bool = False):
   """One context's in-sequence learning (module docstring): (o [T, d], weights after the last token, momentum
   buffers). meta: every memory's meta params; W0 / buf0: the learned memories' start weights and buffers; q_Td: the
   fixed W_q·x (None with adaptive q); valid_T: real tokens (padding never steps). Without `write_grad` the write is
-  a constant for gradients and reads are straight-through (meta + sg(W − meta)).
+  a constant for gradients and reads are straight-through (meta + sg(W − meta)), except the decay with alpha_grad:
+  a read at a boundary b sees c_b·sg(W0) + sg(W_b − c_b W0), c_b = Π α_t over the tokens stepped since W0.
   Tokens run in sub-chunks of gcd(chunk, chunk_memory). Each memory keeps its weights as of its last boundary (Wb:
   read, and where its gradients are taken) and a running copy (Wr) that takes the token steps as they come; at its
   boundary Wb ← Wr. That is the original's buffer-then-apply without a buffer."""
@@ -166,36 +200,27 @@ def selfmod_write(meta: dict, W0: dict, buf0: dict, x_Td, q_Td, valid_T, rule: R
   base = meta if write_grad else sg(meta)
   xw = x_Td if write_grad else sg(x_Td)
   read = _reader(meta, write_grad)
+  decay = rule.alpha and rule.alpha_grad and not write_grad
 
   def sub_chunk(carry, xs):
-    Wb, Wr, buf = carry
+    Wb, Wr, buf, L = carry
     x, x_w, q, ok, other_b, memory_b = xs
-    cur = lambda name: memory_apply(Wb[name] if name in Wb else base[name], x_w)
-    k, v = cur("k"), cur("v")
-    k = _unit(k) if rule.qk_norm else k
-    eta = jax.nn.softplus(cur("eta")[:, 0]) * rule.lr
-    alpha = jax.nn.sigmoid(cur("alpha")[:, 0]) if rule.alpha else jnp.ones_like(eta)
-    if rule.adaptive_q:
-      q = memory_apply(read("q", Wb), x)
-      q = _unit(q) if rule.qk_norm else q
-    o = memory_apply(read("memory", Wb), q)
-    grads = {name: jax.vmap(token_grad, (None, 0, 0, None))(Wb[name], k, v, rule) for name in rule.learned}
-
-    def token(c, ts):
-      Wr_, buf_ = c
-      g_t, k_t, eta_t, alpha_t, ok_t = ts
-      new = {name: token_step(Wr_[name], buf_.get(name), g_t[name], k_t, eta_t, alpha_t, rule) for name in Wr_}
-      Wr_new = _where(ok_t, {name: w for name, (w, _) in new.items()}, Wr_)
-      buf_new = _where(ok_t, {name: b for name, (_, b) in new.items() if b is not None}, buf_)
-      return (Wr_new, buf_new), None
-
-    (Wr, buf), _ = jax.lax.scan(token, (Wr, buf), (grads, k, eta, alpha, ok))
+    read_ = read
+    if decay:  # α's only outer path: reads see c·sg(W0) + sg(rest), c = exp(L) = Π α since W0 (value unchanged)
+      live = {k: jnp.exp(L[k]) - sg(jnp.exp(L[k])) for k in ("other", "memory")}
+      read_ = lambda name, W: jax.tree.map(lambda r, w0: r + live["memory" if name == "memory" else "other"] * sg(w0),
+                                           read(name, W), W0[name])
+      z = memory_apply(read("alpha", Wb), x_w)[:, 0] + rule.alpha_init
+      L = {**L, "run": L["run"] + jnp.where(ok, jax.nn.log_sigmoid(z), 0.0).sum()}
+    o, Wr, buf = _read_and_step(base, read_, Wb, Wr, buf, x, x_w, q, ok, rule)
     Wb = {name: _where(memory_b if name == "memory" else other_b, Wr[name], Wb[name]) for name in Wb}
-    return (Wb, Wr, buf), o
+    L = {**L, "other": jnp.where(other_b, L["run"], L["other"]), "memory": jnp.where(memory_b, L["run"], L["memory"])}
+    return (Wb, Wr, buf, L), o
 
   xs = (split(x_Td), split(xw), None if q_Td is None else split(q_Td), split(valid_T), bound["other"],
         bound["memory"])
-  (_, W, buf), o = jax.lax.scan(sub_chunk, (W0, W0, buf0), xs)
+  L0 = dict.fromkeys(("other", "memory", "run"), jnp.zeros((), x_Td.dtype))
+  (_, W, buf, _), o = jax.lax.scan(sub_chunk, (W0, W0, buf0, L0), xs)
   return o.reshape((n * g,) + o.shape[2:])[:T], W, buf
 
 
@@ -217,6 +242,25 @@ def selfmod_context(meta: dict, st: dict, x_Td, q_Td, valid_T, rule: Rule, learn
   if "mom" in st:
     new["mom"] = buf
   return o, new
+
+
+def selfmod_decode(meta: dict, st: dict, dec: dict, x_1d, q_1d, rule: Rule, learn: bool):
+  """One token of selfmod_context's read for one context: (o [1, d], dec). st: the fast state as of the call's
+  (online chunk's) start; dec: {"n": tokens of the call read before, "Wb", "Wr", "buf": selfmod_write's carry
+  after them}, which starts (n = 0) from st. The same steps in the same order as selfmod_write: exact, O(1) per
+  token (one token's gradient and step per learned memory)."""
+  if not learn:
+    return selfmod_context(meta, st, x_1d, q_1d, jnp.ones((1,), bool), rule, False)[0], dec
+  W0 = sg({name: jax.tree.map(jnp.add, meta[name], st["delta"][name]) for name in st["delta"]})
+  read = _reader(meta, False)
+  first = dec["n"] == 0
+  Wb, Wr = _where(first, W0, dec["Wb"]), _where(first, W0, dec["Wr"])
+  buf = _where(first, st.get("mom", {}), dec["buf"])
+  o, Wr, buf = _read_and_step(sg(meta), read, Wb, Wr, buf, x_1d, x_1d, q_1d, jnp.ones((1,), bool), rule)
+  n = dec["n"] + 1
+  Wb = {name: _where(n % (rule.chunk_memory if name == "memory" else rule.chunk) == 0, Wr[name], Wb[name])
+        for name in Wb}
+  return o, {**dec, "n": n, "Wb": Wb, "Wr": Wr, "buf": buf}
 
 
 class ResidualMemory(nnx.Module):
@@ -248,11 +292,15 @@ class SelfModBlock(HopeBlock):
     return {name: getattr(self, f"m_{name}").params() for name in MEMORIES}
 
   def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
-    _check_hooks(hooks)
+    cache_refused(hooks)
     h, state = self.m.hope, io.state
     rule = Rule.of(h)
     x = constrain(x, ACT_EMBED)
-    if self.conv is not None:
+    dec = state.get("decode") if state is not None else None
+    if self.conv is not None and dec is not None:
+      x, tail = conv_step(x, dec["conv"], self.conv[...])
+      dec = {**dec, "conv": tail}
+    elif self.conv is not None:
       x = causal_conv(x, self.conv[...])
     q = None
     if not rule.adaptive_q:
@@ -264,10 +312,15 @@ class SelfModBlock(HopeBlock):
     carried = state is not None and "selfmod" in state
     st = state["selfmod"] if carried else self._zero_state()
     meta = self.memories()
-    run = lambda st_, x_, q_: selfmod_context(meta, st_, x_, q_, valid, rule, learn, h.selfmod_write_grad)
-    o, st = jax.vmap(run, in_axes=(0 if carried else None, 0, None if q is None else 0))(st, x, q)
-    if carried:
-      state = {**state, "selfmod": st}
+    if dec is not None:  # one token; the chunk-start state stays for the driver's update pass
+      run = lambda st_, dec_, x_, q_: selfmod_decode(meta, st_, dec_, x_, q_, rule, learn)
+      o, dec = jax.vmap(run, in_axes=(0 if carried else None, 0, 0, None if q is None else 0))(st, dec, x, q)
+      state = {**state, "decode": dec}
+    else:
+      run = lambda st_, x_, q_: selfmod_context(meta, st_, x_, q_, valid, rule, learn, h.selfmod_write_grad)
+      o, st = jax.vmap(run, in_axes=(0 if carried else None, 0, None if q is None else 0))(st, x, q)
+      if carried:
+        state = {**state, "selfmod": st}
     y, state = self.cms(o, state, hooks)
     return y, dataclasses.replace(io, state=state)
 
@@ -278,6 +331,14 @@ class SelfModBlock(HopeBlock):
 
   def fast_state(self) -> dict:
     return {**super().fast_state(), "selfmod": self._zero_state()}
+
+  def decode_state(self, batch: int, max_len: int) -> dict:
+    """Zeros (a chunk start; max_len, the online chunk, sizes nothing here): "n", the conv's tail and
+    selfmod_write's carry ("Wb", "Wr", "buf"; taken from the fast state at n = 0)."""
+    zero = self._zero_state()
+    one = {"n": jnp.zeros((), jnp.int32), "Wb": zero["delta"], "Wr": zero["delta"], "buf": zero.get("mom", {})}
+    return {**jax.tree.map(lambda a: jnp.zeros((batch,) + a.shape, a.dtype), one),
+            **conv_tail(self.conv, batch, self.m.d_model, jnp.dtype(self.m.compute_dtype))}
 
 
 # -------------------------------------------------------------------------------------- hybrid Titan level
@@ -295,7 +356,8 @@ class TitanRule:
 
   @classmethod
   def of(cls, h) -> "TitanRule":
-    return cls(h.titan_period, h.titan_clock, h.titan_lr, h.inner_opt, h.inner_beta, h.surprise_threshold)
+    threshold = h.surprise_threshold if h.surprise_metric == "teach_norm" else 0.0  # per token only for l2
+    return cls(h.titan_period, h.titan_clock, h.titan_lr, h.inner_opt, h.inner_beta, threshold)
 
 
 def titan_apply(p: dict, a, clip: bool):
@@ -398,9 +460,9 @@ class HybridBlock(HopeBlock):
     self.modifier = SelfModifier(d, h.self_mod_hidden * d, m.init_std, rngs)
 
   def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
-    _check_hooks(hooks)
-    h, state = self.m.hope, io.state
-    a, probs = self.attn(constrain(x, ACT_EMBED), hooks)
+    cache_refused(hooks)
+    h = self.m.hope
+    a, probs, state = self.attend(x, io.state, hooks)
     meta, clip = self.titan.params(), hooks.training
     if state is None or "titan" not in state:
       mem = titan_apply(meta, a, clip)

@@ -7,7 +7,7 @@ online chunks. Per chunk:
   teach   δ (teach_norm "row": of each row's mean CE; "batch": of the batch mean, as the original): "global" =
           the closed form (softmax − onehot) · mask / N at the logits, pulled back through the model's readout
           (head and final norm) to the last block's output (every layer gets it); "per_layer" = ∂CE/∂(block ℓ
-          output) by autograd; scaled by the schedule, clipped per token; a row whose surprise (mean ‖s‖) is
+          output) by autograd; scaled by the schedule, clipped per token; a row whose surprise (hope.surprise_metric) is
           below the threshold skips;
   update  the same forward with the teach signal: every CMS level steps when its period has passed → new fast
           state for the next chunk (stop-gradient, unless hope.grad_through_write: then the next chunks' CE reaches
@@ -46,28 +46,40 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
   """One batch through the two-pass online loop (the module docstring); `training` False: the original's eval mode
   (CMS outputs unclipped), as its memorise-then-score evals run. fast0: the fast state to start from (default zero:
   the meta weights), e.g. one saved after reading an earlier text (dba_jax.hope.memstate)."""
-  m = decoder.m
   B, T1 = tokens_BT1.shape
   n = (T1 - 1) // (h.online_chunk or T1 - 1)
   C = (T1 - 1) // n
   inputs = tokens_BT1[:, :-1].reshape(B, n, C).swapaxes(0, 1)
   targets = tokens_BT1[:, 1:].reshape(B, n, C).swapaxes(0, 1)
+  chunk = chunk_pass(decoder, step, h, vocab, training)
+  fast0 = blocks.init_fast_state(decoder.m, decoder, B) if fast0 is None else fast0
+  fast, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
+  return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C), fast)
+
+
+def chunk_pass(decoder, step, h, vocab: int, training: bool = True):
+  """chunk(fast, (x_BC, y_BC)) -> (fast after the chunk's update, (ce, fired, nll [B, C])): one online chunk's two
+  passes (the module docstring), as memory_forward scans them and as dba_jax.hope.decode runs them at each chunk
+  boundary while generating."""
+  m = decoder.m
   scale = teach_lib.schedule(step, h.teach_scale, h.teach_warmup, h.teach_decay_start, h.teach_decay_duration)
   hooks = Hooks(training=training)
 
   def chunk(fast, xs):
     x_BC, y_BC = xs
+    B, C = x_BC.shape
     state = fast if h.grad_through_write else jax.lax.stop_gradient(fast)
     mask = jnp.ones(y_BC.shape, bool)
     if h.teach == "per_layer":
       def ce_of(probe):
         out = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "probe": probe})
         nll = losses.nll(out.logits, y_BC, vocab)
-        return nll.mean(), nll
+        return nll.mean(), (nll, out.logits)
       probe = jnp.zeros((m.n_layers, B, C, m.d_model), jnp.float32)
-      (ce, nll), delta = jax.value_and_grad(ce_of, has_aux=True)(probe)
+      (ce, (nll, logits)), delta = jax.value_and_grad(ce_of, has_aux=True)(probe)
     else:
       out = decoder.forward(x_BC, hooks=hooks, cache_state=state)
+      logits = out.logits
       nll = losses.nll(out.logits, y_BC, vocab)
       ce = nll.mean()
       d_logits = teach_lib.closed_form(out.logits, y_BC, mask, vocab)
@@ -76,16 +88,13 @@ def memory_forward(decoder, tokens_BT1, step, h, vocab: int, training: bool = Tr
     if h.teach_norm == "row":  # each row's memory learns from its own mean CE, not 1/B of it
       delta = delta * B
     s = teach_lib.scale_and_clip(jax.lax.stop_gradient(delta), scale, h.teach_clip)
-    surprise = teach_lib.surprise(s, mask[None])  # [L, B]; a row with no teach signal updates nothing
-    gate = (surprise >= h.surprise_threshold) & (surprise > 0)
+    gate = teach_lib.gate(h.surprise_metric, h.surprise_threshold, s, mask, nll, logits, vocab)  # [L, B]
     upd = decoder.forward(x_BC, hooks=hooks, cache_state={**state, "teach": s, "gate": gate}).cache_state
     upd = {k: upd[k] for k in fast}  # drop the pass's inputs (teach, gate)
     fired = _updates(upd) - _updates(fast)
     return (upd if h.grad_through_write else jax.lax.stop_gradient(upd)), (ce, fired, nll)
 
-  fast0 = blocks.init_fast_state(m, decoder, B) if fast0 is None else fast0
-  fast, (ce_n, fired, nll_nBC) = jax.lax.scan(chunk, fast0, (inputs, targets))
-  return MemoryPass(ce_n.mean(), ce_n, fired, nll_nBC.swapaxes(0, 1).reshape(B, n * C), fast)
+  return chunk
 
 
 def _updates(state) -> jax.Array:

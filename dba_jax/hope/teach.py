@@ -41,3 +41,29 @@ def surprise(s_BTd, mask_BT):
   """Mean per-token ‖scaled δ‖ of each row over its active tokens: [B]."""
   norms = jnp.linalg.norm(s_BTd, axis=-1) * mask_BT
   return norms.sum(-1) / jnp.maximum(mask_BT.sum(-1), 1)
+
+
+def entropy(logits_BTV, vocab: int):
+  """Predictive entropy (nats) per token over the first `vocab` logits: [B, T]."""
+  logits = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
+  cols = jnp.arange(logits.shape[-1]).reshape((1, 1, -1))
+  logp = jax.nn.log_softmax(jnp.where(cols < vocab, logits, -jnp.inf), axis=-1)
+  return -jnp.where(cols < vocab, jnp.exp(logp) * logp, 0.0).sum(-1)
+
+
+def gate(metric: str, threshold: float, s_LBTd, mask_BT, nll_BT, logits_BTV, vocab: int):
+  """[L, B]: which rows of each layer update. A row's surprise (hope.surprise_metric: teach_norm, the layer's mean
+  ‖s‖; loss, the row's mean CE; logit_entropy, its mean entropy, over active tokens) must reach the threshold (the
+  original compares one batch-wide value; here each row carries its own memory), and a row with no teach signal
+  updates nothing."""
+  norm_LB = surprise(s_LBTd, mask_BT[None])
+  row = lambda v_BT: (v_BT * mask_BT).sum(-1) / jnp.maximum(mask_BT.sum(-1), 1)
+  if metric == "teach_norm":
+    value = norm_LB
+  elif metric == "loss":
+    value = jnp.broadcast_to(row(nll_BT.astype(jnp.float32)), norm_LB.shape)
+  elif metric == "logit_entropy":
+    value = jnp.broadcast_to(row(entropy(logits_BTV, vocab)), norm_LB.shape)
+  else:
+    raise ValueError(f"hope.surprise_metric={metric!r} is not one of teach_norm, loss, logit_entropy")
+  return (value >= threshold) & (norm_LB > 0)

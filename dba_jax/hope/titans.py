@@ -11,7 +11,9 @@ per-token read is a matmul over the chunk's outer products a ⊗ δ: no per-toke
 (`token_grads` does that, for tests). With chunks of one token it is exactly the per-token recurrence.
 Reads (`chunk_step`'s q) use the memory as of the chunk start (retrieve before store, as the original's
 self-modifying Titans do) or each token's own M_t (store then retrieve). `scan_chunks` runs any length (the tail
-padded with masked tokens that write nothing); dba_jax/hope/titans_blocks.py builds the MAC / MAG / MAL blocks on it.
+padded with masked tokens that write nothing); `token_step` is the same form one token at a time (decoding: the
+gradient at the chunk-start memory, both recurrences stepped); dba_jax/hope/titans_blocks.py builds the MAC / MAG /
+MAL / LMM blocks on them.
 """
 from __future__ import annotations
 
@@ -161,11 +163,17 @@ def chunked_update(W0: dict, S0: dict, k_Td, v_Td, eta_T, theta_T, alpha_T, chun
   return scan_chunks(W0, S0, k_Td, v_Td, eta_T, theta_T, alpha_T, chunk)[:3]
 
 
+def token_step(W: dict, S: dict, W_grad: dict, k_d, v_d, eta, theta, alpha):
+  """One token of the recurrence with its gradient taken at W_grad: (W, S) after it. With W_grad the memory at the
+  token's chunk start this is `chunk_step`'s exact per-token form (one-token decoding); W_grad = W is `recurrence`."""
+  g = jax.grad(token_loss)(W_grad, k_d, v_d)
+  S = {n: eta * S[n] - theta * g[n] for n in S}
+  return {n: (1.0 - alpha) * W[n] + S[n] for n in W}, S
+
+
 def recurrence(W0: dict, S0: dict, k_Td, v_Td, eta_T, theta_T, alpha_T):
   """The per-token recurrence, one token at a time (the definition the parallel form is tested against)."""
   W, S = W0, S0
   for t in range(k_Td.shape[0]):
-    g = jax.grad(token_loss)(W, k_Td[t], v_Td[t])
-    S = jax.tree.map(lambda s, g_: eta_T[t] * s - theta_T[t] * g_, S, g)
-    W = jax.tree.map(lambda w, s: (1.0 - alpha_T[t]) * w + s, W, S)
+    W, S = token_step(W, S, W, k_Td[t], v_Td[t], eta_T[t], theta_T[t], alpha_T[t])
   return W, S

@@ -1,18 +1,21 @@
-"""The Titans paper's neural long-term memory as Decoder blocks (model.block = titans_mac | titans_mag | titans_mal).
+"""The Titans paper's neural long-term memory as Decoder blocks (model.block = titans_mac | titans_mag | titans_mal |
+titans_lmm).
 
 Behrouz, Zhong, Mirrokni 2024 (hope_latentwire.md A, "Titans paper memory"); the memory's math is titans.py. Every
-block is pre-norm and residual; its attention (ops.attention with an explicit mask) sees `titans_persistent`
-learnable, input-independent tokens (through W_K, W_V, no rotary position) as always-visible leading keys; its memory
-runs inside the forward over the whole sequence: chunks of `titans_chunk` tokens in a lax.scan (the parallel form
-inside a chunk), one memory per batch row (vmap), starting from the learned M_0. Nothing is stop-gradiented: the
-plain next-token loss trains W_Q, W_K, W_V, the gates, M_0 and the persistent tokens through the memory's trajectory.
+block is pre-norm and residual; its attention (MAC: ops.attention with a segment mask; MAG / MAL: ops.window_attention,
+no [T, T] array) sees `titans_persistent` learnable, input-independent tokens (through W_K, W_V, no rotary position) as
+always-visible leading keys; its memory runs inside the forward over the whole sequence: chunks of `titans_chunk`
+tokens in a lax.scan (the parallel form inside a chunk), one memory per batch row (vmap), starting from the learned
+M_0. Nothing is stop-gradiented: the plain next-token loss trains W_Q, W_K, W_V, the gates, M_0 and the persistent
+tokens through the memory's trajectory.
 
   MAC  per segment s of `titans_window` tokens: h = M_{s−1}(q) (the memory as of the previous segment's end),
        y = Attn([persistent ; norm(h) ; segment]) (causal inside the segment), the memory stores y,
        x + gate(y, M(y)). Everything else is segment-local (convs included): the memory is the only way across.
   MAG  x + gate(SWA([persistent ; u]), M(u)), u = norm(x): sliding-window attention and the memory side by side.
   MAL  x + W_o M(norm x), then x + SWA([persistent ; norm x]): the memory as a layer before the attention.
-All three end with x + MLP(norm x). gate(y, r) = W_o (norm(y) ⊗ σ(norm(r))): the paper's normalised output gate.
+  LMM  x + W_o M(norm x): the memory alone (the paper's LMM), no attention.
+All end with x + MLP(norm x). gate(y, r) = W_o (norm(y) ⊗ σ(norm(r))): the paper's normalised output gate.
 
 Memory streams per token: q, k = L2(SiLU(conv(x W))), v = SiLU(conv(x W_V)) (causal depthwise conv of
 `titans_conv` taps), η = σ(·), θ = titans_lr·σ(·), α = σ(·) (linear maps of the same input). Reads store first
@@ -20,6 +23,14 @@ Memory streams per token: q, k = L2(SiLU(conv(x W))), v = SiLU(conv(x W_V)) (cau
 first (the memory as of the token's chunk start). model.hope.memory=False: θ = α = 0, every read uses M_0.
 The persistent tokens do not pass through the memory (their write would only be an input-independent change of the
 learned M_0). model.py hands in its Norm / MLP / Linear (`registry`): dba_jax.hope never imports the model.
+
+Decoding (dba_jax.hope.decode): when LayerIO.state holds "decode" (`decode_state`: one layer's, leading batch axis) a
+block takes one token x [B, 1, d] at positions_T [1] and returns the state moved by it; the logits equal the forward
+over the whole text. The state holds the tokens read so far "n" [B] (segments, windows and memory chunks count from
+the call's first token), the memory (`NeuralMemory.step`: M − M_0, S, the chunk-start M − M_0, the conv tails) and
+the attention's keys: MAG / MAL a ring of the last titans_window rotated keys and values; MAC the current segment's
+keys of h and u (the segment-start memory beside them). titans_mac's "titans" carried memory, when present, is the
+memory the token steps.
 """
 from __future__ import annotations
 
@@ -54,7 +65,7 @@ def registry(norm, feedforward, linear, dropout) -> dict:
   """model.BLOCKS entries built on the model's own layers."""
   parts = Parts(norm, feedforward, linear, dropout)
   return {name: functools.partial(cls, parts=parts) for name, cls in (("titans_mac", MAC), ("titans_mag", MAG),
-                                                                     ("titans_mal", MAL))}
+                                                                     ("titans_mal", MAL), ("titans_lmm", LMM))}
 
 
 def _norm(m, parts: Parts):
@@ -66,10 +77,14 @@ def _l2(x):
   return x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
 
 
-def window_mask(T: int, window: int, n_persistent: int):
-  """[1, T, P + T] bool: the persistent columns, then keys j with i − window < j <= i."""
-  i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-  return jnp.concatenate([jnp.ones((T, n_persistent), bool), (j <= i) & (j > i - window)], axis=1)[None]
+def _rows(flag_B, like):
+  """flag [B] shaped to broadcast against like [B, ...]."""
+  return flag_B.reshape(flag_B.shape + (1,) * (like.ndim - 1))
+
+
+def _pick(flag_B, a: dict, b: dict) -> dict:
+  """a where the row's flag is set, else b (leaves [B, ...])."""
+  return {k: jnp.where(_rows(flag_B, a[k]), a[k], b[k]) for k in a}
 
 
 class NeuralMemory(nnx.Module):
@@ -87,17 +102,27 @@ class NeuralMemory(nnx.Module):
     M0 = titans.init_memory(rngs.params(), d, d, h.titans_memory_depth, std=d ** -0.5)
     self.m0 = nnx.List([nnx.Param(M0[f"w{i}"], axes=(None, None)) for i in range(len(M0))])
 
-  def qkv(self, x_BTd, which: slice = slice(0, 3)) -> dict:
-    """{"q", "k", "v"}[which] of x, each [B, T, d] in (at least) float32."""
+  def qkv(self, x_BTd, which: slice = slice(0, 3), tail=None):
+    """{"q", "k", "v"}[which] of x, each [B, T, d] in (at least) float32. With `tail` [B, w − 1, n, d] (the conv's
+    inputs before x: one-token decoding) also the new tail."""
     x = x_BTd.astype(jnp.promote_types(x_BTd.dtype, jnp.float32))
     s = dense(x, self.w[...][:, which])
     if self.conv is not None:
-      B, T, n, F = s.shape
+      T = s.shape[1]
+      if tail is not None:  # the conv over [tail ; x], summed in the forward's order; its last T outputs are x's
+        s = jnp.concatenate([tail, s], axis=1)
+        tail = s[:, T:]
+      B, L, n, F = s.shape
       kern = self.conv[...][:, which]
-      s = causal_conv(s.reshape(B, T, n * F), kern.reshape(kern.shape[0], n * F)).reshape(B, T, n, F)
+      s = causal_conv(s.reshape(B, L, n * F), kern.reshape(kern.shape[0], n * F)).reshape(B, L, n, F)[:, L - T:]
     s = jax.nn.silu(s)
     names = ("q", "k", "v")[which]
-    return {n: s[:, :, i] if n == "v" else _l2(s[:, :, i]) for i, n in enumerate(names)}
+    out = {n: s[:, :, i] if n == "v" else _l2(s[:, :, i]) for i, n in enumerate(names)}
+    return out if tail is None else (out, tail)
+
+  def conv_tail(self, B: int, n: int, dtype) -> jax.Array | None:
+    """Zeros [B, w − 1, n, d]: the conv inputs before a call's first token (None without a conv)."""
+    return None if self.conv is None else jnp.zeros((B, self.conv.shape[0] - 1, n, self.conv.shape[2]), dtype)
 
   def rates(self, x_BTd):
     """(η, θ, α) per token [B, T] in (at least) float32."""
@@ -142,14 +167,52 @@ class NeuralMemory(nnx.Module):
     return jax.vmap(row)(W_B, S_B, s["k"], s["v"], s["q"], eta, theta, alpha)
 
   def __call__(self, x_BTd, keep_T):
-    """Reads of x's queries while storing x, from M_0 (MAG / MAL)."""
+    """Reads of x's queries while storing x, from M_0 (MAG / MAL / LMM)."""
     W, S = self.initial(x_BTd.shape[0], jnp.promote_types(x_BTd.dtype, jnp.float32))
     return self.write(W, S, x_BTd, keep_T)[0].astype(x_BTd.dtype)
 
+  def weights(self, dW_B: dict) -> dict:
+    """M_0 + deltas (leaves [B, ...], in the deltas' dtype)."""
+    return {k: self.m0[int(k[1:])][...].astype(d.dtype)[None] + d for k, d in dW_B.items()}
+
+  def deltas(self, W_B: dict) -> dict:
+    return {k: w - self.m0[int(k[1:])][...].astype(w.dtype)[None] for k, w in W_B.items()}
+
+  def decode_state(self, B: int, dtype) -> dict:
+    """Zeros: M − M_0 ("dW"), the surprise "S", M − M_0 at the current chunk's start ("dW0"), the conv's tail."""
+    z = {f"w{i}": jnp.zeros((B,) + p.shape, dtype) for i, p in enumerate(self.m0)}
+    st = {"dW": z, "S": dict(z), "dW0": dict(z)}
+    if self.conv is not None:
+      st["conv"] = self.conv_tail(B, 3, dtype)
+    return st
+
+  def step(self, st: dict, x_B1d, n_B, reset_B=None):
+    """Store one token x and read its q: (read [B, 1, d] float32, state). The chunked form token by token: a token
+    at a chunk start (n_B % titans_chunk == 0, n the tokens stored before it) makes the current memory the chunk-start
+    one its gradient is taken at (titans.token_step). reset_B [B] bool: the conv restarts (MAC's segments)."""
+    tail = st.get("conv")
+    if tail is not None and reset_B is not None:
+      tail = jnp.where(_rows(reset_B, tail), 0, tail)
+    s = self.qkv(x_B1d, tail=tail)
+    if tail is not None:
+      s, tail = s
+    eta, theta, alpha = self.rates(x_B1d)
+    W = self.weights(st["dW"])
+    W0 = _pick(n_B % self.chunk == 0, W, self.weights(st["dW0"]))
+    S = st["S"]
+    if self.on:
+      W, S = jax.vmap(titans.token_step)(W, S, W0, s["k"][:, 0], s["v"][:, 0], eta[:, 0], theta[:, 0], alpha[:, 0])
+    read = self.read(W if self.store_first else W0, s["q"])
+    st = {**st, "dW": self.deltas(W), "S": S, "dW0": self.deltas(W0)}
+    if tail is not None:
+      st["conv"] = tail
+    return read, st
+
 
 class PrefixAttention(nnx.Module):
-  """Softmax attention (ops.attention, visibility from an explicit mask) of x's queries over
-  [persistent ; sources...]: the persistent tokens go through W_K, W_V and take no rotary position."""
+  """Softmax attention of x's queries over [persistent ; sources...]: the persistent tokens go through W_K, W_V and
+  take no rotary position. Visibility: an explicit mask (MAC's segments) or a sliding window over x's own tokens
+  (ops.window_attention, MAG / MAL)."""
 
   def __init__(self, m, parts: Parts, out_std: float, rngs: nnx.Rngs):
     self.m, self.H, self.K = m, m.n_heads, kv_heads(m)
@@ -158,9 +221,9 @@ class PrefixAttention(nnx.Module):
     self.wq, self.wk, self.wv = lin(self.H, ("embed", "heads")), lin(self.K, ("embed", "kv_heads")), \
         lin(self.K, ("embed", "kv_heads"))
     self.wo = parts.linear(self.H * self.D, m.d_model, ("heads", "embed"), bias=m.bias, std=out_std, rngs=rngs)
-    P = m.hope.titans_persistent  # N(0, 1): the scale of the normed tokens they sit beside
-    self.persistent = nnx.Param(jax.random.normal(rngs.params(), (P, m.d_model), jnp.float32),
-                                axes=(None, "embed")) if P else None
+    self.P = m.hope.titans_persistent  # N(0, 1): the scale of the normed tokens they sit beside
+    self.persistent = nnx.Param(jax.random.normal(rngs.params(), (self.P, m.d_model), jnp.float32),
+                                axes=(None, "embed")) if self.P else None
 
   def _heads(self, lin, x_BTd, n: int, positions_T):
     B, T, _ = x_BTd.shape
@@ -169,19 +232,47 @@ class PrefixAttention(nnx.Module):
       y = ops.apply_rope(y, positions_T, self.m.rope_base)
     return y
 
-  def __call__(self, x_BTd, positions_T, visible, sources, hooks: Hooks):
+  def heads(self, x_BTd, positions_T):
+    """(q, k, v) heads of x, q and k rotated to positions_T."""
+    return (self._heads(self.wq, x_BTd, self.H, positions_T), self._heads(self.wk, x_BTd, self.K, positions_T),
+            self._heads(self.wv, x_BTd, self.K, None))
+
+  def _with_prefix(self, k_BSKD, v_BSKD):
+    """[persistent ; k], [persistent ; v]."""
+    if self.persistent is None:
+      return k_BSKD, v_BSKD
+    B = k_BSKD.shape[0]
+    p = jnp.broadcast_to(self.persistent[...].astype(k_BSKD.dtype)[None], (B,) + self.persistent.shape)
+    return (jnp.concatenate([self._heads(self.wk, p, self.K, None), k_BSKD], 1),
+            jnp.concatenate([self._heads(self.wv, p, self.K, None), v_BSKD], 1))
+
+  def __call__(self, x_BTd, positions_T, sources, hooks: Hooks, visible=None, window: int = 0):
     """(output [B, T, d], probabilities [B, H, T, P + S] or None). sources: ((x_BSd, positions_S), ...), keys in
-    that order after the persistent ones; visible [1, T, P + S] bool."""
-    B = x_BTd.shape[0]
+    that order after the persistent ones, visible [1, T, P + S] bool; or window > 0: sources = ((x, positions_T),)
+    seen through a sliding window."""
     ks = [self._heads(self.wk, s, self.K, p) for s, p in sources]
     vs = [self._heads(self.wv, s, self.K, None) for s, _ in sources]
-    if self.persistent is not None:
-      p = jnp.broadcast_to(self.persistent[...].astype(x_BTd.dtype)[None], (B,) + self.persistent.shape)
-      ks, vs = [self._heads(self.wk, p, self.K, None)] + ks, [self._heads(self.wv, p, self.K, None)] + vs
-    o = ops.attention(self._heads(self.wq, x_BTd, self.H, positions_T), jnp.concatenate(ks, 1), jnp.concatenate(vs, 1),
-                      scale=self.D ** -0.5, mask=visible, return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    k, v = self._with_prefix(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1))
+    q = self._heads(self.wq, x_BTd, self.H, positions_T)
+    kw = dict(scale=self.D ** -0.5, return_probs=hooks.return_probs, impl=self.m.attn_impl)
+    o = ops.window_attention(q, k, v, window=window, n_prefix=self.P, **kw) if window else \
+        ops.attention(q, k, v, mask=visible, **kw)
     o, probs = o if hooks.return_probs else (o, None)
-    return self.wo(o.reshape(B, -1, self.H * self.D)), probs
+    return self.wo(o.reshape(x_BTd.shape[0], -1, self.H * self.D)), probs
+
+  def cached(self, q_B1HD, k_BSKD, v_BSKD, visible_BS):
+    """One query over [persistent ; cached keys] (decoding): visible_BS [B, S] marks the cache slots it sees."""
+    B, S = visible_BS.shape
+    k, v = self._with_prefix(k_BSKD.astype(q_B1HD.dtype), v_BSKD.astype(q_B1HD.dtype))
+    visible = jnp.concatenate([jnp.ones((B, self.P), bool), visible_BS], 1)[:, None]
+    o = ops.attention(q_B1HD, k, v, scale=self.D ** -0.5, mask=visible, impl=self.m.attn_impl)
+    return self.wo(o.reshape(B, 1, self.H * self.D))
+
+
+def _put(buf_BSKD, new_B1KD, slot_B):
+  """buf with row b's slot slot_B[b] replaced by new."""
+  at = jnp.arange(buf_BSKD.shape[1])[None] == slot_B[:, None]
+  return jnp.where(at[:, :, None, None], new_B1KD.astype(buf_BSKD.dtype), buf_BSKD)
 
 
 class OutputGate(nnx.Module):
@@ -197,32 +288,42 @@ class OutputGate(nnx.Module):
 
 
 class TitansBlock(nnx.Module):
-  """What the three share: the attention, the memory, the closing MLP sublayer, the hooks they refuse."""
+  """What the blocks share: the memory, the closing MLP sublayer, the attention (all but LMM), the hooks they refuse,
+  the decoding plumbing. Subclasses give `mix` (the forward's mixing sublayers) and `mix_token` (one token's)."""
+  has_attention = True
 
   def __init__(self, m, rngs: nnx.Rngs, parts: Parts):
     self.m, self.drop = m, parts.dropout
     self.out_std = m.init_std / math.sqrt(2 * m.n_layers) if m.scale_residual_init else m.init_std
-    self.norm_attn, self.norm_ffn = _norm(m, parts), _norm(m, parts)
-    self.attn = PrefixAttention(m, parts, self.out_std, rngs)
+    if self.has_attention:
+      self.norm_attn = _norm(m, parts)
+    self.norm_ffn = _norm(m, parts)
+    if self.has_attention:
+      self.attn = PrefixAttention(m, parts, self.out_std, rngs)
     self.memory = NeuralMemory(m, parts, rngs)
     self.ffn = parts.feedforward(m, self.out_std, rngs)
 
   def __call__(self, x, positions_T, rng=None, io: LayerIO = LayerIO(), hooks: Hooks = NO_HOOKS):
-    """(x, io): io.probs the attention probabilities with hooks.return_probs (keys [persistent ; ...], see mix)."""
+    """(x, io): io.probs the attention probabilities with hooks.return_probs (keys [persistent ; ...], see mix);
+    io.state holding "decode": one token (the module docstring)."""
     if hooks.cache is not None:
-      raise NotImplementedError(f"model.block={self.m.block!r} has no KV-cache decoding (its memory is rebuilt by "
-                                "each forward); run the forward on the whole sequence")
+      raise NotImplementedError(f"model.block={self.m.block!r} takes no KV-cache hook: decode it with "
+                                "dba_jax.hope.decode.MemoryGenerator (`dba-eval generate` picks it for memory blocks)")
     if hooks.keep_fn is not None:
       raise NotImplementedError(f"model.block={self.m.block!r} takes no key keep hook (it needs selective "
                                 "attention's F)")
     keys = jax.random.split(rng, 3) if rng is not None else (None,) * 3
     x = constrain(x, ACT_EMBED)
-    if io.state is not None and not isinstance(self, MAC):
-      raise NotImplementedError(f"model.block={self.m.block!r} carries no memory state from one forward to the next "
-                                "(its sliding-window attention and convs would need the previous call's tokens); "
-                                "titans_mac does (everything but its memory is segment-local)")
-    keep_T = jnp.ones(x.shape[1:2], bool) if hooks.valid_T is None else hooks.valid_T
-    x, probs, state = self.mix(x, positions_T, keep_T, hooks, keys[:2], io.state)
+    state, probs = io.state, None
+    if state is not None and "decode" in state:
+      x, state = self.decode(x, positions_T, state)
+    else:
+      if state is not None and not isinstance(self, MAC):
+        raise NotImplementedError(f"model.block={self.m.block!r} carries no memory state from one forward to the "
+                                  "next (its sliding-window attention and convs would need the previous call's "
+                                  "tokens); titans_mac does (everything but its memory is segment-local)")
+      keep_T = jnp.ones(x.shape[1:2], bool) if hooks.valid_T is None else hooks.valid_T
+      x, probs, state = self.mix(x, positions_T, keep_T, hooks, keys[:2], state)
     x = x + self.drop(self.ffn(self.norm_ffn(x)), self.m.dropout, keys[2])
     return x, dataclasses.replace(io, probs=probs, state=state)
 
@@ -230,10 +331,42 @@ class TitansBlock(nnx.Module):
     """One context's carried memory state (titans_mac; dba_jax.hope.memstate saves and loads it)."""
     return {"titans": self.memory.fast_state()}
 
+  def decode_state(self, batch: int, max_len: int) -> dict:
+    """One layer's decoding state, zeros (valid for every layer: memories are deltas from M_0): the tokens read "n",
+    the memory's; MAG / MAL also a ring "k", "v" [B, min(titans_window, max_len), K, D] of the last keys."""
+    dtype = jnp.dtype(self.m.compute_dtype)
+    st = {"n": jnp.zeros((batch,), jnp.int32),
+          "memory": self.memory.decode_state(batch, jnp.promote_types(dtype, jnp.float32))}
+    if self.has_attention:
+      a = self.attn
+      kv = jnp.zeros((batch, min(self.m.hope.titans_window, max_len), a.K, a.D), dtype)
+      st["k"], st["v"] = kv, kv
+    return st
+
+  def decode(self, x_B1d, positions_T, state: dict):
+    """One token through the mixing sublayers: (x, state with "decode" moved by one token). A carried "titans"
+    memory (titans_mac continuing a memstate) is the memory the token reads and stores into."""
+    dec = dict(state["decode"])
+    if "titans" in state:
+      dec["memory"] = {**dec["memory"], **state["titans"]}
+    x, dec = self.mix_token(x_B1d, positions_T, dec)
+    state = {**state, "decode": {**dec, "n": dec["n"] + 1}}
+    if "titans" in state:
+      state["titans"] = {k: dec["memory"][k] for k in state["titans"]}
+    return x, state
+
   def window_attention(self, u_BTd, positions_T, hooks):
     """Sliding-window attention of the normed u over [persistent ; u] (MAG, MAL)."""
-    visible = window_mask(u_BTd.shape[1], self.m.hope.titans_window, self.m.hope.titans_persistent)
-    return self.attn(u_BTd, positions_T, visible, ((u_BTd, positions_T),), hooks)
+    return self.attn(u_BTd, positions_T, ((u_BTd, positions_T),), hooks, window=self.m.hope.titans_window)
+
+  def window_token(self, u_B1d, positions_T, dec: dict):
+    """One token's sliding-window attention: its key and value go to ring slot n mod R, and it sees every slot
+    written so far (the last R = min(titans_window, max_len) tokens, its own included). (y, dec)."""
+    q, k, v = self.attn.heads(u_B1d, positions_T)
+    n, R = dec["n"], dec["k"].shape[1]
+    dec = {**dec, "k": _put(dec["k"], k, n % R), "v": _put(dec["v"], v, n % R)}
+    visible = (jnp.arange(R)[None] <= n[:, None]) | (n[:, None] >= R)
+    return self.attn.cached(q, dec["k"], dec["v"], visible), dec
 
 
 class MAG(TitansBlock):
@@ -248,19 +381,51 @@ class MAG(TitansBlock):
     y, probs = self.window_attention(u, positions_T, hooks)
     return x + self.drop(self.gate(y, self.memory(u, keep_T)), self.m.dropout, keys[0]), probs, None
 
+  def mix_token(self, x, positions_T, dec):
+    u = self.norm_attn(x)
+    y, dec = self.window_token(u, positions_T, dec)
+    r, dec["memory"] = self.memory.step(dec["memory"], u, dec["n"])
+    return x + self.gate(y, r.astype(u.dtype)), dec
 
-class MAL(TitansBlock):
-  """Memory as a layer: x + W_o M(norm x), then sliding-window attention, probs [B, H, T, P + T]."""
+
+class LMM(TitansBlock):
+  """The memory alone (the paper's LMM): x + W_o M(norm x), then the MLP sublayer; no attention, no probs. With the
+  memory off every read is M_0's of the conv's q: each position sees only its titans_conv − 1 previous tokens per
+  layer (titans_conv = 0: a per-token MLP stack)."""
+  has_attention = False
 
   def __init__(self, m, rngs: nnx.Rngs, parts: Parts):
     super().__init__(m, rngs, parts)
     self.norm_mem = _norm(m, parts)
     self.wo_mem = parts.linear(m.d_model, m.d_model, ("heads", "embed"), bias=m.bias, std=self.out_std, rngs=rngs)
 
+  def memory_layer(self, x, keep_T, key):
+    return x + self.drop(self.wo_mem(self.memory(self.norm_mem(x), keep_T)), self.m.dropout, key)
+
+  def memory_token(self, x, dec):
+    r, dec["memory"] = self.memory.step(dec["memory"], self.norm_mem(x), dec["n"])
+    return x + self.wo_mem(r.astype(x.dtype)), dec
+
   def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
-    x = x + self.drop(self.wo_mem(self.memory(self.norm_mem(x), keep_T)), self.m.dropout, keys[0])
+    return self.memory_layer(x, keep_T, keys[0]), None, None
+
+  def mix_token(self, x, positions_T, dec):
+    return self.memory_token(x, dec)
+
+
+class MAL(LMM):
+  """Memory as a layer: x + W_o M(norm x), then sliding-window attention, probs [B, H, T, P + T]."""
+  has_attention = True
+
+  def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
+    x = self.memory_layer(x, keep_T, keys[0])
     y, probs = self.window_attention(self.norm_attn(x), positions_T, hooks)
     return x + self.drop(y, self.m.dropout, keys[1]), probs, None
+
+  def mix_token(self, x, positions_T, dec):
+    x, dec = self.memory_token(x, dec)
+    y, dec = self.window_token(self.norm_attn(x), positions_T, dec)
+    return x + y, dec
 
 
 class MAC(TitansBlock):
@@ -273,6 +438,10 @@ class MAC(TitansBlock):
     self.norm_h = _norm(m, parts)
     self.gate = OutputGate(m, parts, self.out_std, rngs)
 
+  def _positions(self, offset, positions_T):
+    """Rotary positions of segment offsets: the offsets themselves (titans_positions = segment) or positions_T."""
+    return offset if self.m.hope.titans_positions == "segment" else positions_T
+
   def mix(self, x, positions_T, keep_T, hooks, keys, state=None):
     """state: {"titans": carried memory} to continue from (and return) instead of starting at M_0; one call then
     continues another exactly when the earlier call's length is a whole number of segments."""
@@ -284,10 +453,8 @@ class MAC(TitansBlock):
     # Segments lead: [n, B, Ws, ...]; the padded tail is masked out of the memory and never visible to a real query.
     u_NBWd = jnp.pad(u, ((0, 0), (0, pad), (0, 0))).reshape(B, n, Ws, d).swapaxes(0, 1)
     q_NBWd = self.memory.qkv(u_NBWd.reshape(n * B, Ws, d), slice(0, 1))["q"].reshape(n, B, Ws, d)
-    if self.m.hope.titans_positions == "segment":
-      pos_NW = jnp.broadcast_to(jnp.arange(Ws), (n, Ws))
-    else:
-      pos_NW = jnp.concatenate([positions_T, positions_T[-1] + 1 + jnp.arange(pad)]).reshape(n, Ws)
+    pos_NW = self._positions(jnp.broadcast_to(jnp.arange(Ws), (n, Ws)),
+                             jnp.concatenate([positions_T, positions_T[-1] + 1 + jnp.arange(pad)]).reshape(n, Ws))
     keep_NW = jnp.pad(keep_T, (0, pad)).reshape(n, Ws)
     causal = jnp.tril(jnp.ones((Ws, Ws), bool))
     visible = jnp.concatenate([jnp.ones((Ws, P), bool), causal, causal], axis=1)[None]
@@ -296,7 +463,7 @@ class MAC(TitansBlock):
       W, S = carry
       u_s, q_s, pos_s, keep_s = xs
       h = self.norm_h(self.memory.read(W, q_s).astype(u_s.dtype))
-      y, probs = self.attn(u_s, pos_s, visible, ((h, pos_s), (u_s, pos_s)), hooks)
+      y, probs = self.attn(u_s, pos_s, ((h, pos_s), (u_s, pos_s)), hooks, visible=visible)
       r, W, S = self.memory.write(W, S, y, keep_s)
       return (W, S), (self.gate(y, r), probs)
 
@@ -309,3 +476,39 @@ class MAC(TitansBlock):
     if probs is not None:
       probs = probs.transpose(1, 2, 0, 3, 4).reshape(B, self.m.n_heads, n * Ws, -1)[:, :, :T]
     return x + self.drop(o, self.m.dropout, keys[0]), probs, state
+
+  def decode_state(self, batch: int, max_len: int) -> dict:
+    """The shared state (no ring) plus the segment's: keys and values of h and u ("kh", "vh", "ku", "vu"
+    [B, min(titans_window, max_len), K, D]), M − M_0 at the segment start ("dWs"), the tail of u's q conv."""
+    st = {k: v for k, v in super().decode_state(batch, max_len).items() if k not in ("k", "v")}
+    a, dtype = self.attn, jnp.dtype(self.m.compute_dtype)
+    kv = jnp.zeros((batch, min(self.m.hope.titans_window, max_len), a.K, a.D), dtype)
+    st.update(kh=kv, vh=kv, ku=kv, vu=kv, dWs=dict(st["memory"]["dW"]))
+    tail = self.memory.conv_tail(batch, 1, st["memory"]["S"]["w0"].dtype)
+    return st if tail is None else {**st, "conv_q": tail}
+
+  def mix_token(self, x, positions_T, dec):
+    """One token at segment offset o = n mod titans_window: a segment's first token restarts the convs and freezes
+    the memory it retrieves with; keys go to slot o and the query sees slots 0 .. o."""
+    n = dec["n"]
+    o = n % self.m.hope.titans_window
+    start = o == 0
+    u = self.norm_attn(x)
+    q = self.memory.qkv(u, slice(0, 1), None if "conv_q" not in dec else
+                        jnp.where(_rows(start, dec["conv_q"]), 0, dec["conv_q"]))
+    if "conv_q" in dec:
+      q, dec["conv_q"] = q
+    mem = dec["memory"]
+    dec["dWs"] = _pick(start, mem["dW"], dec["dWs"])
+    h = self.norm_h(self.memory.read(self.memory.weights(dec["dWs"]), q["q"]).astype(u.dtype))
+    pos = self._positions(o[:1], positions_T)  # rows read in step: row 0's offset is every row's
+    a = self.attn
+    q_a, k_u, v_u = a.heads(u, pos)
+    k_h, v_h = a._heads(a.wk, h, a.K, pos), a._heads(a.wv, h, a.K, None)
+    for name, new in (("kh", k_h), ("vh", v_h), ("ku", k_u), ("vu", v_u)):
+      dec[name] = _put(dec[name], new, o)
+    seen = jnp.arange(dec["ku"].shape[1])[None] <= o[:, None]
+    y = a.cached(q_a, jnp.concatenate([dec["kh"], dec["ku"]], 1), jnp.concatenate([dec["vh"], dec["vu"]], 1),
+                 jnp.concatenate([seen, seen], 1))
+    r, dec["memory"] = self.memory.step(mem, y, n, reset_B=start)
+    return x + self.gate(y, r), dec
