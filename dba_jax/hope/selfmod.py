@@ -93,11 +93,13 @@ class Rule:
   momentum: float = 0.0
   adaptive_q: bool = False
   qk_norm: bool = False
+  writes: bool = True  # False: η = 0, α still acts (the writes-off baseline)
 
   @classmethod
   def of(cls, h) -> "Rule":
     return cls(h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_lr, h.selfmod_objective, h.selfmod_stopgrad_vhat,
-               h.selfmod_rank1, h.selfmod_alpha, h.selfmod_momentum, h.selfmod_adaptive_q, h.qk_l2_norm)
+               h.selfmod_rank1, h.selfmod_alpha, h.selfmod_momentum, h.selfmod_adaptive_q, h.qk_l2_norm,
+               h.writes)
 
   @property
   def others(self) -> tuple:
@@ -173,7 +175,7 @@ def selfmod_write(meta: dict, W0: dict, buf0: dict, x_Td, q_Td, valid_T, rule: R
     cur = lambda name: memory_apply(Wb[name] if name in Wb else base[name], x_w)
     k, v = cur("k"), cur("v")
     k = _unit(k) if rule.qk_norm else k
-    eta = jax.nn.softplus(cur("eta")[:, 0]) * rule.lr
+    eta = jax.nn.softplus(cur("eta")[:, 0]) * (rule.lr * rule.writes)
     alpha = jax.nn.sigmoid(cur("alpha")[:, 0]) if rule.alpha else jnp.ones_like(eta)
     if rule.adaptive_q:
       q = memory_apply(read("q", Wb), x)
@@ -406,7 +408,7 @@ class HybridBlock(HopeBlock):
       mem = titan_apply(meta, a, clip)
     elif "teach" in state:
       valid = jnp.ones(a.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
-      gate = state["gate"] & h.memory
+      gate = state["gate"] & h.memory & h.writes
       run = lambda st, a_, t_, g_: titan_online(meta, self.modifier.params(), st, a_, t_, valid, g_,
                                                 TitanRule.of(h), clip)
       mem, titan = jax.vmap(run)(state["titan"], a, state["teach"].astype(a.dtype), gate)
