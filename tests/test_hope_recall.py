@@ -1,6 +1,7 @@
 """The token-level passkey (dba_jax/hope/recall.py): a tiny titans_mac trained for a fixed budget recalls the key
 above chance, through its memory only (the same weights with the memory off are at chance), and the statistics the
 memory evals report with (exact binomial against chance, Holm)."""
+import json
 import math
 
 import jax
@@ -11,7 +12,7 @@ from flax import nnx
 
 from dba_jax import model as model_lib
 from dba_jax.config import validate
-from dba_jax.evals import stats
+from dba_jax.evals import hope_report, stats
 from dba_jax.hope import recall
 from helpers import load_preset
 
@@ -71,3 +72,24 @@ def test_binomial_and_holm_against_direct_sums():
   assert stats.binomial_greater(0, n, p0) == 1.0 and stats.binomial_greater(n + 1, n, p0) == 0.0
   # Holm: sorted p times (m - rank), made monotone, capped at 1, returned in the input order.
   assert stats.holm([0.04, 0.01, 0.03, 0.5]) == pytest.approx([0.09, 0.04, 0.09, 0.5])
+
+
+def test_recall_table_adjusts_every_p_over_the_table(tmp_path):
+  """Two result files, two lengths each: 8 tests, each printed beside its Holm adjustment over all 8."""
+  paths, raw = [], []
+  for seed in range(2):
+    rows = []
+    for T, p_chance, p_mc in ((32, 1e-5 * (seed + 1), 1e-4), (64, 0.02, 0.3 + 0.1 * seed)):
+      arm = lambda acc, p=1.0: {"acc": acc, "ci95": (acc - 0.05, acc + 0.05), "p_chance": p}
+      rows.append({"length": T, "samples": 512, "train_length": 32, "memory": arm(0.9, p_chance),
+                   "writes_off": arm(0.5), "memory_off": arm(0.5), "memory_vs_memory_off": {"p": p_mc}})
+      raw += [p_chance, p_mc]
+    path = tmp_path / f"r{seed}.json"
+    path.write_text(json.dumps({"block": "titans_mac", "seed": seed, "steps": 10, "by_length": rows}))
+    paths.append(str(path))
+  text = hope_report.recall_table(paths)
+  adjusted = stats.holm(raw)
+  lines = [ln for ln in text.splitlines() if ln.startswith("| titans_mac")]
+  assert len(lines) == 4 and "8 tests" in text
+  for i, ln in enumerate(lines):
+    assert f"{raw[2 * i]:.2g} ({adjusted[2 * i]:.2g})" in ln and f"{raw[2 * i + 1]:.2g} ({adjusted[2 * i + 1]:.2g})" in ln
