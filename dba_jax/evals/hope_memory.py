@@ -292,8 +292,8 @@ def check_args(args):
   if (args.task == "recall") == bool(args.checkpoint):
     raise EvalError("hope recall trains its own model from --config (no --checkpoint)" if args.checkpoint else
                     f"hope {args.task} needs --checkpoint DIR (a trained memory model)")
-  if args.task != "recall" and (args.set or args.steps):
-    raise EvalError("--set and --steps belong to `dba-eval hope recall`")
+  if args.task != "recall" and (args.set or args.steps or args.carry):
+    raise EvalError("--set, --steps and --carry belong to `dba-eval hope recall`")
   if args.task == "read":
     if not args.text:
       raise EvalError("hope read needs --text FILE (the text the memory reads)")

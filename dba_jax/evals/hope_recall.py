@@ -47,11 +47,15 @@ def command(args, c) -> dict:
   except ValueError as e:
     raise EvalError(str(e)) from None
   log = lambda s: print(f"recall {c.model.block}: {s}", file=sys.stderr, flush=True)
-  params, loss = recall.train(c, args.steps or c.train.steps, c.train.batch_size, args.seed, args.keys, log)
+  try:
+    params, loss = recall.train(c, args.steps or c.train.steps, c.train.batch_size, args.seed, args.keys, log,
+                                carry=args.carry)
+  except ValueError as e:
+    raise EvalError(str(e)) from None
   rows = results(c, params, lengths, args.samples, args.seed + 1000, args.keys)
   for r in rows:
     log(f"{r['length']} tokens: " + ", ".join(f"{a} {r[a]['acc']:.3f}" for a in recall.ARMS) +
         f"; memory vs off McNemar p {r['memory_vs_memory_off']['p']:.2g}")
-  return {"task": "recall", "block": c.model.block, "seed": args.seed, "keys": args.keys,
+  return {"task": "recall", "block": c.model.block, "seed": args.seed, "keys": args.keys, "carry": args.carry,
           "steps": int(len(loss)), "final_answer_ce": float(loss[-10:].mean()), "chance": CHANCE,
           "by_length": rows}

@@ -8,6 +8,9 @@ hope.memory off the answer is a guess (chance 1 / n_keys; the 2-way choice of `s
 
 Training is the model's own forward with dba-train's optimiser (dba_jax.optim: clip, AdamW, warm-up + cosine); the
 arms of `score` are the same weights with the memory as trained, its writes off (θ = 0, forgetting kept) and off.
+`carry` (titans_mac): each batch row's memory continues from where the previous batch left it (truncated BPTT over
+batches: no gradient crosses), so training sees a memory that already holds older keys and filler, as a longer
+prompt's memory does.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dba_jax import losses, model as model_lib, optim
+from dba_jax.hope import blocks
 
 NEEDLE, QUERY, FIRST_KEY = 1, 2, 3
 ARMS = {"memory": {}, "writes_off": {"writes": False}, "memory_off": {"memory": False}}
@@ -53,31 +57,38 @@ def arm_config(m, arm: str):
   return m
 
 
-def _answer_logits(graphdef, params, tokens_BT1):
-  return nnx.merge(graphdef, params).forward(tokens_BT1[:, :-1]).logits[:, -1].astype(jnp.float32)
+def _answer_logits(graphdef, params, tokens_BT1, state=None):
+  """(answer logits [B, V], the memory state after, when one was given)."""
+  out = nnx.merge(graphdef, params).forward(tokens_BT1[:, :-1], cache_state=state)
+  return out.logits[:, -1].astype(jnp.float32), out.cache_state
 
 
-def train(c, steps: int, batch: int, seed: int = 0, n_keys: int = 8, log=None):
-  """(params, answer CE per step [steps]) after `steps` steps of answer-only CE on fresh batches of c.data.seq_len."""
+def train(c, steps: int, batch: int, seed: int = 0, n_keys: int = 8, log=None, carry: bool = False):
+  """(params, answer CE per step [steps]) after `steps` steps of answer-only CE on fresh batches of c.data.seq_len
+  (`carry`: memory carried across batches, the module docstring)."""
   m, T = c.model, c.data.seq_len
   check(m, T, n_keys)
+  if carry and m.block != "titans_mac":
+    raise ValueError(f"carrying the memory across batches needs titans_mac (model.block={m.block!r} carries none)")
   graphdef = model_lib.abstract(m)[0]
   params = model_lib.init_params(m, jax.random.key(seed))
   tx = optim.make_optimizer(c, model_lib.param_axes(m))
 
-  def loss_fn(p, tokens):
-    return losses.nll(_answer_logits(graphdef, p, tokens)[:, None], tokens[:, -1:], m.vocab_size).mean()
+  def loss_fn(p, tokens, state):
+    logits, state = _answer_logits(graphdef, p, tokens, state)
+    return losses.nll(logits[:, None], tokens[:, -1:], m.vocab_size).mean(), state
 
   @jax.jit
-  def step(p, opt_state, tokens):
-    loss, g = jax.value_and_grad(loss_fn)(p, tokens)
+  def step(p, opt_state, tokens, state):
+    (loss, state), g = jax.value_and_grad(loss_fn, has_aux=True)(p, tokens, state)
     updates, opt_state = tx.update(g, opt_state, p)
-    return jax.tree.map(jnp.add, p, updates), opt_state, loss
+    return jax.tree.map(jnp.add, p, updates), opt_state, loss, jax.lax.stop_gradient(state)
 
+  state = blocks.init_fast_state(m, nnx.merge(graphdef, params), batch) if carry else None
   opt_state, rng, out, t0 = tx.init(params), np.random.default_rng([seed, 1]), [], time.perf_counter()
   for i in range(steps):
     tokens = sample(rng, batch, T, m.vocab_size, n_keys)[0]
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens))
+    params, opt_state, loss, state = step(params, opt_state, jnp.asarray(tokens), state)
     out.append(loss)
     if log and (i % 100 == 0 or i == steps - 1):
       log(f"step {i}: answer CE {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -94,7 +105,7 @@ def score(c, params, T: int, samples: int, seed: int, n_keys: int = 8, arms=tupl
   out = {}
   for arm in arms:
     graphdef = model_lib.abstract(arm_config(m, arm))[0]
-    fn = jax.jit(lambda p, t, g=graphdef: _answer_logits(g, p, t))
+    fn = jax.jit(lambda p, t, g=graphdef: _answer_logits(g, p, t)[0])
     logits = np.concatenate([np.asarray(fn(params, jnp.asarray(tokens[i:i + chunk])))
                              for i in range(0, samples, chunk)])
     out[arm] = logits[rows, keys] > logits[rows, other]
