@@ -64,8 +64,8 @@ def _recall(c):
   """The token-level passkey (`dba-eval hope recall`, dba_jax/hope/recall.py): a tiny titans_mac, T 32 = two
   segments of 16, so the needle is out of attention's reach and only the memory can carry it. A linear memory with
   a large inner step (titans_lr 0.4: stable with unit keys) and clipped outer steps learns it in ~150 steps; the
-  cpu preset's depth-2 memory at titans_lr 0.05 stayed at chance for 500 (BUILD_NOTES). --config.model.block picks
-  another titans block."""
+  cpu preset's depth-2 memory at titans_lr 0.05 stayed at chance for 500 (BUILD_NOTES). Another block:
+  --set model.block=titans_mag --set model.hope.titans_positions=absolute (segment positions are MAC's)."""
   m, h, o = c.model, c.model.hope, c.optim
   m.block, m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "titans_mac", "rope", "layernorm", "gelu", False, True
   m.scale_residual_init = False
