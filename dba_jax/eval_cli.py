@@ -102,8 +102,8 @@ def _parser():
                  help="recall: a config override, e.g. model.block=titans_mag (repeatable)")
   o.add_argument("--steps", type=SIZE, default=0, help="recall: training steps (0: the config's train.steps)")
   o.add_argument("--keys", type=COUNT, default=8, help="recall: how many key ids the needle draws from")
-  o.add_argument("--carry", action="store_true", help="recall (titans_mac): train with each row's memory carried "
-                 "across batches (truncated BPTT)")
+  o.add_argument("--carry", type=SIZE, default=0, help="recall (titans_mac): carry each row's memory across N "
+                 "batches before it restarts (truncated BPTT; 0: none)")
   o.add_argument("--lengths", type=listed(COUNT), default=[],
                  help="prompt lengths in tokens, comma-separated (default: the training length); continual: the "
                  "segment length")

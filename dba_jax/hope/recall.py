@@ -8,9 +8,10 @@ hope.memory off the answer is a guess (chance 1 / n_keys; the 2-way choice of `s
 
 Training is the model's own forward with dba-train's optimiser (dba_jax.optim: clip, AdamW, warm-up + cosine); the
 arms of `score` are the same weights with the memory as trained, its writes off (θ = 0, forgetting kept) and off.
-`carry` (titans_mac): each batch row's memory continues from where the previous batch left it (truncated BPTT over
-batches: no gradient crosses), so training sees a memory that already holds older keys and filler, as a longer
-prompt's memory does.
+`carry` = N (titans_mac): each batch row's memory continues from where the previous batch left it, N batches in a
+row before it restarts from M_0 (truncated BPTT over batches: no gradient crosses), so training sees a memory that
+already holds older keys and filler, as a longer prompt's memory does. (Carried forever, it diverged: NaN within
+100 steps at titans_lr 0.2, BUILD_NOTES.)
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _answer_logits(graphdef, params, tokens_BT1, state=None):
   return out.logits[:, -1].astype(jnp.float32), out.cache_state
 
 
-def train(c, steps: int, batch: int, seed: int = 0, n_keys: int = 8, log=None, carry: bool = False):
+def train(c, steps: int, batch: int, seed: int = 0, n_keys: int = 8, log=None, carry: int = 0):
   """(params, answer CE per step [steps]) after `steps` steps of answer-only CE on fresh batches of c.data.seq_len
   (`carry`: memory carried across batches, the module docstring)."""
   m, T = c.model, c.data.seq_len
@@ -84,9 +85,10 @@ def train(c, steps: int, batch: int, seed: int = 0, n_keys: int = 8, log=None, c
     updates, opt_state = tx.update(g, opt_state, p)
     return jax.tree.map(jnp.add, p, updates), opt_state, loss, jax.lax.stop_gradient(state)
 
-  state = blocks.init_fast_state(m, nnx.merge(graphdef, params), batch) if carry else None
+  fresh = blocks.init_fast_state(m, nnx.merge(graphdef, params), batch) if carry else None
   opt_state, rng, out, t0 = tx.init(params), np.random.default_rng([seed, 1]), [], time.perf_counter()
   for i in range(steps):
+    state = fresh if not carry or i % carry == 0 else state
     tokens = sample(rng, batch, T, m.vocab_size, n_keys)[0]
     params, opt_state, loss, state = step(params, opt_state, jnp.asarray(tokens), state)
     out.append(loss)
