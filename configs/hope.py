@@ -24,7 +24,7 @@ verified at d 512). The original's values at the cpu sizes (parity runs):
 from dba_jax.config import base_config, lock
 
 BUILT = ("attention", "selfmod", "hybrid", "transformer", "cpu", "titans_mac", "titans_mag", "titans_mal",
-         "titans_lmm")
+         "titans_lmm", "recall")
 PLANNED = ()
 
 
@@ -34,6 +34,8 @@ def get_config(variant: str = "cpu"):
     raise ValueError(f"unknown variant {variant!r} of hope{extra}; choose one of {', '.join(BUILT)}")
   c = base_config()
   m, h = c.model, c.model.hope
+  if variant == "recall":
+    return _recall(c)
   blocks = {"transformer": "hope_transformer", "selfmod": "hope_selfmod", "hybrid": "hope_hybrid"}
   m.block = blocks.get(variant, "hope_attention")
   # model.bias only reaches the final LayerNorm here (HOPE blocks set their own biases): torch LN has one.
@@ -74,4 +76,22 @@ def get_config(variant: str = "cpu"):
     h.titans_chunk, h.titans_window, h.titans_persistent, h.titans_memory_depth = 32, 32, 8, 2
     h.titans_positions = "segment" if variant == "titans_mac" else "absolute"
     o.lr = 1e-3
+  return lock(c)
+
+
+def _recall(c):
+  """The token-level passkey (`dba-eval hope recall`, dba_jax/hope/recall.py): a tiny titans_mac, T 32 = two
+  segments of 16, so the needle is out of attention's reach and only the memory can carry it. A linear memory with
+  a large inner step (titans_lr 0.4: stable with unit keys) and clipped outer steps learns it in ~150 steps; the
+  cpu preset's depth-2 memory at titans_lr 0.05 stayed at chance for 500 (BUILD_NOTES). Another block:
+  --set model.block=titans_mag --set model.hope.titans_positions=absolute (segment positions are MAC's)."""
+  m, h, o = c.model, c.model.hope, c.optim
+  m.block, m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "titans_mac", "rope", "layernorm", "gelu", False, True
+  m.scale_residual_init = False
+  m.vocab_size, m.pad_vocab_to, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 32, 8, 32, 2, 2, 128, 4096
+  h.titans_chunk, h.titans_window, h.titans_persistent, h.titans_memory_depth, h.titans_lr = 8, 16, 4, 1, 0.4
+  h.titans_positions = "segment"
+  c.data.seq_len = 32
+  o.lr, o.warmup_steps, o.weight_decay, o.clip_norm = 2e-3, 20, 0.0, 1.0
+  c.train.steps, c.train.batch_size = 600, 64
   return lock(c)

@@ -10,6 +10,8 @@
                                                                             (evals/pruning.py)
   dba-eval hope passkey|niah|continual --checkpoint DIR [--lengths 256,512] [--samples N] [--plot X.png]
   dba-eval hope read --checkpoint DIR --text FILE [--state DIR] [--save-state DIR]   (evals/hope_memory.py)
+  dba-eval hope recall [--config configs/hope.py:recall] [--set model.block=titans_mag] [--steps N] [--lengths 32,64]
+                                                                            (evals/hope_recall.py: trains, then scores)
   dba-eval addition ...        (the arguments of dba-addition-eval, forwarded unchanged; evals/addition.py)
   dba-eval compare --manifest configs/compare/NAME.py [--out DIR]   (evals/compare_checkpoints.py)
   dba-eval latentwire --manifest FILE.json [--out X.json]   (evals/latentwire.py)
@@ -97,12 +99,19 @@ def _parser():
   r.add_argument("--out", default="", help="also write the JSON here")
   r.add_argument("--force", action="store_true", help="replace an existing --out file")
   o = sub.add_parser("hope", help="memory evals (HOPE, Titans): passkey, NIAH, continual, with and without memory")
-  o.add_argument("task", choices=("passkey", "niah", "continual", "read"))
-  o.add_argument("--checkpoint", required=True)
+  o.add_argument("task", choices=("passkey", "niah", "continual", "read", "recall"))
+  o.add_argument("--checkpoint", default="", help="the trained memory model (every task but recall)")
+  o.add_argument("--config", default="configs/hope.py:recall", help="recall: the config it trains")
+  o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="recall: a config override, e.g. model.block=titans_mag (repeatable)")
+  o.add_argument("--steps", type=SIZE, default=0, help="recall: training steps (0: the config's train.steps)")
+  o.add_argument("--keys", type=COUNT, default=8, help="recall: how many key ids the needle draws from")
+  o.add_argument("--carry", type=SIZE, default=0, help="recall (titans_mac): carry each row's memory across N "
+                 "batches before it restarts (truncated BPTT; 0: none)")
   o.add_argument("--lengths", type=listed(COUNT), default=[],
                  help="prompt lengths in tokens, comma-separated (default: the training length); continual: the "
                  "segment length")
-  o.add_argument("--samples", type=COUNT, default=32)
+  o.add_argument("--samples", type=SIZE, default=0, help="prompts per length (0: 512; continual: 64 segments)")
   o.add_argument("--seed", type=SIZE, default=0)
   o.add_argument("--plot", default="", help="passkey/niah: also plot accuracy against length (PNG)")
   o.add_argument("--text", default="", help="read: the text file the memory reads (and is scored on)")

@@ -8,7 +8,7 @@ source "$(dirname "$0")/env.sh"
 OUT="${1:-runs/hope_results}"; STEPS="${2:-300}"; shift $(( $# < 2 ? $# : 2 ))
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(transformer attention selfmod hybrid titans_mac titans_mag titans_mal)
-SAMPLES="${SAMPLES:-32}"
+SAMPLES="${SAMPLES:-512}"  # prompts per length: fresh per checkpoint (seeded by its step)
 # The training data: passkey documents (1-12 filler sentences) mixed half and half with stdlib text, T 256.
 DATA=(--config.data.source=synthetic --config.data.generator=passkey --config.data.mix_stdlib=0.5
       --config.data.seq_len=256 --config.model.max_seq_len=256)
@@ -22,6 +22,6 @@ for v in "${VARIANTS[@]}"; do
       --samples "$SAMPLES" --out "$OUT/$v/$task.json" --plot "$OUT/$v/$task.png"
   done
   [ -f "$OUT/$v/continual.json" ] || dba-eval hope continual --checkpoint "$OUT/$v" --lengths 256 \
-    --samples 8 --out "$OUT/$v/continual.json"
+    --samples 64 --out "$OUT/$v/continual.json"
 done
 python -m dba_jax.evals.hope_report "$OUT" "${VARIANTS[@]}" | tee "$OUT/results.md"

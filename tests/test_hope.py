@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from dba_jax import eval_cli, losses, model as model_lib, train
+from dba_jax.evals import stats
 from dba_jax.config import validate
 from dba_jax.hope import cms, step as hope_step, teach
 from helpers import load_preset, untrained_run
@@ -236,24 +237,36 @@ def test_global_teach_trains(tmp_path):
 
 def test_the_memory_evals_run(tmp_path, capsys):
   """dba-eval hope on the initial parameters (the evals read a checkpoint; test_global_teach_trains makes one)."""
-  untrained_run(tmp_path / "global", _byte_hope_config("global"))
+  # A live inner loop (teach 1, inner lr 1, no momentum): the anchor's 0.1 / 3e-4 moves the logits by ~1e-7.
+  untrained_run(tmp_path / "global", hope_config(periods=(2, 4), vocab=256, online_chunk=8, teach="global",
+                                                 teach_scale=1.0, inner_lr=1.0, inner_beta=0.0))
   out = tmp_path / "passkey.json"
   png = tmp_path / "passkey.png"
   assert eval_cli.main(["hope", "passkey", "--checkpoint", str(tmp_path / "global"), "--samples", "2", "--lengths",
                         "60,100", "--out", str(out), "--plot", str(png)]) == 0
   r = json.loads(out.read_text())
   assert [row["length"] for row in r["by_length"]] == [60, 100] and png.stat().st_size > 0
-  for row in r["by_length"]:
-    assert row["samples"] == 2 and 0 <= row["memory_acc"] <= 1 and 0 <= row["baseline_acc"] <= 1
-    assert row["tokens"] >= row["length"] and row["updates_fired_per_sample"] > 0
+  for row in r["by_length"]:  # the statistics are those of the per-prompt outcomes (paired, same prompts)
+    assert row["samples"] == 2 and row["tokens"] >= row["length"] and row["updates_fired_per_sample"] > 0
+    for arm in ("memory", "writes_off", "baseline"):
+      k = round(row[f"{arm}_acc"] * 2)
+      assert row[f"{arm}_p_chance"] == pytest.approx(stats.binomial_greater(k, 2, 0.5))
+      assert row[f"{arm}_ci95"] == pytest.approx(list(stats.wilson_interval(k, 2)))
+    mc = row["memory_vs_baseline"]
+    assert mc["only_a"] - mc["only_b"] == round(2 * (row["memory_acc"] - row["baseline_acc"]))
   out = tmp_path / "continual.json"
-  assert eval_cli.main(["hope", "continual", "--checkpoint", str(tmp_path / "global"), "--samples", "1", "--lengths",
+  assert eval_cli.main(["hope", "continual", "--checkpoint", str(tmp_path / "global"), "--samples", "3", "--lengths",
                         "16", "--out", str(out)]) == 0
   r = json.loads(out.read_text())
   assert r["segment_tokens"] == 16 and r["baseline"]["updates_fired_per_sample"] == 0
-  assert r["memory"]["updates_fired_per_sample"] > 0
-  # The first segment's first chunk reads the empty memory either way; memory changes the re-read.
-  assert r["memory"]["reread_after_others"] != r["baseline"]["reread_after_others"]
+  assert r["memory"]["updates_fired_per_sample"] > 0 and r["writes_off"]["updates_fired_per_sample"] == 0
+  # The first segment's first chunk reads the empty memory either way; memory changes the re-read by more than float
+  # noise, and the paired difference is the difference of the means, inside its own interval.
+  for k in ("reread_after_itself", "reread_after_others"):
+    d = r["memory"][k] - r["baseline"][k]
+    assert abs(d) > 1e-4 and r["delta"][k] == pytest.approx(d)
+    lo, hi = r["delta_ci95"][k]
+    assert lo < d < hi and 0 <= r["delta_p"][k] <= 1
   # A memory state saved after reading a text, then read again from it; an existing directory is never replaced.
   ckpt, doc, saved = str(tmp_path / "global"), tmp_path / "doc.txt", tmp_path / "memory"
   doc.write_text("The pass key is KEY-4821. Remember it. " * 3)
@@ -282,3 +295,8 @@ def test_needle_prompts_have_their_length_the_key_and_a_distractor():
     assert true_text[:-4] == other_text[:-4] and other_text[-4:] != str(key)
     assert true_text.count(str(key)) == 2 and (true_text.index("KEY-") == 16) == at_start
     assert true_text.index("KEY-") < len(true_text) - 200  # the needle is far from the question
+  # Whatever the depth, at least `span` tokens lie between the needle's end and the question's end.
+  for depth in (0.0, 0.5, 1.0):
+    true_text, _, key = evals.needle_prompt(np.random.default_rng(2), "niah", 150, tok, depth=depth, span=120)
+    needle_end = true_text.index(f"KEY-{key}") + len(f"KEY-{key}.")
+    assert len(tok.encode(true_text[needle_end:-4])) >= 120

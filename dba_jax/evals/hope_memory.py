@@ -1,8 +1,12 @@
 """Memory evals for every memory block (`dba-eval hope passkey|niah|continual|read --checkpoint DIR`: `command`;
 others.md B.7).
 
-Every number comes twice: "memory" runs the model as trained; "baseline" is the same weights with model.hope.memory
-off (no fast weight moves: CMS levels, self-modifying and Titans memories stay at their meta weights). Scoring:
+Every number comes three times, on the same prompts: "memory" runs the model as trained; "writes_off" the same
+weights with model.hope.writes off (nothing is stored, the forgetting α still acts); "baseline" with model.hope.memory
+off (no fast weight moves: CMS levels, self-modifying and Titans memories stay at their meta weights). Needle tasks
+report each arm's accuracy with its Wilson interval and exact binomial p against chance, and exact McNemar tests of
+the memory against both baselines (paired: the same prompts); prompts are drawn from (seed, the checkpoint's step,
+length), so each checkpoint is scored on fresh ones. Scoring:
   two-pass blocks (hope_attention / selfmod / hybrid)  the online loop of dba_jax.hope.step in chunks of the training
                                                        chunk (hope.online_chunk, else data.seq_len): each token is
                                                        scored in its chunk's read pass, before that chunk's update;
@@ -14,8 +18,11 @@ memory carries information across chunks.
   passkey    "The pass key is KEY-dddd. Remember it." first, filler sentences, "What is the pass key? The pass key is
              KEY-": right when log p(true key) > log p(a distractor key); chance 0.5
   niah       the same 2-way choice, "Remember that the secret key is KEY-dddd." at a random depth among filler
+  Both keep the needle outside the answer's attention span (`attention_span`: the MAC segment, the MAG / MAL
+  window, the online chunk): only the memory can carry it to the question.
   continual  segments from three domains A, B, C read as [A B C A]: the CE of each on first reading, and of A read
-             again after B and C (memorise, interfere, rescore); [A A] gives the rescore without interference
+             again after B and C (memorise, interfere, rescore); [A A] gives the rescore without interference; means
+             with 95% t intervals over samples, and the paired memory − baseline difference with its interval
   read       a user's text: CE with and without memory; the memory can start from a saved state and be saved after
              (dba_jax.hope.memstate), so a later call continues where this one stopped
 """
@@ -31,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import data, losses, model as model_lib, plots
+from dba_jax import cli, config as config_lib, data, losses, model as model_lib, plots
+from dba_jax.evals import hope_recall
 from dba_jax.evals.common import EvalError, load_checkpoint, read_checkpoint_config
-from dba_jax.evals.stats import wilson_interval
+from dba_jax.evals import stats
 from dba_jax.hope import blocks, memstate, step as hope_step, synthetic
 
 FILLER = "This is filler sentence number {}. "
@@ -47,9 +55,9 @@ class Scorer:
   """score(ids) -> (NLL of every next token [len(ids) - 1], memory updates fired) for one memory setting;
   read(ids, state) also starts from and returns the memory state (blocks that carry one, dba_jax.hope.memstate)."""
 
-  def __init__(self, model, config, memory: bool):
+  def __init__(self, model, config, memory: bool, writes: bool = True):
     m = config.model.copy_and_resolve_references()
-    m.hope.memory = memory and m.hope.memory
+    m.hope.memory, m.hope.writes = memory and m.hope.memory, writes and m.hope.writes
     graphdef = model_lib.abstract(m)[0]
     self.m, self.params, vocab, L = m, model.params, m.vocab_size, m.n_layers
     self.zero_state = (lambda: blocks.init_fast_state(m, nnx.merge(graphdef, self.params), 1)) \
@@ -96,42 +104,65 @@ class Scorer:
 
 
 def scorers(model, config) -> dict:
-  return {"memory": Scorer(model, config, True), "baseline": Scorer(model, config, False)}
+  return {"memory": Scorer(model, config, True), "writes_off": Scorer(model, config, True, writes=False),
+          "baseline": Scorer(model, config, False)}
 
 
-def needle_prompt(rng, task: str, n_tokens: int, tokenizer, depth: float | None = None):
+def attention_span(m, chunk: int) -> int:
+  """How many tokens back (itself included) attention or a conv can reach from a position: the MAC segment, the
+  MAG / MAL window, the conv taps of a memory-only block, else the scorer's chunk (two-pass blocks: the online
+  chunk)."""
+  h = m.hope
+  if m.block in ("titans_mac", "titans_mag", "titans_mal"):
+    return int(h.titans_window)
+  if m.block.startswith("titans_"):
+    return max(1, int(h.titans_conv))
+  return chunk
+
+
+def needle_prompt(rng, task: str, n_tokens: int, tokenizer, depth: float | None = None, span: int = 0):
   """(true text, distractor text, key): a prompt of about n_tokens tokens (at least the needle and the question).
-  passkey puts the needle first; niah at `depth` (a fraction; random when None) among shuffled filler."""
+  passkey puts the needle first; niah at `depth` (a fraction; random when None) among shuffled filler. At least
+  `span` tokens follow the needle up to the question's end, so that no answer token's attention reaches it (the
+  prompt grows past n_tokens when it must)."""
   needle, question = TASKS[task]
   key, other = (int(x) for x in rng.choice(9000, size=2, replace=False) + 1000)
-  fixed = len(tokenizer.encode(needle.format(key) + question))
-  filler, size = [], fixed
-  while size < n_tokens:
+  n = lambda text: len(tokenizer.encode(text))
+  fixed, after_q = n(needle.format(key) + question), n(question)
+  filler, size, sizes = [], fixed, []
+  while size < n_tokens or sum(sizes) + after_q < span + 2:  # + 2: a BPE may merge across pieces
     filler.append(FILLER.format(len(filler)))
-    size += len(tokenizer.encode(filler[-1]))
+    sizes.append(n(filler[-1]))
+    size += sizes[-1]
   if task == "niah":
-    rng.shuffle(filler)
-  at = 0 if task == "passkey" else int(round((rng.random() if depth is None else depth) * len(filler)))
+    order = rng.permutation(len(filler))
+    filler, sizes = [filler[i] for i in order], [sizes[i] for i in order]
+  # The latest needle slot that leaves >= span tokens after it.
+  last = max(i for i in range(len(filler) + 1) if sum(sizes[i:]) + after_q >= span + 2)
+  at = 0 if task == "passkey" else int(round((rng.random() if depth is None else depth) * last))
   text = "".join(filler[:at]) + needle.format(key) + "".join(filler[at:]) + question
   return text + str(key), text + str(other), key
 
 
-def needle_task(model, config, task: str = "passkey", lengths=(256, 512), samples: int = 32, seed: int = 0,
+def needle_task(model, config, task: str = "passkey", lengths=(256, 512), samples: int = 512, seed: int = 0,
                 runs: dict | None = None) -> dict:
-  """Accuracy of the 2-way key choice per prompt length, with memory and without."""
+  """Accuracy of the 2-way key choice per prompt length for every arm (memory, writes off, memory off) on the same
+  prompts, drawn from (seed, checkpoint step, length); paired McNemar tests of the memory against each other arm."""
   tok = data.get_tokenizer(config.data.tokenizer)
   runs = runs or scorers(model, config)
   space = int(tok.encode(" ")[0])
+  some = next(iter(runs.values()))
+  span = attention_span(some.m, some.chunk)
   rows = []
   for n_tokens in lengths:
-    rng = np.random.default_rng([seed, n_tokens])
-    right = {name: 0 for name in runs}
+    rng = np.random.default_rng([seed, int(getattr(model, "step", 0) or 0), n_tokens])
+    right = {name: np.zeros(samples, bool) for name in runs}
     fired, real = [], 0
-    for _ in range(samples):
-      true_text, other_text, key = needle_prompt(rng, task, n_tokens, tok)
+    for i in range(samples):
+      true_text, other_text, key = needle_prompt(rng, task, n_tokens, tok, span=span)
       k = len(tok.encode(str(key)))
       ids = [tok.encode(t) for t in (true_text, other_text)]
-      real = len(ids[0])
+      real = max(real, len(ids[0]))
       for name, score in runs.items():
         lp = []
         for x in ids:
@@ -139,16 +170,20 @@ def needle_task(model, config, task: str = "passkey", lengths=(256, 512), sample
           lp.append(-nll[-k:].sum())
           if name == "memory" and x is ids[0]:
             fired.append(n_fired)
-        right[name] += lp[0] > lp[1]
+        right[name][i] = lp[0] > lp[1]
     row = {"length": n_tokens, "tokens": real, "samples": samples}
-    for name in runs:
-      row[f"{name}_acc"] = right[name] / samples
-      row[f"{name}_ci95"] = wilson_interval(right[name], samples)
+    for name, r in right.items():
+      row[f"{name}_acc"] = float(r.mean())
+      row[f"{name}_ci95"] = stats.wilson_interval(int(r.sum()), samples)
+      row[f"{name}_p_chance"] = stats.binomial_greater(int(r.sum()), samples, 0.5)
+    for name in right:
+      if name != "memory":
+        row[f"memory_vs_{name}"] = stats.mcnemar_exact(right["memory"], right[name])
     row["delta"] = row["memory_acc"] - row["baseline_acc"]
     row["updates_fired_per_sample"] = float(np.mean(fired))
     rows.append(row)
-  some = next(iter(runs.values()))
-  return {"task": task, "chance": 0.5, "chunk": some.chunk, "train_len": config.data.seq_len, "by_length": rows}
+  return {"task": task, "chance": 0.5, "chunk": some.chunk, "attention_span": span, "step": getattr(model, "step", 0),
+          "seed": seed, "train_len": config.data.seq_len, "by_length": rows}
 
 
 def continual_segments(config, n_tokens: int, samples: int, seed: int) -> dict:
@@ -169,7 +204,7 @@ def continual_segments(config, n_tokens: int, samples: int, seed: int) -> dict:
   return out
 
 
-def continual(model, config, n_tokens: int = 0, samples: int = 8, seed: int = 0, runs: dict | None = None) -> dict:
+def continual(model, config, n_tokens: int = 0, samples: int = 64, seed: int = 0, runs: dict | None = None) -> dict:
   """Mean CE per segment on first reading, and of segment A re-read right after itself ([A A]) and after B and C
   ([A B C A]), with memory and without. n_tokens defaults to the training length."""
   runs = runs or scorers(model, config)
@@ -179,6 +214,7 @@ def continual(model, config, n_tokens: int = 0, samples: int = 8, seed: int = 0,
   segs = continual_segments(config, S + 1, samples, seed)
   names = list(segs)
   out = {"task": "continual", "segment_tokens": S, "samples": samples, "chunk": chunk, "order": names + [names[0]]}
+  per_sample = {}
   for run_name, score in runs.items():
     first = {n: [] for n in names}
     again, again_now, fired = [], [], []
@@ -192,10 +228,18 @@ def continual(model, config, n_tokens: int = 0, samples: int = 8, seed: int = 0,
       again.append(nll[3 * S:4 * S].mean())
       again_now.append(score(np.concatenate([a[:S], a[:S + 1]]))[0][S:2 * S].mean())
       fired.append(n_fired)
+    per_sample[run_name] = {"reread_after_itself": again_now, "reread_after_others": again}
     out[run_name] = {"first_read": {n: float(np.mean(v)) for n, v in first.items()},
                      "reread_after_itself": float(np.mean(again_now)),
-                     "reread_after_others": float(np.mean(again)), "updates_fired_per_sample": float(np.mean(fired))}
-  out["delta"] = {k: out["memory"][k] - out["baseline"][k] for k in ("reread_after_itself", "reread_after_others")}
+                     "reread_after_others": float(np.mean(again)), "updates_fired_per_sample": float(np.mean(fired)),
+                     "ci95": {"first_read": {n: stats.mean_interval(v)["ci"] for n, v in first.items()},
+                              "reread_after_itself": stats.mean_interval(again_now)["ci"],
+                              "reread_after_others": stats.mean_interval(again)["ci"]}}
+  # Paired over samples (the same segments): memory − baseline CE, its 95% t interval and p.
+  out["delta"], out["delta_ci95"], out["delta_p"] = {}, {}, {}
+  for k in ("reread_after_itself", "reread_after_others"):
+    d = stats.mean_interval(np.asarray(per_sample["memory"][k]) - np.asarray(per_sample["baseline"][k]))
+    out["delta"][k], out["delta_ci95"][k], out["delta_p"][k] = d["mean"], d["ci"], d["p"]
   return out
 
 
@@ -245,6 +289,11 @@ def read(model, config, text: str, state_dir: str = "", save_dir: str = "", sour
 
 def check_args(args):
   """What `dba-eval hope` can refuse before loading anything: flags of another task, a --save-state that is a file."""
+  if (args.task == "recall") == bool(args.checkpoint):
+    raise EvalError("hope recall trains its own model from --config (no --checkpoint)" if args.checkpoint else
+                    f"hope {args.task} needs --checkpoint DIR (a trained memory model)")
+  if args.task != "recall" and (args.set or args.steps or args.carry):
+    raise EvalError("--set, --steps and --carry belong to `dba-eval hope recall`")
   if args.task == "read":
     if not args.text:
       raise EvalError("hope read needs --text FILE (the text the memory reads)")
@@ -261,11 +310,19 @@ def check_args(args):
 def command(args) -> dict:
   """`dba-eval hope TASK`: load a memory model, run TASK (passkey, niah, continual or read) and print a summary."""
   check_args(args)
+  if args.task == "recall":
+    args.samples = args.samples or 512
+    c = cli.load_config("dba-eval", args.config, [f"--config.{s}" for s in args.set], config_lib.validate)
+    if not c.model.block.startswith("titans_"):
+      raise EvalError(f"hope recall trains titans_* blocks (model.block={c.model.block!r}: the two-pass HOPE "
+                      "blocks learn their memory from a teach signal, not the answer-only loss)")
+    return hope_recall.command(args, c)
   c = read_checkpoint_config(args.checkpoint)  # what can be refused is, before the model loads
   if c.model.block not in hope_step.TWO_PASS_BLOCKS and not c.model.block.startswith("titans_"):
     raise EvalError(f"{args.checkpoint}: model.block={c.model.block!r} has no memory; the memory evals need a "
                     f"hope_attention / hope_selfmod / hope_hybrid / titans_* model")
   lengths = list(args.lengths)  # token counts >= 1 (checked by dba-eval's argument types)
+  samples = args.samples or (64 if args.task == "continual" else 512)
   if args.task == "read":
     try:
       with open(args.text, encoding="utf-8") as f:
@@ -288,18 +345,19 @@ def command(args) -> dict:
           + (f"; memory state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
     return {"checkpoint": args.checkpoint, **r}
   if args.task == "continual":
-    r = continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=args.samples, seed=args.seed)
-    for name in ("baseline", "memory"):
+    r = continual(model, c, n_tokens=lengths[0] if lengths else 0, samples=samples, seed=args.seed)
+    for name in ("baseline", "writes_off", "memory"):
       x = r[name]
       print(f"continual {name:8s}: first read " + ", ".join(f"{k} {v:.3f}" for k, v in x["first_read"].items()) +
             f"; A again at once {x['reread_after_itself']:.3f}, after B and C {x['reread_after_others']:.3f} "
             f"({x['updates_fired_per_sample']:.0f} updates)", file=sys.stderr)
   else:
-    r = needle_task(model, c, args.task, lengths or (c.data.seq_len,), args.samples, args.seed)
+    r = needle_task(model, c, args.task, lengths or (c.data.seq_len,), samples, args.seed)
     for row in r["by_length"]:
-      print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): baseline "
-            f"{row['baseline_acc']:.3f}, with memory {row['memory_acc']:.3f} (delta {row['delta']:+.3f}), "
-            f"{row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
+      print(f"{args.task} {row['tokens']:5d} tokens (train {r['train_len']}, chunks of {r['chunk']}): memory off "
+            f"{row['baseline_acc']:.3f}, writes off {row['writes_off_acc']:.3f}, with memory {row['memory_acc']:.3f} "
+            f"(vs chance p {row['memory_p_chance']:.2g}, vs memory off McNemar p {row['memory_vs_baseline']['p']:.2g})"
+            f", {row['updates_fired_per_sample']:.0f} memory updates per sample", file=sys.stderr)
     if args.plot:  # plots.save: drawn under a temporary name and renamed, a kill never leaves half a PNG
       plots.memory_accuracy(r, args.plot)
   return {"checkpoint": args.checkpoint, **r}

@@ -1,10 +1,13 @@
 """The HOPE / Titans results table from launch/hope_results.sh's run folders (markdown on stdout, and plots).
 
   python -m dba_jax.evals.hope_report OUT_DIR VARIANT [VARIANT ...]
+  python -m dba_jax.evals.hope_report --recall RECALL.json [...]     (`dba-eval hope recall` outputs)
 
 Per variant: parameters, the last logged train loss (mean of the last 3 logs) and eval loss at equal steps; passkey and
-NIAH accuracy per length with and without memory (95% Wilson intervals) and the updates fired; continual CE of
-segment A re-read after B and C. Also OUT_DIR/needles.png: every variant's needle accuracy against length.
+NIAH accuracy per length with memory, writes off and memory off (95% Wilson intervals), the exact binomial p of the
+memory against chance and the exact McNemar p of memory vs memory off, each also Holm-adjusted over every test of the
+table (the note under it says how many); continual CE of segment A re-read after B and C with the paired difference's
+interval. Also OUT_DIR/needles.png: every variant's needle accuracy against length.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import sys
 import jax
 
 from dba_jax import loading, model as model_lib, plots
+from dba_jax.evals import stats
 
 
 def _jsonl(path: str) -> list:
@@ -50,28 +54,59 @@ def table(out: str, variants: list[str]) -> str:
         continue
       panels.append({**r, "title": f"{v}: {task}"})
       for row in r["by_length"]:
-        ci = lambda name: "[{:.2f}, {:.2f}]".format(*row[f"{name}_ci95"])
-        needle_rows.append(f"| {v} | {task} | {row['tokens']} ({row['tokens'] / r['train_len']:.1f}x) | "
-                           f"{row['baseline_acc']:.3f} {ci('baseline')} | {row['memory_acc']:.3f} {ci('memory')} | "
-                           f"{row['delta']:+.3f} | {row['updates_fired_per_sample']:.0f} |")
+        ci = lambda name: "{:.3f} [{:.2f}, {:.2f}]".format(row[f"{name}_acc"], *row[f"{name}_ci95"])
+        needle_rows.append((f"| {v} | {task} | {row['tokens']} ({row['tokens'] / r['train_len']:.1f}x) | "
+                            f"{row['samples']} | {ci('baseline')} | {ci('writes_off')} | {ci('memory')} |",
+                            row["memory_p_chance"], row["memory_vs_baseline"]["p"]))
     r = _load(os.path.join(d, "continual.json"))
     if r is not None:
       b, m = r["baseline"], r["memory"]
       first = lambda x: " / ".join(f"{x['first_read'][k]:.3f}" for k in r["order"][:3])
-      continual_rows.append(f"| {v} | {first(b)} | {first(m)} | {b['reread_after_itself']:.3f} → "
-                            f"{m['reread_after_itself']:.3f} | {b['reread_after_others']:.3f} → "
-                            f"{m['reread_after_others']:.3f} | {m['updates_fired_per_sample']:.0f} |")
+      dci = lambda k: "{:+.3f} [{:+.3f}, {:+.3f}]".format(r["delta"][k], *r["delta_ci95"][k])
+      continual_rows.append(f"| {v} | {r['samples']} | {first(b)} | {first(m)} | {b['reread_after_itself']:.3f} → "
+                            f"{m['reread_after_itself']:.3f} ({dci('reread_after_itself')}) | "
+                            f"{b['reread_after_others']:.3f} → {m['reread_after_others']:.3f} "
+                            f"({dci('reread_after_others')}) | {m['updates_fired_per_sample']:.0f} |")
   out_lines = lines
   if needle_rows:
-    out_lines += ["", "| variant | task | prompt tokens (x train) | without memory | with memory | delta | updates |",
-                  "|---|---|---|---|---|---|---|"] + needle_rows
+    out_lines += ["", "| variant | task | prompt tokens (x train) | n | memory off | writes off | memory | "
+                  "p vs chance (Holm) | McNemar p vs off (Holm) |", "|---|---|---|---|---|---|---|---|---|"]
+    out_lines += _with_holm(needle_rows)
   if continual_rows:
-    out_lines += ["", "| variant | first read CE (code / prose / arith), without | with memory | A re-read at once "
-                  "(without → with) | A re-read after B, C (without → with) | updates |",
-                  "|---|---|---|---|---|---|"] + continual_rows
+    out_lines += ["", "| variant | n | first read CE (code / prose / arith), without | with memory | A re-read at once "
+                  "(without → with, paired Δ [95% CI]) | A re-read after B, C (without → with, Δ [CI]) | updates |",
+                  "|---|---|---|---|---|---|---|"] + continual_rows
   if panels:
     out_lines += ["", f"plot: {plots.memory_accuracy(panels, os.path.join(out, 'needles.png'))}"]
   return "\n".join(out_lines)
+
+
+def _with_holm(rows) -> list[str]:
+  """Rows (text, p vs chance, McNemar p) as table lines, each p beside its Holm adjustment over the whole table."""
+  flat = [p for _, *ps in rows for p in ps]
+  adj = stats.holm(flat)
+  lines = []
+  for i, (text, *ps) in enumerate(rows):
+    cells = [f"{p:.2g} ({a:.2g})" for p, a in zip(ps, adj[2 * i:2 * i + 2])]
+    lines.append(f"{text} {' | '.join(cells)} |")
+  return lines + ["", f"Holm: {len(flat)} tests in this table (each row: memory vs chance, memory vs memory off); "
+                  "the adjusted p controls the chance of any false positive among them at that level."]
+
+
+def recall_table(paths: list[str]) -> str:
+  """`dba-eval hope recall` outputs as one table: accuracy per arm and length, tests Holm-adjusted over the table."""
+  rows = []
+  for path in paths:
+    r = json.load(open(path))
+    for row in r["by_length"]:
+      ci = lambda a: "{:.3f} [{:.2f}, {:.2f}]".format(row[a]["acc"], *row[a]["ci95"])
+      rows.append((f"| {r['block']} | {r['seed']} | {r['steps']} | {row['length']} "
+                   f"({row['length'] / row['train_length']:.0f}x) | {row['samples']} | {ci('memory_off')} | "
+                   f"{ci('writes_off')} | {ci('memory')} |", row["memory"]["p_chance"],
+                   row["memory_vs_memory_off"]["p"]))
+  head = ["| block | seed | steps | prompt tokens (x train) | n | memory off | writes off | memory | "
+          "p vs chance (Holm) | McNemar p vs off (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  return "\n".join(head + _with_holm(rows))
 
 
 def main(argv=None) -> int:
@@ -79,6 +114,14 @@ def main(argv=None) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__)
     return 0 if argv else 2
+  if argv[0] == "--recall":
+    missing = [p for p in argv[1:] if not os.path.isfile(p)]
+    if missing or len(argv) < 2:
+      print(f"dba_jax.evals.hope_report: error: --recall needs dba-eval hope recall JSON files "
+            f"({missing[0] if missing else 'none given'} is not a file)", file=sys.stderr)
+      return 2
+    print(recall_table(argv[1:]))
+    return 0
   if not os.path.isdir(argv[0]):
     print(f"dba_jax.evals.hope_report: error: {argv[0]} is not a directory", file=sys.stderr)
     return 2

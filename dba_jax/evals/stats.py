@@ -3,10 +3,13 @@
   wilson_interval   a binomial proportion's interval (behaviour scores, HOPE needle accuracy, LatentWire exact match)
   paired_bootstrap  percentile bootstrap of a paired score delta over the same probes (behaviour comparisons)
   mcnemar_exact     exact McNemar test on paired right/wrong outcomes (behaviour comparisons)
+  binomial_greater  exact one-sided binomial p of k or more successes of n at chance p0 (accuracy vs chance)
+  holm              Holm's step-down adjustment of a family of p-values (one results table, many cells)
   summary           n, mean, sample std, min, max (dba-seeds)
   paired            paired differences over seeds: mean, std, Student's t with its two-sided p, exact sign-flip p
   sign_flip_p       the exact two-sided sign-flip permutation p of paired differences (all 2^n sign patterns)
   t_two_sided_p     P(|T| >= |t|) for Student's t (through the regularised incomplete beta function `betainc`)
+  mean_interval     a sample mean with its Student-t interval and the t-test p against 0 (any n: no enumeration)
 """
 from __future__ import annotations
 
@@ -60,6 +63,28 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
   n, k = only_a + only_b, min(only_a, only_b)
   tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
   return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
+
+
+def binomial_greater(k: int, n: int, p0: float) -> float:
+  """P(X >= k) for X ~ Binomial(n, p0), exact (summed in log space, so any n works)."""
+  if k <= 0:
+    return 1.0
+  if k > n:
+    return 0.0
+  log_pmf = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p0)
+             + (n - i) * math.log1p(-p0) for i in range(k, n + 1)]
+  top = max(log_pmf)
+  return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in log_pmf))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+  """Holm-adjusted p-values (family-wise error control over every test in one table), in the input order."""
+  order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+  out, running = [0.0] * len(pvalues), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+    out[i] = running
+  return out
 
 
 # ------------------------------------------------------------------------------------------------- means over seeds
@@ -127,3 +152,19 @@ def t_two_sided_p(t: float, df: int) -> float:
   if not math.isfinite(t):
     return 0.0
   return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def mean_interval(xs: Sequence[float], alpha: float = 0.05) -> dict:
+  """{"mean", "ci": (lo, hi), "p": two-sided t-test of mean 0}: the critical t found by bisection on
+  t_two_sided_p, so it needs no table (NaN interval and p for fewer than 2 values)."""
+  st = summary(list(xs))
+  n, mean, sd = st["n"], st["mean"], st["std"]
+  if n < 2:
+    return {"mean": mean, "ci": (float("nan"), float("nan")), "p": float("nan")}
+  lo, hi = 0.0, 1e3
+  for _ in range(100):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if t_two_sided_p(mid, n - 1) > alpha else (lo, mid)
+  half = hi * sd / math.sqrt(n)
+  t = mean / (sd / math.sqrt(n)) if sd > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
+  return {"mean": mean, "ci": (mean - half, mean + half), "p": t_two_sided_p(t, n - 1) if sd > 0 else float(mean == 0)}

@@ -188,7 +188,7 @@ class HopeBlock(nnx.Module):
       y = cms.apply_levels(meta, None, a_BTd, clip)
     elif "teach" in state:
       valid = jnp.ones(a_BTd.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
-      gate = state["gate"] & h.memory  # model.hope.memory=False: the fast weights never move (the baseline)
+      gate = state["gate"] & h.memory & h.writes  # model.hope.memory=False: the fast weights never move (the baseline)
       run = lambda fast, a_, t_, g_: cms.online(meta, fast, a_, t_, valid, tuple(h.cms_periods), h.inner_lr,
                                                 h.inner_opt, g_, clip, h.flush_partial, h.inner_beta)
       y, fast = jax.vmap(run)(state["cms"], a_BTd, state["teach"], gate)

@@ -35,6 +35,8 @@ SECTION = Section(
                "(Linear U(±1/sqrt(fan_in)) weights and biases, Embedding N(0, 1); dba_jax/hope/torch_init.py)",
                choices=("normal", "torch_default")),
     memory=Field(True, "False: no fast weight ever moves (every memory block's 'without memory' baseline)"),
+    writes=Field(True, "False: nothing is written (Titans θ = 0, selfmod η = 0, no CMS / Titan-level step) but the "
+                 "forgetting α still acts: the 'writes off' baseline beside hope.memory=False"),
     grad_through_write=Field(False, "the fast state carried between online chunks stays differentiable, so a later "
                              "chunk's CE trains what shaped the write (costs the update passes' memory)"),
     # hope_selfmod: self-modifying Titans (others.md B.5), memories M(x) = x + W1·GELU(W2·x) for k, v, q, memory, η, α

@@ -99,12 +99,13 @@ class Rule:
   qk_norm: bool = False
   alpha_grad: bool = True
   alpha_init: float = 0.0
+  writes: bool = True  # False: η = 0, α still acts (the writes-off baseline)
 
   @classmethod
   def of(cls, h) -> "Rule":
     return cls(h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_lr, h.selfmod_objective, h.selfmod_stopgrad_vhat,
                h.selfmod_rank1, h.selfmod_alpha, h.selfmod_momentum, h.selfmod_adaptive_q, h.qk_l2_norm,
-               h.selfmod_alpha_grad, h.selfmod_alpha_init)
+               h.selfmod_alpha_grad, h.selfmod_alpha_init, h.writes)
 
   @property
   def others(self) -> tuple:
@@ -162,7 +163,7 @@ def _read_and_step(base: dict, read, Wb: dict, Wr: dict, buf: dict, x, x_w, q, o
   cur = lambda name: memory_apply(Wb[name] if name in Wb else base[name], x_w)
   k, v = cur("k"), cur("v")
   k = _unit(k) if rule.qk_norm else k
-  eta = jax.nn.softplus(cur("eta")[:, 0]) * rule.lr
+  eta = jax.nn.softplus(cur("eta")[:, 0]) * (rule.lr * rule.writes)
   alpha = jax.nn.sigmoid(cur("alpha")[:, 0] + rule.alpha_init) if rule.alpha else jnp.ones_like(eta)
   if rule.adaptive_q:
     q = memory_apply(read("q", Wb), x)
@@ -468,7 +469,7 @@ class HybridBlock(HopeBlock):
       mem = titan_apply(meta, a, clip)
     elif "teach" in state:
       valid = jnp.ones(a.shape[1], bool) if hooks.valid_T is None else hooks.valid_T
-      gate = state["gate"] & h.memory
+      gate = state["gate"] & h.memory & h.writes
       run = lambda st, a_, t_, g_: titan_online(meta, self.modifier.params(), st, a_, t_, valid, g_,
                                                 TitanRule.of(h), clip)
       mem, titan = jax.vmap(run)(state["titan"], a, state["teach"].astype(a.dtype), gate)

@@ -20,7 +20,7 @@ All end with x + MLP(norm x). gate(y, r) = W_o (norm(y) ⊗ σ(norm(r))): the pa
 Memory streams per token: q, k = L2(SiLU(conv(x W))), v = SiLU(conv(x W_V)) (causal depthwise conv of
 `titans_conv` taps), η = σ(·), θ = titans_lr·σ(·), α = σ(·) (linear maps of the same input). Reads store first
 (`titans_store_first`: token t reads M_t, which includes its own write; MAC's o_t = y_t ⊗ M_t(y_t)) or retrieve
-first (the memory as of the token's chunk start). model.hope.memory=False: θ = α = 0, every read uses M_0.
+first (the memory as of the token's chunk start). model.hope.memory=False: θ = α = 0, every read uses M_0; model.hope.writes=False: θ = 0 (M_0 decays by α).
 The persistent tokens do not pass through the memory (their write would only be an input-independent change of the
 learned M_0). model.py hands in its Norm / MLP / Linear (`registry`): dba_jax.hope never imports the model.
 
@@ -93,6 +93,7 @@ class NeuralMemory(nnx.Module):
   def __init__(self, m, parts: Parts, rngs: nnx.Rngs):
     d, h = m.d_model, m.hope
     self.chunk, self.lr, self.on, self.store_first = h.titans_chunk, h.titans_lr, h.memory, h.titans_store_first
+    self.writes = h.writes
     self.w = nnx.Param(normal_init(rngs, (d, 3, d), m.init_std), axes=("embed", None, "heads"))
     w = h.titans_conv  # torch Conv1d(groups=d) init, as HOPE's conv: U(−1/√w, 1/√w)
     self.conv = nnx.Param(jax.random.uniform(rngs.params(), (w, 3, d), jnp.float32, -w ** -0.5, w ** -0.5),
@@ -125,9 +126,9 @@ class NeuralMemory(nnx.Module):
     return None if self.conv is None else jnp.zeros((B, self.conv.shape[0] - 1, n, self.conv.shape[2]), dtype)
 
   def rates(self, x_BTd):
-    """(η, θ, α) per token [B, T] in (at least) float32."""
+    """(η, θ, α) per token [B, T] in (at least) float32; θ = 0 with the writes off (M_0 still decays by α)."""
     g = jax.nn.sigmoid(self.gates(x_BTd.astype(jnp.promote_types(x_BTd.dtype, jnp.float32))))
-    return g[..., 0], self.lr * g[..., 1], g[..., 2]
+    return g[..., 0], (self.lr * self.writes) * g[..., 1], g[..., 2]
 
   def initial(self, B: int, dtype) -> tuple[dict, dict]:
     """(M_0 per row, zero surprise): leaves [B, ...]."""
