@@ -80,7 +80,7 @@ def get_config(variant: str = "cpu"):
 
 
 def _recall(c):
-  """The token-level passkey (`dba-eval hope recall`, dba_jax/hope/recall.py): a tiny titans_mac, T 32 = two
+  """The token-level passkey (`dba-eval hope recall`, dba_jax/evals/hope_recall.py): a tiny titans_mac, T 32 = two
   segments of 16, so the needle is out of attention's reach and only the memory can carry it. A linear memory with
   a large inner step (titans_lr 0.4: stable with unit keys) and clipped outer steps learns it in ~150 steps; the
   cpu preset's depth-2 memory at titans_lr 0.05 stayed at chance for 500 (BUILD_NOTES). Another block:

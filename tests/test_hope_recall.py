@@ -1,4 +1,4 @@
-"""The token-level passkey (dba_jax/hope/recall.py): a tiny titans_mac trained for a fixed budget recalls the key
+"""The token-level passkey (dba_jax/evals/hope_recall.py): a tiny titans_mac trained for a fixed budget recalls the key
 above chance, through its memory only (the same weights with the memory off are at chance), and the statistics the
 memory evals report with (exact binomial against chance, Holm)."""
 import json
@@ -13,7 +13,7 @@ from flax import nnx
 from dba_jax import model as model_lib
 from dba_jax.config import validate
 from dba_jax.evals import hope_report, stats
-from dba_jax.hope import recall
+from dba_jax.evals import hope_recall as recall
 from helpers import load_preset
 
 

@@ -11,7 +11,6 @@ A pass over the built decoder's parameters, by name and logical axes (leading st
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
