@@ -167,5 +167,6 @@ def command(args, c) -> dict:
     log(f"{r['length']} tokens: " + ", ".join(f"{a} {r[a]['acc']:.3f}" for a in ARMS) +
         f"; memory vs off McNemar p {r['memory_vs_memory_off']['p']:.2g}")
   return {"task": "recall", "block": c.model.block, "seed": args.seed, "keys": args.keys, "carry": args.carry,
+          "titans_lr": c.model.hope.titans_lr, "memory_depth": c.model.hope.titans_memory_depth,
           "steps": int(len(loss)), "final_answer_ce": float(loss[-10:].mean()), "chance": CHANCE,
           "by_length": rows}

@@ -100,12 +100,13 @@ def recall_table(paths: list[str]) -> str:
     r = json.load(open(path))
     for row in r["by_length"]:
       ci = lambda a: "{:.3f} [{:.2f}, {:.2f}]".format(row[a]["acc"], *row[a]["ci95"])
-      rows.append((f"| {r['block']} | {r['seed']} | {r['steps']} | {row['length']} "
+      rows.append((f"| {r['block']} | {r.get('titans_lr', '')} | {r.get('carry') or ''} | {r['seed']} | {r['steps']} | "
+                   f"{row['length']} "
                    f"({row['length'] / row['train_length']:.0f}x) | {row['samples']} | {ci('memory_off')} | "
                    f"{ci('writes_off')} | {ci('memory')} |", row["memory"]["p_chance"],
                    row["memory_vs_memory_off"]["p"]))
-  head = ["| block | seed | steps | prompt tokens (x train) | n | memory off | writes off | memory | "
-          "p vs chance (Holm) | McNemar p vs off (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  head = ["| block | titans_lr | carry | seed | steps | prompt tokens (x train) | n | memory off | writes off | memory | "
+          "p vs chance (Holm) | McNemar p vs off (Holm) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   return "\n".join(head + _with_holm(rows))
 
 
