@@ -12,11 +12,12 @@ dba_jax/hope/titans_blocks.py).
 The memory learns during each sequence: `hope.online_chunk` tokens at a time, two passes per chunk (read, then the
 teach-signal update of the CMS fast weights), one fast state per batch row (dba_jax/hope/step.py).
 
-cpu has a live inner loop (issue 29): teach 1, inner lr 1, β 0 (the original's teach 0.1, inner lr 3e-4, β 0.9 move
-the CMS weights by ~1e-7 of themselves: logits change at float noise), and for hope_selfmod α = σ(M_α(x) + 4) with
-M_memory stepping every 8 tokens (the original's σ(M_α(x)) ≈ ½ halves every memory per token). M_α learns through
-the decay at every size (hope.selfmod_alpha_grad). The pilot-shape variants keep the original's values (not
-verified at d 512). The original's values at the cpu sizes (parity runs):
+cpu has a live inner loop (issue 29; BUILD_NOTES "live presets"): teach 1, inner lr 0.1, β 0 (the original's teach
+0.1, inner lr 3e-4, β 0.9 move the CMS weights by ~1e-7 of themselves: logits change at float noise; inner lr 1
+cost hope_selfmod 0.12 nats in 100 steps), and for hope_selfmod α = σ(M_α(x) + 4) with M_memory stepping every 8
+tokens (the original's σ(M_α(x)) ≈ ½ halves every memory per token). M_α learns through the decay at every size
+(hope.selfmod_alpha_grad). The pilot-shape variants keep the original's values (not verified at d 512). The
+original's values at the cpu sizes (parity runs):
   --config.model.hope.teach_scale=0.1 --config.model.hope.inner_lr=3e-4 --config.model.hope.inner_beta=0.9
   --config.model.hope.selfmod_alpha_init=0 --config.model.hope.selfmod_chunk_memory=32
   --config.model.hope.selfmod_alpha_grad=false
@@ -64,7 +65,7 @@ def get_config(variant: str = "cpu"):
   h.selfmod_lr, h.selfmod_chunk, h.selfmod_chunk_memory, h.selfmod_skip = 1e-3, 8, 32 if variant == "cpu" else 64, False
   h.titan_period, h.titan_lr, h.titan_clock = 8, 6e-4, "tokens"
   if variant == "cpu":  # a live inner loop (docstring): at the values above the CMS moves by ~1e-7 of its weights
-    h.teach_scale, h.inner_lr, h.inner_beta = 1.0, 1.0, 0.0
+    h.teach_scale, h.inner_lr, h.inner_beta = 1.0, 0.1, 0.0
     # α = σ(M_α(x) + 4) ≈ 0.98 (σ(0) = ½ erased every memory within a chunk); M_memory steps every 8 tokens, so reads
     # inside an online chunk of 32 see its steps and M_α's decay gradient reaches the loss
     h.selfmod_alpha_init, h.selfmod_chunk_memory = 4.0, 8
@@ -82,8 +83,9 @@ def get_config(variant: str = "cpu"):
 def _recall(c):
   """The token-level passkey (`dba-eval hope recall`, dba_jax/evals/hope_recall.py): a tiny titans_mac, T 32 = two
   segments of 16, so the needle is out of attention's reach and only the memory can carry it. A linear memory with
-  a large inner step (titans_lr 0.4: stable with unit keys) and clipped outer steps learns it in ~150 steps; the
-  cpu preset's depth-2 memory at titans_lr 0.05 stayed at chance for 500 (BUILD_NOTES). Another block:
+  a large inner step and clipped outer steps learns it in ~150 steps; the cpu preset's depth-2 memory at titans_lr
+  0.05 stayed at chance for 500 (BUILD_NOTES). titans_lr 0.4 diverges past ~100 tokens at init (a chunk's correlated
+  keys), trained models stay finite at 4x; 0.2 is stable and what the MAL / LMM runs used. Another block:
   --set model.block=titans_mag --set model.hope.titans_positions=absolute (segment positions are MAC's)."""
   m, h, o = c.model, c.model.hope, c.optim
   m.block, m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "titans_mac", "rope", "layernorm", "gelu", False, True

@@ -12,6 +12,8 @@ from flax import nnx
 
 from dba_jax import model as model_lib, train
 from dba_jax.config import validate
+from dba_jax.conversion import ConversionError
+from dba_jax.formats import hope as hope_format
 from dba_jax.hope import selfmod
 from helpers import load_preset
 
@@ -425,13 +427,13 @@ def _grads(decoder, loss):
 
 @pytest.mark.slow
 def test_block_meta_gradients():
-  """In the model: the selfmod read path's M_memory, W_q and conv get gradients; the hybrid's Titan update is a
-  differentiable function of the SelfModifier, so a loss read with the updated (not stop-gradient) state reaches
-  it: what a differentiable carried state in hope.step needs."""
+  """In the model: the selfmod read path's M_memory, W_q and conv get gradients, M_α through the decay; the hybrid's
+  Titan update is a differentiable function of the SelfModifier, so a loss read with the updated (not stop-gradient)
+  state reaches it: what a differentiable carried state in hope.step needs."""
   tokens = np.random.default_rng(0).integers(0, 97, (2, 8)).astype(np.int32)
   c = hope_config("hope_selfmod", **SMALL)
   g = _grads(model_lib.Decoder(c.model, nnx.Rngs(0)), lambda d_: jnp.mean(d_(jnp.asarray(tokens)) ** 2))
-  for name in ("m_memory", "w_q", "conv"):
+  for name in ("m_memory", "w_q", "conv", "m_alpha"):
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g.blocks[0][name])) > 0, name
   c = hope_config("hope_hybrid", **SMALL)
 
@@ -451,6 +453,12 @@ def test_three_training_steps(tmp_path, block):
   t.steps, t.log_every, t.eval_every, t.ckpt_every, t.eval_batches, t.batch_size = 3, 1, 3, 3, 1, 8
   summary = train.train(c, str(tmp_path / block), quiet=True)
   assert summary["steps"] == 3 and np.isfinite(summary["eval_loss"])
+
+
+def test_export_to_the_original_refuses_an_alpha_offset():
+  """The original's M_α has no bias to carry selfmod_alpha_init: --to-torch would change the function."""
+  with pytest.raises(ConversionError, match="selfmod_alpha_init=4.0"):
+    hope_format.from_params({}, hope_config("hope_selfmod", selfmod_alpha_init=4.0))
 
 
 def test_config_errors_name_the_key():

@@ -40,8 +40,7 @@ SAVED_SELFMOD = [("self_mod_lr", "selfmod_lr", 1e-3), ("self_mod_chunk_size", "s
                  ("self_mod_stopgrad_vhat", "selfmod_stopgrad_vhat", True),
                  ("self_mod_use_rank1_precond", "selfmod_rank1", True), ("self_mod_use_alpha", "selfmod_alpha", True),
                  ("self_mod_momentum", "selfmod_momentum", 0.0), ("self_mod_adaptive_q", "selfmod_adaptive_q", False),
-                 ("qk_l2_norm", "qk_l2_norm", False),
-                 ("self_mod_alpha_init", "selfmod_alpha_init", 0.0)]  # not in its configs: its α = σ(M_α(x))
+                 ("qk_l2_norm", "qk_l2_norm", False)]
 
 
 def detect(keys) -> bool:
