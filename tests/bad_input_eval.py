@@ -109,7 +109,7 @@ CASES = [
     Case("eval-hope-recall-one-key", "dba-eval", "hope recall --keys 1", "needs >= 2 keys"),
     Case("eval-hope-recall-bad-override", "dba-eval", "hope recall --set model.nope=1", "bad --config or override"),
     Case("eval-hope-recall-carry-not-mac", "dba-eval",
-         "hope recall --carry --set model.block=titans_mag --set model.hope.titans_positions=absolute",
+         "hope recall --carry 4 --set model.block=titans_mag --set model.hope.titans_positions=absolute",
          "needs titans_mac"),
     Case("eval-hope-lengths-not-numbers", "dba-eval", f"hope niah {NONE} --lengths 256,many", "not a number"),
     Case("eval-hope-continual-two-lengths", "dba-eval", f"hope continual {NONE} --lengths 16,32", "one --lengths"),

@@ -3,6 +3,11 @@ every parametrization but the first of heavy parametrized tests (the first stays
 
 # test id (file::function or file::function[param]) -> the default test that still covers its case
 SLOW = {
+    "test_tpu_compile.py::test_kernel_compiles_with_mosaic[window_attention/v5p/T8192/bfloat16/H12K12D64E64p8w512]":
+        "test_window_attention's no-[T, T]-buffer HLO tests (the v5p compile figures are in BUILD_NOTES)",
+    "test_hope_decode.py::test_a_memory_state_seeds_the_decode": "test_hope_decode's CLI --state test",
+    "test_titans_decode.py::test_mac_decoding_continues_a_carried_memory":
+        "test_memstate's titans_mac continuation, test_hope_decode's titans_mac driver test",
     "test_resume.py::test_sigterm_saves_current_step_exits_zero_and_resumes":
         "test_fault_tools dba-train writing-SIGTERM (saved step complete, resumed equal to uninterrupted)",
     "test_hope.py::test_global_teach_trains": "test_hope closed-form teach and memory tests, test_memstate",
