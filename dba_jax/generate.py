@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba_jax import attention, model as model_lib
+from dba_jax import attention, model as model_lib, sampling
 
 QBLOCK = 32
 FLOAT_KINDS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -233,13 +230,6 @@ def _run(graphdef, cache: KVCache, params, state, tokens_BT, pos0, n_valid):
   return out.logits, out.cache_state
 
 
-def _pick(logits_BV, key, temperature, vocab: int):
-  """Greedy at temperature 0, else a sample from softmax(logits / T); only the first `vocab` logits count."""
-  logits = logits_BV[:, :vocab].astype(jnp.float32)
-  sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
-
-
 class Generator:
   """Cached generation for one loaded model (dba_jax.model.Model) with a fixed cache length and batch.
 
@@ -269,7 +259,7 @@ class Generator:
     def decode(params, cache, token_B, pos, key, temperature):
       self.traces["decode"] += 1
       logits, cache = run(params, cache, token_B[:, None], pos, pos + 1)
-      return logits, cache, _pick(logits, key, temperature, m.vocab_size)
+      return logits, cache, sampling.pick(logits, key, temperature, m.vocab_size)
 
     self._prefill = jax.jit(prefill, donate_argnums=1)
     self._decode = jax.jit(decode, donate_argnums=1)
@@ -306,43 +296,8 @@ class Generator:
 
   def generate(self, prompt_BP, max_new: int, temperature: float = 0.0, seed: int = 0, stop_tokens=(),
                progress: bool = False) -> dict:
-    """New tokens per row, each cut before its first stop token (any ids, 0 included only if listed).
-
-    Returns {"tokens": [[...] per row], "stopped": [bool per row], "prefill_s", "decode_s", "new_tokens",
-    "decode_tokens_per_s"}. Sampling keys are fold_in(key(seed), step), so a seed reproduces the output."""
-    if not math.isfinite(temperature) or temperature < 0:  # a NaN would silently decode greedily
-      raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: greedy)")
-    stop = np.asarray(list(stop_tokens), np.int32)
-    key = jax.random.key(seed)
-    start = time.perf_counter()
-    logits, state = self.prefill(prompt_BP)
-    tok = _pick(logits, jax.random.fold_in(key, 0), jnp.float32(temperature), self.m.vocab_size)
-    tok_np = np.asarray(tok)
-    prefill_s = time.perf_counter() - start
-    rows = [[] for _ in range(self.batch)]
-    done = np.zeros(self.batch, bool)
-    budget = min(max_new, self.max_len - state[1] + 1)
-    t0 = last_report = time.perf_counter()
-    steps = 0
-    for i in range(budget):
-      for b in range(self.batch):
-        if not done[b]:
-          if tok_np[b] in stop:
-            done[b] = True
-          else:
-            rows[b].append(int(tok_np[b]))
-      if done.all() or i == budget - 1:
-        break
-      _, state, tok = self.decode(state, tok, jax.random.fold_in(key, i + 1), temperature)
-      tok_np = np.asarray(tok)
-      steps += 1
-      if progress and time.perf_counter() - last_report > 2.0:
-        last_report = time.perf_counter()
-        print(f"  generated {i + 1} tokens, {(i + 1) / (last_report - t0):.1f} tok/s", file=sys.stderr, flush=True)
-    decode_s = time.perf_counter() - t0
-    return {"tokens": rows, "stopped": done.tolist(), "prefill_s": prefill_s, "decode_s": decode_s,
-            "new_tokens": sum(len(r) for r in rows), "decode_steps": steps,
-            "decode_tokens_per_s": self.batch * steps / max(decode_s, 1e-9)}
+    """New tokens per row, each cut before its first stop token (dba_jax.sampling.generate: the dict it returns)."""
+    return sampling.generate(self, prompt_BP, max_new, temperature, seed, stop_tokens, progress)
 
 
 def teacher_forced_logits(gen: Generator, tokens_BT, n_prompt: int):

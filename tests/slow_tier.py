@@ -6,6 +6,15 @@ SLOW = {
     "test_tpu_compile.py::test_kernel_compiles_with_mosaic[window_attention/v5p/T8192/bfloat16/H12K12D64E64p8w512]":
         "test_window_attention's no-[T, T]-buffer HLO tests (the v5p compile figures are in BUILD_NOTES)",
     "test_hope_decode.py::test_a_memory_state_seeds_the_decode": "test_hope_decode's CLI --state test",
+    "test_hope_decode.py::test_the_driver_runs_titans_mac":
+        "test_titans_decode[titans_mac-on] (the same one-token path), test_hope_decode's hope_attention driver test",
+    "test_titans_decode.py::test_one_token_logits_equal_the_forward[titans_mag-on]":
+        "its [titans_mal-on] case (the same window ring and memory step)",
+    "test_titans_decode.py::test_one_token_logits_equal_the_forward[titans_lmm-on]":
+        "its [titans_mal-on] case (MAL is LMM plus the window attention)",
+    "test_titans_decode.py::test_one_token_logits_equal_the_forward[titans_mag-off]": "its memory-on cases",
+    "test_outer_optim.py::test_matches_the_float64_reference[muon-1]": "its [muon-4] case (steps 1 to 4)",
+    "test_outer_optim.py::test_matches_the_float64_reference[m3-1]": "its [m3-5] case (steps 1 to 5)",
     "test_titans_decode.py::test_mac_decoding_continues_a_carried_memory":
         "test_memstate's titans_mac continuation, test_hope_decode's titans_mac driver test",
     "test_resume.py::test_sigterm_saves_current_step_exits_zero_and_resumes":
@@ -53,6 +62,8 @@ SLOW = {
 
 # file::function -> every parametrization but the first moves to the slow tier
 FIRST_ONLY = (
+    "test_window_attention.py::test_blocked_equals_the_masked_reference",
+    "test_outer_optim.py::test_a_stacked_leaf_is_one_matrix_per_layer",
     "test_selective_flash.py::test_forward_float64",
     "test_selective_flash.py::test_reduced_precision_close_to_float64",
     "test_selective_flash.py::test_tpu_tiling_matches_reference",

@@ -29,15 +29,12 @@ positions_read.
 """
 from __future__ import annotations
 
-import math
-import sys
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dba_jax import sampling
 from dba_jax.hope import blocks, memstate, step as hope_step
 from dba_jax.hope.config import HOPE_BLOCKS
 from dba_jax.layers import Hooks
@@ -54,13 +51,6 @@ def decode_chunk(m, chunk: int = 0) -> int:
     return 0
   online = m.hope.online_chunk if m.block in hope_step.TWO_PASS_BLOCKS else 0
   return int(online or chunk or m.max_seq_len)
-
-
-def _pick(logits_BV, key, temperature, vocab: int):
-  """Greedy at temperature 0, else a sample from softmax(logits / T), over the first `vocab` logits."""
-  logits = logits_BV[:, :vocab].astype(jnp.float32)
-  sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
 
 
 class MemoryGenerator:
@@ -106,7 +96,7 @@ class MemoryGenerator:
       if buf is not None:
         new["chunk"] = buf
       logits = out.logits[:, 0]
-      return logits, new, _pick(logits, key, temperature, m.vocab_size)
+      return logits, new, sampling.pick(logits, key, temperature, m.vocab_size)
 
     self._step = jax.jit(step, donate_argnums=1)
     self._two_pass = two_pass
@@ -159,32 +149,5 @@ class MemoryGenerator:
 
   def generate(self, prompt_BP, max_new: int, temperature: float = 0.0, seed: int = 0, stop_tokens=(),
                progress: bool = False) -> dict:
-    """New tokens per row, each cut before its first stop token; the dict of dba_jax.generate.Generator.generate
-    (sampling keys fold_in(key(seed), i): a seed reproduces the output)."""
-    if not math.isfinite(temperature) or temperature < 0:
-      raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: greedy)")
-    stop, key = set(int(s) for s in stop_tokens), jax.random.key(seed)
-    t0 = time.perf_counter()
-    logits, state = self.prefill(prompt_BP)
-    tok = np.asarray(_pick(logits, jax.random.fold_in(key, 0), jnp.float32(temperature), self.m.vocab_size))
-    prefill_s = time.perf_counter() - t0
-    rows, done = [[] for _ in range(self.batch)], np.zeros(self.batch, bool)
-    budget = min(max_new, self.max_len - state[1] + 1)
-    t1 = last = time.perf_counter()
-    steps = 0
-    for i in range(budget):
-      for b in np.flatnonzero(~done):
-        done[b] = int(tok[b]) in stop
-        if not done[b]:
-          rows[b].append(int(tok[b]))
-      if done.all() or i == budget - 1:
-        break
-      _, state, nxt = self.decode(state, tok, jax.random.fold_in(key, i + 1), temperature)
-      tok, steps = np.asarray(nxt), steps + 1
-      if progress and time.perf_counter() - last > 2.0:
-        last = time.perf_counter()
-        print(f"  generated {i + 1} tokens, {(i + 1) / (last - t1):.1f} tok/s", file=sys.stderr, flush=True)
-    decode_s = time.perf_counter() - t1
-    return {"tokens": rows, "stopped": done.tolist(), "prefill_s": prefill_s, "decode_s": decode_s,
-            "new_tokens": sum(len(r) for r in rows), "decode_steps": steps,
-            "decode_tokens_per_s": self.batch * steps / max(decode_s, 1e-9)}
+    """dba_jax.sampling.generate on this decoder (the dict of dba_jax.generate.Generator.generate)."""
+    return sampling.generate(self, prompt_BP, max_new, temperature, seed, stop_tokens, progress)
