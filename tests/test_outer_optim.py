@@ -1,7 +1,6 @@
 """optim.name = muon | m3 (the HOPE original's outer optimisers) against float64 numpy references written from
 torch 2.13's torch/optim/_muon.py, torch.optim.AdamW and nested_learning's optim/m3.py, in torch's layout (a weight
 [out, in]); which leaves they step; a stacked [layers, ...] leaf is one matrix per layer; resume with Muon."""
-import json
 import os
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from dba_jax import ckpt, mesh as mesh_lib, model as model_lib, optim, train
 from dba_jax.config import ConfigError, base_config, validate
 from helpers import load_preset, tiny
+from test_train import read_jsonl
 
 LR, WD = 0.05, 0.1
 AXES = {"embed": ("vocab", "embed"), "final_norm": {"scale": ("embed",)},
@@ -213,6 +213,6 @@ def test_muon_run_resumes_exactly(tmp_path):
   c.train.steps = 3
   train.train(c, a, quiet=True)
   train.train(c, b, quiet=True)
-  read = lambda d: [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-  assert [json.loads(line)["resumed_from"] for line in open(os.path.join(a, "runs.jsonl"))] == [None, 2]
-  assert [r["loss"] for r in read(a)] == [r["loss"] for r in read(b)]
+  assert [r["resumed_from"] for r in read_jsonl(os.path.join(a, "runs.jsonl"))] == [None, 2]
+  losses = [[r["loss"] for r in read_jsonl(os.path.join(d, "metrics.jsonl"))] for d in (a, b)]
+  assert losses[0] == losses[1]
